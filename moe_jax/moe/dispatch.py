@@ -1,0 +1,113 @@
+"""Dispatch paths: move routed tokens to expert rows, run the experts, combine the outputs.
+
+Dispatch never computes gates: it only reads a `RoutingPlan`. Token-choice plans go through
+*row assignment* — each (token, choice) pair gets a row of an expert buffer, or none (dropped) —
+then through gathers (`permute.gather_rows`) whose backward passes are gathers too:
+
+- ``capacity``: rows laid out `[E, G, C]`; a pair whose rank within its expert (in BPR order)
+  reaches C is dropped. Memory is linear in tokens: no `T x E x C` one-hot tensor.
+- ``dropless``: pairs sorted by expert, each expert's rows padded to a multiple of the block
+  size, computed by a grouped matmul. Nothing is dropped.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.moe import permute
+from moe_jax.moe.experts import ExpertBank
+from moe_jax.routing.plan import RoutingPlan
+
+
+def capacity(k: int, group_size: int, num_experts: int, capacity_factor: float,
+             min_capacity: int = 1) -> int:
+  """Token-choice capacity per expert and group `C = ceil(k * S * capacity_factor / E)`."""
+  return max(math.ceil(k * group_size * capacity_factor / num_experts), min_capacity, 1)
+
+
+def _rank_within_expert(expert: jax.Array, num_experts: int) -> jax.Array:
+  """`[..., N]` expert ids in fill order -> rank of each among earlier ones with the same id."""
+  one_hot = jax.nn.one_hot(expert, num_experts, dtype=jnp.int32)
+  seen = jnp.cumsum(one_hot, axis=-2)
+  return jnp.take_along_axis(seen, expert[..., None], axis=-1)[..., 0] - 1
+
+
+def capacity_rows(plan: RoutingPlan, capacity_per_expert: int) -> jax.Array:
+  """Row of each (token, choice) in the `[E, G, C]` buffer, `E*G*C` when dropped: `[G, S, K]`.
+
+  Fill order: every token's 1st choice before any 2nd choice; within a choice, tokens by
+  descending priority (BPR, stable) or in token order.
+  """
+  G, S, K = plan.expert_index.shape
+  E, C = plan.num_experts, capacity_per_expert
+  expert = plan.expert_index
+  if plan.priority is not None:
+    order = jnp.argsort(-plan.priority, axis=-1, stable=True)  # [G, S]
+    expert = jnp.take_along_axis(expert, order[..., None], axis=1)
+  fill = expert.transpose(0, 2, 1).reshape(G, K * S)  # choice-major fill order
+  rank = _rank_within_expert(fill, E).reshape(G, K, S).transpose(0, 2, 1)
+  if plan.priority is not None:  # back to token order
+    rank = jnp.take_along_axis(rank, jnp.argsort(order, axis=-1)[..., None], axis=1)
+  g = jnp.arange(G, dtype=jnp.int32)[:, None, None]
+  rows = (plan.expert_index * G + g) * C + rank
+  return jnp.where(rank < C, rows, E * G * C).astype(jnp.int32)
+
+
+def dropless_rows(plan: RoutingPlan, block_size: int) -> tuple[jax.Array, jax.Array, int]:
+  """Expert-sorted, block-padded rows for every (token, choice).
+
+  Returns rows `[G, S, K]`, the padded group sizes `[E]` (multiples of block_size) and the
+  static row count `P >= sum(group sizes)`.
+  """
+  E, b = plan.num_experts, block_size
+  expert = plan.expert_index.reshape(-1)
+  rank = _rank_within_expert(expert, E)
+  counts = jnp.zeros((E,), jnp.int32).at[expert].add(1)
+  padded = (counts + b - 1) // b * b
+  offsets = jnp.cumsum(padded) - padded
+  rows = (offsets[expert] + rank).reshape(plan.expert_index.shape)
+  num_rows = -(-(expert.size + E * (b - 1)) // b) * b
+  return rows.astype(jnp.int32), padded, num_rows
+
+
+def _route_rows(x: jax.Array, rows: jax.Array, weights: jax.Array, num_rows: int,
+                experts_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """Tokens `x [N, D]` -> expert rows -> `experts_fn` -> weighted sum back: `[N, D]`.
+
+  rows / weights: `[N, K]`; a row >= num_rows means the pair is dropped (contributes zero).
+  """
+  N, K = rows.shape
+  pair_of_row = jnp.full((num_rows,), N * K, jnp.int32).at[rows.reshape(-1)].set(
+      jnp.arange(N * K, dtype=jnp.int32), mode="drop")
+  token_of_row = jnp.where(pair_of_row < N * K, pair_of_row // K, N)
+  expert_in = permute.gather_rows(x, token_of_row, rows)  # [num_rows, D]
+  expert_out = experts_fn(expert_in)
+  per_pair = permute.gather_rows(expert_out, rows.reshape(-1), pair_of_row[:, None])
+  per_pair = per_pair.reshape(N, K, -1)
+  return jnp.einsum("nk,nkd->nd", weights.astype(per_pair.dtype), per_pair)
+
+
+def token_choice(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *, mode: str,
+                 capacity_factor: float, min_capacity: int, block_size: int,
+                 backend: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Token-choice dispatch. `x [G, S, D]` -> `[G, S, D]` and dispatch metrics."""
+  G, S, D = x.shape
+  K, E = plan.k, plan.num_experts
+  if mode == "capacity":
+    C = capacity(K, S, E, capacity_factor, min_capacity)
+    rows, num_rows = capacity_rows(plan, C), E * G * C
+    experts_fn = lambda r: experts(r.reshape(E, G * C, D)).reshape(E * G * C, D)
+  else:
+    rows, group_sizes, num_rows = dropless_rows(plan, block_size)
+    experts_fn = lambda r: experts.grouped(r, group_sizes, backend, block_size)
+  kept = rows < num_rows
+  y = _route_rows(x.reshape(G * S, D).astype(experts.dtype), rows.reshape(G * S, K),
+                  plan.combine_weights.reshape(G * S, K), num_rows, experts_fn)
+  expert_of_kept = jnp.where(kept, plan.expert_index, E).reshape(-1)
+  kept_load = jnp.zeros((E + 1,), jnp.float32).at[expert_of_kept].add(1.0)[:E] / kept.size
+  metrics = {"dropped_fraction": 1.0 - jnp.mean(kept.astype(jnp.float32)),
+             "kept_load": kept_load}
+  return y.reshape(G, S, D), metrics

@@ -1,0 +1,96 @@
+"""`MoELayer`: router + dispatch + expert bank (+ shared expert), `x [B, T, D] -> [B, T, D]`."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from moe_jax.moe import aux, dispatch
+from moe_jax.moe.config import validate
+from moe_jax.moe.experts import ACTIVATIONS, ExpertBank
+from moe_jax.routing import build_router
+from moe_jax.routing.plan import RoutingPlan
+
+
+class SharedExpert(nnx.Module):
+  """Always-on dense MLP beside the routed experts (ViMoE), combined by sum or a learned gate."""
+
+  def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    hidden = config.shared_expert.hidden_dim or config.hidden_dim
+    self.dtype = jnp.dtype(config.dtype)
+    self.fc1 = nnx.Linear(dim, hidden, dtype=self.dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, dtype=self.dtype, rngs=rngs)
+    self.activation = ACTIVATIONS[config.activation]
+    self.gate = (nnx.Linear(dim, 1, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+                 if config.shared_expert.combine == "gate" else None)
+
+  def __call__(self, x: jax.Array, routed: jax.Array) -> jax.Array:
+    """`x, routed [B, T, D]` -> routed + shared(x) (times sigmoid(x w + b) with a gate)."""
+    shared = self.fc2(self.activation(self.fc1(x)))
+    if self.gate is not None:
+      shared = jax.nn.sigmoid(self.gate(x.astype(jnp.float32))).astype(shared.dtype) * shared
+    return routed + shared
+
+
+def _broadcast_tokens(plan: RoutingPlan, num_tokens: int) -> RoutingPlan:
+  """Per-image routing: a plan over one pooled token per row `[B, 1, K]` -> every token `[B, T, K]`."""
+  expand = lambda a: None if a is None else jnp.repeat(a, num_tokens, axis=1)
+  return plan.replace(expert_index=expand(plan.expert_index),
+                      combine_weights=expand(plan.combine_weights),
+                      priority=expand(plan.priority))
+
+
+class MoELayer(nnx.Module):
+  """Sparse Mixture-of-Experts MLP. See `moe_jax.moe.default_config()` for every knob.
+
+  Aux losses and routing metrics are recorded under `moe_jax.moe.capture_aux`.
+  `model.train()` / `model.eval()` switch router noise, expert dropout and expert dropout masks.
+  """
+
+  def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    validate(config)
+    self.config = ml_collections.FrozenConfigDict(config)
+    self.router = build_router(dim, config, rngs=rngs)
+    self.experts = ExpertBank(config.num_experts, dim, config.hidden_dim,
+                              activation=config.activation, dropout_rate=config.dropout_rate,
+                              dtype=config.dtype, rngs=rngs)
+    self.shared_expert = (SharedExpert(dim, config, rngs=rngs)
+                          if config.shared_expert.enabled else None)
+
+  def _groups(self, x: jax.Array) -> jax.Array:
+    """`[B, T, D] -> [G, S, D]` routing groups."""
+    B, T, D = x.shape
+    S = self.config.group_size or T
+    if (B * T) % S:
+      raise ValueError(f"MoE config: group_size={S} must divide the {B}x{T}={B * T} tokens of "
+                       "the batch (or set group_size=0 for one group per example)")
+    return x.reshape(B * T // S, S, D)
+
+  def route(self, x: jax.Array) -> RoutingPlan:
+    """The routing plan for `x [B, T, D]`, over groups `[G, S]`."""
+    if self.config.granularity == "image":
+      return _broadcast_tokens(self.router(jnp.mean(x, axis=1, keepdims=True)), x.shape[1])
+    return self.router(self._groups(x))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    plan = self.route(x)
+    groups = self._groups(x)
+    if plan.kind == "token_choice":
+      y, metrics = dispatch.token_choice(
+          plan, groups, self.experts, mode=c.dispatch, capacity_factor=c.capacity_factor,
+          min_capacity=c.min_capacity, block_size=c.dropless.block_size,
+          backend=c.dropless.backend)
+    else:
+      y, metrics = getattr(dispatch, plan.kind)(plan, groups, self.experts,
+                                                capacity_factor=c.capacity_factor)
+    y = y.reshape(x.shape).astype(x.dtype)
+    if self.shared_expert is not None:
+      y = self.shared_expert(x, y).astype(x.dtype)
+    weights = c.router.loss_weights
+    weighted = sum((weights[name] * value for name, value in plan.aux_losses.items()),
+                   jnp.zeros((), jnp.float32))
+    aux.record(self, aux.LayerAux(losses=plan.aux_losses, weighted_loss=weighted,
+                                  metrics={**plan.metrics, **metrics}))
+    return y

@@ -1,0 +1,44 @@
+"""The one result type every router returns and every dispatch path consumes.
+
+Routing happens per *routing group*: the layer reshapes its input to `[G, S, D]` (G groups of S
+tokens) and a router sees one `[G, S, D]` array. A plan has one of three kinds:
+
+- ``token_choice`` (top_k, clusters, hash, random): each token picks K experts.
+  ``expert_index [G, S, K]`` int32, ``combine_weights [G, S, K]`` float32, optional
+  ``priority [G, S]`` (higher is served first when capacity runs out: Batch Prioritized Routing;
+  ``None`` = token order).
+- ``expert_choice``: each expert picks C tokens. ``token_index [G, E, C]`` int32,
+  ``combine_weights [G, E, C]`` float32.
+- ``soft`` (Soft MoE): dense mixing. ``dispatch_weights [G, S, E, P]`` (softmax over S) and
+  ``combine_weights [G, S, E, P]`` (softmax over E*P), P slots per expert.
+
+``aux_losses`` holds unweighted scalar losses (names match ``config.router.loss_weights``);
+``metrics`` holds routing statistics (scalars or small vectors such as the load histogram).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+from flax import struct
+
+PlanKind = Literal["token_choice", "expert_choice", "soft"]
+
+
+@struct.dataclass
+class RoutingPlan:
+  kind: PlanKind = struct.field(pytree_node=False)
+  num_experts: int = struct.field(pytree_node=False)
+  combine_weights: jax.Array
+  expert_index: jax.Array | None = None
+  token_index: jax.Array | None = None
+  priority: jax.Array | None = None
+  dispatch_weights: jax.Array | None = None
+  aux_losses: dict[str, jax.Array] = struct.field(default_factory=dict)
+  metrics: dict[str, jax.Array] = struct.field(default_factory=dict)
+
+  @property
+  def k(self) -> int:
+    """Experts per token (token_choice plans)."""
+    assert self.expert_index is not None
+    return self.expert_index.shape[-1]
