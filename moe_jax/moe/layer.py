@@ -1,15 +1,18 @@
 """`MoELayer`: router + dispatch + expert bank (+ shared expert), `x [B, T, D] -> [B, T, D]`."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from moe_jax.moe import aux, dispatch
+from moe_jax.moe import aux, dispatch, expert_parallel
 from moe_jax.moe.config import validate
 from moe_jax.moe.experts import ACTIVATIONS, ExpertBank
-from moe_jax.routing import build_router
+from moe_jax.routing import build_router, ops
 from moe_jax.routing.plan import RoutingPlan
 
 
@@ -75,16 +78,24 @@ class MoELayer(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
+    mesh = ops.current_mesh()
+    if mesh is not None:  # keep routing local: tokens stay sharded over the batch axes
+      expert_parallel.check_divisible(x.shape[0], "batch size", mesh)
+      x = jax.lax.with_sharding_constraint(x, P(ops.batch_axes(mesh)))
     plan = self.route(x)
     groups = self._groups(x)
     if plan.kind == "token_choice":
-      y, metrics = dispatch.token_choice(
-          plan, groups, self.experts, mode=c.dispatch, capacity_factor=c.capacity_factor,
+      dispatch_fn = functools.partial(
+          dispatch.token_choice, mode=c.dispatch, capacity_factor=c.capacity_factor,
           min_capacity=c.min_capacity, block_size=c.dropless.block_size,
           backend=c.dropless.backend)
     else:
-      y, metrics = getattr(dispatch, plan.kind)(plan, groups, self.experts,
-                                                capacity_factor=c.capacity_factor)
+      dispatch_fn = functools.partial(getattr(dispatch, plan.kind),
+                                      capacity_factor=c.capacity_factor)
+    if mesh is None:
+      y, metrics = dispatch_fn(plan, groups, self.experts)
+    else:
+      y, metrics = expert_parallel.dispatch(dispatch_fn, plan, groups, self.experts, mesh)
     y = y.reshape(x.shape).astype(x.dtype)
     if self.shared_expert is not None:
       y = self.shared_expert(x, y).astype(x.dtype)

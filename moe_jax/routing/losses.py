@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe_jax.routing import ops
+
 
 def cv_squared(x: jax.Array, axis: int = -1) -> jax.Array:
   """Squared coefficient of variation var(x) / mean(x)^2 along `axis` (population variance)."""
@@ -29,10 +31,10 @@ def load_loss(logits: jax.Array, noisy_logits: jax.Array, noise_std: float, k: i
   """
   E = logits.shape[-1]
   if noise_std > 0:
-    threshold = jax.lax.top_k(noisy_logits, k)[0][..., -1:]
+    threshold = ops.top_k(noisy_logits, k)[0][..., -1:]
     prob = jax.scipy.stats.norm.sf((threshold - logits) / noise_std)
   else:
-    prob = jnp.sum(jax.nn.one_hot(jax.lax.top_k(logits, k)[1], E, dtype=logits.dtype), axis=-2)
+    prob = jnp.sum(jax.nn.one_hot(ops.top_k(logits, k)[1], E, dtype=logits.dtype), axis=-2)
   return jnp.mean(cv_squared(jnp.sum(prob, axis=-2)))
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moe_jax.routing import losses
+from moe_jax.routing import losses, ops
 from moe_jax.routing.plan import RoutingPlan
 
 
@@ -16,7 +16,7 @@ def token_choice_plan(gates: jax.Array, logits: jax.Array, k: int, renormalize: 
 
   BPR priority is the token's largest gate; without BPR tokens are served in order.
   """
-  weights, index = jax.lax.top_k(gates, k)
+  weights, index = ops.top_k(gates, k)
   if renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   E = gates.shape[-1]

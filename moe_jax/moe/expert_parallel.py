@@ -1,0 +1,78 @@
+"""Expert parallelism: run a dispatch path per device inside `jax.shard_map`.
+
+Under a mesh (`jax.set_mesh(mesh)`) with more than one device, the layer's dispatch runs on each
+device's own routing groups: groups are sharded over every batch axis (all mesh axes except
+`model`: data, fsdp, expert) and expert weights over `expert`. Every buffer-based path builds
+local buffers `[E, N, D]` (all E experts, this device's tokens); `ExpertsOverAllToAll` sends
+each expert's slice to the device that holds it (`all_to_all` over `expert` only), runs the local
+experts on `[E / EP, EP * N, D]` and sends the results back. Soft MoE and expert choice group
+tokens per routing group exactly as on one device, so sharded == unsharded.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from moe_jax.moe.experts import ExpertBank
+from moe_jax.routing.ops import batch_axes, batch_shards
+from moe_jax.routing.plan import RoutingPlan
+
+EXPERT_AXIS = "expert"
+
+
+def check_divisible(n: int, what: str, mesh: jax.sharding.AbstractMesh) -> None:
+  """Raises a ValueError unless `n` (the size of the batch-sharded `what`) splits over the mesh."""
+  shards = batch_shards(mesh)
+  if n % shards:
+    raise ValueError(f"MoE: {what}={n} cannot be split over the {shards} devices of mesh axes "
+                     f"{batch_axes(mesh)}; make it divisible by {shards}")
+
+
+class ExpertsOverAllToAll:
+  """Stands in for the ExpertBank inside shard_map: `[E, N, D] -> [E, N, D]` via all_to_all."""
+
+  def __init__(self, local: ExpertBank):
+    self.local = local
+    self.dtype = local.dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jax.lax.all_to_all(x, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)
+    y = self.local(x)  # [E / EP, EP * N, D]
+    return jax.lax.all_to_all(y, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)
+
+  def grouped(self, *args, **kwargs):
+    raise ValueError("dispatch='dropless' is not available with expert parallelism (mesh axis "
+                     "'expert' > 1); use dispatch='capacity' or an expert axis of size 1")
+
+
+def dispatch(dispatch_fn: Callable[..., tuple[jax.Array, dict]], plan: RoutingPlan,
+             groups: jax.Array, experts: ExpertBank, mesh: jax.sharding.AbstractMesh,
+             **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`dispatch_fn(plan, groups [G, S, D], experts, **kwargs)` run per device under `mesh`."""
+  axes = batch_axes(mesh)
+  check_divisible(groups.shape[0], "number of routing groups (batch*tokens/group_size)", mesh)
+  ep = mesh.shape.get(EXPERT_AXIS, 1)
+  if experts.num_experts % ep:
+    raise ValueError(f"MoE: num_experts={experts.num_experts} must be divisible by the mesh "
+                     f"axis 'expert'={ep}")
+  if ep > 1 and experts.dropout.rate > 0:
+    raise ValueError("MoE: dropout_rate > 0 is not supported with expert parallelism yet; set "
+                     "dropout_rate=0 or an expert axis of size 1")
+  graphdef, params, rest = nnx.split(experts, nnx.Param, ...)
+  param_specs = jax.tree.map(lambda _: P(EXPERT_AXIS) if ep > 1 else P(), params)
+  rest_specs = jax.tree.map(lambda _: P(), rest)
+  plan = plan.replace(aux_losses={}, metrics={})
+  plan_specs = jax.tree.map(lambda _: P(axes), plan)
+
+  def per_device(plan, groups, params, rest):
+    local = nnx.merge(graphdef, params, rest)
+    y, metrics = dispatch_fn(plan, groups, ExpertsOverAllToAll(local) if ep > 1 else local,
+                             **kwargs)
+    return y, jax.tree.map(lambda m: jax.lax.pmean(m, axes), metrics)
+
+  return jax.shard_map(per_device, mesh=mesh,
+                       in_specs=(plan_specs, P(axes), param_specs, rest_specs),
+                       out_specs=(P(axes), P()))(plan, groups, params, rest)

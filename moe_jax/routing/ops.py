@@ -1,0 +1,38 @@
+"""Routing primitives that stay local to each device under a mesh.
+
+GSPMD does not partition `lax.top_k` along batch dimensions: on a mesh it all-gathers the
+gates first. Routing groups never interact, so under a mesh we run it per device instead.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+NON_BATCH_AXES = ("model",)
+
+
+def current_mesh() -> jax.sharding.AbstractMesh | None:
+  """The mesh set with `jax.set_mesh`, or None when absent or a single device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def batch_axes(mesh: jax.sharding.AbstractMesh) -> tuple[str, ...]:
+  """Mesh axes that routing groups (and the batch) are sharded over."""
+  return tuple(a for a in mesh.axis_names if a not in NON_BATCH_AXES)
+
+
+def batch_shards(mesh: jax.sharding.AbstractMesh) -> int:
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over the last axis of `x [G, ...]`, per device when G is batch-sharded."""
+  mesh = current_mesh()
+  if mesh is None or x.shape[0] % batch_shards(mesh):
+    return jax.lax.top_k(x, k)
+  spec = P(batch_axes(mesh))
+  return jax.shard_map(lambda v: tuple(jax.lax.top_k(v, k)), mesh=mesh, in_specs=spec,
+                       out_specs=(spec, spec))(x)

@@ -1,0 +1,243 @@
+"""MoE layer core: top-k router x both dispatch paths vs a per-token reference, invariants,
+gradients, property tests and config validation."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+import moe_reference as ref
+from moe_jax import moe
+from moe_jax.moe import dispatch
+
+
+def make_layer(dim=8, E=4, F=16, k=1, dispatch_mode="capacity", cf=1.0, bpr=True,
+               renormalize=False, group_size=0, seed=0, **kw):
+  c = moe.default_config()
+  c.num_experts, c.hidden_dim, c.router.k = E, F, k
+  c.dispatch, c.capacity_factor, c.group_size = dispatch_mode, cf, group_size
+  c.router.bpr, c.router.renormalize = bpr, renormalize
+  c.router.init_std = 1.0  # spread gates so routing is not trivially uniform
+  for key, value in kw.items():
+    node, *rest = key.split("__")
+    (c[node].__setitem__(rest[0], value) if rest else c.__setitem__(node, value))
+  layer = moe.MoELayer(dim, c, rngs=nnx.Rngs(seed))
+  layer.eval()
+  # Non-zero biases so that a wrongly-zeroed row shows up.
+  e = layer.experts
+  e.fc1_bias[...] = jax.random.normal(jax.random.key(seed + 1), e.fc1_bias.shape) * 0.1
+  e.fc2_bias[...] = jax.random.normal(jax.random.key(seed + 2), e.fc2_bias.shape) * 0.1
+  return layer
+
+
+def reference_top_k(layer, x):
+  """Numpy reference of a top-k MoE layer in eval mode: outputs, kept mask, aux losses."""
+  c = layer.config
+  xg = np.asarray(layer._groups(x), np.float64)
+  logits = xg @ np.asarray(layer.router.kernel[...], np.float64)
+  gates = ref.softmax(logits)
+  K, E = c.router.k, c.num_experts
+  idx = np.argsort(-gates, axis=-1, kind="stable")[..., :K]
+  w = np.take_along_axis(gates, idx, -1)
+  if c.router.renormalize:
+    w = w / w.sum(-1, keepdims=True)
+  S = xg.shape[1]
+  cap = None if c.dispatch == "dropless" else max(math.ceil(K * S * c.capacity_factor / E), 1)
+  prio = w[..., 0] if c.router.bpr else None
+  y, kept = ref.token_choice(xg, idx, w, prio, cap, ref.expert_params(layer))
+  counts = np.stack([np.bincount(idx[g].ravel(), minlength=E) for g in range(len(idx))])
+  top1 = np.stack([np.bincount(idx[g, :, 0], minlength=E) / S for g in range(len(idx))])
+  losses = {
+      "importance": np.mean([ref.cv2(gates[g].sum(0)) for g in range(len(gates))]),
+      "load": np.mean([ref.cv2(c_) for c_ in counts]),
+      "balance": np.mean(E * np.sum(top1 * gates.mean(1), -1)),
+      "z_loss": np.mean(np.logaddexp.reduce(logits, axis=-1) ** 2),
+  }
+  return y.reshape(x.shape), kept, losses
+
+
+def run(layer, x):
+  return moe.capture_aux(layer)(x)
+
+
+CASES = [
+    dict(k=1, dispatch_mode="capacity", cf=1.0),
+    dict(k=1, dispatch_mode="capacity", cf=0.5),
+    dict(k=2, dispatch_mode="capacity", cf=1.0),
+    dict(k=2, dispatch_mode="capacity", cf=0.75, bpr=False),
+    dict(k=2, dispatch_mode="capacity", cf=1.25, renormalize=True, group_size=6),
+    dict(k=1, dispatch_mode="dropless"),
+    dict(k=3, dispatch_mode="dropless", renormalize=True, dropless__block_size=4),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_top_k_matches_per_token_reference(case):
+  layer = make_layer(**case)
+  x = jax.random.normal(jax.random.key(3), (3, 8, 8))
+  y, aux = run(layer, x)
+  want_y, kept, want_losses = reference_top_k(layer, x)
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+  (layer_aux,) = aux.layers.values()
+  for name, want in want_losses.items():
+    np.testing.assert_allclose(layer_aux.losses[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(layer_aux.metrics["dropped_fraction"], 1 - kept.mean(), atol=1e-6)
+  weights = layer.config.router.loss_weights
+  np.testing.assert_allclose(
+      aux.total_loss, sum(weights[n] * v for n, v in want_losses.items()), rtol=1e-5)
+
+
+def test_capacity_never_exceeded_and_k_distinct_experts():
+  layer = make_layer(k=2, cf=0.5)
+  x = jax.random.normal(jax.random.key(0), (4, 16, 8))
+  plan = layer.route(x)
+  C = dispatch.capacity(2, 16, 4, 0.5)
+  rows = np.asarray(dispatch.capacity_rows(plan, C))
+  kept_rows = rows[rows < 4 * 4 * C]
+  assert len(np.unique(kept_rows)) == len(kept_rows), "two pairs share a buffer row"
+  idx = np.asarray(plan.expert_index)
+  for e in range(4):
+    for g in range(4):
+      assert np.sum((idx[g] == e) & (rows[g] < 4 * 4 * C)) <= C
+  assert all(len(set(row)) == 2 for row in idx.reshape(-1, 2)), "a token reached an expert twice"
+
+
+def test_bpr_drops_lowest_priority_first():
+  layer = make_layer(k=1, cf=0.5, E=2)
+  x = jax.random.normal(jax.random.key(5), (1, 16, 8))
+  plan = layer.route(x)
+  rows = np.asarray(dispatch.capacity_rows(plan, dispatch.capacity(1, 16, 2, 0.5)))[0, :, 0]
+  prio, idx = np.asarray(plan.priority)[0], np.asarray(plan.expert_index)[0, :, 0]
+  for e in range(2):
+    mine = idx == e
+    dropped, kept = rows[mine] >= 2 * 4, rows[mine] < 2 * 4
+    if dropped.any() and kept.any():
+      assert prio[mine][dropped].max() <= prio[mine][kept].min()
+
+
+def test_capacity_equals_dropless_when_nothing_dropped():
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8))
+  for k in (1, 2):
+    cap = make_layer(k=k, cf=4.0 / k * 4)  # C >= S: nothing can drop
+    drop = make_layer(k=k, dispatch_mode="dropless", dropless__block_size=3)
+    y_cap, aux_cap = run(cap, x)
+    y_drop, _ = run(drop, x)
+    assert float(next(iter(aux_cap.layers.values())).metrics["dropped_fraction"]) == 0.0
+    np.testing.assert_allclose(y_cap, y_drop, rtol=1e-5, atol=1e-6)
+
+
+def test_dropless_is_token_permutation_equivariant():
+  layer = make_layer(k=2, dispatch_mode="dropless", dropless__block_size=4)
+  x = jax.random.normal(jax.random.key(2), (1, 24, 8))
+  perm = np.random.default_rng(0).permutation(24)
+  np.testing.assert_allclose(layer(x)[:, perm], layer(x[:, perm]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["capacity", "dropless"])
+def test_gradients_match_finite_differences(mode):
+  layer = make_layer(k=2, dispatch_mode=mode, cf=0.75, shared_expert__enabled=True,
+                     shared_expert__combine="gate")
+  x = jax.random.normal(jax.random.key(4), (2, 6, 8))
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def f(params, x):
+    y, aux = moe.capture_aux(nnx.merge(graphdef, params, rest))(x)
+    return jnp.sum(jnp.sin(y)) + 10 * aux.total_loss
+
+  # Routing decisions are piecewise constant: step sizes stay far below the gate margins.
+  check_grads(f, (params, x), order=1, modes=["rev"], eps=1e-3, atol=2e-2,
+                            rtol=2e-2)
+
+
+def test_train_mode_noise_changes_routing_and_eval_is_deterministic():
+  layer = make_layer(k=1, router__noise_std=50.0)
+  x = jax.random.normal(jax.random.key(6), (2, 32, 8))
+  layer.eval()
+  np.testing.assert_array_equal(layer.route(x).expert_index, layer.route(x).expert_index)
+  layer.train()
+  assert not np.array_equal(layer.route(x).expert_index, layer.route(x).expert_index)
+
+
+def test_per_image_routing_sends_all_tokens_of_an_image_to_the_same_experts():
+  layer = make_layer(k=2, granularity="image", dispatch_mode="dropless")
+  x = jax.random.normal(jax.random.key(7), (4, 10, 8))
+  idx = np.asarray(layer.route(x).expert_index)
+  assert (idx == idx[:, :1]).all()
+  assert len({tuple(i[0]) for i in idx}) > 1, "all images went to the same experts"
+
+
+def test_shared_expert_sum_adds_dense_mlp():
+  layer = make_layer(k=1, cf=4.0, shared_expert__enabled=True)
+  x = jax.random.normal(jax.random.key(8), (2, 5, 8))
+  shared = layer.shared_expert
+  routed = make_layer(k=1, cf=4.0)(x)  # same seed -> same router and experts
+  want = routed + shared.fc2(jax.nn.gelu(shared.fc1(x)))
+  np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-6)
+
+
+@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.given(
+    B=st.integers(1, 3), T=st.integers(1, 9), E=st.sampled_from([1, 2, 3, 5]),
+    k=st.integers(1, 3), cf=st.sampled_from([0.3, 1.0, 2.0]),
+    mode=st.sampled_from(["capacity", "dropless"]), ties=st.booleans(),
+    scale=st.sampled_from([1.0, 1e4]))
+def test_property_random_shapes_ties_extreme_logits(B, T, E, k, cf, mode, ties, scale):
+  k = min(k, E)
+  layer = make_layer(dim=4, E=E, F=8, k=k, dispatch_mode=mode, cf=cf)
+  if ties:  # all gates equal: ties broken by expert index
+    layer.router.kernel[...] = jnp.zeros_like(layer.router.kernel[...])
+  layer.router.kernel[...] = layer.router.kernel[...] * scale
+  x = jax.random.normal(jax.random.key(B * 100 + T), (B, T, 4))
+  y, aux = run(layer, x)
+  want, kept, _ = reference_top_k(layer, x)
+  assert np.isfinite(np.asarray(y)).all()
+  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+  if mode == "dropless":
+    assert kept.all()
+
+
+def test_nan_inputs_propagate_to_outputs():
+  """Documented behaviour: NaN tokens are routed somewhere and give NaN outputs, never a crash."""
+  layer = make_layer(k=1, dispatch_mode="dropless")
+  x = jnp.ones((1, 4, 8)).at[0, 1].set(jnp.nan)
+  y = np.asarray(layer(x))
+  assert np.isnan(y[0, 1]).all()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("router.k", 5, "router.k"),
+    ("capacity_factor", 0.0, "capacity_factor"),
+    ("router.name", "nope", "router.name"),
+    ("dispatch", "einsum", "dispatch"),
+    ("num_experts", 0, "num_experts"),
+    ("granularity", "pixel", "granularity"),
+    ("router.loss_weights.typo", 1.0, "router.loss_weights"),
+    ("shared_expert.combine", "concat", "shared_expert.combine"),
+])
+def test_invalid_config_raises_naming_the_field(field, value, match):
+  c = moe.default_config()
+  c.num_experts = 4
+  node = c
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  with node.unlocked() if hasattr(node, "unlocked") else nullcontext():
+    node[leaf] = value
+  with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+    moe.MoELayer(8, c, rngs=nnx.Rngs(0))
+
+
+def test_group_size_must_divide_tokens():
+  layer = make_layer(group_size=5)
+  with pytest.raises(ValueError, match="group_size"):
+    layer(jnp.ones((2, 4, 8)))
+
+
