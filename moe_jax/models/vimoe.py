@@ -1,0 +1,112 @@
+"""ViMoE (Han et al. 2024): a ViT whose MLP blocks are MoE layers at chosen depths.
+
+`config.moe` is an `moe_jax.moe.default_config()` node (any router, either dispatch path, shared
+expert, per-token or per-image routing); `config.moe_layers` (a string, so it can be set from the command line) says where:
+
+- comma-separated block indices, e.g. `"9,11"`;
+- `"last:n"`: the last n blocks (the paper: 2-5 MoE layers in the deeper half suffice);
+- `"every:n"`: every n-th block, counting from the last one (V-MoE's "every other layer").
+
+MoEC (Mixture of Expert Clusters) is ViMoE with `config.moe.router.name = "clusters"`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from moe_jax import moe
+from moe_jax.models import vit
+
+
+def vimoe_config(variant: str = "S/16", moe_layers: str | Sequence[int] = "last:2",
+                 router: str = "top_k", **vit_overrides) -> ml_collections.ConfigDict:
+  """A ViT config of `variant` plus the MoE node; experts default to the dense MLP width."""
+  c = vit.vit_config(variant, **vit_overrides)
+  c.name = "vimoe"
+  c.moe_layers = moe_layers if isinstance(moe_layers, str) else ",".join(map(str, moe_layers))
+  c.moe = moe.default_config(router)
+  c.moe.hidden_dim = c.mlp_dim
+  c.moe.dtype = c.dtype
+  return c
+
+
+def moe_layer_indices(spec: str, depth: int) -> list[int]:
+  """Block indices that get an MoE layer; ValueError naming `moe_layers` when invalid."""
+  kind, _, n = spec.partition(":")
+  if kind in ("last", "every") and n.isdigit() and int(n) >= 1:
+    n = int(n)
+    ids = sorted(range(depth - n, depth) if kind == "last" else range(depth - 1, -1, -n))
+  elif all(i.strip().isdigit() for i in spec.split(",")):
+    ids = sorted(int(i) for i in spec.split(","))
+  else:
+    raise ValueError(f"model.moe_layers={spec!r}: use block indices like '9,11', 'last:n' or "
+                     "'every:n' (n >= 1)")
+  if not ids or ids[0] < 0 or ids[-1] >= depth or len(set(ids)) != len(ids):
+    raise ValueError(f"model.moe_layers={spec!r} must name distinct blocks in [0, depth={depth})")
+  return ids
+
+
+class ViMoE(vit.ViT):
+  """ViT with `MoELayer`s replacing the MLP of the blocks named by `config.moe_layers`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.moe_layer_indices = moe_layer_indices(config.moe_layers, config.depth)
+    moe_config = config.moe
+
+    def mlp_factory(index: int, dim: int, rngs: nnx.Rngs) -> nnx.Module | None:
+      return moe.MoELayer(dim, moe_config, rngs=rngs) if index in self.moe_layer_indices else None
+
+    super().__init__(config, rngs=rngs, mlp_factory=mlp_factory)
+
+
+def upcycle(dense: vit.ViT, sparse: ViMoE, *, noise_std: float = 0.0,
+            key: jax.Array | None = None) -> ViMoE:
+  """Initialises `sparse` from a trained dense ViT of the same size, in place; returns it.
+
+  Every parameter outside the MoE layers is copied; each expert (and the shared expert) of an MoE
+  layer starts as the dense block's MLP, plus optional Gaussian noise of relative scale
+  `noise_std` per expert so that experts can diverge; routers keep their fresh initialisation.
+  """
+  sparse_state = nnx.state(sparse, nnx.Param)
+  merged = _copy_matching(nnx.to_pure_dict(nnx.state(dense, nnx.Param)),
+                          nnx.to_pure_dict(sparse_state))
+  nnx.replace_by_pure_dict(sparse_state, merged)
+  nnx.update(sparse, sparse_state)
+  key = jax.random.key(0) if key is None else key
+  for index in sparse.moe_layer_indices:
+    mlp = _block_mlp(dense, index)
+    layer = _block_mlp(sparse, index)
+    bank = layer.experts
+    for name, src in (("fc1_kernel", mlp.fc1.kernel), ("fc1_bias", mlp.fc1.bias),
+                      ("fc2_kernel", mlp.fc2.kernel), ("fc2_bias", mlp.fc2.bias)):
+      target = getattr(bank, name)
+      value = jnp.broadcast_to(src[...], target.shape)
+      if noise_std > 0:
+        key, sub = jax.random.split(key)
+        value = value + noise_std * jnp.std(src[...]) * jax.random.normal(sub, target.shape)
+      target[...] = value
+    if layer.shared_expert is not None:
+      for name in ("fc1", "fc2"):
+        for p in ("kernel", "bias"):
+          getattr(getattr(layer.shared_expert, name), p)[...] = getattr(getattr(mlp, name), p)[...]
+  return sparse
+
+
+def _block_mlp(model: vit.ViT, index: int) -> nnx.Module:
+  return model.blocks[index].mlp
+
+
+def _copy_matching(src: dict, dst: dict) -> dict:
+  """`dst` with every leaf that `src` has at the same path and shape replaced by `src`'s."""
+  out = {}
+  for k, v in dst.items():
+    if isinstance(v, dict):
+      out[k] = _copy_matching(src.get(k, {}), v) if isinstance(src.get(k), dict) else v
+    else:
+      s = src.get(k)
+      out[k] = s if s is not None and getattr(s, "shape", None) == v.shape else v
+  return out

@@ -1,0 +1,159 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) in Flax NNX, big_vision style; dense baseline.
+
+`ViT(config, rngs=..., mlp_factory=...)` maps images `[B, H, W, C]` to logits `[B, classes]`.
+`mlp_factory(block_index, dim, rngs)` may return a module to use as a block's MLP (ViMoE plugs
+its MoE layers in this way) or None for the dense `Mlp`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+# name -> (width, depth, mlp_dim, heads), as in big_vision.
+SIZES = {
+    "Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6), "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12), "L": (1024, 24, 4096, 16), "H": (1280, 32, 5120, 16),
+}
+MlpFactory = Callable[[int, int, nnx.Rngs], nnx.Module | None]
+
+
+def vit_config(variant: str = "S/16", **overrides) -> ml_collections.ConfigDict:
+  """Model config of a named ViT (e.g. "B/16"); `overrides` replace any field (tiny models)."""
+  size, _, patch = variant.partition("/")
+  if size not in SIZES or not patch.isdigit():
+    raise ValueError(f"model.variant={variant!r}: use <size>/<patch> with size in {list(SIZES)}")
+  width, depth, mlp_dim, heads = SIZES[size]
+  c = ml_collections.ConfigDict(dict(
+      name="vit", variant=variant, width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
+      patch_size=int(patch), image_size=224, channels=3, num_classes=1000,
+      pool="cls",  # 'cls' token or 'gap' (global average pooling)
+      posemb="learned",  # 'learned' or 'sincos2d'
+      dropout_rate=0.0, attention_dropout_rate=0.0, stochastic_depth=0.0,
+      dtype="float32",  # compute dtype; params stay float32
+      head_zero_init=True))
+  for key, value in overrides.items():
+    if key not in c:
+      raise ValueError(f"vit_config: unknown field {key!r}; known: {sorted(c)}")
+    c[key] = value
+  return c
+
+
+def _validate(c: ml_collections.ConfigDict) -> None:
+  if c.image_size % c.patch_size:
+    raise ValueError(f"model.image_size={c.image_size} must be divisible by "
+                     f"model.patch_size={c.patch_size}")
+  if c.width % c.num_heads:
+    raise ValueError(f"model.width={c.width} must be divisible by model.num_heads={c.num_heads}")
+  if c.pool not in ("cls", "gap"):
+    raise ValueError(f"model.pool={c.pool!r} must be 'cls' or 'gap'")
+  if c.posemb not in ("learned", "sincos2d"):
+    raise ValueError(f"model.posemb={c.posemb!r} must be 'learned' or 'sincos2d'")
+
+
+def sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding `[grid*grid, width]` (MoCo v3 / big_vision)."""
+  if width % 4:
+    raise ValueError(f"model.width={width} must be divisible by 4 for posemb='sincos2d'")
+  y, x = np.mgrid[:grid, :grid]
+  omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1 or 1))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
+
+
+class Mlp(nnx.Module):
+  """Dense block MLP `[..., D] -> [..., D]`: fc1 (D -> F), GELU, dropout, fc2 (F -> D)."""
+
+  def __init__(self, dim: int, hidden: int, *, dropout_rate: float, dtype, rngs: nnx.Rngs):
+    init = dict(kernel_init=nnx.initializers.xavier_uniform(),
+                bias_init=nnx.initializers.normal(1e-6))
+    self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs, **init)
+    self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, rngs=rngs, **init)
+    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(self.dropout(nnx.gelu(self.fc1(x))))
+
+
+class DropPath(nnx.Module):
+  """Stochastic depth: drops the whole residual branch per example with probability `rate`."""
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs):
+    self.rate, self.rngs, self.deterministic = rate, rngs.fork(), False
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.deterministic or self.rate == 0.0:
+      return x
+    keep = jax.random.bernoulli(self.rngs.dropout(), 1.0 - self.rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-LN encoder block: x + attn(LN(x)); x + mlp(LN(x)). `[B, T, D] -> [B, T, D]`."""
+
+  def __init__(self, c: ml_collections.ConfigDict, drop_path: float, mlp: nnx.Module | None, *,
+               rngs: nnx.Rngs):
+    dtype = jnp.dtype(c.dtype)
+    self.norm1 = nnx.LayerNorm(c.width, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(
+        c.num_heads, c.width, dtype=dtype, dropout_rate=c.attention_dropout_rate,
+        kernel_init=nnx.initializers.xavier_uniform(), decode=False, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(c.width, rngs=rngs)
+    self.mlp = mlp if mlp is not None else Mlp(c.width, c.mlp_dim, dropout_rate=c.dropout_rate,
+                                               dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(c.dropout_rate, rngs=rngs)
+    self.drop_path = DropPath(drop_path, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.drop_path(self.dropout(self.attn(self.norm1(x))))
+    return x + self.drop_path(self.dropout(self.mlp(self.norm2(x))))
+
+
+class ViT(nnx.Module):
+  """`images [B, H, W, C] -> logits [B, num_classes]`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+               mlp_factory: MlpFactory | None = None):
+    _validate(config)
+    c = config
+    self.dtype = jnp.dtype(c.dtype)
+    self.pool = c.pool
+    p, D = c.patch_size, c.width
+    grid = c.image_size // p
+    self.patch_embed = nnx.Conv(c.channels, D, (p, p), strides=(p, p), padding="VALID",
+                                dtype=self.dtype, rngs=rngs)
+    if c.posemb == "learned":
+      self.posemb = nnx.Param(nnx.initializers.normal(1 / np.sqrt(D))(rngs.params(),
+                                                                     (1, grid * grid, D)))
+    else:
+      self.posemb = nnx.Variable(jnp.asarray(sincos_2d(grid, D))[None])
+    self.cls = nnx.Param(jnp.zeros((1, 1, D))) if c.pool == "cls" else None
+    self.dropout = nnx.Dropout(c.dropout_rate, rngs=rngs)
+    rates = np.linspace(0.0, c.stochastic_depth, c.depth)
+    factory = mlp_factory or (lambda i, d, r: None)
+    self.blocks = nnx.List([Block(c, float(rates[i]), factory(i, D, rngs), rngs=rngs)
+                            for i in range(c.depth)])
+    self.norm = nnx.LayerNorm(D, rngs=rngs)
+    head_init = nnx.initializers.zeros_init() if c.head_zero_init else nnx.initializers.xavier_uniform()
+    self.head = nnx.Linear(D, c.num_classes, kernel_init=head_init, rngs=rngs)
+
+  def features(self, images: jax.Array) -> jax.Array:
+    """Pre-head representation `[B, D]`."""
+    x = self.patch_embed(images.astype(self.dtype))
+    B = x.shape[0]
+    x = x.reshape(B, -1, x.shape[-1]) + self.posemb[...].astype(self.dtype)
+    if self.cls is not None:
+      x = jnp.concatenate([jnp.broadcast_to(self.cls[...].astype(self.dtype), (B, 1, x.shape[-1])), x], 1)
+    x = self.dropout(x)
+    for block in self.blocks:
+      x = block(x)
+    x = self.norm(x)
+    return x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    return self.head(self.features(images).astype(jnp.float32))

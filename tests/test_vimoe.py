@@ -1,0 +1,93 @@
+"""ViMoE: MoE blocks at chosen depths, upcycling from a dense ViT, per-image routing, MoEC, overfit."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from moe_jax import moe
+from moe_jax.models import build_model, vit, vimoe
+
+
+def tiny(router="top_k", **kw):
+  c = vimoe.vimoe_config("Ti/4", router=router, image_size=16, channels=1, num_classes=10,
+                         width=32, depth=4, mlp_dim=64, num_heads=2)
+  c.moe.num_experts = 4
+  for key, value in kw.items():
+    node, *rest = key.split("__")
+    target = c.moe if node == "moe" else c
+    if node == "moe":
+      node, *rest = rest
+    (target[node].__setitem__(rest[0], value) if rest else target.__setitem__(node, value))
+  return c
+
+
+@pytest.mark.parametrize("spec,want", [("last:2", [2, 3]), ("every:2", [1, 3]), ("0,2", [0, 2])])
+def test_moe_layers_at_chosen_depths(spec, want):
+  c = tiny()
+  c.moe_layers = spec
+  model = build_model(c, rngs=nnx.Rngs(0))
+  got = [i for i, b in enumerate(model.blocks) if isinstance(b.mlp, moe.MoELayer)]
+  assert got == want
+
+
+def test_bad_moe_layers_spec_names_the_field():
+  c = tiny()
+  c.moe_layers = "last:9"
+  with pytest.raises(ValueError, match="moe_layers"):
+    build_model(c, rngs=nnx.Rngs(0))
+
+
+def test_upcycled_vimoe_equals_dense_vit():
+  """Experts copied from the dense MLP, k=1, dropless, no noise, no shared expert: same output."""
+  c = tiny(moe__dispatch="dropless")
+  c.moe.router.k = 1
+  dense_config = c.copy_and_resolve_references()
+  dense_config.name = "vit"
+  dense = build_model(dense_config, rngs=nnx.Rngs(1))
+  sparse = vimoe.upcycle(dense, build_model(c, rngs=nnx.Rngs(2)))
+  dense.eval()
+  sparse.eval()
+  images = jax.random.normal(jax.random.key(0), (3, 16, 16, 1))
+  # k=1 without renormalisation scales by the top gate; renormalised, the weight is exactly 1.
+  c.moe.router.renormalize = True
+  sparse_renorm = vimoe.upcycle(dense, build_model(c, rngs=nnx.Rngs(2)))
+  sparse_renorm.eval()
+  want = dense.features(images)
+  np.testing.assert_allclose(sparse_renorm.features(images), want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(sparse.features(images), want, atol=1e-3)
+
+
+def test_per_image_routing_in_vimoe():
+  c = tiny(moe__granularity="image", moe__dispatch="dropless")
+  model = build_model(c, rngs=nnx.Rngs(0))
+  model.eval()
+  layer = model.blocks[3].mlp
+  x = jax.random.normal(jax.random.key(0), (4, 17, 32))
+  idx = np.asarray(layer.route(x).expert_index)
+  assert (idx == idx[:, :1]).all()
+
+
+def test_tiny_vimoe_overfits_a_small_batch():
+  c = tiny(moe__shared_expert__enabled=True)
+  c.moe.router.k = 2
+  model = build_model(c, rngs=nnx.Rngs(0))
+  model.train()
+  images = jax.random.normal(jax.random.key(0), (16, 16, 16, 1))
+  labels = jnp.arange(16) % 10
+  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss_fn(model):
+      logits, aux = moe.capture_aux(model)(images)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean() + aux.total_loss
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(150)]
+  assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
