@@ -24,6 +24,8 @@ def default_config() -> ml_collections.ConfigDict:
       image_size=28,  # images are resized (nearest) when the stored size differs
       augment="crop",  # 'crop' (random crop after zero padding) or 'none'
       crop_padding=2,
+      cache=True,  # read the split once into host memory (small datasets)
+      prefetch_threads=1,  # grain read threads; more only help when a batch is slow to read
   ))
 
 
@@ -49,9 +51,31 @@ def _random_crop(images: np.ndarray, padding: int, rng: np.random.Generator) -> 
 
 def _read(source, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """A batch of examples by index: (images uint8 [B, H, W, C], labels int32 [B])."""
+  if isinstance(source, InMemory):
+    return source.images[indices], source.labels[indices]
   examples = source.__getitems__([int(i) for i in indices])
   return (np.stack([np.asarray(e["image"]) for e in examples]),
           np.asarray([e["label"] for e in examples], np.int32))
+
+
+class InMemory:
+  """A tfds source read once into arrays; serves batches by index without decoding."""
+
+  def __init__(self, source):
+    self.images, self.labels = _read(source, np.arange(len(source)))
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def _load(config: ml_collections.ConfigDict, split: str):
+  source = sources.data_source(config.name, split, config.data_dir or None)
+  return InMemory(source) if config.cache else source
+
+
+def _prefetched(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.prefetch_threads,
+                                              prefetch_buffer_size=4))
 
 
 def _shard_indices(n: int, process_index: int, process_count: int) -> grain.MapDataset:
@@ -59,10 +83,10 @@ def _shard_indices(n: int, process_index: int, process_count: int) -> grain.MapD
 
 
 def train_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """Endless, per-epoch reshuffled, augmented batches of this process's shard (`batch_size` is
   per process). Reads and augments whole batches at once."""
-  source = sources.data_source(config.name, config.train_split, config.data_dir or None)
+  source = _load(config, config.train_split)
   size, augment, padding = config.image_size, config.augment, config.crop_padding
   if augment not in ("crop", "none"):
     raise ValueError(f"data.augment={augment!r} must be 'crop' or 'none'")
@@ -74,14 +98,15 @@ def train_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: i
       images = _random_crop(images, padding, rng)
     return {"image": images, "label": labels}
 
-  return (_shard_indices(len(source), process_index, process_count).shuffle(seed=seed).repeat()
-          .batch(batch_size, drop_remainder=True).random_map(load_batch, seed=seed + 1))
+  return _prefetched(
+      _shard_indices(len(source), process_index, process_count).shuffle(seed=seed).repeat()
+      .batch(batch_size, drop_remainder=True).random_map(load_batch, seed=seed + 1), config)
 
 
 def eval_dataset(config: ml_collections.ConfigDict, *, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.MapDataset:
+                 process_count: int = 1) -> grain.IterDataset:
   """One pass over this process's shard in order; the last batch padded, with `mask`."""
-  source = sources.data_source(config.name, config.eval_split, config.data_dir or None)
+  source = _load(config, config.eval_split)
   shard = np.arange(len(source))[process_index::process_count]
   num_batches = -(-len(shard) // batch_size)
   size = config.image_size
@@ -92,7 +117,7 @@ def eval_dataset(config: ml_collections.ConfigDict, *, batch_size: int, process_
     images, labels = _read(source, shard[np.minimum(positions, len(shard) - 1)])
     return {"image": _normalise(images, size), "label": labels, "mask": mask.astype(np.float32)}
 
-  return grain.MapDataset.range(num_batches).map(load_batch)
+  return _prefetched(grain.MapDataset.range(num_batches).map(load_batch), config)
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> dict:

@@ -117,6 +117,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
       fail("router.clusters.expert_dropout", f"={r.clusters.expert_dropout} must be in [0, 1)")
     if r.clusters.resample_every < 1:
       fail("router.clusters.resample_every", f"={r.clusters.resample_every} must be >= 1")
+    if r.clusters.expert_dropout > 0 and r.k > G:
+      fail("router.k", f"={r.k} must be <= router.clusters.num_clusters={G} with expert dropout "
+           "(only one expert per cluster is sure to survive)")
     if r.clusters.temperature <= 0:
       fail("router.clusters.temperature", f"={r.clusters.temperature} must be > 0")
   unknown = set(r.loss_weights) - set(LOSS_NAMES)

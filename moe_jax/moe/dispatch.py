@@ -111,3 +111,33 @@ def token_choice(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *, mode: 
   metrics = {"dropped_fraction": 1.0 - jnp.mean(kept.astype(jnp.float32)),
              "kept_load": kept_load}
   return y.reshape(G, S, D), metrics
+
+
+def expert_choice(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *,
+                  capacity_factor: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Expert-choice dispatch: expert e processes the tokens `token_index [G, E, C]` it chose;
+  outputs are scatter-added back weighted by `combine_weights`. `x [G, S, D] -> [G, S, D]`."""
+  del capacity_factor  # already applied by the router
+  G, S, D = x.shape
+  E, C = plan.num_experts, plan.token_index.shape[-1]
+  rows = (jnp.arange(G, dtype=jnp.int32)[:, None, None] * S + plan.token_index)
+  rows = rows.transpose(1, 0, 2).reshape(-1)  # [E*G*C], expert-major
+  tokens = x.reshape(G * S, D).astype(experts.dtype)
+  out = experts(jnp.take(tokens, rows, axis=0).reshape(E, G * C, D)).reshape(E * G * C, D)
+  weights = plan.combine_weights.transpose(1, 0, 2).reshape(-1, 1).astype(out.dtype)
+  y = jnp.zeros((G * S, D), out.dtype).at[rows].add(weights * out)
+  chosen = jnp.zeros((G * S,), jnp.float32).at[rows].add(1.0)
+  return y.reshape(G, S, D), {"dropped_fraction": jnp.mean((chosen == 0).astype(jnp.float32))}
+
+
+def soft(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *,
+         capacity_factor: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Soft MoE dispatch: slots = dispatch^T x `[E, G*P, D]`, y = combine . experts(slots)."""
+  del capacity_factor
+  G, S, D = x.shape
+  _, _, E, P = plan.dispatch_weights.shape
+  dt = experts.dtype
+  slots = jnp.einsum("gsep,gsd->egpd", plan.dispatch_weights.astype(dt), x.astype(dt))
+  out = experts(slots.reshape(E, G * P, D)).reshape(E, G, P, D)
+  y = jnp.einsum("gsep,egpd->gsd", plan.combine_weights.astype(dt), out)
+  return y, {"dropped_fraction": jnp.zeros((), jnp.float32)}

@@ -68,7 +68,7 @@ def dispatch(dispatch_fn: Callable[..., tuple[jax.Array, dict]], plan: RoutingPl
   plan_specs = jax.tree.map(lambda _: P(axes), plan)
 
   def per_device(plan, groups, params, rest):
-    local = nnx.merge(graphdef, params, rest)
+    local = nnx.merge(graphdef, params, rest, copy=True)
     y, metrics = dispatch_fn(plan, groups, ExpertsOverAllToAll(local) if ep > 1 else local,
                              **kwargs)
     return y, jax.tree.map(lambda m: jax.lax.pmean(m, axes), metrics)

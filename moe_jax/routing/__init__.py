@@ -11,6 +11,11 @@ from moe_jax.routing.plan import RoutingPlan
 # router.name -> "module:Class", imported on first use.
 ROUTER_CLASSES = {
     "top_k": "moe_jax.routing.top_k:TopKRouter",
+    "expert_choice": "moe_jax.routing.expert_choice:ExpertChoiceRouter",
+    "soft": "moe_jax.routing.soft:SoftRouter",
+    "clusters": "moe_jax.routing.clusters:ClusterRouter",
+    "hash": "moe_jax.routing.hashing:HashRouter",
+    "random": "moe_jax.routing.random:RandomRouter",
 }
 
 

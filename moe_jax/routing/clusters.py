@@ -1,0 +1,80 @@
+"""MoEC cluster router (Xie et al., AAAI 2023): cosine routing over experts grouped in clusters,
+a cluster-variance loss, and cluster-level expert dropout."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from moe_jax.routing import losses
+from moe_jax.routing.plan import RoutingPlan
+from moe_jax.routing.soft import _l2_normalize
+from moe_jax.routing.top_k import token_choice_plan
+
+
+class RouterStep(nnx.Variable):
+  """Train-mode call counter of a router (drives the expert-dropout resampling schedule)."""
+
+
+class RouterKey(nnx.Variable):
+  """Fixed key of a router's expert-dropout masks."""
+
+
+def surviving_experts(key: jax.Array, num_experts: int, num_clusters: int,
+                      rate: float) -> jax.Array:
+  """Cluster-level expert dropout mask `[E]` (True = alive): each expert dropped with
+  probability `rate`, but the expert with the largest draw of every cluster always survives."""
+  u = jax.random.uniform(key, (num_clusters, num_experts // num_clusters))
+  alive = (u >= rate) | (u == jnp.max(u, axis=1, keepdims=True))
+  return alive.reshape(num_experts)
+
+
+class ClusterRouter(nnx.Module):
+  """`x [G, S, D] -> token-choice plan`; logits = cos(W x, e_j) / tau, learnable e_j and tau.
+
+  Experts form `num_clusters` clusters of contiguous experts. In train mode, with
+  `expert_dropout > 0`, dropped experts' logits are -inf so tokens re-route to surviving experts
+  (each cluster keeps at least one); the mask is redrawn every `resample_every` train calls.
+  """
+
+  def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    r, c = config.router, config.router.clusters
+    self.num_experts, self.num_clusters = config.num_experts, c.num_clusters
+    self.k, self.renormalize, self.bpr = r.k, r.renormalize, r.bpr
+    self.lambda_var, self.dropout_rate = c.lambda_var, c.expert_dropout
+    self.resample_every = c.resample_every
+    self.proj = nnx.Param(jax.random.normal(rngs.params(), (dim, c.proj_dim), jnp.float32)
+                          / jnp.sqrt(dim))
+    self.expert_embedding = nnx.Param(
+        jax.random.normal(rngs.params(), (self.num_experts, c.proj_dim), jnp.float32))
+    self.log_temperature = nnx.Param(jnp.log(jnp.asarray(c.temperature, jnp.float32)))
+    self.step = RouterStep(jnp.zeros((), jnp.int32))
+    self.mask_key = RouterKey(jax.random.key_data(jax.random.key(r.seed)))
+    self.deterministic = False
+
+  def alive(self) -> jax.Array:
+    """The current expert-dropout mask `[E]`."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(self.mask_key[...]),
+                             self.step[...] // self.resample_every)
+    return surviving_experts(key, self.num_experts, self.num_clusters, self.dropout_rate)
+
+  def __call__(self, x: jax.Array) -> RoutingPlan:
+    h = jnp.einsum("gsd,dp->gsp", x.astype(jnp.float32), self.proj[...])
+    cosine = jnp.einsum("gsp,ep->gse", _l2_normalize(h, -1),
+                        _l2_normalize(self.expert_embedding[...], -1))
+    logits = cosine / jnp.exp(self.log_temperature[...])
+    alive = jnp.ones((self.num_experts,), bool)
+    if not self.deterministic and self.dropout_rate > 0:
+      alive = self.alive()
+      self.step[...] = self.step[...] + 1
+    logits = jnp.where(alive, logits, -jnp.inf)
+    gates = jax.nn.softmax(logits, axis=-1)
+    plan = token_choice_plan(gates, logits, self.k, self.renormalize, self.bpr)
+    clusters = self.num_clusters
+    return plan.replace(
+        aux_losses={"balance": losses.balance_loss(gates, plan.expert_index),
+                    "variance": self.lambda_var * losses.cluster_variance_loss(gates, clusters)},
+        metrics={**plan.metrics,
+                 "cluster_load": plan.metrics["load"].reshape(clusters, -1).sum(-1),
+                 "dropped_experts": jnp.sum(~alive).astype(jnp.float32)})

@@ -1,0 +1,42 @@
+"""Metric writers: DIR/metrics.jsonl and TensorBoard events (process 0 only), progress bar."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+  """Appends one JSON object per call to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self.jsonl.flush()
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, v, step)
+    self.tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()
+
+
+def progress_bar(start: int, total: int) -> tqdm.tqdm:
+  """Terminal progress with ETA (silent on processes other than 0)."""
+  return tqdm.tqdm(initial=start, total=total, unit="step", dynamic_ncols=True,
+                   disable=jax.process_index() != 0)

@@ -1,0 +1,77 @@
+"""Train state: model parameters, the model's other state (RNG streams, counters), optimizer
+state and step, created directly with its target shardings (never materialised unsharded)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+
+from moe_jax.models import build_model
+from moe_jax.parallel import sharding
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State  # nnx.Param variables
+  rest: nnx.State  # everything else: RNG keys/counters, router step counters, fixed buffers
+  opt_state: optax.OptState
+
+
+@struct.dataclass
+class ModelDefs:
+  """The model's structure in train and in eval mode (static; not checkpointed)."""
+  train: nnx.GraphDef = struct.field(pytree_node=False)
+  eval: nnx.GraphDef = struct.field(pytree_node=False)
+
+
+def model_rngs(seed: int) -> nnx.Rngs:
+  return nnx.Rngs(params=seed, dropout=seed + 1, router=seed + 2, default=seed + 3)
+
+
+def _init(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+  model = build_model(config.model, rngs=model_rngs(config.seed))
+  model.train()
+  train_def, params, rest = nnx.split(model, nnx.Param, ...)
+  model.eval()
+  eval_def = nnx.split(model, nnx.Param, ...)[0]
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                     opt_state=tx.init(params))
+  return state, ModelDefs(train=train_def, eval=eval_def)
+
+
+def state_shardings(abstract: TrainState, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh) -> TrainState:
+  params = sharding.tree_shardings(abstract.params, mesh)
+  return TrainState(
+      step=sharding.replicated(mesh), params=params,
+      rest=jax.tree.map(lambda _: sharding.replicated(mesh), abstract.rest),
+      opt_state=sharding.optimizer_shardings(tx, abstract.opt_state, params, mesh))
+
+
+def abstract_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                   mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState, ModelDefs]:
+  """(abstract state carrying target shardings, its shardings, model defs) without allocating."""
+  captured = {}
+
+  def init():
+    state, defs = _init(config, tx)
+    captured["defs"] = defs
+    return state
+
+  shapes = jax.eval_shape(init)
+  shardings = state_shardings(shapes, tx, mesh)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  return abstract, shardings, captured["defs"]
+
+
+def create_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                 mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState, ModelDefs]:
+  """A freshly initialised, sharded train state (+ its shardings and the model defs)."""
+  _, shardings, defs = abstract_state(config, tx, mesh)
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda: _init(config, tx)[0], out_shardings=shardings)()
+  return state, shardings, defs

@@ -1,0 +1,213 @@
+"""Expert choice, Soft MoE, MoEC clusters, hash and random routers vs numpy references,
+their invariants, gradients and config errors."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+import moe_reference as ref
+from moe_jax import moe
+from moe_jax.routing import clusters as clusters_lib
+from moe_jax.routing.expert_choice import expert_choice_capacity
+
+
+def make_layer(router, E=4, k=1, dim=8, F=16, **kw):
+  c = moe.default_config(router)
+  c.num_experts, c.hidden_dim, c.router.k = E, F, k
+  c.router.init_std = 1.0
+  for key, value in kw.items():
+    node = c
+    *parents, leaf = key.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  layer = moe.MoELayer(dim, c, rngs=nnx.Rngs(0))
+  layer.eval()
+  e = layer.experts
+  e.fc1_bias[...] = jax.random.normal(jax.random.key(1), e.fc1_bias.shape) * 0.1
+  e.fc2_bias[...] = jax.random.normal(jax.random.key(2), e.fc2_bias.shape) * 0.1
+  return layer
+
+
+def run(layer, x):
+  y, aux = moe.capture_aux(layer)(x)
+  return np.asarray(y), next(iter(aux.layers.values()))
+
+
+X = jax.random.normal(jax.random.key(3), (3, 8, 8))
+
+
+@pytest.mark.parametrize("cf", [0.5, 1.0, 2.0])
+def test_expert_choice_matches_reference_and_every_expert_takes_c_tokens(cf):
+  layer = make_layer("expert_choice", capacity_factor=cf)
+  y, aux = run(layer, X)
+  x = np.asarray(X, np.float64)
+  probs = ref.softmax(x @ np.asarray(layer.router.kernel[...], np.float64))
+  p = ref.expert_params(layer)
+  G, S, E = probs.shape
+  C = min(max(round(cf * S / E), 1), S)
+  want = np.zeros_like(x)
+  taken = np.zeros((G, S), int)
+  for g in range(G):
+    for e in range(E):
+      chosen = np.argsort(-probs[g, :, e], kind="stable")[:C]
+      assert len(chosen) == C
+      for t in chosen:
+        want[g, t] += probs[g, t, e] * ref.expert_ffn(p, e, x[g, t])
+        taken[g, t] += 1
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  plan = layer.route(X)
+  assert plan.token_index.shape == (G, E, C)
+  hist = np.bincount(taken.ravel(), minlength=E + 1) / taken.size
+  np.testing.assert_allclose(aux.metrics["experts_per_token"], hist, atol=1e-6)
+  np.testing.assert_allclose(aux.metrics["dropped_fraction"], hist[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_soft_moe_matches_reference_and_weights_are_normalised(slots):
+  layer = make_layer("soft", router__soft__slots_per_expert=slots)
+  y, aux = run(layer, X)
+  x = np.asarray(X, np.float64)
+  phi = np.asarray(layer.router.phi[...], np.float64)
+  xn = x / np.sqrt((x**2).sum(-1, keepdims=True) + 1e-6)
+  phin = phi / np.sqrt((phi**2).sum(0, keepdims=True) + 1e-6)
+  logits = float(layer.router.scale[...]) * xn @ phin  # [G, S, E*P]
+  dispatch = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  combine = ref.softmax(logits)
+  p = ref.expert_params(layer)
+  G, S, _ = x.shape
+  want = np.zeros_like(x)
+  for g in range(G):
+    slot_in = dispatch[g].T @ x[g]  # [E*P, D]
+    slot_out = np.stack([ref.expert_ffn(p, m // slots, slot_in[m]) for m in range(4 * slots)])
+    want[g] = combine[g] @ slot_out
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  plan = layer.route(X)
+  np.testing.assert_allclose(plan.dispatch_weights.sum(1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(plan.combine_weights.sum((2, 3)), 1.0, atol=1e-5)
+
+
+def cluster_reference(layer, x):
+  x = np.asarray(x, np.float64)
+  h = x @ np.asarray(layer.router.proj[...], np.float64)
+  emb = np.asarray(layer.router.expert_embedding[...], np.float64)
+  hn = h / np.sqrt((h**2).sum(-1, keepdims=True) + 1e-6)
+  en = emb / np.sqrt((emb**2).sum(-1, keepdims=True) + 1e-6)
+  return ref.softmax(hn @ en.T / np.exp(float(layer.router.log_temperature[...])))
+
+
+@pytest.mark.parametrize("k,mode", [(1, "capacity"), (2, "capacity"), (2, "dropless")])
+def test_clusters_match_reference(k, mode):
+  layer = make_layer("clusters", E=4, k=k, dispatch=mode, router__clusters__num_clusters=2)
+  y, aux = run(layer, X)
+  gates = cluster_reference(layer, X)
+  idx = np.argsort(-gates, axis=-1, kind="stable")[..., :k]
+  w = np.take_along_axis(gates, idx, -1)
+  S = X.shape[1]
+  cap = None if mode == "dropless" else max(math.ceil(k * S * 1.0 / 4), 1)
+  want, _ = ref.token_choice(np.asarray(X, np.float64), idx, w, w[..., 0], cap,
+                             ref.expert_params(layer))
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  top1 = np.stack([np.bincount(i[:, 0], minlength=4) / S for i in idx])
+  balance = np.mean(4 * np.sum(top1 * gates.mean(1), -1))
+  me = gates.mean(1).reshape(3, 2, 2)
+  variance = np.mean(4 * np.var(me, axis=-1, ddof=1).mean(-1))
+  np.testing.assert_allclose(aux.losses["balance"], balance, rtol=1e-5)
+  np.testing.assert_allclose(aux.losses["variance"], variance, rtol=1e-5, atol=1e-8)
+
+
+def test_cluster_variance_loss_by_hand():
+  # One group, E=4 in 2 clusters; mean routing probs me = [0.1, 0.3 | 0.2, 0.4].
+  probs = jnp.asarray([[[0.1, 0.3, 0.2, 0.4], [0.1, 0.3, 0.2, 0.4]]])
+  # Unbiased variances: cluster 1 ((0.1-0.2)^2 + (0.3-0.2)^2) / 1 = 0.02, cluster 2 also 0.02.
+  # E * mean over clusters = 4 * 0.02 = 0.08.
+  from moe_jax.routing.losses import cluster_variance_loss
+  np.testing.assert_allclose(cluster_variance_loss(probs, 2), 0.08, rtol=1e-6)
+
+
+def test_cluster_expert_dropout():
+  layer = make_layer("clusters", E=8, k=1, router__clusters__num_clusters=4,
+                     router__clusters__expert_dropout=0.5, router__clusters__resample_every=3)
+  layer.train()
+  x = jax.random.normal(jax.random.key(0), (4, 32, 8))
+  masks = []
+  for _ in range(6):
+    alive = np.asarray(layer.router.alive())
+    plan = layer.route(x)
+    used = np.unique(np.asarray(plan.expert_index))
+    assert alive[used].all(), "a dropped expert received tokens"
+    assert alive.reshape(4, 2).any(1).all(), "a cluster lost all its experts"
+    masks.append(alive)
+  assert all((m == masks[0]).all() for m in masks[:3]) and all((m == masks[3]).all() for m in masks[3:])
+  assert any(not (masks[0] == m).all() for m in
+             [np.asarray(clusters_lib.surviving_experts(jax.random.key(s), 8, 4, 0.5))
+              for s in range(5)])
+  assert (~np.stack(masks)).any(), "nothing was ever dropped at rate 0.5"
+  layer.eval()
+  assert np.asarray(layer.router.alive()).shape == (8,)
+  plan = layer.route(x)
+  assert len(np.unique(np.asarray(plan.expert_index))) > 4  # eval: every expert available
+
+
+def hash_reference(S, E, k, seed):
+  first = [((s * 2654435761 + seed) % 2**32) % E for s in range(S)]
+  return np.array([[(f + j) % E for j in range(k)] for f in first])
+
+
+@pytest.mark.parametrize("router", ["hash", "random"])
+@pytest.mark.parametrize("k,mode", [(1, "capacity"), (2, "dropless")])
+def test_baselines_match_reference(router, k, mode):
+  layer = make_layer(router, k=k, dispatch=mode, capacity_factor=2.0)
+  y, _ = run(layer, X)
+  G, S, _ = X.shape
+  idx = np.asarray(layer.route(X).expert_index)
+  if router == "hash":
+    np.testing.assert_array_equal(idx, np.broadcast_to(hash_reference(S, 4, k, 0), (G, S, k)))
+  assert all(len(set(t)) == k for t in idx.reshape(-1, k))
+  cap = None if mode == "dropless" else math.ceil(k * S * 2.0 / 4)
+  want, _ = ref.token_choice(np.asarray(X, np.float64), idx, np.full(idx.shape, 1 / k), None, cap,
+                             ref.expert_params(layer))
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_random_router_draws_fresh_experts_in_train_mode_only():
+  layer = make_layer("random", k=1)
+  np.testing.assert_array_equal(layer.route(X).expert_index, layer.route(X).expert_index)
+  layer.train()
+  assert not np.array_equal(layer.route(X).expert_index, layer.route(X).expert_index)
+
+
+@pytest.mark.parametrize("router,kw", [("expert_choice", {}), ("soft", {}),
+                                       ("clusters", dict(router__clusters__num_clusters=2))])
+def test_gradients(router, kw):
+  layer = make_layer(router, k=1, **kw)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def f(params, x):
+    y, aux = moe.capture_aux(nnx.merge(graphdef, params, rest, copy=True))(x)
+    return jnp.sum(jnp.sin(y)) + aux.total_loss
+
+  check_grads(f, (params, X[:1, :6]), order=1, modes=["rev"], eps=1e-3, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("router,kw,field", [
+    ("clusters", dict(router__clusters__num_clusters=3), "router.clusters.num_clusters"),
+    ("soft", dict(router__soft__slots_per_expert=0), "router.soft.slots_per_expert"),
+    ("clusters", dict(router__clusters__expert_dropout=1.0), "router.clusters.expert_dropout"),
+    ("soft", dict(dispatch="dropless"), "dispatch"),
+])
+def test_invalid_router_configs(router, kw, field):
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    make_layer(router, **kw)
+
+
+def test_expert_choice_capacity_formula():
+  assert expert_choice_capacity(16, 4, 1.0) == 4
+  assert expert_choice_capacity(16, 4, 0.01) == 1
+  assert expert_choice_capacity(16, 4, 100.0) == 16

@@ -1,0 +1,149 @@
+"""Trainer: end to end, exact resume after a kill, restore onto another mesh, one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from moe_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import vimoe_tiny_mnist  # noqa: E402
+
+
+def tiny_config(tfds_dir: str, **overrides):
+  c = vimoe_tiny_mnist.get_config("quick")
+  c.data.data_dir = tfds_dir
+  c.model.depth, c.model.width, c.model.mlp_dim, c.model.num_heads = 2, 32, 64, 2
+  c.model.moe.hidden_dim = 64
+  c.model.moe_layers = "last:1"
+  c.model.moe.num_experts = 8
+  c.batch_size = c.eval_batch_size = 64
+  c.data.eval_split = "test[:200]"
+  c.optimizer.warmup_steps = 2
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+
+
+def test_end_to_end_writes_metrics_checkpoint_and_eval(tmp_path, tfds_dir):
+  c = tiny_config(tfds_dir, total_steps=10)
+  last = loop.train_and_evaluate(c, str(tmp_path))
+  assert np.isfinite(last["train/loss"]) and 0 <= last["eval/accuracy"] <= 1
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  keys = set().union(*records)
+  for k in ("train/loss", "train/learning_rate", "train/steps_per_sec", "eval/accuracy",
+            "train/aux_loss", "train/examples_per_sec"):
+    assert k in keys, k
+  assert any(k.startswith("train/moe/") for k in keys)
+  assert os.path.isdir(tmp_path / "checkpoints" / "10")
+  assert os.listdir(tmp_path / "tensorboard")
+  result = loop.evaluate_checkpoint(c, str(tmp_path))
+  saved = json.load(open(tmp_path / "eval.json"))
+  assert saved["step"] == 10 and saved["eval/num_examples"] == 200
+  assert abs(saved["eval/accuracy"] - result["eval/accuracy"]) < 1e-9
+  assert any(k.endswith("dropped_fraction") for k in saved["routing"])
+
+
+def run_cli(args, timeout=300, **kw):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], env=env,
+                        capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def cli_args(workdir, tfds_dir, steps, ckpt_every):
+  return [f"--config={ROOT}/configs/vimoe_tiny_mnist.py:quick", f"--workdir={workdir}",
+          f"--config.data.data_dir={tfds_dir}", f"--config.total_steps={steps}",
+          f"--config.checkpoint_every_steps={ckpt_every}", "--config.eval_every_steps=0",
+          "--config.log_every_steps=1", "--config.model.depth=2", "--config.model.width=32",
+          "--config.model.num_heads=2", "--config.model.mlp_dim=64",
+          "--config.model.moe.hidden_dim=64", "--config.batch_size=32"]
+
+
+def test_resume_after_kill_gives_identical_losses(tmp_path, tfds_dir):
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  assert run_cli(cli_args(straight, tfds_dir, 12, 6)).returncode == 0
+  # Kill the second run hard once its step-6 checkpoint is on disk, then rerun the command.
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
+                           *cli_args(resumed, tfds_dir, 12, 6)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not os.path.isdir(resumed / "checkpoints" / "6") and time.time() < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.isdir(resumed / "checkpoints" / "6")
+  assert not os.path.isdir(resumed / "checkpoints" / "12"), "killed too late to test a resume"
+  assert run_cli(cli_args(resumed, tfds_dir, 12, 6)).returncode == 0
+  want, got = losses(straight), losses(resumed)
+  assert sorted(want) == list(range(1, 13))
+  for step in range(7, 13):
+    assert got[step] == want[step], (step, got[step], want[step])
+
+
+def test_restore_onto_a_different_mesh_gives_identical_eval(tmp_path, tfds_dir):
+  c = tiny_config(tfds_dir, total_steps=4)
+  c.mesh.data, c.mesh.expert = 8, 1
+  loop.train_and_evaluate(c, str(tmp_path))
+  on_8x1 = loop.evaluate_checkpoint(c, str(tmp_path))
+  c.mesh.data, c.mesh.expert = 2, 4
+  on_2x4 = loop.evaluate_checkpoint(c, str(tmp_path))
+  for k in ("eval/loss", "eval/accuracy", "eval/top5_accuracy"):
+    np.testing.assert_allclose(on_2x4[k], on_8x1[k], rtol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.data.name=cifar10"], "cifar10.*tfds build"),
+    (["--config.no_such_key=1"], "no_such_key"),
+    (["--config.batch_size=12"], "batch_size=12 must be divisible by the 8"),
+    (["--config.optimizer.learning_rate=1e9", "--config.optimizer.grad_clip_norm=0"],
+     "loss is (nan|inf).*last good checkpoint"),
+])
+def test_bad_input_is_a_one_line_error_naming_the_fix(tmp_path, tfds_dir, args, message):
+  base = cli_args(tmp_path, tfds_dir, 20, 1)
+  proc = run_cli(base + args)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error:"), proc.stderr[-2000:]
+  import re
+  assert re.search(message, last), last
+
+
+def test_eval_without_checkpoint_and_with_a_corrupt_one(tmp_path, tfds_dir):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  evaluate = lambda: subprocess.run(
+      [sys.executable, os.path.join(ROOT, "eval.py"), *cli_args(tmp_path, tfds_dir, 2, 1)[:3]],
+      env=env, capture_output=True, text=True, timeout=300)
+  proc = evaluate()
+  assert proc.returncode != 0 and "no checkpoint" in proc.stderr.strip().splitlines()[-1]
+  assert run_cli(cli_args(tmp_path, tfds_dir, 2, 1)).returncode == 0
+  for root, _, files in os.walk(tmp_path / "checkpoints" / "2" / "state"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  proc = evaluate()
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode != 0 and "cannot be read" in last and "delete" in last, proc.stderr[-2000:]
