@@ -147,3 +147,32 @@ def test_eval_without_checkpoint_and_with_a_corrupt_one(tmp_path, tfds_dir):
   proc = evaluate()
   last = proc.stderr.strip().splitlines()[-1]
   assert proc.returncode != 0 and "cannot be read" in last and "delete" in last, proc.stderr[-2000:]
+
+
+def test_same_losses_on_data_parallel_and_fsdp_expert_parallel_meshes(tmp_path, tfds_dir):
+  runs = {}
+  for name, shape in {"dp": dict(data=8, fsdp=1, expert=1),
+                      "fsdp_ep": dict(data=2, fsdp=2, expert=2)}.items():
+    c = tiny_config(tfds_dir, total_steps=3, log_every_steps=1, eval_every_steps=0)
+    for axis, size in shape.items():
+      c.mesh[axis] = size
+    loop.train_and_evaluate(c, str(tmp_path / name))
+    runs[name] = losses(tmp_path / name)
+  for step, loss in runs["dp"].items():
+    np.testing.assert_allclose(runs["fsdp_ep"][step], loss, rtol=1e-5, err_msg=str(step))
+
+
+def test_fsdp_shards_dense_weights_and_expert_axis_shards_experts(tfds_dir):
+  from moe_jax.train import optim, state as state_lib
+  c = tiny_config(tfds_dir)
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert = 2, 2, 2
+  mesh = loop.build_mesh(c)
+  tx = optim.make_optimizer(c.optimizer, c.total_steps)
+  abstract, _, _ = state_lib.abstract_state(c, tx, mesh)
+  flat = {"/".join(str(getattr(p, "key", p)) for p in path): x.sharding.spec
+          for path, x in jax.tree_util.tree_leaves_with_path(abstract.params)}
+  assert any("experts" in k and spec == jax.sharding.PartitionSpec("expert")
+             for k, spec in flat.items())
+  assert any("fsdp" in str(spec) for k, spec in flat.items() if "experts" not in k)
+  mu = jax.tree_util.tree_leaves_with_path(abstract.opt_state)
+  assert any("expert" in str(x.sharding.spec) for _, x in mu), "Adam moments not sharded"

@@ -49,7 +49,7 @@ def make_train_step(defs: ModelDefs, tx: optax.GradientTransformation, schedule:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["train/learning_rate"] = schedule(state.step)
-    metrics["train/grad_norm"] = optax.global_norm(grads)
+    metrics["train/grad_norm"] = optax.tree.norm(grads)
     return TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), metrics
 
   return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
