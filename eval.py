@@ -21,10 +21,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's folder.")
 
 def main(argv):
   del argv
-  from moe_jax.train import loop
 
   def evaluate(config, workdir):
-    result = loop.evaluate_checkpoint(config, workdir)
+    result = cli.task_module(config).evaluate_checkpoint(config, workdir)
     print(json.dumps({k: v for k, v in result.items() if k != "routing"}, indent=1))
 
   cli.run(evaluate, _CONFIG.value, cli.workdir_for(_WORKDIR.value, "config", HERE))

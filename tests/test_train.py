@@ -64,7 +64,11 @@ def test_end_to_end_writes_metrics_checkpoint_and_eval(tmp_path, tfds_dir):
   saved = json.load(open(tmp_path / "eval.json"))
   assert saved["step"] == 10 and saved["eval/num_examples"] == 200
   assert abs(saved["eval/accuracy"] - result["eval/accuracy"]) < 1e-9
-  assert any(k.endswith("dropped_fraction") for k in saved["routing"])
+  layer = saved["routing"]["layers"]["blocks/1/mlp"]
+  assert "dropped_fraction" in layer and "normalized_mi" in layer
+  matrix = np.asarray(layer["class_expert"])
+  assert matrix.shape == (10, 8) and np.isclose(matrix.sum(), 200)  # each real example once
+  assert os.path.exists(tmp_path / "analysis" / "heatmaps.png")
 
 
 def run_cli(args, timeout=300, **kw):
@@ -113,6 +117,11 @@ def test_restore_onto_a_different_mesh_gives_identical_eval(tmp_path, tfds_dir):
   on_2x4 = loop.evaluate_checkpoint(c, str(tmp_path))
   for k in ("eval/loss", "eval/accuracy", "eval/top5_accuracy"):
     np.testing.assert_allclose(on_2x4[k], on_8x1[k], rtol=1e-5, err_msg=k)
+  # Routing statistics are reduced over all devices: the same report on either mesh.
+  want, got = on_8x1["routing"]["layers"], on_2x4["routing"]["layers"]
+  for key in ("class_expert", "load", "dropped_fraction", "router_entropy", "normalized_mi"):
+    np.testing.assert_allclose(got["blocks/1/mlp"][key], want["blocks/1/mlp"][key], rtol=1e-4,
+                               atol=1e-6, err_msg=key)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -7,9 +7,12 @@
   stratified 80 / 20 with a fixed seed.
 
 Both write `array_record` files and are read with `tfds.data_source`, like any tfds dataset.
+Features: `image` uint8 `[H, W, 1]` (`Tensor`), `label` int64 (`ClassLabel`, a `Tensor` that also
+records the number of classes). No TensorFlow is needed to build or read them.
 """
 from __future__ import annotations
 
+import abc
 import gzip
 from importlib import resources
 
@@ -32,18 +35,21 @@ def stratified_split(labels: np.ndarray, test_fraction: float) -> tuple[np.ndarr
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _features(size: int) -> tfds.features.FeaturesDict:
+def _features(size: int, num_classes: int) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({
       "image": tfds.features.Tensor(shape=(size, size, 1), dtype=np.uint8),
-      "label": tfds.features.Tensor(shape=(), dtype=np.int64),
+      "label": tfds.features.ClassLabel(num_classes=num_classes),
   })
 
 
-class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder):
+class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base: subclasses give `load() -> (images uint8 [N, H, W, 1], labels [N])` and a test fraction."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "`label` is a ClassLabel (records num_classes)."}
   IMAGE_SIZE = 0
+  NUM_CLASSES = 10
   TEST_FRACTION = 0.2
 
   def __init__(self, **kwargs):
@@ -51,7 +57,7 @@ class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(features=_features(self.IMAGE_SIZE),
+    return self.dataset_info_from_configs(features=_features(self.IMAGE_SIZE, self.NUM_CLASSES),
                                           supervised_keys=("image", "label"))
 
   def _split_generators(self, dl_manager):
@@ -66,8 +72,9 @@ class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder):
       yield int(i), {"image": images[i], "label": np.int64(labels[i])}
 
   @staticmethod
+  @abc.abstractmethod
   def load() -> tuple[np.ndarray, np.ndarray]:
-    raise NotImplementedError
+    """All examples: (images uint8 [N, H, W, 1], labels int64 [N])."""
 
 
 class MlxtendMnist(_EmbeddedBuilder):

@@ -10,6 +10,7 @@ from flax import nnx
 MODEL_CLASSES = {
     "vit": "moe_jax.models.vit:ViT",
     "vimoe": "moe_jax.models.vimoe:ViMoE",
+    "mocha": "moe_jax.vlm.model:MoCHA",
 }
 
 

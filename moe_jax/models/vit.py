@@ -109,13 +109,14 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(c.dropout_rate, rngs=rngs)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.drop_path(self.dropout(self.attn(self.norm1(x))))
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """`mask`: optional attention mask broadcastable to `[B, heads, T, T]` (True = attend)."""
+    x = x + self.drop_path(self.dropout(self.attn(self.norm1(x), mask=mask)))
     return x + self.drop_path(self.dropout(self.mlp(self.norm2(x))))
 
 
 class ViT(nnx.Module):
-  """`images [B, H, W, C] -> logits [B, num_classes]`."""
+  """`images [B, H, W, C] -> logits [B, num_classes]` (features `[B, D]` if num_classes=0)."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
                mlp_factory: MlpFactory | None = None):
@@ -140,10 +141,12 @@ class ViT(nnx.Module):
                             for i in range(c.depth)])
     self.norm = nnx.LayerNorm(D, rngs=rngs)
     head_init = nnx.initializers.zeros_init() if c.head_zero_init else nnx.initializers.xavier_uniform()
-    self.head = nnx.Linear(D, c.num_classes, kernel_init=head_init, rngs=rngs)
+    self.head = (nnx.Linear(D, c.num_classes, kernel_init=head_init, rngs=rngs)
+                 if c.num_classes else None)
 
-  def features(self, images: jax.Array) -> jax.Array:
-    """Pre-head representation `[B, D]`."""
+  def tokens(self, images: jax.Array) -> jax.Array:
+    """Final-norm token representations `[B, T, D]`: the CLS token first (pool='cls'), then the
+    grid*grid patch tokens."""
     x = self.patch_embed(images.astype(self.dtype))
     B = x.shape[0]
     x = x.reshape(B, -1, x.shape[-1]) + self.posemb[...].astype(self.dtype)
@@ -152,8 +155,14 @@ class ViT(nnx.Module):
     x = self.dropout(x)
     for block in self.blocks:
       x = block(x)
-    x = self.norm(x)
+    return self.norm(x)
+
+  def features(self, images: jax.Array) -> jax.Array:
+    """Pre-head representation `[B, D]`."""
+    x = self.tokens(images)
     return x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    return self.head(self.features(images).astype(jnp.float32))
+    """Logits `[B, num_classes]`; the features `[B, D]` when num_classes=0 (no head)."""
+    features = self.features(images)
+    return features if self.head is None else self.head(features.astype(jnp.float32))

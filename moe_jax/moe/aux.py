@@ -25,6 +25,7 @@ class LayerAux:
   losses: dict[str, jax.Array]  # unweighted aux losses of the layer
   weighted_loss: jax.Array  # sum of losses times config.router.loss_weights
   metrics: dict[str, jax.Array]  # routing statistics (scalars, load histograms, ...)
+  example_load: jax.Array  # [B, E]: share of each example's routing mass per expert
 
 
 @struct.dataclass

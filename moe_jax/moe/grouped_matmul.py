@@ -1,8 +1,39 @@
-"""Grouped matrix multiply over expert-sorted rows (the dropless path's compute)."""
+"""Grouped matrix multiply over expert-sorted rows (the dropless path's compute).
+
+Backends:
+- ``ragged_dot``: `jax.lax.ragged_dot`, a real grouped GEMM on TPU; on CPU (and in XLA's default
+  GPU lowering) it expands to a zero-padded dense product, about E times the work.
+- ``blocked``: a loop over groups reads each group's weight matrix once and multiplies the group's
+  rows in tiles: as many of the largest tile (512 rows) as fit — a loop with a data-dependent
+  trip count — then the binary decomposition of the rest down to 128 rows, then one masked tile
+  (the smallest power-of-two multiple of `block_size` that covers what is left; rows outside the
+  group are zeroed on the way in and not written on the way out). So most rows go through large,
+  efficient matmuls, the work wasted per group is below one small tile (none when the dispatcher
+  pads each group to a multiple of `block_size` and the remainder is a power of two), and rows past
+  `sum(group_sizes)` are never visited and stay zero. The backward pass (custom VJP; nothing is
+  differentiated through the loops) is the same loop for `d_lhs = gmm(d_out, rhs^T)` and a
+  per-group sum of `lhs_tile^T @ d_out_tile` for `d_rhs` ("tgmm", with tiles up to 1024 rows:
+  each tile costs a `[K, N]` accumulation).
+- ``auto``: ``ragged_dot`` on TPU, ``blocked`` elsewhere.
+
+Alternatives measured on CPU (bench/gmm.py, bench/RESULTS.md): one loop over blocks reading
+each block's weights by index (`lax.fori_loop` or `lax.scan` + `lax.cond`), a batched matmul over
+`[E, max_blocks, ...]` (needs a static bound, so E times the work when groups are skewed), and
+plain `block_size`-row blocks without the tile ladder.
+"""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
+
+# Tile sizes in rows (powers of two times block_size, capped by the row count). A group's rows are
+# multiplied in full tiles — as many of the largest size as fit, then the binary decomposition of
+# the rest down to the smallest "full" size — and what is left (fewer rows than that) in one
+# masked tile of the smallest size that covers it. d_rhs accumulates a `[K, N]` sum per tile, so
+# its tiles are larger (fewer accumulations).
+TILES = dict(gmm=(512, 128), tgmm=(1024, 256))  # (largest tile, smallest full tile)
 
 
 def row_groups(group_sizes: jax.Array, num_rows: int) -> jax.Array:
@@ -11,13 +42,145 @@ def row_groups(group_sizes: jax.Array, num_rows: int) -> jax.Array:
   return jnp.searchsorted(ends, jnp.arange(num_rows), side="right").astype(jnp.int32)
 
 
+def _tile_sizes(block: int, num_rows: int, largest: int, smallest_full: int):
+  """(full tile sizes, largest first; masked tile sizes, smallest first)."""
+  ladder = [block]
+  while ladder[-1] * 2 <= min(largest, num_rows):
+    ladder.append(ladder[-1] * 2)
+  ladder = [min(s, num_rows) for s in ladder]
+  full = [s for s in ladder if s >= smallest_full] or ladder[-1:]
+  masked = [s for s in ladder if s <= full[-1]]
+  return full[::-1], masked
+
+
+def _group_tiles(start, n, num_rows: int, block: int, kind: str, full_tile, masked_tile, carry):
+  """Runs `full_tile(start, size, carry)` / `masked_tile(start, size, valid, carry)` over the
+  tiles of the rows `[start, start + n)` (sizes static; `valid` rows of a masked tile count)."""
+  full, masked = _tile_sizes(block, num_rows, *TILES[kind])
+  top = full[0]
+  carry = jax.lax.fori_loop(0, n // top, lambda i, c: full_tile(start + i * top, top, c), carry)
+  start, rem = start + n // top * top, n % top
+  for size in full[1:]:  # binary decomposition: at most one tile of each smaller full size
+    take = _opaque(rem // size)
+    carry = jax.lax.fori_loop(0, take, lambda i, c, s=start, z=size: full_tile(s + i * z, z, c),
+                              carry)
+    start, rem = start + take * size, rem - take * size
+  # rem < full[-1]: one masked tile of the smallest size >= rem (none when rem == 0). Written as
+  # loops of 0 or 1 trips, not lax.switch: XLA:CPU copies the whole carried output into and out
+  # of every conditional (and rewrites loops it can prove run at most once into conditionals,
+  # hence the optimization barrier on the trip counts). Loop bodies use the loop index (always 0
+  # here), or XLA hoists their matmul out of the loop and runs it even for 0 trips.
+  smaller = jnp.sum(jnp.asarray(masked[:-1]) < rem)  # index of the size to use
+  for i, size in enumerate(masked):
+    take = _opaque(((rem > 0) & (smaller == i)).astype(rem.dtype))
+    carry = jax.lax.fori_loop(0, take, lambda i, c, s=start, z=size: masked_tile(s + i, z, rem, c),
+                              carry)
+  return carry
+
+
+def _opaque(trip_count):
+  return jax.lax.optimization_barrier(trip_count)
+
+
+def _masked_slice(a: jax.Array, start, size: int, valid):
+  """Rows `[start, start + size)` of `a` (shifted back to fit), zeroed outside the `valid` rows
+  from `start`; also returns the slice start and the row mask."""
+  begin = jnp.minimum(start, a.shape[0] - size)
+  rows = begin + jnp.arange(size)
+  mask = (rows >= start) & (rows < start + valid)
+  tile = jax.lax.dynamic_slice_in_dim(a, begin, size)
+  return jnp.where(mask[:, None], tile, jnp.zeros((), a.dtype)), begin, mask
+
+
+def _gmm_loop(x: jax.Array, rhs: jax.Array, group_sizes: jax.Array, block: int,
+              transpose_rhs: bool) -> jax.Array:
+  """`out[r] = x[r] @ rhs[e]` (or `rhs[e].T`) for each row r of group e; zeros past the total."""
+  x, rhs = jnp.asarray(x), jnp.asarray(rhs)
+  P = x.shape[0]
+  n_out = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
+  out_dtype = jnp.result_type(x.dtype, rhs.dtype)
+  offsets = jnp.cumsum(group_sizes) - group_sizes
+
+  def group(e, out):
+    w = rhs[e]  # sliced once per group, outside the tile loops
+    prod = lambda tile: jax.lax.dot_general(tile, w, dims, preferred_element_type=jnp.float32)
+
+    def full_tile(start, size, out):
+      y = prod(jax.lax.dynamic_slice_in_dim(x, start, size))
+      return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), start, 0)
+
+    def masked_tile(start, size, valid, out):
+      tile, begin, mask = _masked_slice(x, start, size, valid)
+      old = jax.lax.dynamic_slice_in_dim(out, begin, size)
+      y = jnp.where(mask[:, None], prod(tile).astype(out.dtype), old)
+      return jax.lax.dynamic_update_slice_in_dim(out, y, begin, 0)
+
+    return _group_tiles(offsets[e], group_sizes[e], P, block, "gmm", full_tile, masked_tile, out)
+
+  return jax.lax.fori_loop(0, rhs.shape[0], group, jnp.zeros((P, n_out), out_dtype))
+
+
+def _tgmm_loop(x: jax.Array, g: jax.Array, group_sizes: jax.Array, block: int,
+               num_groups: int, out_dtype) -> jax.Array:
+  """`d_rhs[e] = sum over rows r of group e of outer(x[r], g[r])`: `[E, K, N]`."""
+  x, g = jnp.asarray(x), jnp.asarray(g)
+  P, K = x.shape
+  N = g.shape[1]
+  offsets = jnp.cumsum(group_sizes) - group_sizes
+  dims = (((0,), (0,)), ((), ()))
+
+  def full_tile(start, size, acc):
+    xt = jax.lax.dynamic_slice_in_dim(x, start, size)
+    gt = jax.lax.dynamic_slice_in_dim(g, start, size)
+    return acc + jax.lax.dot_general(xt, gt, dims, preferred_element_type=jnp.float32)
+
+  def masked_tile(start, size, valid, acc):
+    xt, begin, _ = _masked_slice(x, start, size, valid)
+    gt = jax.lax.dynamic_slice_in_dim(g, begin, size)
+    return acc + jax.lax.dot_general(xt, gt, dims, preferred_element_type=jnp.float32)
+
+  def group(e, d_rhs):
+    acc = _group_tiles(offsets[e], group_sizes[e], P, block, "tgmm", full_tile, masked_tile,
+                       jnp.zeros((K, N), jnp.float32))
+    return jax.lax.dynamic_update_index_in_dim(d_rhs, acc.astype(out_dtype), e, 0)
+
+  return jax.lax.fori_loop(0, num_groups, group, jnp.zeros((num_groups, K, N), out_dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, block: int) -> jax.Array:
+  return _gmm_loop(lhs, rhs, group_sizes, block, transpose_rhs=False)
+
+
+def _blocked_fwd(lhs, rhs, group_sizes, block):
+  return _blocked(lhs, rhs, group_sizes, block), (lhs, rhs, group_sizes)
+
+
+def _blocked_bwd(block, residuals, d_out):
+  lhs, rhs, group_sizes = residuals
+  d_lhs = _gmm_loop(d_out, rhs, group_sizes, block, transpose_rhs=True)
+  d_rhs = _tgmm_loop(lhs, d_out, group_sizes, block, rhs.shape[0], rhs.dtype)
+  return d_lhs.astype(lhs.dtype), d_rhs, None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str = "auto",
         block_size: int = 128) -> jax.Array:
   """`lhs [P, K]` rows sorted by group, `rhs [E, K, N]`, `group_sizes [E]` -> `[P, N]`.
 
-  Row r of group e gives `lhs[r] @ rhs[e]`; rows past `sum(group_sizes)` give zeros.
+  Row r of group e gives `lhs[r] @ rhs[e]`; rows past `sum(group_sizes)` give zeros. The blocked
+  backend takes any group sizes (with `sum(group_sizes) <= P`); `block_size` is its smallest
+  tile, so groups padded to a multiple of it waste no work.
   """
-  del block_size
-  if backend not in ("auto", "ragged_dot", "blocked"):
+  if backend == "auto":
+    backend = "ragged_dot" if jax.default_backend() == "tpu" else "blocked"
+  if backend == "ragged_dot":
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
+  if backend != "blocked":
     raise ValueError(f"gmm backend={backend!r}: use 'auto', 'blocked' or 'ragged_dot'")
-  return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
+  if block_size < 1:
+    raise ValueError(f"gmm: block_size={block_size} must be >= 1")
+  return _blocked(lhs, rhs, group_sizes.astype(jnp.int32), block_size)

@@ -102,6 +102,9 @@ class MoELayer(nnx.Module):
     weights = c.router.loss_weights
     weighted = sum((weights[name] * value for name, value in plan.aux_losses.items()),
                    jnp.zeros((), jnp.float32))
-    aux.record(self, aux.LayerAux(losses=plan.aux_losses, weighted_loss=weighted,
-                                  metrics={**plan.metrics, **metrics}))
+    B, T, E = x.shape[0], x.shape[1], c.num_experts
+    mass = plan.token_expert_mass(groups.shape[1]).reshape(B, T, E).sum(axis=1)
+    aux.record(self, aux.LayerAux(
+        losses=plan.aux_losses, weighted_loss=weighted, metrics={**plan.metrics, **metrics},
+        example_load=mass / jnp.maximum(mass.sum(-1, keepdims=True), 1e-9)))
     return y

@@ -36,11 +36,12 @@ def tree_shardings(tree, mesh: jax.sharding.Mesh):
 
 def optimizer_shardings(tx: optax.GradientTransformation, opt_state, param_shardings,
                         mesh: jax.sharding.Mesh):
-  """Optimizer-state shardings: moments follow their parameters; counters are replicated."""
+  """Optimizer-state shardings: moments follow their parameters; counters are replicated;
+  the empty `optax.MaskedNode`s of masked (frozen) parameters stay as they are."""
   return optax.tree_map_params(
-      tx, lambda _, s: s, opt_state, param_shardings,
+      tx, lambda x, s: x if isinstance(x, optax.MaskedNode) else s, opt_state, param_shardings,
       transform_non_params=lambda _: NamedSharding(mesh, P()),
-      is_leaf=lambda x: isinstance(x, NamedSharding))
+      is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 PlanKind = Literal["token_choice", "expert_choice", "soft"]
@@ -36,6 +37,20 @@ class RoutingPlan:
   dispatch_weights: jax.Array | None = None
   aux_losses: dict[str, jax.Array] = struct.field(default_factory=dict)
   metrics: dict[str, jax.Array] = struct.field(default_factory=dict)
+
+  def token_expert_mass(self, group_size: int) -> jax.Array:
+    """How much of each token goes to each expert, `[G, S, E]` (before capacity drops):
+    token choice: the share of its K choices; expert choice: how many experts took it; Soft MoE:
+    its combine weights summed over each expert's slots."""
+    E = self.num_experts
+    if self.kind == "token_choice":
+      return jnp.mean(jax.nn.one_hot(self.expert_index, E, dtype=jnp.float32), axis=-2)
+    if self.kind == "soft":
+      return jnp.sum(self.combine_weights, axis=-1)
+    G = self.token_index.shape[0]
+    g = jnp.arange(G)[:, None, None]
+    e = jnp.arange(E)[None, :, None]
+    return jnp.zeros((G, group_size, E), jnp.float32).at[g, self.token_index, e].add(1.0)
 
   @property
   def k(self) -> int:

@@ -1,6 +1,7 @@
 """Shared plumbing of train.py / eval.py: flag parsing and one-line errors that name the fix."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Callable
@@ -11,10 +12,28 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from moe_jax.data import DatasetNotPreparedError
+from moe_jax.parallel import distributed
 from moe_jax.train.checkpoint import CheckpointError
 
 # Errors a user can fix from the command line: printed as one line, no traceback.
 USER_ERRORS = (ValueError, DatasetNotPreparedError, CheckpointError, FloatingPointError)
+
+# Multi-process jobs: these flags, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+# JAX_PROCESS_ID, else a cluster that jax.distributed detects (TPU pods, SLURM, Open MPI).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 in a multi-process job.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, in [0, num_processes).")
+# config.task -> module with train_and_evaluate(config, workdir), evaluate_checkpoint(config, workdir)
+TASKS = {"classification": "moe_jax.train.loop", "vqa": "moe_jax.vlm.train"}
+
+
+def task_module(config: ml_collections.ConfigDict):
+  """The trainer module of `config.task` (default 'classification')."""
+  task = config.get("task", "classification")
+  if task not in TASKS:
+    raise ValueError(f"task={task!r} is unknown; use one of {sorted(TASKS)}")
+  return importlib.import_module(TASKS[task])
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -40,6 +59,7 @@ def run(fn: Callable[[ml_collections.ConfigDict, str], object],
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   tfds.display_progress_bar(False)
   try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     fn(config, workdir)
   except USER_ERRORS as e:
     sys.exit(f"error: {e}")

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moe_jax import data
+from moe_jax import analysis, data
+from moe_jax.analysis import plots
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import sharding
 from moe_jax.train import checkpoint, metrics, optim, state as state_lib, step as step_lib
@@ -43,7 +44,8 @@ def _global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict
   return {k: jax.make_array_from_process_local_data(s, v) for k, v in local.items()}
 
 
-def _abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, eval_: bool):
+def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, eval_: bool):
+  """The global batch as `jax.ShapeDtypeStruct`s sharded over the batch axes (for lowering)."""
   size, s = config.data.image_size, sharding.batch_sharding(mesh)
   B = config.get("eval_batch_size", config.batch_size) if eval_ else config.batch_size
   channels = config.model.channels
@@ -55,27 +57,44 @@ def _abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
 
 
 def evaluate(config, state, defs, mesh, shardings) -> tuple[dict, dict]:
-  """Sharded evaluation on the eval split: (`eval/...` scalars, routing statistics per layer)."""
+  """Sharded evaluation on the eval split: (`eval/...` scalars, per-MoE-layer routing:
+  `{layer: {"metrics": averages, "class_expert": [classes, E]}}`)."""
   B = config.get("eval_batch_size", config.batch_size)
   mesh_lib.build_mesh(config.mesh, num_experts=num_experts(config), global_batch=B)
   pc, pi = jax.process_count(), jax.process_index()
   ds = data.eval_dataset(config.data, batch_size=B // pc, process_index=pi, process_count=pc)
   with jax.set_mesh(mesh):
-    eval_step = step_lib.make_eval_step(defs, mesh, shardings)
-    totals, routing = None, None
+    eval_step = step_lib.make_eval_step(defs, mesh, shardings, config.model.num_classes)
+    totals = None
     for local in ds:
-      sums, route = eval_step(state, _global_batch(local, mesh))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-      routing = route if routing is None else jax.tree.map(jnp.add, routing, route)
-  totals, routing = jax.device_get((totals, routing))
-  n = float(totals["count"])
-  scalars = {"eval/loss": float(totals["loss"]) / n, "eval/accuracy": float(totals["top1"]) / n,
-             "eval/top5_accuracy": float(totals["top5"]) / n, "eval/num_examples": n}
-  return scalars, {k: (np.asarray(v) / n).tolist() for k, v in routing.items()}
+      out = eval_step(state, _global_batch(local, mesh))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  sums, routing = jax.device_get(totals)
+  n = float(sums["count"])
+  scalars = {"eval/loss": float(sums["loss"]) / n, "eval/accuracy": float(sums["top1"]) / n,
+             "eval/top5_accuracy": float(sums["top5"]) / n, "eval/num_examples": n}
+  routing = {layer: {"metrics": {k: np.asarray(v) / n for k, v in r["metrics"].items()},
+                     "class_expert": np.asarray(r["class_expert"])}
+             for layer, r in routing.items()}
+  return scalars, routing
+
+
+def routing_report(routing: dict, workdir: str | None = None) -> dict:
+  """The routing analysis of an evaluation (and its PNG plots under `workdir/analysis`)."""
+  report = analysis.layer_report({k: r["class_expert"] for k, r in routing.items()},
+                                 {k: r["metrics"] for k, r in routing.items()})
+  if workdir is not None and routing and jax.process_index() == 0:
+    report["plots"] = plots.plot_report(report, os.path.join(workdir, "analysis"))
+  return report
 
 
 class Trainer:
   """Everything one run needs: mesh, data, optimizer, state, compiled steps, checkpoints."""
+
+  # Task hooks (classification); moe_jax/vlm/train.py's VqaTrainer replaces them for MoCHA.
+  train_dataset = staticmethod(data.train_dataset)
+  abstract_batch = staticmethod(abstract_batch)
+  make_train_step = staticmethod(step_lib.make_train_step)
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     validate_config(config)
@@ -109,14 +128,14 @@ class Trainer:
     c = self.config
     state, data_state = self.restore_or_init()
     pc, pi = jax.process_count(), jax.process_index()
-    iterator = iter(data.train_dataset(c.data, batch_size=c.batch_size // pc, seed=c.seed,
+    iterator = iter(self.train_dataset(c.data, batch_size=c.batch_size // pc, seed=c.seed,
                                        process_index=pi, process_count=pc))
     if data_state is not None:
       iterator.set_state(data_state)
     with jax.set_mesh(self.mesh):
-      train_step = step_lib.make_train_step(self.defs, self.tx, self.schedule, self.mesh,
-                                            self.shardings)
-      compiled = train_step.lower(self.abstract, _abstract_batch(c, self.mesh, False)).compile()
+      train_step = self.make_train_step(self.defs, self.tx, self.schedule, self.mesh,
+                                        self.shardings)
+      compiled = train_step.lower(self.abstract, self.abstract_batch(c, self.mesh, False)).compile()
     flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
     writer = metrics.MetricWriter(self.workdir)
     start, last = int(state.step), {}
@@ -174,7 +193,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   trainer = Trainer(config, workdir)
   state = trainer.restore()
   scalars, routing = trainer.evaluate(state)
-  result = {"step": int(state.step), **scalars, "routing": routing}
+  result = {"step": int(state.step), **scalars, "routing": routing_report(routing, workdir)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=1)

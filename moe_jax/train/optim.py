@@ -1,6 +1,9 @@
 """Optimizer and learning-rate schedule from the `optimizer` config node."""
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import ml_collections
 import optax
@@ -16,6 +19,9 @@ def default_config() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, momentum=0.9,
       weight_decay=1e-4,  # decoupled; not applied to 1-D params (biases, norms) or embeddings
       grad_clip_norm=1.0,  # 0 = off
+      # Regex over parameter paths ('a/b/c'); only matching ones are updated, the others are
+      # frozen by an optax mask (no update, no optimizer state). '' = train everything.
+      trainable="",
   ))
 
 
@@ -30,10 +36,14 @@ def schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Sched
   raise ValueError(f"optimizer.schedule={config.schedule!r} must be 'cosine' or 'constant'")
 
 
+def _path(path) -> str:
+  return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
 def decay_mask(params):
   """True for weights that get weight decay: matrices and kernels, not biases/norms/embeddings."""
   def rule(path, x):
-    names = "/".join(str(getattr(p, "key", p)) for p in path)
+    names = _path(path)
     return x.ndim >= 2 and "posemb" not in names and "cls" not in names
   return jax.tree_util.tree_map_with_path(rule, params)
 
@@ -50,4 +60,18 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
     raise ValueError(f"optimizer.name={config.name!r} must be 'adamw' or 'sgd'")
   if config.grad_clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
+  if config.get("trainable"):
+    try:
+      re.compile(config.trainable)
+    except re.error as e:
+      raise ValueError(f"optimizer.trainable={config.trainable!r} is not a regex: {e}") from None
+    opt = optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()},
+                                functools.partial(trainable_labels, config.trainable))
   return opt
+
+
+def trainable_labels(pattern: str, params):
+  """'train' / 'frozen' per parameter: does `pattern` match (re.search) its path 'a/b/c'?"""
+  regex = re.compile(pattern)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "train" if regex.search(_path(path)) else "frozen", params)

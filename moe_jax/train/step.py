@@ -30,20 +30,28 @@ def _moe_scalars(aux: moe.AuxOutputs, prefix: str) -> dict[str, jax.Array]:
   return out
 
 
+def classification_loss(model: nnx.Module, batch: dict[str, jax.Array]):
+  """(loss, metrics): cross-entropy of `model(batch["image"])` vs `batch["label"]` + MoE aux."""
+  logits, aux = moe.capture_aux(model)(batch["image"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  metrics = {"train/loss": ce + aux.total_loss, "train/ce_loss": ce,
+             "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+             **_moe_scalars(aux, "train")}
+  return ce + aux.total_loss, metrics
+
+
 def make_train_step(defs: ModelDefs, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh: jax.sharding.Mesh, shardings: TrainState) -> Callable:
-  """`step(state, batch) -> (state, metrics)`, jitted with the state donated."""
+                    mesh: jax.sharding.Mesh, shardings: TrainState,
+                    task_loss: Callable = classification_loss) -> Callable:
+  """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
+  `task_loss(model, batch) -> (loss, metrics)` (default: classification)."""
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
     def loss_fn(params):
       model = nnx.merge(defs.train, params, state.rest, copy=True)
-      logits, aux = moe.capture_aux(model)(batch["image"])
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+      loss, metrics = task_loss(model, batch)
       rest = nnx.split(model, nnx.Param, ...)[2]
-      metrics = {"train/loss": ce + aux.total_loss, "train/ce_loss": ce,
-                 "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-                 **_moe_scalars(aux, "train")}
-      return ce + aux.total_loss, (rest, metrics)
+      return loss, (rest, metrics)
 
     (_, (rest, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -56,9 +64,11 @@ def make_train_step(defs: ModelDefs, tx: optax.GradientTransformation, schedule:
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(defs: ModelDefs, mesh: jax.sharding.Mesh, shardings: TrainState) -> Callable:
-  """`eval_step(state, batch) -> sums` of loss, top-1/top-5 hits, count, and routing metrics
-  (batch means weighted by the real-example count)."""
+def make_eval_step(defs: ModelDefs, mesh: jax.sharding.Mesh, shardings: TrainState,
+                   num_classes: int) -> Callable:
+  """`eval_step(state, batch) -> (sums, routing)`: sums of loss, top-1/top-5 hits and count;
+  per MoE layer the routing metrics times the real-example count and the class x expert matrix
+  `[num_classes, E]` of routing mass (padding examples masked out)."""
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]):
     model = nnx.merge(defs.eval, state.params, state.rest, copy=True)
@@ -69,8 +79,10 @@ def make_eval_step(defs: ModelDefs, mesh: jax.sharding.Mesh, shardings: TrainSta
     n = jnp.sum(mask)
     sums = {"loss": jnp.sum(ce * mask), "top1": jnp.sum((top5[:, 0] == labels) * mask),
             "top5": jnp.sum(jnp.any(top5 == labels[:, None], -1) * mask), "count": n}
-    routing = {f"{layer}/{name}": jnp.asarray(v, jnp.float32) * n
-               for layer, a in aux.layers.items() for name, v in a.metrics.items()}
+    classes = jax.nn.one_hot(labels, num_classes) * mask[:, None]
+    routing = {layer: {"metrics": {k: jnp.asarray(v, jnp.float32) * n for k, v in a.metrics.items()},
+                       "class_expert": classes.T @ a.example_load}
+               for layer, a in aux.layers.items()}
     return sums, routing
 
   return jax.jit(eval_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),

@@ -1,0 +1,258 @@
+"""MoE layer fwd+bwd time per router/dispatch path, relative to a dense FFN of equal active FLOPs.
+
+    python -m bench.moe_layer [--quick] [--out bench/out/moe_layer.json]
+
+For every (tokens T, experts E, top-k k) the dense baseline is a GELU MLP `D -> k*F -> D` (the
+same matmul FLOPs per token as k experts of width F) measured in the same interleaved rounds as
+the MoE paths, so ratios are robust to the drift of a shared machine. Tokens come as images of
+`--seq` tokens (`x [T/seq, seq, D]`); `group_size=0` routes each image as one group.
+
+Sections:
+- ratios: time / dense for each path (token-choice routers: capacity with and without BPR over
+  group sizes, dropless over block sizes; expert-choice / soft routers: their own dispatch).
+- memory: compiled temp bytes per path at T and 2T (compile only), and the growth factor.
+- overhead: routing share at the largest T: the same layer with the experts replaced by the
+  identity, timed in the same rounds as the real layer.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bench import common
+from moe_jax import moe
+from moe_jax.moe import config as moe_config
+from moe_jax.moe.experts import ExpertBank
+from moe_jax.routing import ROUTER_CLASSES
+
+D, F = 768, 3072
+
+
+@dataclasses.dataclass(frozen=True)
+class Path:
+  """One router/dispatch configuration of the layer."""
+  router: str
+  dispatch: str = "capacity"
+  bpr: bool = True
+  group_size: int = 0
+  block_size: int = 128
+  capacity_factor: float = 1.0
+
+  @property
+  def name(self) -> str:
+    if self.router not in moe_config.TOKEN_CHOICE_ROUTERS:
+      return f"{self.router} cf{self.capacity_factor:g} g{self.group_size}"
+    if self.dispatch == "dropless":
+      return f"{self.router} dropless b{self.block_size}"
+    bpr = "+bpr" if self.bpr and self.router == "top_k" else ""
+    return f"{self.router} capacity{bpr} cf{self.capacity_factor:g} g{self.group_size}"
+
+  @property
+  def kind(self) -> str:
+    """Family for the best-of tables: capacity / dropless / the router's own dispatch."""
+    if self.router not in moe_config.TOKEN_CHOICE_ROUTERS:
+      return self.router
+    return self.dispatch if self.router == "top_k" else f"{self.router}/{self.dispatch}"
+
+
+def layer_config(path: Path, E: int, k: int):
+  c = moe.default_config(path.router)
+  c.num_experts, c.hidden_dim = E, F
+  c.router.k = k
+  c.router.bpr = path.bpr
+  c.dispatch, c.capacity_factor, c.group_size = path.dispatch, path.capacity_factor, path.group_size
+  c.dropless.block_size = path.block_size
+  return c
+
+
+def _loss_and_grad(model, x):
+  """`jax.jit`-able fwd+bwd: grads of sum(y * ct) + aux loss w.r.t. params and x."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  ct = jax.random.normal(jax.random.key(7), x.shape, x.dtype)
+
+  def loss(params, rest, x):
+    m = nnx.merge(graphdef, params, rest)
+    if isinstance(m, moe.MoELayer):
+      y, aux = moe.capture_aux(m)(x)
+      return jnp.sum(y * ct) + aux.total_loss
+    return jnp.sum(m(x) * ct)
+
+  fn = lambda params, rest, x: jax.value_and_grad(loss, argnums=(0, 2))(params, rest, x)
+  return fn, (params, rest, x)
+
+
+class DenseFFN(nnx.Module):
+  def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(dim, hidden, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(nnx.gelu(self.fc1(x)))
+
+
+@contextlib.contextmanager
+def identity_experts():
+  """Experts replaced by the identity: what is left is routing + dispatch + combine."""
+  call, grouped = ExpertBank.__call__, ExpertBank.grouped
+  ExpertBank.__call__ = lambda self, x: x.astype(self.dtype)
+  ExpertBank.grouped = lambda self, x, group_sizes, backend, block_size: x.astype(self.dtype)
+  try:
+    yield
+  finally:
+    ExpertBank.__call__, ExpertBank.grouped = call, grouped
+
+
+def build(path: Path | None, T: int, E: int, k: int, seq: int, identity: bool = False):
+  """Compiled fwd+bwd of a layer on `x [T/seq, seq, D]` (path None = the dense baseline)."""
+  x = jax.random.normal(jax.random.key(1), (T // seq, seq, D), jnp.float32)
+  if path is None:
+    model = DenseFFN(D, k * F, nnx.Rngs(0))
+  else:
+    model = moe.MoELayer(D, layer_config(path, E, k), rngs=nnx.Rngs(0))
+    model.eval()  # no router noise (one [T, E] normal sample; its key would be traced state)
+  fn, args = _loss_and_grad(model, x)
+  with identity_experts() if identity else contextlib.nullcontext():
+    return common.compile_fn(fn, *args)
+
+
+def token_choice_paths(router: str, T: int, E: int, k: int, group_sizes, blocks) -> list[Path]:
+  gs = sorted({g for g in group_sizes if g == 0 or (g <= T and T % g == 0)})
+  paths = [Path(router, "capacity", True, g) for g in gs]
+  if router == "top_k":
+    paths += [Path(router, "capacity", False, g) for g in gs[:1]]
+  paths += [Path(router, "dropless", block_size=b) for b in blocks]
+  return paths
+
+
+def all_paths(T, E, k, group_sizes, blocks) -> list[Path]:
+  paths = []
+  for router in ROUTER_CLASSES:  # whatever is registered when the benchmark runs
+    if router in moe_config.TOKEN_CHOICE_ROUTERS:
+      paths += token_choice_paths(router, T, E, k, group_sizes, blocks)
+    elif router == "expert_choice":
+      paths.append(Path(router, group_size=group_sizes[0]))
+    else:  # soft and anything new: its own dispatch; k is not used
+      paths.append(Path(router, group_size=group_sizes[0]))
+  return paths
+
+
+def try_build(path, *a, **kw):
+  try:
+    return build(path, *a, **kw), None
+  except Exception as e:  # noqa: BLE001  (a router under construction must not stop the run)
+    return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def run_ratios(args, records, configs, seq, reps, budget_s):
+  for T, E, k in configs:
+    paths = all_paths(T, E, k, args.group_sizes, args.blocks)
+    compiled: dict[str, Any] = {"dense": build(None, T, E, k, seq)}
+    meta = {"dense": None}
+    for p in paths:
+      c, err = try_build(p, T, E, k, seq)
+      if err:
+        records.append({"section": "ratios", "T": T, "E": E, "k": k, "path": p.name,
+                        "error": err})
+        print(f"  skip {p.name}: {err}", flush=True)
+        continue
+      compiled[p.name], meta[p.name] = c, p
+    overhead = args.overhead and T == max(args.tokens)
+    if overhead:
+      for p in paths:
+        if p.name in compiled:
+          c, err = try_build(p, T, E, k, seq, identity=True)
+          if c is not None:
+            compiled["identity: " + p.name], meta["identity: " + p.name] = c, p
+    t0 = time.perf_counter()
+    timings = common.time_interleaved({n: c.call for n, c in compiled.items()}, reps=reps,
+                                      budget_s=budget_s)
+    dense = timings["dense"].median
+    rows = []
+    for name, c in compiled.items():
+      p = meta[name]
+      identity = name.startswith("identity: ")
+      rec = {"section": "overhead" if identity else "ratios", "T": T, "E": E, "k": k, "D": D,
+             "F": F, "seq": seq, "path": name,
+             "kind": "dense" if p is None else p.kind,
+             **({} if p is None else dataclasses.asdict(p)),
+             "ratio_vs_dense": timings[name].median / dense, **timings[name].summary(),
+             **c.stats()}
+      if identity:
+        full = timings[name[len("identity: "):]].median
+        rec["routing_share"] = timings[name].median / full
+      records.append(rec)
+      rows.append(rec)
+    common.print_table(rows, [
+        ("path", "path", ""), ("median_s", "median s", ".3f"), ("q1_s", "q1", ".3f"),
+        ("q3_s", "q3", ".3f"), ("n", "n", "d"), ("ratio_vs_dense", "x dense", ".2f"),
+        ("routing_share", "routing share", ".1%"), ("temp_bytes", "temp", "bytes"),
+        ("flops", "XLA flops", ".3g")],
+        title=f"T={T} E={E} k={k} D={D} F={F} (timed {time.perf_counter() - t0:.0f}s)")
+
+
+def run_memory(args, records, configs, seq):
+  for T, E, k in configs:
+    rows = []
+    for p in [None] + all_paths(T, E, k, args.group_sizes, args.blocks):
+      temps = []
+      for t in (T, 2 * T):
+        c, err = (build(None, t, E, k, seq), None) if p is None else try_build(p, t, E, k, seq)
+        temps.append(None if c is None else c.temp_bytes)
+      rec = {"section": "memory", "T": T, "E": E, "k": k, "seq": seq,
+             "path": "dense" if p is None else p.name, "temp_T": temps[0], "temp_2T": temps[1],
+             "growth": None if None in temps or not temps[0] else temps[1] / temps[0]}
+      records.append(rec)
+      rows.append(rec)
+    common.print_table(rows, [("path", "path", ""), ("temp_T", f"temp T={T}", "bytes"),
+                              ("temp_2T", f"temp T={2 * T}", "bytes"),
+                              ("growth", "growth", ".2f")],
+                       title=f"compiled temp memory, E={E} k={k}")
+
+
+def main():
+  p = common.parser(__doc__.splitlines()[0], "bench/out/moe_layer.json")
+  p.add_argument("--tokens", type=int, nargs="+", default=None)
+  p.add_argument("--experts", type=int, nargs="+", default=None)
+  p.add_argument("--k", type=int, nargs="+", default=None)
+  p.add_argument("--group-sizes", type=int, nargs="+", default=None)
+  p.add_argument("--blocks", type=int, nargs="+", default=None)
+  p.add_argument("--seq", type=int, default=256, help="tokens per image (group_size=0 group)")
+  p.add_argument("--budget", type=float, default=None, help="seconds of timed rounds per config")
+  p.add_argument("--sections", nargs="+", default=["ratios", "memory"],
+                 choices=["ratios", "memory"])
+  p.add_argument("--no-overhead", dest="overhead", action="store_false")
+  args = common.parse(p)
+  if args.quick:
+    args.tokens = args.tokens or [2048]
+    args.experts = args.experts or [8, 32]
+    args.k = args.k or [1]
+    args.group_sizes = args.group_sizes or [0, 1024]
+    args.blocks = args.blocks or [128]
+    reps, budget = args.reps or 3, args.budget or 20.0
+  else:
+    args.tokens = args.tokens or [2048, 8192]
+    args.experts = args.experts or [8, 32]
+    args.k = args.k or [1, 2]
+    args.group_sizes = args.group_sizes or [0, 1024, 4096]
+    args.blocks = args.blocks or [128]
+    reps, budget = args.reps or 5, args.budget or 40.0
+  configs = list(itertools.product(sorted(args.tokens), args.experts, args.k))
+  records: list[dict] = []
+  start = time.perf_counter()
+  if "ratios" in args.sections:
+    run_ratios(args, records, configs, args.seq, reps, budget)
+  if "memory" in args.sections:
+    run_memory(args, records, [c for c in configs if c[0] == min(args.tokens)], args.seq)
+  print(f"total {time.perf_counter() - start:.0f}s", flush=True)
+  common.write_json(args.out, "moe_layer", args, records)
+
+
+if __name__ == "__main__":
+  main()

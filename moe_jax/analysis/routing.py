@@ -1,0 +1,62 @@
+"""Routing statistics of MoE layers: class x expert matrices, specialisation, recommendations.
+
+The class x expert matrix `M [classes, E]` sums, over evaluated examples of each class, the share
+of the example's routing mass that went to each expert. Specialisation of a layer is the mutual
+information between class and expert under `P(c, e) = M / sum(M)`, normalised by the class
+entropy (1 = the expert determines the class; 0 = routing ignores the class). Layers whose
+normalised MI stays below `threshold` route without regard to the class: candidates to make dense
+(Han et al. 2024 find shallow MoE layers route unreliably).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def class_expert_matrix(labels: np.ndarray, example_load: np.ndarray, num_classes: int,
+                        mask: np.ndarray | None = None) -> np.ndarray:
+  """`labels [N]`, `example_load [N, E]` (rows sum to 1) -> `[num_classes, E]` summed mass."""
+  weights = np.ones(len(labels)) if mask is None else np.asarray(mask, np.float64)
+  one_hot = np.eye(num_classes)[np.asarray(labels)] * weights[:, None]
+  return one_hot.T @ np.asarray(example_load, np.float64)
+
+
+def _entropy(p: np.ndarray, axis=None) -> np.ndarray:
+  p = np.asarray(p, np.float64)
+  return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=axis)
+
+
+def specialisation(matrix: np.ndarray) -> dict[str, float]:
+  """Mutual information (nats) between class and expert, and normalised scores."""
+  joint = np.asarray(matrix, np.float64) / max(float(np.sum(matrix)), 1e-30)
+  p_class, p_expert = joint.sum(1), joint.sum(0)
+  h_class, h_expert, h_joint = _entropy(p_class), _entropy(p_expert), _entropy(joint)
+  mi = max(h_class + h_expert - h_joint, 0.0)
+  conditional = joint / np.maximum(p_class[:, None], 1e-30)  # P(e | c)
+  E = matrix.shape[1]
+  return {"mutual_information": float(mi),
+          "normalized_mi": float(mi / h_class) if h_class > 0 else 0.0,
+          "expert_entropy_per_class": float(np.sum(p_class * _entropy(conditional, axis=1))
+                                            / np.log(E)) if E > 1 else 0.0}
+
+
+def layer_report(class_expert: dict[str, np.ndarray], metrics: dict[str, dict[str, float]],
+                 threshold: float = 0.1) -> dict:
+  """Per-layer statistics + the layers recommended to be made dense.
+
+  Args:
+    class_expert: layer -> `[classes, E]` matrix.
+    metrics: layer -> routing metrics averaged over the evaluation (load, dropped_fraction, ...).
+    threshold: normalised MI under which a layer is a candidate to make dense.
+  """
+  layers = {}
+  for name, matrix in class_expert.items():
+    load = np.asarray(metrics.get(name, {}).get("kept_load",
+                                                metrics.get(name, {}).get("load", [])))
+    layers[name] = {**specialisation(matrix),
+                    **{k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+                       for k, v in metrics.get(name, {}).items()},
+                    "load": load.tolist(),
+                    "load_cv": float(np.std(load) / np.mean(load)) if load.size else 0.0,
+                    "class_expert": np.asarray(matrix).tolist()}
+  dense = [n for n, r in layers.items() if r["normalized_mi"] < threshold]
+  return {"layers": layers, "threshold": threshold, "recommend_dense": dense}

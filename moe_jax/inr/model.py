@@ -1,0 +1,158 @@
+"""INR models of a volume: MoEC (learned partition) and BlockINR (fixed grid; 1 block = single INR).
+
+Both map coordinate groups `[G, N, d]` (d = the volume's ndim, coordinates in [-1, 1]) to
+intensities `[G, N]`. A MoEC group is one routing group; a BlockINR group is one block, in the
+block's own local coordinates.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from moe_jax import moe
+from moe_jax.moe import aux, dispatch
+from moe_jax.routing import RoutingPlan, build_router
+from moe_jax.inr.siren import SirenBank
+
+KINDS = ("moec", "blocks")
+
+
+def model_config(kind: str = "moec") -> ml_collections.ConfigDict:
+  """Every knob of an INR model (its defaults are what a compressed file's header omits)."""
+  if kind not in KINDS:
+    raise ValueError(f"model.kind={kind!r} is unknown; use one of {KINDS}")
+  c = ml_collections.ConfigDict()
+  c.kind = kind
+  c.width = 0  # H, hidden width; 0 = solved from the compression ratio (budget.py).
+  c.tail_width = 0  # width of the last sine layer (fine budget knob); 0 = solved with width.
+  # Sine layers after the first: moec = per expert (H -> H); blocks = hidden layers of each INR.
+  c.depth = 2
+  c.encoder_depth = 1  # moec: sine layers of the shared encoder (d -> H, then H -> H)
+  c.w0_first = 30.0  # frequency of the coordinate layer (moec encoder, each block's first layer)
+  c.w0_hidden = 30.0  # blocks' hidden layers and the moec decoder's sine layer
+  c.w0_expert = (22.5, 45.0)  # moec: expert i has w0 = base + step * i (Zhao et al.)
+  # moec: what the router sees: 'features' (shared encoder output, Zhao et al.) or 'coords'
+  # (a linear gate on coordinates: top-1 cells are convex polytopes, a spatially coherent split).
+  c.gate_input = "features"
+  c.grid = (1, 1, 1)  # blocks: blocks per axis (all ones = a single INR); one entry per axis
+  moe_cfg = moe.default_config("top_k")
+  moe_cfg.num_experts = 4
+  moe_cfg.hidden_dim = 1  # unused: the experts are SIRENs (SirenBank), not MLPs
+  moe_cfg.dispatch = "dropless"
+  moe_cfg.dropless.block_size = 64
+  moe_cfg.dropless.backend = "blocked"
+  moe_cfg.router.k = 1
+  moe_cfg.router.noise_std = 0.0
+  c.moe = moe_cfg
+  return c
+
+
+def _check_widths(c: ml_collections.ConfigDict) -> None:
+  if c.width < 1 or c.tail_width < 1:
+    raise ValueError(f"model.width={c.width} / model.tail_width={c.tail_width} must be >= 1 "
+                     "(0 means 'solve from the ratio': call budget.solve_widths first)")
+  if c.depth < 1:
+    raise ValueError(f"model.depth={c.depth} must be >= 1")
+
+
+class MoEC(nnx.Module):
+  """Gated mixture of SIREN experts (Zhao et al., arXiv 2312.01361).
+
+  coords `[G, N, d]` -> shared encoder (sine d -> H, encoder_depth-1 sine H -> H) -> core router
+  (top-k over E, on the encoder features or, with gate_input='coords', on the coordinates) ->
+  expert SIRENs (depth sine layers H -> H, expert i at w0 = base + step*i) run by the core
+  token-choice dispatch (`model.moe.dispatch`: dropless = exactly the routed (token, expert)
+  pairs; capacity = buffers, overflow dropped) -> combine -> shared decoder (sine H -> tail,
+  linear -> 1). Router aux losses leave through `moe_jax.moe.capture_aux`.
+  """
+
+  def __init__(self, c: ml_collections.ConfigDict, in_dim: int, *, rngs: nnx.Rngs):
+    _check_widths(c)
+    moe.validate(c.moe)
+    self.moe_config = ml_collections.FrozenConfigDict(c.moe)
+    E, H = c.moe.num_experts, c.width
+    base, step = c.w0_expert
+    if c.encoder_depth < 1:
+      raise ValueError(f"model.encoder_depth={c.encoder_depth} must be >= 1")
+    self.encoder = SirenBank(1, [in_dim] + [H] * c.encoder_depth, [c.w0_first], first=True,
+                             rngs=rngs)
+    if c.gate_input not in ("features", "coords"):
+      raise ValueError(f"model.gate_input={c.gate_input!r}: use 'features' or 'coords'")
+    self.gate_on_coords = c.gate_input == "coords"
+    self.router = build_router(in_dim if self.gate_on_coords else H, c.moe, rngs=rngs)
+    self.experts = SirenBank(E, [H] * (c.depth + 1), [base + step * i for i in range(E)],
+                             first=False, rngs=rngs)
+    self.decoder = SirenBank(1, [H, c.tail_width], [c.w0_hidden], first=False, out_dim=1,
+                             rngs=rngs)
+
+  def route(self, coords: jax.Array) -> tuple[jax.Array, RoutingPlan]:
+    """`coords [G, N, d]` -> encoder features `[G, N, H]` and the routing plan over `[G, N]`."""
+    G, N, d = coords.shape
+    features = self.encoder(coords.reshape(1, G * N, d)).reshape(G, N, -1)
+    return features, self.router(coords if self.gate_on_coords else features)
+
+  def __call__(self, coords: jax.Array) -> jax.Array:
+    """`coords [G, N, d] -> [G, N]`."""
+    c = self.moe_config
+    features, plan = self.route(coords)
+    if plan.kind != "token_choice":
+      raise ValueError(f"model.moe.router.name={c.router.name!r}: MoEC needs a token-choice "
+                       "router (top_k, clusters, hash, random)")
+    mixed, metrics = dispatch.token_choice(
+        plan, features, self.experts, mode=c.dispatch, capacity_factor=c.capacity_factor,
+        min_capacity=c.min_capacity, block_size=c.dropless.block_size,
+        backend=c.dropless.backend)
+    G, N, H = mixed.shape
+    y = self.decoder(mixed.reshape(1, G * N, H)).reshape(G, N)
+    weights = c.router.loss_weights
+    weighted = sum((weights[name] * v for name, v in plan.aux_losses.items()),
+                   jnp.zeros((), jnp.float32))
+    mass = plan.token_expert_mass(N).sum(axis=1)
+    aux.record(self, aux.LayerAux(
+        losses=plan.aux_losses, weighted_loss=weighted, metrics={**plan.metrics, **metrics},
+        example_load=mass / jnp.maximum(mass.sum(-1, keepdims=True), 1e-9)))
+    return y
+
+  def expert_of(self, coords: jax.Array) -> jax.Array:
+    """The first-choice expert of each point: `coords [G, N, d] -> int32 [G, N]`."""
+    return self.route(coords)[1].expert_index[..., 0]
+
+
+class BlockINR(nnx.Module):
+  """Independent SIRENs, one per block of a fixed grid (TINC-style block-wise partition).
+
+  Block b sees only its own points, in local coordinates: `coords [G = blocks, N, d] -> [G, N]`.
+  Each SIREN: sine d -> H (w0_first), depth-1 sine H -> H, sine H -> tail (w0_hidden), linear
+  -> 1. A grid of all ones is the single-INR baseline.
+  """
+
+  def __init__(self, c: ml_collections.ConfigDict, in_dim: int, *, rngs: nnx.Rngs):
+    _check_widths(c)
+    if len(c.grid) != in_dim or min(c.grid) < 1:
+      raise ValueError(f"model.grid={tuple(c.grid)} needs one positive entry per volume axis "
+                       f"({in_dim})")
+    H, blocks = c.width, math.prod(c.grid)
+    self.first = SirenBank(blocks, [in_dim, H], [c.w0_first] * blocks, first=True, rngs=rngs)
+    self.rest = SirenBank(blocks, [H] * c.depth + [c.tail_width], [c.w0_hidden] * blocks,
+                          first=False, out_dim=1, rngs=rngs)
+
+  def __call__(self, coords: jax.Array) -> jax.Array:
+    """`coords [G, N, d] -> [G, N]`."""
+    return self.rest(self.first(coords))[..., 0]
+
+
+def build(c: ml_collections.ConfigDict, in_dim: int, *, rngs: nnx.Rngs) -> MoEC | BlockINR:
+  """The model named by `c.kind` for `in_dim`-dimensional coordinates."""
+  if c.kind not in KINDS:
+    raise ValueError(f"model.kind={c.kind!r} is unknown; use one of {KINDS}")
+  return (MoEC if c.kind == "moec" else BlockINR)(c, in_dim, rngs=rngs)
+
+
+def num_params(c: ml_collections.ConfigDict, in_dim: int) -> int:
+  """Parameter count of the model `c` describes (abstract build: nothing is allocated)."""
+  abstract = nnx.eval_shape(lambda: build(c, in_dim, rngs=nnx.Rngs(0)))
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -1,0 +1,41 @@
+"""PNG of MoEC's learned partition: a slice of the volume beside the expert id of each voxel."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from moe_jax.inr import sampling, train
+from moe_jax.inr.model import MoEC
+
+
+def middle_slice(volume: np.ndarray) -> np.ndarray:
+  """The 2-D slice through the middle of the third axis (first index of any later axis)."""
+  index = tuple(s // 2 if i == 2 else 0 for i, s in enumerate(volume.shape[2:], start=2))
+  return volume[(slice(None), slice(None)) + index]
+
+
+def partition_png(model: MoEC, volume: np.ndarray, path: str, chunk: int = 65536) -> np.ndarray:
+  """Writes `path` (volume slice | expert id slice); returns the expert id volume (int32)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  layout = sampling.GridLayout(volume.shape, (1,) * volume.ndim)
+  experts = train.render(model.expert_of, layout, chunk, np.int32)
+  E = model.experts.num_experts
+  fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+  axes[0].imshow(middle_slice(volume).T, cmap="gray", origin="lower")
+  axes[0].set_title("volume (middle slice)")
+  im = axes[1].imshow(middle_slice(experts).T, cmap=plt.get_cmap("tab10", E), vmin=-0.5,
+                      vmax=E - 0.5, origin="lower", interpolation="nearest")
+  axes[1].set_title("learned partition: expert id (top-1)")
+  fig.colorbar(im, ax=axes[1], ticks=range(E))
+  for ax in axes:
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return experts

@@ -1,0 +1,121 @@
+"""One process of the multi-process test: trains a tiny MoE model for a few Adam steps.
+
+    JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i \
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
+    python tests/multihost_worker.py OUT.json
+
+Each process loads only its own rows of a deterministic global batch and builds the global
+arrays with `distributed.global_batch`. The mesh is (data=2, expert=4) laid out so that each
+expert row holds 2 devices of every process: the expert all-to-all, like the gradient all-reduce
+over (data, expert), goes between processes (over gloo). Process 0 writes
+{"losses": [...], "process_count": n, "devices": n} to OUT.json. With no coordinator set, the
+same code runs as one process (the reference run of the test).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from moe_jax.parallel import distributed
+
+DATA, EXPERT = 2, 4
+BATCH, TOKENS, IN_DIM, DIM, CLASSES = 16, 8, 12, 16, 4
+STEPS = 3
+
+
+def mesh_devices(devices, data: int = DATA):
+  """Devices as a [data, expert] grid whose rows span every process (see module docstring)."""
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+  procs = len({d.process_index for d in devices})
+  grid = np.array(devices, dtype=object).reshape(procs, data, -1)
+  return grid.transpose(1, 0, 2).reshape(data, -1)
+
+
+def train(steps: int = STEPS) -> list[float]:
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+  from moe_jax import moe
+
+  class TinyMoE(nnx.Module):
+    """x [B, T, IN] -> Linear -> MoELayer -> mean over T -> Linear -> logits [B, CLASSES]."""
+
+    def __init__(self, rngs: nnx.Rngs):
+      c = moe.default_config("top_k")
+      c.num_experts, c.hidden_dim, c.router.k = 8, 32, 2
+      c.dispatch, c.capacity_factor = "capacity", 1.25
+      self.embed = nnx.Linear(IN_DIM, DIM, rngs=rngs)
+      self.moe = moe.MoELayer(DIM, c, rngs=rngs)
+      self.head = nnx.Linear(DIM, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(jnp.mean(self.moe(self.embed(x)), axis=1))
+
+  grid = mesh_devices(jax.devices())
+  if jax.process_count() > 1:  # the expert all-to-all crosses processes (gloo)
+    assert all(len({d.process_index for d in row}) == jax.process_count() for row in grid)
+  mesh = jax.sharding.Mesh(grid, ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+  def init():  # built inside jit, straight into its shardings (same values on any mesh)
+    model = TinyMoE(nnx.Rngs(params=0, router=1, default=2))
+    model.train()  # router noise on
+    return nnx.split(model, nnx.Param, ...)
+
+  graphdef, abstract_params, abstract_rest = nnx.eval_shape(lambda: init())
+  is_expert = lambda path: any(getattr(p, "key", None) == "experts" for p in path)
+  shardings = (
+      jax.tree_util.tree_map_with_path(
+          lambda path, _: NamedSharding(mesh, P("expert") if is_expert(path) else P()),
+          abstract_params),
+      jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_rest))
+  params, rest = jax.jit(lambda: init()[1:], out_shardings=shardings)()
+
+  tx = optax.adam(1e-2)
+  opt_state = jax.jit(tx.init)(params)
+
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(BATCH, TOKENS, IN_DIM)).astype(np.float32)
+  labels = rng.integers(0, CLASSES, size=(BATCH,)).astype(np.int32)
+  batch_sharding = NamedSharding(mesh, P(("data", "expert")))
+  rows = distributed.process_rows(batch_sharding, BATCH)  # only these rows are "loaded" here
+  batch = distributed.global_batch({"image": images[rows], "label": labels[rows]},
+                                   batch_sharding)
+  assert batch["image"].shape == images.shape, batch["image"].shape
+
+  @jax.jit
+  def step(params, rest, opt_state, batch):
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      logits, aux = moe.capture_aux(model)(batch["image"])
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+      return ce + aux.total_loss, nnx.split(model, nnx.Param, ...)[2]
+
+    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), rest, opt_state, loss
+
+  losses = []
+  with jax.set_mesh(mesh):
+    for _ in range(steps):
+      params, rest, opt_state, loss = step(params, rest, opt_state, batch)
+      losses.append(float(loss))  # replicated scalar: readable on every process
+  return losses
+
+
+def main(argv: list[str]) -> None:
+  multi = distributed.initialize(initialization_timeout=60)  # env: JAX_COORDINATOR_ADDRESS...
+  import jax
+  losses = train()
+  if jax.process_index() == 0:
+    with open(argv[1], "w") as f:
+      json.dump({"losses": losses, "process_count": jax.process_count(), "multi": multi,
+                 "devices": jax.device_count(), "local_devices": jax.local_device_count()}, f)
+  print(f"process {jax.process_index()}/{jax.process_count()}: losses {losses}", flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv)

@@ -1,0 +1,125 @@
+"""Routing analysis (hand-computed toy routings), plots, and the routing-strategy comparison."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import matplotlib.image
+import numpy as np
+import pytest
+
+from moe_jax import analysis, compare
+from moe_jax.analysis import plots
+from moe_jax.routing.plan import RoutingPlan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import compare_routers  # noqa: E402
+
+
+def test_class_expert_matrix_sums_routing_mass_per_class_and_masks_padding():
+  labels = np.array([0, 0, 1, 2, 2])
+  load = np.array([[1, 0], [0.5, 0.5], [0, 1], [0.25, 0.75], [1, 0]])
+  mask = np.array([1, 1, 1, 1, 0])  # the last example is padding
+  got = analysis.class_expert_matrix(labels, load, num_classes=3, mask=mask)
+  np.testing.assert_allclose(got, [[1.5, 0.5], [0, 1], [0.25, 0.75]])
+
+
+def test_specialisation_matches_hand_computed_mutual_information():
+  perfect = analysis.specialisation(np.array([[2.0, 0.0], [0.0, 2.0]]))
+  assert math.isclose(perfect["mutual_information"], math.log(2), rel_tol=1e-12)
+  assert math.isclose(perfect["normalized_mi"], 1.0, rel_tol=1e-12)
+  assert math.isclose(perfect["expert_entropy_per_class"], 0.0, abs_tol=1e-12)
+  blind = analysis.specialisation(np.full((3, 4), 5.0))
+  assert blind["normalized_mi"] == pytest.approx(0.0, abs=1e-12)
+  assert blind["expert_entropy_per_class"] == pytest.approx(1.0)
+  # P(c, e) = [[3, 1], [1, 3]] / 8: MI = sum p log(p / (p_c p_e)) with p_c = p_e = 1/2.
+  partial = analysis.specialisation(np.array([[3.0, 1.0], [1.0, 3.0]]))
+  mi = 2 * 3 / 8 * math.log(1.5) + 2 * 1 / 8 * math.log(0.5)
+  assert math.isclose(partial["mutual_information"], mi, rel_tol=1e-12)
+  assert math.isclose(partial["normalized_mi"], mi / math.log(2), rel_tol=1e-12)
+
+
+def test_layer_report_recommends_class_blind_layers_for_dense():
+  report = analysis.layer_report(
+      {"blocks/2/mlp": np.full((2, 2), 1.0), "blocks/3/mlp": np.array([[4.0, 0.0], [0.0, 4.0]])},
+      {"blocks/2/mlp": {"load": np.array([0.5, 0.5]), "dropped_fraction": np.float32(0.25)},
+       "blocks/3/mlp": {"load": np.array([0.75, 0.25])}}, threshold=0.1)
+  assert report["recommend_dense"] == ["blocks/2/mlp"]
+  assert report["layers"]["blocks/2/mlp"]["dropped_fraction"] == 0.25
+  assert report["layers"]["blocks/3/mlp"]["load_cv"] == pytest.approx(0.5)
+  json.dumps(report)  # plain JSON types only
+
+
+def test_token_expert_mass_for_each_plan_kind():
+  token_choice = RoutingPlan(kind="token_choice", num_experts=3,
+                             expert_index=jnp.array([[[0, 2], [1, 1]]]),
+                             combine_weights=jnp.ones((1, 2, 2)))
+  np.testing.assert_allclose(token_choice.token_expert_mass(2), [[[0.5, 0, 0.5], [0, 1, 0]]])
+  expert_choice = RoutingPlan(kind="expert_choice", num_experts=2,
+                              token_index=jnp.array([[[0, 2], [0, 1]]]),
+                              combine_weights=jnp.ones((1, 2, 2)))
+  np.testing.assert_allclose(expert_choice.token_expert_mass(3), [[[1, 1], [0, 1], [1, 0]]])
+  weights = jnp.array([[[[0.1, 0.2], [0.3, 0.4]]]])  # [G=1, S=1, E=2, P=2]
+  soft = RoutingPlan(kind="soft", num_experts=2, combine_weights=weights)
+  np.testing.assert_allclose(soft.token_expert_mass(1), [[[0.3, 0.7]]], rtol=1e-6)
+
+
+def assert_real_png(path: str, width: int, height: int) -> None:
+  image = matplotlib.image.imread(path)
+  assert image.shape[:2] == (height, width), image.shape
+  rgb = image[..., :3]
+  assert rgb.std() > 0.05 and (rgb < 0.5).mean() > 0.005  # drawn content, not a blank canvas
+
+
+def test_plots_are_images_of_the_expected_size(tmp_path):
+  rng = np.random.default_rng(0)
+  matrices = {f"blocks/{i}/mlp": rng.random((10, 4)) for i in (2, 3)}
+  metrics = {k: {"load": rng.dirichlet(np.ones(4))} for k in matrices}
+  paths = plots.plot_report(analysis.layer_report(matrices, metrics), str(tmp_path))
+  sizes = {"heatmaps.png": (512, 272), "load.png": (512, 224), "specialisation.png": (360, 240)}
+  assert sorted(os.path.basename(p) for p in paths) == sorted(sizes)
+  for path in paths:
+    assert_real_png(path, *sizes[os.path.basename(path)])
+
+
+def test_quick_comparison_writes_table_json_and_plot(tmp_path):
+  config = compare_routers.get_config("quick")
+  config.only = "dense,top2"
+  config.total_steps, config.log_every_steps = 4, 2
+  config.batch_size, config.eval_batch_size = 64, 200
+  config.data.eval_split = "test[:200]"
+  config.data.data_dir = str(tmp_path / "tfds")
+  rows = compare.compare_all(config, str(tmp_path))
+  assert [r["strategy"] for r in rows] == ["dense", "top2"]
+  dense, top2 = rows
+  assert dense["dropped_fraction"] is None and dense["specialisation"] is None
+  assert 0 <= top2["dropped_fraction"] <= 1 and top2["router_entropy"] > 0
+  assert top2["mflops_per_token"] > dense["mflops_per_token"] > 0  # routed + shared experts
+  assert all(r["step"] == 4 and 0 <= r["accuracy"] <= 1 and r["step_ms"] > 0 for r in rows)
+  saved = json.load(open(tmp_path / "compare.json"))
+  assert saved["rows"] == json.loads(json.dumps(rows))
+  assert saved["table"].splitlines()[0].startswith("| strategy | test acc")
+  assert len(saved["table"].splitlines()) == 4
+  assert_real_png(str(tmp_path / "compare.png"), 720, 256)
+  # Rebuilding the table from the finished runs alone (as after one job per strategy).
+  config.train = False
+  assert compare.compare_all(config, str(tmp_path)) == rows
+
+
+def test_analysis_command_replots_an_eval_file(tmp_path):
+  rng = np.random.default_rng(1)
+  matrices = {"blocks/3/mlp": rng.random((10, 4))}
+  report = analysis.layer_report(matrices, {"blocks/3/mlp": {"load": np.full(4, 0.25)}})
+  (tmp_path / "eval.json").write_text(json.dumps({"step": 1, "routing": report}))
+  proc = subprocess.run([sys.executable, "-m", "moe_jax.analysis", str(tmp_path / "eval.json"),
+                         "--out", str(tmp_path / "plots")], capture_output=True, text=True,
+                        timeout=120, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr
+  assert sorted(os.listdir(tmp_path / "plots")) == ["heatmaps.png", "load.png",
+                                                    "specialisation.png"]
+  assert "blocks/3/mlp" in proc.stdout

@@ -1,0 +1,77 @@
+"""AOT compilation of a train step for a topology: cpu:N here, TPU when libtpu is installed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe_jax import aot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "vimoe_tiny_mnist.py")
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def run_aot(tmp_path, topology: str, *overrides: str) -> tuple[str, dict]:
+  out = tmp_path / "report.json"
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  cmd = [sys.executable, "-m", "moe_jax.aot", f"--config={CONFIG}", f"--topology={topology}",
+         f"--json={out}", *overrides]
+  proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout, json.loads(out.read_text())
+
+
+def test_cpu_topology_prints_memory_flops_and_all_to_all(tmp_path):
+  stdout, r = run_aot(tmp_path, "cpu:8", "--config.mesh.expert=4", "--config.mesh.data=-1",
+                      "--config.batch_size=16")
+  for text in ("memory per device", "FLOPs per step", "collectives: all-to-all",
+               "predicted step time: none"):
+    assert text in stdout, stdout
+  assert r["devices"] == 8 and r["mesh"]["expert"] == 4 and r["mesh"]["data"] == 2
+  assert r["flops_per_device"] > 0 and r["memory_per_device"]["total"] > 0
+  # Expert-sharded mesh: MoE dispatch = all-to-all (2 per MoE layer forward, 2 backward);
+  # expert weights are never all-gathered; gradients are all-reduced.
+  assert r["collectives"]["all-to-all"] > 0 and r["collectives"]["all-to-all"] % 4 == 0
+  assert r["collectives"]["all-gather"] == 0 and r["collectives"]["all-reduce"] > 0
+  assert r["all_to_all_operand_bytes_per_device"] > 0
+
+
+def test_collective_parsing():
+  hlo = """
+  %a = f32[4,160,64]{1,2,0:T(8,128)} all-to-all(%copy.1), channel_id=1, dimensions={0}
+  %all-to-all.1 = (bf16[1,80,64]{2,1,0}, bf16[1,80,64]{2,1,0}) all-to-all(%x, %y), channel_id=2
+  %ars = (f32[8]{0}, f32[8]{0}) all-reduce-start(%g), channel_id=3, to_apply=%sum
+  %ard = f32[8]{0} all-reduce-done(%ars)
+  %ag = f32[16]{0} all-gather(%h), dimensions={0}
+  """
+  assert aot.collective_counts(hlo) == {"all-to-all": 2, "all-gather": 1, "all-reduce": 1,
+                                        "reduce-scatter": 0, "collective-permute": 0}
+  assert aot.all_to_all_bytes(hlo) == 4 * 160 * 64 * 4 + 2 * 80 * 64 * 2
+
+
+def test_topology_names():
+  assert aot.parse_topology("v5p:4x4x4") == aot.Topology("v5p:4x4x4", "tpu", "v5p", None)
+  assert aot.parse_topology("cpu:8").num_devices == 8
+  for bad in ("v5p", "cpu:0", "v9:2x2", "v5p:4by4"):
+    with pytest.raises(aot.TopologyError):
+      aot.parse_topology(bad)
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed")
+def test_tpu_topology_without_libtpu_says_how_to_install():
+  with pytest.raises(aot.TopologyError, match=r"pip install -e '\.\[tpu\]'"):
+    aot.topology_devices(aot.parse_topology("v5p:2x2x1"))
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
+def test_v5p_topology_compiles(tmp_path):
+  stdout, r = run_aot(tmp_path, "v5p:2x2x1", "--config.mesh.expert=4", "--config.mesh.data=-1",
+                      "--config.batch_size=16")
+  assert r["devices"] == r["chips"] == 4 and r["device_kind"].startswith("TPU v5")
+  assert r["collectives"]["all-to-all"] > 0 and r["predicted_step_s"] > 0
+  assert "predicted step time" in stdout and "HBM" in stdout
