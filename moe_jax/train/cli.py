@@ -24,7 +24,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 in a multi-process job.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, in [0, num_processes).")
-# config.task -> module with train_and_evaluate(config, workdir), evaluate_checkpoint(config, workdir)
+# config.task -> module with train_and_evaluate(config, workdir) and evaluate_checkpoint(...)
 TASKS = {"classification": "moe_jax.train.loop", "vqa": "moe_jax.vlm.train"}
 
 

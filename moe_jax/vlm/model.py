@@ -1,0 +1,103 @@
+"""MoCHA (Pang et al. 2025): several vision encoders, one sparse MoE connector per encoder,
+Hierarchical Group Attention over the connectors' tokens, and a decoder LM.
+
+`model(inputs, tokens) -> logits [B, L, V]`; `inputs` is the batch dict (`image [B, H, W, C]`,
+`features/<name> [B, T_i, D_i]` for precomputed encoders), `tokens [B, L]` the text.
+`model.encode(inputs) -> [B, P, H]` is the fused visual prefix (P = sum_i T_i) alone.
+Encoders run in the sorted order of their names; their token groups are concatenated in it.
+"""
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from moe_jax.vlm import connector, decoder as decoder_lib, encoders, hga
+
+# Stage -> parameter groups the optimizer updates (the rest is frozen by an optax mask).
+STAGES = {"stage1": ("connectors", "hga"), "stage2": ("connectors", "hga", "decoder")}
+
+
+def mocha_config(decoder: ml_collections.ConfigDict,
+                 encoder_configs: dict[str, ml_collections.ConfigDict], *, image_size: int,
+                 channels: int) -> ml_collections.ConfigDict:
+  """The `model` node: encoders by name, the paper's connector and HGA, the given decoder."""
+  c = ml_collections.ConfigDict(dict(name="mocha", image_size=image_size, channels=channels))
+  c.encoders = ml_collections.ConfigDict(encoder_configs)
+  c.connector = connector.connector_config(decoder.width)
+  c.hga = hga.hga_config()
+  c.decoder = decoder
+  return c
+
+
+def trainable_pattern(config: ml_collections.ConfigDict, stage: str) -> str:
+  """Regex over parameter paths of what `stage` trains: its groups plus the encoders marked
+  trainable (in any stage)."""
+  if stage not in STAGES:
+    raise ValueError(f"stage={stage!r} is unknown; use one of {sorted(STAGES)}")
+  encoder_list = [config.encoders[n] for n in sorted(config.encoders)]
+  groups = list(STAGES[stage]) + [f"encoders/{i}" for i, e in enumerate(encoder_list)
+                                  if e.trainable and e.kind != "features"]
+  return "^(" + "|".join(groups) + ")/"
+
+
+def build_decoder(c: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+  """`Decoder` for name 'transformer', else the class at 'package.module:Class', built (c, rngs)."""
+  if c.name == "transformer":
+    return decoder_lib.Decoder(c, rngs=rngs)
+  module, _, cls = c.name.partition(":")
+  if not cls:
+    raise ValueError(f"model.decoder.name={c.name!r}: use 'transformer' or 'package.module:Class'")
+  return getattr(importlib.import_module(module), cls)(c, rngs=rngs)
+
+
+class MoCHA(nnx.Module):
+  """Vision-language model; see the module docstring."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    if not config.encoders:
+      raise ValueError("model.encoders is empty; MoCHA needs at least one encoder")
+    names = sorted(config.encoders)
+    width = config.decoder.width
+    self.encoders = nnx.List([
+        encoders.Encoder(n, config.encoders[n], image_size=config.image_size,
+                         channels=config.channels, rngs=rngs) for n in names])
+    self.connectors = nnx.List([connector.MoEConnector(e.dim, width, config.connector, rngs=rngs)
+                                for e in self.encoders])
+    self.group_sizes = tuple(e.num_tokens for e in self.encoders)
+    self.hga = hga.build_hga(width, config.hga, rngs=rngs)
+    self.decoder = build_decoder(config.decoder, rngs=rngs)
+
+  def encode(self, inputs: dict[str, jax.Array]) -> jax.Array:
+    """The fused visual tokens `[B, P, H]`."""
+    x = jnp.concatenate([c(e(inputs)) for e, c in zip(self.encoders, self.connectors)], axis=1)
+    if self.hga is not None:
+      x = self.hga(x, hga.group_ids(self.group_sizes))
+    return x
+
+  def __call__(self, inputs: dict[str, jax.Array], tokens: jax.Array) -> jax.Array:
+    return self.decoder(self.encode(inputs), tokens)
+
+
+def generate(model: MoCHA, inputs: dict[str, jax.Array], tokens: jax.Array,
+             prompt_len: jax.Array, steps: int) -> jax.Array:
+  """Greedy decoding: `[B, steps]` tokens after each row's prompt `tokens[b, :prompt_len[b]]`.
+
+  `tokens [B, L]` must have room for `steps` more tokens after the longest prompt; what stands
+  after a row's prompt is ignored (overwritten step by step, and masked by causality). The
+  visual prefix is computed once; each step reruns the decoder over the text (no KV cache: the
+  answers here are a few tokens).
+  """
+  prefix = model.encode(inputs)
+  rows = jnp.arange(tokens.shape[0])
+  out = []
+  for i in range(steps):
+    logits = model.decoder(prefix, tokens)
+    nxt = jnp.argmax(logits[rows, prompt_len + i - 1], axis=-1).astype(tokens.dtype)
+    tokens = tokens.at[rows, prompt_len + i].set(nxt)
+    out.append(nxt)
+  return jnp.stack(out, axis=1)
+
