@@ -97,15 +97,16 @@ def table(rows: list[dict]) -> str:
 def plot_comparison(rows: list[dict], path: str) -> str:
   """Test accuracy and step time per strategy, side by side, as one PNG."""
   names = [r["strategy"] for r in rows]
+  positions = range(len(rows))
   fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-  left.bar(names, [r["accuracy"] for r in rows], color="tab:blue")
   accuracies = [r["accuracy"] for r in rows]
+  left.bar(positions, accuracies, color="tab:blue")
   left.set(ylabel="test accuracy", ylim=(max(0.0, min(accuracies) - 0.02), 1.0),
            title="accuracy")
-  right.bar(names, [r["step_ms"] or 0.0 for r in rows], color="tab:orange")
+  right.bar(positions, [r["step_ms"] or 0.0 for r in rows], color="tab:orange")
   right.set(ylabel="ms / train step", title="step time")
   for ax in (left, right):
-    ax.tick_params(axis="x", rotation=40)
+    ax.set_xticks(positions, names, rotation=35, ha="right")
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)
