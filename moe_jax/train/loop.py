@@ -160,7 +160,8 @@ class Trainer:
           scalars, _ = self.evaluate(state)
           writer.write(step, scalars)
           last.update(scalars)
-          bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
+          if jax.process_index() == 0:
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
         if (c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0) or is_last:
           _checked(jax.device_get(step_metrics), step, self.ckpt)
           checkpoint.save(self.ckpt, state, iterator.get_state(), c)
