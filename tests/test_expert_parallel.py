@@ -20,9 +20,10 @@ def mesh_of(shape):
   return jax.make_mesh(shape, ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
 
 
-def make_layer(router: str):
+def make_layer(router: str, dispatch: str = "capacity"):
   c = moe.default_config(router)
   c.num_experts, c.hidden_dim, c.router.k = 8, 16, 2
+  c.dispatch = dispatch
   if router == "clusters":
     c.router.clusters.num_clusters = 4
   layer = moe.MoELayer(8, c, rngs=nnx.Rngs(0))
@@ -43,9 +44,11 @@ def loss_and_grads(layer, x):
   return f(params, x)
 
 
-@pytest.mark.parametrize("router", sorted(ROUTER_CLASSES))
-def test_sharded_equals_unsharded_for_every_mesh(router):
-  layer = make_layer(router)
+@pytest.mark.parametrize("router,dispatch", [(r, "capacity") for r in sorted(ROUTER_CLASSES)] +
+                         [("top_k", "dropless"), ("clusters", "dropless")])
+def test_sharded_equals_unsharded_for_every_mesh(router, dispatch):
+  """Dropless under an expert axis > 1 runs capacity buffers with room for every token."""
+  layer = make_layer(router, dispatch)
   x = jax.random.normal(jax.random.key(1), (16, 6, 8))
   want_loss, want_grads = loss_and_grads(layer, x)
   for shape in MESHES:

@@ -43,9 +43,10 @@ class ExpertsOverAllToAll:
     y = self.local(x)  # [E / EP, EP * N, D]
     return jax.lax.all_to_all(y, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)
 
-  def grouped(self, *args, **kwargs):
-    raise ValueError("dispatch='dropless' is not available with expert parallelism (mesh axis "
-                     "'expert' > 1); use dispatch='capacity' or an expert axis of size 1")
+
+def expert_shards(mesh: jax.sharding.AbstractMesh | None) -> int:
+  """Size of the mesh's `expert` axis (1 without a mesh)."""
+  return 1 if mesh is None else mesh.shape.get(EXPERT_AXIS, 1)
 
 
 def dispatch(dispatch_fn: Callable[..., tuple[jax.Array, dict]], plan: RoutingPlan,
@@ -54,7 +55,7 @@ def dispatch(dispatch_fn: Callable[..., tuple[jax.Array, dict]], plan: RoutingPl
   """`dispatch_fn(plan, groups [G, S, D], experts, **kwargs)` run per device under `mesh`."""
   axes = batch_axes(mesh)
   check_divisible(groups.shape[0], "number of routing groups (batch*tokens/group_size)", mesh)
-  ep = mesh.shape.get(EXPERT_AXIS, 1)
+  ep = expert_shards(mesh)
   if experts.num_experts % ep:
     raise ValueError(f"MoE: num_experts={experts.num_experts} must be divisible by the mesh "
                      f"axis 'expert'={ep}")

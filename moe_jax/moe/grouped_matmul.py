@@ -78,6 +78,17 @@ def _group_tiles(start, n, num_rows: int, block: int, kind: str, full_tile, mask
   return carry
 
 
+def _zeros_like_varying(shape: tuple[int, ...], dtype, like: jax.Array) -> jax.Array:
+  """Zeros that vary over the same manual mesh axes as `like` (a loop carry must keep its type
+  inside `shard_map`, and the products accumulated into it vary like the rows)."""
+  return jnp.zeros(shape, dtype) + (like.ravel()[0] * 0).astype(dtype)
+
+
+def _varying(x: jax.Array) -> frozenset:
+  """The manual mesh axes `x` varies over inside `shard_map` (empty outside)."""
+  return jax.typeof(x).manual_axis_type.varying
+
+
 def _opaque(trip_count):
   return jax.lax.optimization_barrier(trip_count)
 
@@ -118,7 +129,7 @@ def _gmm_loop(x: jax.Array, rhs: jax.Array, group_sizes: jax.Array, block: int,
 
     return _group_tiles(offsets[e], group_sizes[e], P, block, "gmm", full_tile, masked_tile, out)
 
-  return jax.lax.fori_loop(0, rhs.shape[0], group, jnp.zeros((P, n_out), out_dtype))
+  return jax.lax.fori_loop(0, rhs.shape[0], group, _zeros_like_varying((P, n_out), out_dtype, x))
 
 
 def _tgmm_loop(x: jax.Array, g: jax.Array, group_sizes: jax.Array, block: int,
@@ -142,10 +153,11 @@ def _tgmm_loop(x: jax.Array, g: jax.Array, group_sizes: jax.Array, block: int,
 
   def group(e, d_rhs):
     acc = _group_tiles(offsets[e], group_sizes[e], P, block, "tgmm", full_tile, masked_tile,
-                       jnp.zeros((K, N), jnp.float32))
+                       _zeros_like_varying((K, N), jnp.float32, x))
     return jax.lax.dynamic_update_index_in_dim(d_rhs, acc.astype(out_dtype), e, 0)
 
-  return jax.lax.fori_loop(0, num_groups, group, jnp.zeros((num_groups, K, N), out_dtype))
+  return jax.lax.fori_loop(0, num_groups, group,
+                           _zeros_like_varying((num_groups, K, N), out_dtype, x))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -161,6 +173,11 @@ def _blocked_bwd(block, residuals, d_out):
   lhs, rhs, group_sizes = residuals
   d_lhs = _gmm_loop(d_out, rhs, group_sizes, block, transpose_rhs=True)
   d_rhs = _tgmm_loop(lhs, d_out, group_sizes, block, rhs.shape[0], rhs.dtype)
+  # Inside shard_map, weights replicated over axes the rows are split over get the sum of the
+  # per-device gradients (the cotangent must have the weights' type).
+  summed_axes = tuple(sorted(_varying(d_rhs) - _varying(rhs)))
+  if summed_axes:
+    d_rhs = jax.lax.psum(d_rhs, summed_axes)
   return d_lhs.astype(lhs.dtype), d_rhs, None
 
 

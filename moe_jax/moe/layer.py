@@ -85,8 +85,13 @@ class MoELayer(nnx.Module):
     plan = self.route(x)
     groups = self._groups(x)
     if plan.kind == "token_choice":
+      mode, capacity_factor = c.dispatch, c.capacity_factor
+      if mode == "dropless" and expert_parallel.expert_shards(mesh) > 1:
+        # Buffers crossing devices need static shapes: give every expert room for all S tokens
+        # of a group (a token's K experts are distinct), so still no token is dropped.
+        mode, capacity_factor = "capacity", c.num_experts / plan.k
       dispatch_fn = functools.partial(
-          dispatch.token_choice, mode=c.dispatch, capacity_factor=c.capacity_factor,
+          dispatch.token_choice, mode=mode, capacity_factor=capacity_factor,
           min_capacity=c.min_capacity, block_size=c.dropless.block_size,
           backend=c.dropless.backend)
     else:
