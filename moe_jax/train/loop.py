@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import numpy as np
 from moe_jax import analysis, data
 from moe_jax.analysis import plots
 from moe_jax.parallel import mesh as mesh_lib
-from moe_jax.parallel import sharding
+from moe_jax.parallel import distributed, sharding
 from moe_jax.train import checkpoint, metrics, optim, state as state_lib, step as step_lib
 
 REQUIRED = ("seed", "batch_size", "total_steps", "log_every_steps", "eval_every_steps",
@@ -39,9 +40,17 @@ def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 def _global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """This process's part of the batch -> one global array per key, sharded over batch axes."""
-  s = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(s, v) for k, v in local.items()}
+  """This process's part of the batch -> global arrays sharded over the batch axes."""
+  return distributed.global_batch(local, sharding.batch_sharding(mesh))
+
+
+def sum_eval_batches(eval_step: Callable, state, dataset, mesh: jax.sharding.Mesh):
+  """`eval_step(state, batch)` summed over every batch of `dataset`, fetched to the host once."""
+  totals = None
+  for local in dataset:
+    out = eval_step(state, _global_batch(local, mesh))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  return jax.device_get(totals)
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, eval_: bool):
@@ -65,11 +74,7 @@ def evaluate(config, state, defs, mesh, shardings) -> tuple[dict, dict]:
   ds = data.eval_dataset(config.data, batch_size=B // pc, process_index=pi, process_count=pc)
   with jax.set_mesh(mesh):
     eval_step = step_lib.make_eval_step(defs, mesh, shardings, config.model.num_classes)
-    totals = None
-    for local in ds:
-      out = eval_step(state, _global_batch(local, mesh))
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  sums, routing = jax.device_get(totals)
+    sums, routing = sum_eval_batches(eval_step, state, ds, mesh)
   n = float(sums["count"])
   scalars = {"eval/loss": float(sums["loss"]) / n, "eval/accuracy": float(sums["top1"]) / n,
              "eval/top5_accuracy": float(sums["top5"]) / n, "eval/num_examples": n}

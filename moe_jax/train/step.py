@@ -13,7 +13,7 @@ from moe_jax.parallel import sharding
 from moe_jax.train.state import ModelDefs, TrainState
 
 
-def _moe_scalars(aux: moe.AuxOutputs, prefix: str) -> dict[str, jax.Array]:
+def moe_scalars(aux: moe.AuxOutputs, prefix: str) -> dict[str, jax.Array]:
   """Aux losses and routing metrics of every MoE layer as scalars (`{prefix}/moe/<layer>/<name>`).
 
   Vector metrics (load histograms) are summarised by their coefficient of variation.
@@ -36,7 +36,7 @@ def classification_loss(model: nnx.Module, batch: dict[str, jax.Array]):
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
   metrics = {"train/loss": ce + aux.total_loss, "train/ce_loss": ce,
              "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-             **_moe_scalars(aux, "train")}
+             **moe_scalars(aux, "train")}
   return ce + aux.total_loss, metrics
 
 

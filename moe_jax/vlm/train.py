@@ -51,7 +51,7 @@ def vqa_loss(model: nnx.Module, batch: dict[str, jax.Array]):
   loss = answer_ce + aux.total_loss
   return loss, {"train/loss": loss, "train/answer_loss": answer_ce,
                 "train/token_accuracy": jnp.sum(hits * mask) / n,
-                **step_lib._moe_scalars(aux, "train")}
+                **step_lib.moe_scalars(aux, "train")}
 
 
 def exact_match(generated: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
@@ -98,11 +98,7 @@ def evaluate(config: ml_collections.ConfigDict, state: TrainState, defs: ModelDe
   ds = vqa_data.eval_dataset(config.data, batch_size=B // pc, process_index=pi, process_count=pc)
   with jax.set_mesh(mesh):
     eval_step = make_eval_step(defs, mesh, shardings, config.data.answer_len)
-    totals = None
-    for local in ds:
-      out = eval_step(state, loop._global_batch(local, mesh))
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  s = jax.device_get(totals)
+    s = loop.sum_eval_batches(eval_step, state, ds, mesh)
   n, t = float(s["count"]), float(s["tokens"])
   scalars = {"eval/loss": float(s["loss"]) / t, "eval/token_accuracy": float(s["token_hits"]) / t,
              "eval/exact_match": float(s["exact"]) / n, "eval/num_examples": n}
