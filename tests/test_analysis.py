@@ -123,3 +123,11 @@ def test_analysis_command_replots_an_eval_file(tmp_path):
   assert sorted(os.listdir(tmp_path / "plots")) == ["heatmaps.png", "load.png",
                                                     "specialisation.png"]
   assert "blocks/3/mlp" in proc.stdout
+
+
+def test_unknown_strategy_is_an_error_naming_the_choices():
+  config = compare_routers.get_config("quick")
+  config.only = "top2,no_such_router"
+  with pytest.raises(ValueError, match=r"config.only=.*name strategies from \[.*'top2'"):
+    compare.strategy_names(config)
+  assert compare.strategy_names(compare_routers.get_config("full")) == list(compare_routers.ORDER)
