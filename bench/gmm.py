@@ -185,6 +185,7 @@ def main():
   p.add_argument("--configs", nargs="+", default=None, help="tokens,E,block triples")
   p.add_argument("--ragged-dot", action="store_true",
                  help="also time jax.lax.ragged_dot (about E x dense; slow)")
+  p.add_argument("--dtype", default="float32", help="operand dtype (bfloat16 on GPU/TPU)")
   args = common.parse(p)
   K, N = 768, 3072
   p_configs = args.configs or (["2048,32,16"] if args.quick else
@@ -196,8 +197,8 @@ def main():
   rng = np.random.default_rng(0)
   for tokens, E, block in configs:
     gs, P = group_sizes(rng, tokens, E, block)
-    lhs = jax.random.normal(jax.random.key(0), (P, K))
-    rhs = jax.random.normal(jax.random.key(1), (E, K, N)) * 0.02
+    lhs = jax.random.normal(jax.random.key(0), (P, K), args.dtype)
+    rhs = (jax.random.normal(jax.random.key(1), (E, K, N)) * 0.02).astype(args.dtype)
     used = int(gs.sum())
     dense_lhs = lhs[:tokens]  # the real rows: padding counts against a variant
     w0 = rhs[0]

@@ -10,5 +10,6 @@ python -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 'e
 nvidia-smi --query-gpu=name,memory.total --format=csv || true
 python -m bench.train_step --config configs/vimoe_imagenet.py --size B/16 --batch 256 \
   --dtype bfloat16 --matmul 8192 --malloc default --out bench/out/gpu_train_step_b16.json
-python -m bench.moe_layer --malloc default --out bench/out/gpu_moe_layer.json
-python -m bench.gmm --malloc default --out bench/out/gpu_gmm.json
+python -m bench.moe_layer --dtype bfloat16 --malloc default --out bench/out/gpu_moe_layer.json
+python -m bench.gmm --dtype bfloat16 --ragged-dot --malloc default \
+  --configs 8192,8,128 8192,16,128 16384,32,128 --out bench/out/gpu_gmm.json

@@ -10,7 +10,8 @@ the MoE paths, so ratios are robust to the drift of a shared machine. Tokens com
 Sections:
 - ratios: time / dense for each path (token-choice routers: capacity with and without BPR over
   group sizes, dropless over block sizes; expert-choice / soft routers: their own dispatch).
-- memory: compiled temp bytes per path at T and 2T (compile only), and the growth factor.
+- memory: compiled temp bytes per path at T and 2T (compile only), and the growth factor, for
+  the whole layer and for its dispatch alone (identity experts).
 - overhead: routing share at the largest T: the same layer with the experts replaced by the
   identity, timed in the same rounds as the real layer.
 """
@@ -42,7 +43,7 @@ class Path:
   dispatch: str = "capacity"
   bpr: bool = True
   group_size: int = 0
-  block_size: int = 128
+  block_size: int = 16
   capacity_factor: float = 1.0
 
   @property
@@ -62,8 +63,9 @@ class Path:
     return self.dispatch if self.router == "top_k" else f"{self.router}/{self.dispatch}"
 
 
-def layer_config(path: Path, E: int, k: int):
+def layer_config(path: Path, E: int, k: int, dtype: str = "float32"):
   c = moe.default_config(path.router)
+  c.dtype = dtype
   c.num_experts, c.hidden_dim = E, F
   c.router.k = k
   c.router.bpr = path.bpr
@@ -89,9 +91,9 @@ def _loss_and_grad(model, x):
 
 
 class DenseFFN(nnx.Module):
-  def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(dim, hidden, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, dim, rngs=rngs)
+  def __init__(self, dim: int, hidden: int, dtype: str, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     return self.fc2(nnx.gelu(self.fc1(x)))
@@ -109,13 +111,15 @@ def identity_experts():
     ExpertBank.__call__, ExpertBank.grouped = call, grouped
 
 
-def build(path: Path | None, T: int, E: int, k: int, seq: int, identity: bool = False):
-  """Compiled fwd+bwd of a layer on `x [T/seq, seq, D]` (path None = the dense baseline)."""
+def build(path: Path | None, T: int, E: int, k: int, seq: int, identity: bool = False,
+          dtype: str = "float32"):
+  """Compiled fwd+bwd of a layer on `x [T/seq, seq, D]` (path None = the dense baseline), its
+  matmuls in `dtype` (float32 parameters)."""
   x = jax.random.normal(jax.random.key(1), (T // seq, seq, D), jnp.float32)
   if path is None:
-    model = DenseFFN(D, k * F, nnx.Rngs(0))
+    model = DenseFFN(D, k * F, dtype, nnx.Rngs(0))
   else:
-    model = moe.MoELayer(D, layer_config(path, E, k), rngs=nnx.Rngs(0))
+    model = moe.MoELayer(D, layer_config(path, E, k, dtype), rngs=nnx.Rngs(0))
     model.eval()  # no router noise (one [T, E] normal sample; its key would be traced state)
   fn, args = _loss_and_grad(model, x)
   with identity_experts() if identity else contextlib.nullcontext():
@@ -131,15 +135,14 @@ def token_choice_paths(router: str, T: int, E: int, k: int, group_sizes, blocks)
   return paths
 
 
-def all_paths(T, E, k, group_sizes, blocks) -> list[Path]:
+def all_paths(T, E, k, args) -> list[Path]:
+  """The paths of `args.routers` (default: every registered router)."""
   paths = []
-  for router in ROUTER_CLASSES:  # whatever is registered when the benchmark runs
+  for router in args.routers or ROUTER_CLASSES:
     if router in moe_config.TOKEN_CHOICE_ROUTERS:
-      paths += token_choice_paths(router, T, E, k, group_sizes, blocks)
-    elif router == "expert_choice":
-      paths.append(Path(router, group_size=group_sizes[0]))
-    else:  # soft and anything new: its own dispatch; k is not used
-      paths.append(Path(router, group_size=group_sizes[0]))
+      paths += token_choice_paths(router, T, E, k, args.group_sizes, args.blocks)
+    else:  # expert choice, soft and anything new: its own dispatch; k is not used
+      paths.append(Path(router, group_size=args.group_sizes[0]))
   return paths
 
 
@@ -152,11 +155,11 @@ def try_build(path, *a, **kw):
 
 def run_ratios(args, records, configs, seq, reps, budget_s):
   for T, E, k in configs:
-    paths = all_paths(T, E, k, args.group_sizes, args.blocks)
-    compiled: dict[str, Any] = {"dense": build(None, T, E, k, seq)}
+    paths = all_paths(T, E, k, args)
+    compiled: dict[str, Any] = {"dense": build(None, T, E, k, seq, dtype=args.dtype)}
     meta = {"dense": None}
     for p in paths:
-      c, err = try_build(p, T, E, k, seq)
+      c, err = try_build(p, T, E, k, seq, dtype=args.dtype)
       if err:
         records.append({"section": "ratios", "T": T, "E": E, "k": k, "path": p.name,
                         "error": err})
@@ -167,7 +170,7 @@ def run_ratios(args, records, configs, seq, reps, budget_s):
     if overhead:
       for p in paths:
         if p.name in compiled:
-          c, err = try_build(p, T, E, k, seq, identity=True)
+          c, err = try_build(p, T, E, k, seq, identity=True, dtype=args.dtype)
           if c is not None:
             compiled["identity: " + p.name], meta["identity: " + p.name] = c, p
     t0 = time.perf_counter()
@@ -198,22 +201,34 @@ def run_ratios(args, records, configs, seq, reps, budget_s):
 
 
 def run_memory(args, records, configs, seq):
+  """Compiled temp bytes at T and 2T of the whole layer and of its dispatch alone (the same
+  layer with identity experts: routing, row assignment, gathers and combine)."""
   for T, E, k in configs:
     rows = []
-    for p in [None] + all_paths(T, E, k, args.group_sizes, args.blocks):
-      temps = []
-      for t in (T, 2 * T):
-        c, err = (build(None, t, E, k, seq), None) if p is None else try_build(p, t, E, k, seq)
-        temps.append(None if c is None else c.temp_bytes)
+    for p in [None] + all_paths(T, E, k, args):
       rec = {"section": "memory", "T": T, "E": E, "k": k, "seq": seq,
-             "path": "dense" if p is None else p.name, "temp_T": temps[0], "temp_2T": temps[1],
-             "growth": None if None in temps or not temps[0] else temps[1] / temps[0]}
+             "path": "dense" if p is None else p.name}
+      for key, identity in (("", False), ("dispatch_", True)):
+        if identity and p is None:
+          continue
+        temps = []
+        for t in (T, 2 * T):
+          c, _ = (build(None, t, E, k, seq, dtype=args.dtype), None) if p is None else \
+              try_build(p, t, E, k, seq, identity=identity, dtype=args.dtype)
+          temps.append(None if c is None else c.temp_bytes)
+        rec.update({f"{key}temp_T": temps[0], f"{key}temp_2T": temps[1],
+                    f"{key}growth": None if None in temps or not temps[0]
+                    else temps[1] / temps[0]})
       records.append(rec)
       rows.append(rec)
-    common.print_table(rows, [("path", "path", ""), ("temp_T", f"temp T={T}", "bytes"),
-                              ("temp_2T", f"temp T={2 * T}", "bytes"),
-                              ("growth", "growth", ".2f")],
-                       title=f"compiled temp memory, E={E} k={k}")
+    common.print_table(rows, [("path", "path", ""), ("temp_T", f"layer T={T}", "bytes"),
+                              ("temp_2T", f"layer T={2 * T}", "bytes"),
+                              ("growth", "growth", ".2f"),
+                              ("dispatch_temp_T", f"dispatch T={T}", "bytes"),
+                              ("dispatch_temp_2T", f"dispatch T={2 * T}", "bytes"),
+                              ("dispatch_growth", "growth", ".2f")],
+                       title=f"compiled temp memory (fwd+bwd), E={E} k={k}; dispatch = the "
+                             "layer with identity experts")
 
 
 def main():
@@ -223,6 +238,9 @@ def main():
   p.add_argument("--k", type=int, nargs="+", default=None)
   p.add_argument("--group-sizes", type=int, nargs="+", default=None)
   p.add_argument("--blocks", type=int, nargs="+", default=None)
+  p.add_argument("--routers", nargs="+", choices=sorted(ROUTER_CLASSES), default=None,
+                 help="default: every registered router (--quick: top_k, expert_choice, soft)")
+  p.add_argument("--dtype", default="float32", help="matmul dtype (bfloat16 on GPU/TPU)")
   p.add_argument("--seq", type=int, default=256, help="tokens per image (group_size=0 group)")
   p.add_argument("--budget", type=float, default=None, help="seconds of timed rounds per config")
   p.add_argument("--sections", nargs="+", default=["ratios", "memory"],
@@ -233,15 +251,16 @@ def main():
     args.tokens = args.tokens or [2048]
     args.experts = args.experts or [8, 32]
     args.k = args.k or [1]
-    args.group_sizes = args.group_sizes or [0, 1024]
-    args.blocks = args.blocks or [128]
+    args.group_sizes = args.group_sizes or [0]
+    args.blocks = args.blocks or [16]
+    args.routers = args.routers or ["top_k", "expert_choice", "soft"]
     reps, budget = args.reps or 3, args.budget or 20.0
   else:
-    args.tokens = args.tokens or [2048, 8192]
+    args.tokens = args.tokens or [2048, 4096, 8192]
     args.experts = args.experts or [8, 32]
     args.k = args.k or [1, 2]
     args.group_sizes = args.group_sizes or [0, 1024, 4096]
-    args.blocks = args.blocks or [128]
+    args.blocks = args.blocks or [16, 128]
     reps, budget = args.reps or 5, args.budget or 40.0
   configs = list(itertools.product(sorted(args.tokens), args.experts, args.k))
   records: list[dict] = []
@@ -249,7 +268,8 @@ def main():
   if "ratios" in args.sections:
     run_ratios(args, records, configs, args.seq, reps, budget)
   if "memory" in args.sections:
-    run_memory(args, records, [c for c in configs if c[0] == min(args.tokens)], args.seq)
+    memory_configs = [c for c in configs if c[0] == min(args.tokens)]
+    run_memory(args, records, memory_configs[-1:] if args.quick else memory_configs, args.seq)
   print(f"total {time.perf_counter() - start:.0f}s", flush=True)
   common.write_json(args.out, "moe_layer", args, records)
 

@@ -122,10 +122,19 @@ def _shape_bytes(text: str) -> int:
   return total
 
 
+def _is_no_op(line: str) -> bool:
+  """A collective whose replica groups all have one member (e.g. over a mesh axis of size 1,
+  which XLA:CPU leaves in the program): it moves nothing."""
+  groups = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", line)
+  return bool(groups) and all("," not in g for g in re.findall(r"\{([\d,]*)\}", groups.group(1)))
+
+
 def _collective_results(hlo: str, op: str) -> list[str]:
-  """Result shape text of each `op` (or async `op-start`) instruction of compiled HLO text."""
+  """Result shape text of each `op` (or async `op-start`) instruction of compiled HLO text,
+  no-op ones (single-member replica groups) left out."""
   pattern = re.compile(rf"=\s*(.*?)\s{op}(-start)?\(")
-  return [m.group(1) for m in map(pattern.search, hlo.splitlines()) if m]
+  return [m.group(1) for line in hlo.splitlines()
+          if (m := pattern.search(line)) and not _is_no_op(line)]
 
 
 def collective_counts(hlo: str) -> dict[str, int]:
@@ -133,11 +142,17 @@ def collective_counts(hlo: str) -> dict[str, int]:
   return {op: len(_collective_results(hlo, op)) for op in COLLECTIVES}
 
 
+def collective_bytes(hlo: str, op: str) -> int:
+  """Sum over the `op` instructions (all-to-all, all-reduce, ...) of their operand sizes, in
+  bytes, per device (the compiled SPMD HLO is the program one device runs). These collectives'
+  results have exactly their operands' shapes (compiled HLO prints operands without shapes), so
+  the result shapes are summed."""
+  return sum(_shape_bytes(shape) for shape in _collective_results(hlo, op))
+
+
 def all_to_all_bytes(hlo: str) -> int:
-  """Sum over all-to-all instructions of their operand sizes, in bytes, per device (the compiled
-  SPMD HLO is the program one device runs). An all-to-all's result has exactly its operands'
-  shapes (compiled HLO prints operands without shapes), so the result shapes are summed."""
-  return sum(_shape_bytes(shape) for shape in _collective_results(hlo, "all-to-all"))
+  """All-to-all operand bytes per device (see `collective_bytes`)."""
+  return collective_bytes(hlo, "all-to-all")
 
 
 # ----------------------------------------------------------------------------- the train step

@@ -48,10 +48,14 @@ def test_collective_parsing():
   %ars = (f32[8]{0}, f32[8]{0}) all-reduce-start(%g), channel_id=3, to_apply=%sum
   %ard = f32[8]{0} all-reduce-done(%ars)
   %ag = f32[16]{0} all-gather(%h), dimensions={0}
+  %ar = f32[4,2]{1,0} all-reduce(%i), channel_id=4, replica_groups={{0,4},{1,5}}, to_apply=%sum
+  %noop = f32[64]{0} all-reduce(%j), channel_id=5, replica_groups={{0},{1}}, to_apply=%sum
   """
-  assert aot.collective_counts(hlo) == {"all-to-all": 2, "all-gather": 1, "all-reduce": 1,
+  assert aot.collective_counts(hlo) == {"all-to-all": 2, "all-gather": 1, "all-reduce": 2,
                                         "reduce-scatter": 0, "collective-permute": 0}
   assert aot.all_to_all_bytes(hlo) == 4 * 160 * 64 * 4 + 2 * 80 * 64 * 2
+  # The all-reduce over single-member groups (a size-1 mesh axis) moves nothing: not counted.
+  assert aot.collective_bytes(hlo, "all-reduce") == 2 * 8 * 4 + 4 * 2 * 4
 
 
 def test_topology_names():

@@ -13,7 +13,7 @@ Backends:
   `sum(group_sizes)` are never visited and stay zero. The backward pass (custom VJP; nothing is
   differentiated through the loops) is the same loop for `d_lhs = gmm(d_out, rhs^T)` and a
   per-group sum of `lhs_tile^T @ d_out_tile` for `d_rhs` ("tgmm", with tiles up to 1024 rows:
-  each tile costs a `[K, N]` accumulation).
+  each tile costs a `[K, N]` accumulation, added in place into `d_rhs[e]`).
 - ``auto``: ``ragged_dot`` on TPU, ``blocked`` elsewhere.
 
 Alternatives measured on CPU (bench/gmm.py, bench/RESULTS.md): one loop over blocks reading
@@ -32,8 +32,9 @@ import jax.numpy as jnp
 # multiplied in full tiles — as many of the largest size as fit, then the binary decomposition of
 # the rest down to the smallest "full" size — and what is left (fewer rows than that) in one
 # masked tile of the smallest size that covers it. d_rhs accumulates a `[K, N]` sum per tile, so
-# its tiles are larger (fewer accumulations).
-TILES = dict(gmm=(512, 128), tgmm=(1024, 256))  # (largest tile, smallest full tile)
+# its largest tile is larger (fewer accumulations); its smallest full tile is not: a masked tile of
+# 256 rows for a remainder of 129-255 cost more than the extra accumulation (bench/RESULTS.md).
+TILES = dict(gmm=(512, 128), tgmm=(1024, 128))  # (largest tile, smallest full tile)
 
 
 def row_groups(group_sizes: jax.Array, num_rows: int) -> jax.Array:
@@ -134,27 +135,32 @@ def _gmm_loop(x: jax.Array, rhs: jax.Array, group_sizes: jax.Array, block: int,
 
 def _tgmm_loop(x: jax.Array, g: jax.Array, group_sizes: jax.Array, block: int,
                num_groups: int, out_dtype) -> jax.Array:
-  """`d_rhs[e] = sum over rows r of group e of outer(x[r], g[r])`: `[E, K, N]`."""
+  """`d_rhs[e] = sum over rows r of group e of outer(x[r], g[r])`: `[E, K, N]`.
+
+  Each tile's product is added straight into `d_rhs[e]` (an in-place update of the loop carry):
+  no per-group accumulator to zero and copy back.
+  """
   x, g = jnp.asarray(x), jnp.asarray(g)
   P, K = x.shape
   N = g.shape[1]
   offsets = jnp.cumsum(group_sizes) - group_sizes
   dims = (((0,), (0,)), ((), ()))
 
-  def full_tile(start, size, acc):
-    xt = jax.lax.dynamic_slice_in_dim(x, start, size)
-    gt = jax.lax.dynamic_slice_in_dim(g, start, size)
-    return acc + jax.lax.dot_general(xt, gt, dims, preferred_element_type=jnp.float32)
-
-  def masked_tile(start, size, valid, acc):
-    xt, begin, _ = _masked_slice(x, start, size, valid)
-    gt = jax.lax.dynamic_slice_in_dim(g, begin, size)
-    return acc + jax.lax.dot_general(xt, gt, dims, preferred_element_type=jnp.float32)
-
   def group(e, d_rhs):
-    acc = _group_tiles(offsets[e], group_sizes[e], P, block, "tgmm", full_tile, masked_tile,
-                       _zeros_like_varying((K, N), jnp.float32, x))
-    return jax.lax.dynamic_update_index_in_dim(d_rhs, acc.astype(out_dtype), e, 0)
+    def add(xt, gt, d_rhs):
+      prod = jax.lax.dot_general(xt, gt, dims, preferred_element_type=jnp.float32)
+      return d_rhs.at[e].add(prod.astype(out_dtype))
+
+    def full_tile(start, size, d_rhs):
+      return add(jax.lax.dynamic_slice_in_dim(x, start, size),
+                 jax.lax.dynamic_slice_in_dim(g, start, size), d_rhs)
+
+    def masked_tile(start, size, valid, d_rhs):
+      xt, begin, _ = _masked_slice(x, start, size, valid)
+      return add(xt, jax.lax.dynamic_slice_in_dim(g, begin, size), d_rhs)
+
+    return _group_tiles(offsets[e], group_sizes[e], P, block, "tgmm", full_tile, masked_tile,
+                        d_rhs)
 
   return jax.lax.fori_loop(0, num_groups, group,
                            _zeros_like_varying((num_groups, K, N), out_dtype, x))
@@ -185,7 +191,7 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str = "auto",
-        block_size: int = 128) -> jax.Array:
+        block_size: int = 16) -> jax.Array:
   """`lhs [P, K]` rows sorted by group, `rhs [E, K, N]`, `group_sizes [E]` -> `[P, N]`.
 
   Row r of group e gives `lhs[r] @ rhs[e]`; rows past `sum(group_sizes)` give zeros. The blocked
