@@ -63,3 +63,18 @@ def test_invalid_backend_and_block_size_are_errors():
   with pytest.raises(ValueError, match="backend"):
     grouped_matmul.gmm(jnp.ones((6, 2)), jnp.ones((2, 2, 2)), jnp.asarray([4, 0]),
                        backend="megablox")
+
+
+def test_blocked_gradients_over_every_tile_size():
+  """Groups that use the largest tiles (512 rows forward, 1024 in the weight gradient), the
+  128-row full tiles and masked remainders: gradients equal ragged_dot's."""
+  gs = jnp.asarray([1100, 0, 129, 70, 255])
+  P = 1600  # rows past the 1554 used stay zero
+  lhs = jax.random.normal(jax.random.key(4), (P, 6))
+  rhs = jax.random.normal(jax.random.key(5), (5, 6, 3))
+  loss = lambda backend: lambda l, r: jnp.sum(jnp.sin(
+      grouped_matmul.gmm(l, r, gs, backend=backend, block_size=16)))
+  got = jax.grad(loss("blocked"), argnums=(0, 1))(lhs, rhs)
+  want = jax.grad(loss("ragged_dot"), argnums=(0, 1))(lhs, rhs)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
