@@ -136,6 +136,7 @@ def main() -> None:
   from bench import common
   from moe_jax import moe
   from moe_jax.aot import all_to_all_bytes, collective_bytes, collective_counts
+  from moe_jax.parallel import sharding
 
   p = common.parser(__doc__.splitlines()[0], "bench/out/scaling.json")
   p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
@@ -164,13 +165,11 @@ def main() -> None:
       return x
 
   def placed(model, mesh):
-    """(graphdef, params, rest) with expert banks sharded over `expert` (replicated if 1)."""
+    """(graphdef, params, rest): parameters sharded by the trainer's rules (expert banks over
+    `expert`), the rest replicated."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    def put(path, x):
-      expert = any(getattr(q, "key", None) == "experts" for q in path)
-      return jax.device_put(x, NamedSharding(mesh, P("expert") if expert else P()))
-    return (graphdef, jax.tree_util.tree_map_with_path(put, params),
-            jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), rest))
+    return (graphdef, jax.device_put(params, sharding.tree_shardings(params, mesh)),
+            jax.device_put(rest, sharding.replicated(mesh)))
 
   def compiled_fwd_bwd(model, x, mesh, backward: bool):
     graphdef, params, rest = placed(model, mesh)
@@ -187,16 +186,14 @@ def main() -> None:
       program = jax.jit(fn).lower(params, x).as_text()  # StableHLO, before XLA's passes
       return common.compile_fn(fn, params, x), program
 
-  def grad_bytes_replicated_over_batch(model, data: int, ep: int) -> int:
-    """Bytes per device of the parameter gradients that a batch-split axis must all-reduce:
-    expert banks when data > 1 (their 1/ep shard), everything else when data x ep > 1."""
+  def grad_bytes_replicated_over_batch(model, mesh) -> int:
+    """Bytes per device of the parameter gradients that the batch-split axes must all-reduce:
+    each parameter's shard, where some batch axis of size > 1 does not shard it."""
     total = 0
     for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
-      expert = any(getattr(q, "key", None) == "experts" for q in path)
-      if expert and data > 1:
-        total += x.size * x.dtype.itemsize // ep
-      elif not expert and data * ep > 1:
-        total += x.size * x.dtype.itemsize
+      sharded_over = {a for a in sharding.param_spec(path, x.shape, mesh) if a is not None}
+      if math.prod(n for a, n in mesh.shape.items() if a not in sharded_over) > 1:
+        total += x.size * x.dtype.itemsize // math.prod(mesh.shape[a] for a in sharded_over)
     return total
 
   def run_a2a(args, records):
@@ -267,14 +264,15 @@ def main() -> None:
     for name, data, ep in meshes:
       n = data * ep
       x = jax.random.normal(jax.random.key(1), (n * Bd, S, D), jnp.float32)
-      compiled[name] = compiled_fwd_bwd(stack, x, mesh_for(ep, data), backward=True)[0]
-      meta[name] = (data, ep, n)
+      mesh = mesh_for(ep, data)
+      compiled[name] = compiled_fwd_bwd(stack, x, mesh, backward=True)[0]
+      meta[name] = (data, ep, n, mesh)
       print(f"  compiled {name}", flush=True)
     timings = common.time_interleaved({n: c.call for n, c in compiled.items()}, reps=reps)
     t1 = timings["1 device"].median
     rows = []
     for name, c in compiled.items():
-      data, ep, n = meta[name]
+      data, ep, n, mesh = meta[name]
       hlo = c.hlo()
       tokens = n * Bd * S
       a2a_analytic = (4 * (tokens // n) * k * D * 4 * E * C / (k * S) * L) if ep > 1 else 0
@@ -285,7 +283,7 @@ def main() -> None:
              **{f"n_{op}": cnt for op, cnt in collective_counts(hlo).items()},
              "a2a_bytes_per_device": all_to_all_bytes(hlo), "a2a_bytes_analytic": a2a_analytic,
              "all_reduce_bytes_per_device": collective_bytes(hlo, "all-reduce"),
-             "grad_bytes_replicated": grad_bytes_replicated_over_batch(stack, data, ep),
+             "grad_bytes_replicated": grad_bytes_replicated_over_batch(stack, mesh),
              **c.stats()}
       records.append(rec)
       rows.append(rec)
