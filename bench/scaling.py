@@ -102,7 +102,9 @@ def run_pods(args, records: list[dict]) -> None:
       with open(out) as f:
         report = json.load(f)
     m = report["memory_per_device"]
-    rec = {"section": "pods", "config": os.path.basename(config), "topology": topology,
+    path, _, variant = config.partition(":")
+    rec = {"section": "pods", "config": os.path.basename(path) + (f":{variant}" if variant else ""),
+           "topology": topology,
            "overrides": " ".join(overrides), "mesh": "x".join(f"{k}={v}" for k, v in
                                                               report["mesh"].items() if v > 1),
            "batch": report["batch_size"], "params": report["params"],
