@@ -31,7 +31,7 @@ from bench import common
 from moe_jax import moe
 from moe_jax.moe import config as moe_config
 from moe_jax.moe.experts import ExpertBank
-from moe_jax.routing import ROUTER_CLASSES
+from moe_jax.routing import ROUTERS
 
 D, F = 768, 3072
 
@@ -138,7 +138,7 @@ def token_choice_paths(router: str, T: int, E: int, k: int, group_sizes, blocks)
 def all_paths(T, E, k, args) -> list[Path]:
   """The paths of `args.routers` (default: every registered router)."""
   paths = []
-  for router in args.routers or ROUTER_CLASSES:
+  for router in args.routers or ROUTERS.names():
     if router in moe_config.TOKEN_CHOICE_ROUTERS:
       paths += token_choice_paths(router, T, E, k, args.group_sizes, args.blocks)
     else:  # expert choice, soft and anything new: its own dispatch; k is not used
@@ -238,7 +238,7 @@ def main():
   p.add_argument("--k", type=int, nargs="+", default=None)
   p.add_argument("--group-sizes", type=int, nargs="+", default=None)
   p.add_argument("--blocks", type=int, nargs="+", default=None)
-  p.add_argument("--routers", nargs="+", choices=sorted(ROUTER_CLASSES), default=None,
+  p.add_argument("--routers", nargs="+", choices=ROUTERS.names(), default=None,
                  help="default: every registered router (--quick: top_k, expert_choice, soft)")
   p.add_argument("--dtype", default="float32", help="matmul dtype (bfloat16 on GPU/TPU)")
   p.add_argument("--seq", type=int, default=256, help="tokens per image (group_size=0 group)")

@@ -12,7 +12,7 @@ from jax.sharding import AxisType
 
 from moe_jax import moe
 from moe_jax.aot import collective_counts
-from moe_jax.routing import ROUTER_CLASSES
+from moe_jax.routing import ROUTERS
 
 MESHES = [(8, 1), (2, 4), (1, 8)]
 
@@ -45,7 +45,7 @@ def loss_and_grads(layer, x):
   return f(params, x)
 
 
-@pytest.mark.parametrize("router,dispatch", [(r, "capacity") for r in sorted(ROUTER_CLASSES)] +
+@pytest.mark.parametrize("router,dispatch", [(r, "capacity") for r in ROUTERS.names()] +
                          [("top_k", "dropless"), ("clusters", "dropless")])
 def test_sharded_equals_unsharded_for_every_mesh(router, dispatch):
   """Dropless under an expert axis > 1 runs capacity buffers with room for every token."""

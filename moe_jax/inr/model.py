@@ -14,7 +14,7 @@ import ml_collections
 from flax import nnx
 
 from moe_jax import moe
-from moe_jax.moe import aux, dispatch
+from moe_jax.moe import aux_outputs, dispatch
 from moe_jax.routing import RoutingPlan, build_router
 from moe_jax.inr.siren import SirenBank
 
@@ -112,7 +112,7 @@ class MoEC(nnx.Module):
     weighted = sum((weights[name] * v for name, v in plan.aux_losses.items()),
                    jnp.zeros((), jnp.float32))
     mass = plan.token_expert_mass(N).sum(axis=1)
-    aux.record(self, aux.LayerAux(
+    aux_outputs.record(self, aux_outputs.LayerAux(
         losses=plan.aux_losses, weighted_loss=weighted, metrics={**plan.metrics, **metrics},
         example_load=mass / jnp.maximum(mass.sum(-1, keepdims=True), 1e-9)))
     return y

@@ -9,7 +9,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.moe import aux, dispatch, expert_parallel
+from moe_jax.moe import aux_outputs, dispatch, expert_parallel
 from moe_jax.moe.config import validate
 from moe_jax.moe.experts import ACTIVATIONS, ExpertBank
 from moe_jax.routing import build_router, ops
@@ -109,7 +109,7 @@ class MoELayer(nnx.Module):
                    jnp.zeros((), jnp.float32))
     B, T, E = x.shape[0], x.shape[1], c.num_experts
     mass = plan.token_expert_mass(groups.shape[1]).reshape(B, T, E).sum(axis=1)
-    aux.record(self, aux.LayerAux(
+    aux_outputs.record(self, aux_outputs.LayerAux(
         losses=plan.aux_losses, weighted_loss=weighted, metrics={**plan.metrics, **metrics},
         example_load=mass / jnp.maximum(mass.sum(-1, keepdims=True), 1e-9)))
     return y

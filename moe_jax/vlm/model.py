@@ -8,14 +8,13 @@ Encoders run in the sorted order of their names; their token groups are concaten
 """
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moe_jax.vlm import connector, decoder as decoder_lib, encoders, hga
+from moe_jax.registry import Registry
+from moe_jax.vlm import connector, encoders, hga
 
 # Stage -> parameter groups the optimizer updates (the rest is frozen by an optax mask).
 STAGES = {"stage1": ("connectors", "hga"), "stage2": ("connectors", "hga", "decoder")}
@@ -44,14 +43,13 @@ def trainable_pattern(config: ml_collections.ConfigDict, stage: str) -> str:
   return "^(" + "|".join(groups) + ")/"
 
 
+DECODERS = Registry("model.decoder.name", {"transformer": "moe_jax.vlm.decoder:Decoder"},
+                    allow_paths=True)
+
+
 def build_decoder(c: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
-  """`Decoder` for name 'transformer', else the class at 'package.module:Class', built (c, rngs)."""
-  if c.name == "transformer":
-    return decoder_lib.Decoder(c, rngs=rngs)
-  module, _, cls = c.name.partition(":")
-  if not cls:
-    raise ValueError(f"model.decoder.name={c.name!r}: use 'transformer' or 'package.module:Class'")
-  return getattr(importlib.import_module(module), cls)(c, rngs=rngs)
+  """The decoder of `c.name`: 'transformer' (`Decoder`) or any 'package.module:Class', built (c, rngs)."""
+  return DECODERS.get(c.name)(c, rngs=rngs)
 
 
 class MoCHA(nnx.Module):
