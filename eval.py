@@ -10,7 +10,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax.train import cli
+from moe_jax.train import cli, loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,7 +23,7 @@ def main(argv):
   del argv
 
   def evaluate(config, workdir):
-    result = cli.task_module(config).evaluate_checkpoint(config, workdir)
+    result = loop.evaluate_checkpoint(config, workdir)
     print(json.dumps({k: v for k, v in result.items() if k != "routing"}, indent=1))
 
   cli.run(evaluate, _CONFIG.value, cli.workdir_for(_WORKDIR.value, "config", HERE))

@@ -10,7 +10,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax.train import cli
+from moe_jax.train import cli, loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -21,7 +21,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: workdir
 
 def main(argv):
   del argv
-  cli.run(lambda config, workdir: cli.task_module(config).train_and_evaluate(config, workdir),
+  cli.run(lambda config, workdir: loop.train_and_evaluate(config, workdir),
           _CONFIG.value, cli.workdir_for(_WORKDIR.value, "config", HERE))
 
 

@@ -52,18 +52,21 @@ def variants(args) -> dict:
 
 def compiled_step(config):
   """(zero-argument callable running one step on a fixed batch, XLA FLOPs per step)."""
+  from moe_jax import tasks
+  from moe_jax.parallel import sharding
   from moe_jax.train import loop, optim, state as state_lib, step as step_lib
+  task = tasks.build_task(config)
   mesh = loop.build_mesh(config)
   tx = optim.make_optimizer(config.optimizer, config.total_steps)
   state, shardings, defs = state_lib.create_state(config, tx, mesh)
-  abstract = loop.abstract_batch(config, mesh, eval_=False)
+  abstract = task.abstract_batch(config.batch_size, sharding.batch_sharding(mesh), eval_=False)
   rng = np.random.default_rng(0)
   batch = {k: jax.device_put(rng.integers(0, config.model.num_classes, s.shape).astype(s.dtype)
                              if k == "label" else rng.standard_normal(s.shape).astype(s.dtype),
                              s.sharding) for k, s in abstract.items()}
   with jax.set_mesh(mesh):
     step = step_lib.make_train_step(defs, tx, optim.schedule(config.optimizer, config.total_steps),
-                                    mesh, shardings)
+                                    mesh, shardings, task.loss)
     compiled = step.lower(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                       sharding=x.sharding), state),
                           abstract).compile()

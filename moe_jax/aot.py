@@ -16,10 +16,11 @@ Topologies:
   `jax.experimental.topologies.get_topology_desc`, which needs libtpu — the optional extra
   `pip install -e '.[tpu]'` (pins `jax[tpu]` to the installed jax). It compiles on a CPU host.
 
-The step is the trainer's (`moe_jax.train.step.make_train_step`): the model of `config.model`,
-softmax cross-entropy plus the MoE aux losses, the optimizer of `config.optimizer`, state
-shardings from `moe_jax.parallel.sharding` on the mesh of `config.mesh` (-1 = remaining
-devices), batch `image [batch_size, image_size, image_size, channels]`, `label [batch_size]`.
+The step is the trainer's (`moe_jax.train.step.make_train_step`) for `config.task` (any
+`moe_jax.tasks.Task`: classification, vqa): the model of `config.model`, the task's loss plus the
+MoE aux losses, the optimizer of `config.optimizer`, state shardings from
+`moe_jax.parallel.sharding` on the mesh of `config.mesh` (-1 = remaining devices), and the
+task's batch shapes (`Task.batch_shapes`).
 """
 from __future__ import annotations
 
@@ -183,25 +184,31 @@ def _mesh(config, devices):
 
 
 def lower_train_step(config, devices):
-  """The trainer's own train step (`moe_jax.train.step.make_train_step`, with the optimizer,
-  state shardings and batch of `config`) lowered on a mesh of `devices`, from abstract inputs.
+  """The trainer's own train step for `config`'s task (`moe_jax.train.step.make_train_step` with
+  the task's loss, the optimizer, state shardings and batch shapes of `config`) lowered on a mesh
+  of `devices`, from abstract inputs.
 
   Returns (lowered, mesh, info) where info has parameter counts and shapes.
   """
   import jax
 
+  from moe_jax import tasks
+  from moe_jax.parallel import sharding
   from moe_jax.train import loop, optim, state as state_lib, step as step_lib
 
   loop.validate_config(config)
+  task = tasks.build_task(config)
+  task.check()
   mesh = _mesh(config, devices)
   tx = optim.make_optimizer(config.optimizer, config.total_steps)
   abstract, shardings, defs = state_lib.abstract_state(config, tx, mesh)
   with jax.set_mesh(mesh):
     train_step = step_lib.make_train_step(
-        defs, tx, optim.schedule(config.optimizer, config.total_steps), mesh, shardings)
-    lowered = train_step.lower(abstract, loop.abstract_batch(config, mesh, eval_=False))
+        defs, tx, optim.schedule(config.optimizer, config.total_steps), mesh, shardings, task.loss)
+    batch = task.abstract_batch(config.batch_size, sharding.batch_sharding(mesh), eval_=False)
+    lowered = train_step.lower(abstract, batch)
   leaves = jax.tree.leaves(abstract.params)
-  info = {"params": int(sum(math.prod(x.shape) for x in leaves)),
+  info = {"task": task.name, "params": int(sum(math.prod(x.shape) for x in leaves)),
           "param_bytes": int(sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)),
           "mesh": dict(mesh.shape), "batch_size": config.batch_size}
   return lowered, mesh, info

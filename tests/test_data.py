@@ -167,7 +167,7 @@ def test_default_data_dir_is_tfds_data_dir(monkeypatch, tmp_path):
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
   c = with_(data.default_config(), name="sklearn_digits", image_size=8)
   assert c.data_dir is None
-  next(data.make_dataset(c, "test", batch_size=8, train=False))
+  next(iter(data.make_dataset(c, "test", batch_size=8, train=False)))
   assert (tmp_path / "sklearn_digits").is_dir()
 
 

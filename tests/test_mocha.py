@@ -10,12 +10,12 @@ import optax
 import pytest
 from flax import nnx
 
-from moe_jax import moe
+from moe_jax import moe, tasks
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import sharding
-from moe_jax.train import cli, optim, state as state_lib, step as step_lib
+from moe_jax.tasks import vqa as vqa_task
+from moe_jax.train import loop, optim, state as state_lib, step as step_lib
 from moe_jax.vlm import connector, decoder, encoders, hga, model, tokenizer
-from moe_jax.vlm import train as vqa_train
 from moe_jax.vlm import vqa_data
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -162,7 +162,7 @@ def test_config_errors_name_the_field():
   c = _tiny_config("stage2")
   c.task = "detection"
   with pytest.raises(ValueError, match="task='detection'"):
-    cli.task_module(c)
+    tasks.build_task(c)
   c.optimizer.trainable = "(connectors"
   with pytest.raises(ValueError, match="optimizer.trainable"):
     optim.make_optimizer(c.optimizer, 10)
@@ -196,10 +196,10 @@ def test_exact_match_and_answer_mask():
   E, P = tokenizer.EOS, tokenizer.PAD
   batch = {"tokens": jnp.array([[1, 7, 7, 30, E, P], [1, 7, 30, 31, E, P]]),
            "prompt_len": jnp.array([3, 2]), "answer_len": jnp.array([2, 3])}
-  np.testing.assert_array_equal(vqa_train.answer_mask(batch),
+  np.testing.assert_array_equal(vqa_task.answer_mask(batch),
                                 [[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 0]])
   generated = jnp.array([[30, E, 30], [30, 31, 5]])  # row 0 right (after <eos> ignored)
-  np.testing.assert_array_equal(vqa_train.exact_match(generated, batch), [True, False])
+  np.testing.assert_array_equal(vqa_task.exact_match(generated, batch), [True, False])
   t = tokenizer.Tokenizer()
   ids = t.encode("Which digits are next to this digit?")
   assert tokenizer.UNK not in ids and t.decode([tokenizer.BOS, *ids, E, 5]) == (
@@ -226,9 +226,8 @@ def _tiny_config(variant: str, batch_size: int = 8) -> ml_collections.ConfigDict
 
 def _random_batch(config, key=0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(key)
-  mesh = mesh_lib.build_mesh(config.mesh, devices=jax.devices()[:1])
   out = {}
-  for name, s in vqa_data.abstract_batch(config, mesh, False).items():
+  for name, s in vqa_data.batch_shapes(config, config.batch_size, False).items():
     if name == "image":
       out[name] = rng.uniform(-1, 1, s.shape).astype(np.float32)
     else:
@@ -254,7 +253,7 @@ def test_stage1_train_step_updates_only_the_connectors():
   before = jax.device_get(state.params)
   with jax.set_mesh(mesh):
     train_step = step_lib.make_train_step(defs, tx, schedule, mesh, shardings,
-                                          task_loss=vqa_train.vqa_loss)
+                                          task_loss=vqa_task.vqa_loss)
     state, metrics = train_step(state, _random_batch(c))
   changed = _changed(before, jax.device_get(state.params))
   assert {k.split("/")[0] for k, v in changed.items() if v} == {"connectors", "hga"}
@@ -330,6 +329,6 @@ def test_tiny_vlm_learns_to_name_held_out_digits(tmp_path):
   c.optimizer.warmup_steps = 20
   c.data.question_types = "which"
   c.eval_batch_size = 200
-  result = vqa_train.train_and_evaluate(c, str(tmp_path))
+  result = loop.train_and_evaluate(c, str(tmp_path))
   assert result["eval/num_examples"] == 1000  # the held-out images
   assert result["eval/exact_match/which"] > 0.3, result  # chance: 0.1

@@ -91,11 +91,12 @@ def _shard(n: int, process_index: int, process_count: int) -> np.ndarray:
 
 def make_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1,
-                 train: bool) -> grain.DatasetIterator:
-  """An iterator of numpy batches of `split` for this process (see the module docstring).
+                 train: bool) -> grain.DatasetIterator | grain.IterDataset:
+  """Numpy batches of `split` for this process (see the module docstring).
 
-  train=True: endless, reshuffled every epoch, augmented (`data.augment`), full batches.
-  train=False: one pass in order, no augmentation, padded last batch with `mask`; `seed` unused.
+  train=True: an endless iterator, reshuffled every epoch, augmented (`data.augment`), full
+  batches. train=False: a re-iterable dataset (each `iter()` is one pass, in order; readers are
+  built once), no augmentation, padded last batch with `mask`; `seed` unused.
   Every process gets the same number of eval batches. Save `it.get_state()` in a checkpoint and
   call `set_state` on a fresh iterator built the same way to continue with the same batches.
   """
@@ -121,7 +122,7 @@ def make_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: i
     if not flags.FLAGS.is_parsed():  # outside an absl app; grain's workers read absl flags
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
-  return iter(ds)
+  return iter(ds) if train else ds
 
 
 def train_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: int,
@@ -132,7 +133,7 @@ def train_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: i
 
 
 def eval_dataset(config: ml_collections.ConfigDict, *, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.DatasetIterator:
-  """`make_dataset` on `data.eval_split`, train=False."""
+                 process_count: int = 1) -> grain.IterDataset:
+  """`make_dataset` on `data.eval_split`, train=False (re-iterable)."""
   return make_dataset(config, config.eval_split, batch_size=batch_size,
                       process_index=process_index, process_count=process_count, train=False)

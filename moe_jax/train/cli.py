@@ -1,7 +1,6 @@
 """Shared plumbing of train.py / eval.py: flag parsing and one-line errors that name the fix."""
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from typing import Callable
@@ -24,18 +23,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 in a multi-process job.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, in [0, num_processes).")
-# config.task -> module with train_and_evaluate(config, workdir) and evaluate_checkpoint(...)
-TASKS = {"classification": "moe_jax.train.loop", "vqa": "moe_jax.vlm.train"}
-
-
-def task_module(config: ml_collections.ConfigDict):
-  """The trainer module of `config.task` (default 'classification')."""
-  task = config.get("task", "classification")
-  if task not in TASKS:
-    raise ValueError(f"task={task!r} is unknown; use one of {sorted(TASKS)}")
-  return importlib.import_module(TASKS[task])
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with unknown or malformed `--config.*` overrides as one-line errors."""
   try:

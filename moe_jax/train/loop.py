@@ -1,18 +1,17 @@
-"""The training loop and sharded evaluation, driven by one config."""
+"""The training loop and sharded evaluation of any `moe_jax.tasks.Task`, driven by one config."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moe_jax import analysis, data
-from moe_jax.analysis import plots
+from moe_jax import tasks
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import distributed, sharding
 from moe_jax.train import checkpoint, metrics, optim, state as state_lib, step as step_lib
@@ -44,78 +43,42 @@ def _global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict
   return distributed.global_batch(local, sharding.batch_sharding(mesh))
 
 
-def sum_eval_batches(eval_step: Callable, state, dataset, mesh: jax.sharding.Mesh):
-  """`eval_step(state, batch)` summed over every batch of `dataset`, fetched to the host once."""
-  totals = None
-  for local in dataset:
-    out = eval_step(state, _global_batch(local, mesh))
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  return jax.device_get(totals)
-
-
-def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, eval_: bool):
-  """The global batch as `jax.ShapeDtypeStruct`s sharded over the batch axes (for lowering)."""
-  size, s = config.data.image_size, sharding.batch_sharding(mesh)
-  B = config.get("eval_batch_size", config.batch_size) if eval_ else config.batch_size
-  channels = config.model.channels
-  batch = {"image": jax.ShapeDtypeStruct((B, size, size, channels), jnp.float32, sharding=s),
-           "label": jax.ShapeDtypeStruct((B,), jnp.int32, sharding=s)}
-  if eval_:
-    batch["mask"] = jax.ShapeDtypeStruct((B,), jnp.float32, sharding=s)
-  return batch
-
-
-def evaluate(config, state, defs, mesh, shardings) -> tuple[dict, dict]:
-  """Sharded evaluation on the eval split: (`eval/...` scalars, per-MoE-layer routing:
-  `{layer: {"metrics": averages, "class_expert": [classes, E]}}`)."""
-  B = config.get("eval_batch_size", config.batch_size)
-  mesh_lib.build_mesh(config.mesh, num_experts=num_experts(config), global_batch=B)
-  pc, pi = jax.process_count(), jax.process_index()
-  ds = data.eval_dataset(config.data, batch_size=B // pc, process_index=pi, process_count=pc)
-  with jax.set_mesh(mesh):
-    eval_step = step_lib.make_eval_step(defs, mesh, shardings, config.model.num_classes)
-    sums, routing = sum_eval_batches(eval_step, state, ds, mesh)
-  n = float(sums["count"])
-  scalars = {"eval/loss": float(sums["loss"]) / n, "eval/accuracy": float(sums["top1"]) / n,
-             "eval/top5_accuracy": float(sums["top5"]) / n, "eval/num_examples": n}
-  routing = {layer: {"metrics": {k: np.asarray(v) / n for k, v in r["metrics"].items()},
-                     "class_expert": np.asarray(r["class_expert"])}
-             for layer, r in routing.items()}
-  return scalars, routing
-
-
-def routing_report(routing: dict, workdir: str | None = None) -> dict:
-  """The routing analysis of an evaluation (and its PNG plots under `workdir/analysis`)."""
-  report = analysis.layer_report({k: r["class_expert"] for k, r in routing.items()},
-                                 {k: r["metrics"] for k, r in routing.items()})
-  if workdir is not None and routing and jax.process_index() == 0:
-    report["plots"] = plots.plot_report(report, os.path.join(workdir, "analysis"))
-  return report
+def check_batch_size(mesh: jax.sharding.Mesh, size: int, field: str) -> None:
+  """ValueError naming `field` unless a global batch of `size` splits over the mesh's batch
+  axes and the processes."""
+  axes = sharding.batch_sharding(mesh).spec[0]
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if size < 1 or size % shards or size % jax.process_count():
+    raise ValueError(f"{field}={size} must be a positive multiple of the {shards} batch shards "
+                     f"(mesh axes {'*'.join(axes)} = {'*'.join(str(mesh.shape[a]) for a in axes)})"
+                     f" and of the {jax.process_count()} processes")
 
 
 class Trainer:
-  """Everything one run needs: mesh, data, optimizer, state, compiled steps, checkpoints."""
-
-  # Task hooks (classification); moe_jax/vlm/train.py's VqaTrainer replaces them for MoCHA.
-  train_dataset = staticmethod(data.train_dataset)
-  abstract_batch = staticmethod(abstract_batch)
-  make_train_step = staticmethod(step_lib.make_train_step)
+  """Everything one run needs, built once: task, mesh, optimizer, state structure (one model
+  build), checkpoints, compiled train step and (at the first evaluation) eval step + eval data."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     validate_config(config)
     self.config, self.workdir = config, workdir
+    self.task = tasks.build_task(config)
+    self.task.check()
     self.mesh = build_mesh(config)
+    self.eval_batch_size = config.get("eval_batch_size", config.batch_size)
+    check_batch_size(self.mesh, self.eval_batch_size, "eval_batch_size")
     self.tx = optim.make_optimizer(config.optimizer, config.total_steps)
     self.schedule = optim.schedule(config.optimizer, config.total_steps)
-    self.abstract, self.shardings, self.defs = state_lib.abstract_state(config, self.tx, self.mesh)
+    self.init = state_lib.StateInit(config, self.tx, self.mesh)
+    self.abstract, self.shardings, self.defs = self.init.abstract, self.init.shardings, self.init.defs
     self.ckpt = checkpoint.manager(workdir)
+    self._evaluator = None  # (compiled eval step, eval batches), built at the first evaluation
 
   def restore_or_init(self):
     """(state, data-iterator state or None): the latest checkpoint, else a fresh state."""
     restored = checkpoint.restore(self.ckpt, self.abstract)
     if restored is not None:
       return restored
-    return state_lib.create_state(self.config, self.tx, self.mesh)[0], None
+    return self.init.create(), None
 
   def restore(self):
     """The latest checkpoint's state; CheckpointError naming the fix when there is none."""
@@ -126,21 +89,44 @@ class Trainer:
           f"--workdir {self.workdir}) or point --workdir at a finished run")
     return restored[0]
 
+  def _abstract_batch(self, batch_size: int, eval_: bool):
+    return self.task.abstract_batch(batch_size, sharding.batch_sharding(self.mesh), eval_)
+
+  def _build_evaluator(self):
+    pc, pi = jax.process_count(), jax.process_index()
+    batches = self.task.eval_batches(batch_size=self.eval_batch_size // pc, process_index=pi,
+                                     process_count=pc)
+    with jax.set_mesh(self.mesh):
+      eval_step = step_lib.make_eval_step(self.defs, self.mesh, self.shardings,
+                                          self.task.eval_sums)
+      compiled = eval_step.lower(self.abstract,
+                                 self._abstract_batch(self.eval_batch_size, True)).compile()
+    return compiled, batches
+
   def evaluate(self, state) -> tuple[dict, dict]:
-    return evaluate(self.config, state, self.defs, self.mesh, self.shardings)
+    """Sharded evaluation on the eval split: the task's (`eval/...` scalars, extras)."""
+    if self._evaluator is None:
+      self._evaluator = self._build_evaluator()
+    eval_step, batches = self._evaluator
+    totals = None
+    with jax.set_mesh(self.mesh):
+      for local in batches:
+        out = eval_step(state, _global_batch(local, self.mesh))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    return self.task.eval_results(jax.device_get(totals))
 
   def train(self) -> dict:
     c = self.config
     state, data_state = self.restore_or_init()
     pc, pi = jax.process_count(), jax.process_index()
-    iterator = iter(self.train_dataset(c.data, batch_size=c.batch_size // pc, seed=c.seed,
-                                       process_index=pi, process_count=pc))
+    iterator = self.task.train_batches(batch_size=c.batch_size // pc, seed=c.seed,
+                                       process_index=pi, process_count=pc)
     if data_state is not None:
       iterator.set_state(data_state)
     with jax.set_mesh(self.mesh):
-      train_step = self.make_train_step(self.defs, self.tx, self.schedule, self.mesh,
-                                        self.shardings)
-      compiled = train_step.lower(self.abstract, self.abstract_batch(c, self.mesh, False)).compile()
+      train_step = step_lib.make_train_step(self.defs, self.tx, self.schedule, self.mesh,
+                                            self.shardings, self.task.loss)
+      compiled = train_step.lower(self.abstract, self._abstract_batch(c.batch_size, False)).compile()
     flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
     writer = metrics.MetricWriter(self.workdir)
     start, last = int(state.step), {}
@@ -195,11 +181,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Evaluates the latest checkpoint; writes and returns `workdir/eval.json`."""
+  """Evaluates the latest checkpoint; writes and returns `workdir/eval.json` (the task's
+  scalars and report, e.g. classification's routing analysis)."""
   trainer = Trainer(config, workdir)
   state = trainer.restore()
-  scalars, routing = trainer.evaluate(state)
-  result = {"step": int(state.step), **scalars, "routing": routing_report(routing, workdir)}
+  scalars, extras = trainer.evaluate(state)
+  result = {"step": int(state.step), **scalars, **trainer.task.report(extras, workdir)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=1)

@@ -51,27 +51,45 @@ def state_shardings(abstract: TrainState, tx: optax.GradientTransformation,
       opt_state=sharding.optimizer_shardings(tx, abstract.opt_state, params, mesh))
 
 
+class StateInit:
+  """The train state of `config` from one trace of the model's init (the model is built once):
+  `abstract` (shapes + target shardings, for restoring and lowering), `shardings`, `defs`, and
+  `create()` for a fresh state, computed directly in its shardings (never unsharded)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+               mesh: jax.sharding.Mesh):
+    captured = {}
+
+    def init() -> TrainState:
+      state, defs = _init(config, tx)
+      shardings = state_shardings(state, tx, mesh)
+      captured.update(defs=defs, shardings=shardings)
+      return jax.lax.with_sharding_constraint(state, shardings)
+
+    self.mesh = mesh
+    with jax.set_mesh(mesh):
+      self._traced = jax.jit(init).trace()
+    self.defs: ModelDefs = captured["defs"]
+    self.shardings: TrainState = captured["shardings"]
+    self.abstract: TrainState = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self._traced.out_info,
+        self.shardings)
+
+  def create(self) -> TrainState:
+    """A freshly initialised state, sharded by `shardings`."""
+    with jax.set_mesh(self.mesh):
+      return jax.device_put(self._traced.lower().compile()(), self.shardings)
+
+
 def abstract_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                    mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState, ModelDefs]:
   """(abstract state carrying target shardings, its shardings, model defs) without allocating."""
-  captured = {}
-
-  def init():
-    state, defs = _init(config, tx)
-    captured["defs"] = defs
-    return state
-
-  shapes = jax.eval_shape(init)
-  shardings = state_shardings(shapes, tx, mesh)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
-  return abstract, shardings, captured["defs"]
+  init = StateInit(config, tx, mesh)
+  return init.abstract, init.shardings, init.defs
 
 
 def create_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                  mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState, ModelDefs]:
   """A freshly initialised, sharded train state (+ its shardings and the model defs)."""
-  _, shardings, defs = abstract_state(config, tx, mesh)
-  with jax.set_mesh(mesh):
-    state = jax.jit(lambda: _init(config, tx)[0], out_shardings=shardings)()
-  return state, shardings, defs
+  init = StateInit(config, tx, mesh)
+  return init.create(), init.shardings, init.defs

@@ -28,7 +28,6 @@ import tensorflow_datasets as tfds
 
 from moe_jax import data
 from moe_jax.data import builders, pipeline, readers, sources, transforms
-from moe_jax.parallel import sharding
 from moe_jax.vlm import tokenizer as tok
 
 NAME = "mnist_digits_vqa"
@@ -151,9 +150,10 @@ class Examples:
 
 def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1,
-                 train: bool) -> grain.DatasetIterator:
-  """`data.train_split` (train=True) or `data.eval_split` like `moe_jax.data.make_dataset`
-  (same batching, shuffling, crops, padding, resumption), with the VQA fields above."""
+                 train: bool) -> grain.DatasetIterator | grain.IterDataset:
+  """`data.train_split` (train=True: an iterator) or `data.eval_split` (a re-iterable dataset)
+  like `moe_jax.data.make_dataset` (same batching, shuffling, crops, padding, resumption), with
+  the VQA fields above."""
   validate(config)
   examples = Examples(config, config.train_split if train else config.eval_split)
   reader = readers.ArrayReader(examples.images, np.arange(len(examples)))  # label = row
@@ -168,21 +168,21 @@ def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: in
     per_process = -(-len(reader) // process_count)
     batches = grain.MapDataset.range(-(-per_process // batch_size)).map(
         pipeline.EvalBatches(reader, shard, batch_size))
-  return iter(batches.map(examples.with_text).to_iter_dataset(
+  ds = batches.map(examples.with_text).to_iter_dataset(
       grain.ReadOptions(num_threads=config.prefetch_threads,
-                        prefetch_buffer_size=config.prefetch_buffer)))
+                        prefetch_buffer_size=config.prefetch_buffer))
+  return iter(ds) if train else ds
 
 
 train_dataset = functools.partial(make_dataset, train=True)
 eval_dataset = functools.partial(make_dataset, train=False)
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                   eval_: bool) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes, dtypes and shardings of a global batch (for compiling before data arrives)."""
-  d, s = config.data, sharding.batch_sharding(mesh)
-  B = config.get("eval_batch_size", config.batch_size) if eval_ else config.batch_size
-  spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct((B, *shape), dtype, sharding=s)
+def batch_shapes(config: ml_collections.ConfigDict, batch_size: int,
+                 eval_: bool) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a global batch of `batch_size` (for compiling before data arrives)."""
+  d = config.data
+  spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
   batch = {"image": spec((d.image_size, d.image_size, d.channels), jnp.float32),
            **{k: spec((d.text_len,) if k == "tokens" else ()) for k in TEXT_FIELDS}}
   for name in d.features:

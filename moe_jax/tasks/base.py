@@ -1,0 +1,72 @@
+"""`Task`: what the trainer, AOT compilation, evaluation and the comparison need of one problem.
+
+A task owns its data (train batches, eval batches), its loss, its evaluation (per-batch sums on
+device, turned into `eval/...` scalars on the host) and the shapes of its batches, so that the
+trainer (`moe_jax.train.loop`), `moe_jax.aot` and `moe_jax.analysis.compare` run any task the
+same way. Tasks are registered in `moe_jax.tasks.TASKS` by `config.task`.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+Batch = dict[str, jax.Array]
+HostBatch = dict[str, np.ndarray]
+
+
+class Task:
+  """Base class: subclasses fill in every method below (no defaults for the problem-specific ones).
+
+  `config` is the whole training config (`config.data`, `config.model`, ...).
+  """
+
+  name: str = ""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  def check(self) -> None:
+    """Start-up checks that need no device (config fields agree with each other and with the
+    dataset); ValueError naming the field and the fix."""
+    raise NotImplementedError
+
+  def train_batches(self, *, batch_size: int, seed: int, process_index: int,
+                    process_count: int) -> Iterator[HostBatch]:
+    """Endless, resumable (`get_state` / `set_state`) iterator of this process's batches."""
+    raise NotImplementedError
+
+  def eval_batches(self, *, batch_size: int, process_index: int,
+                   process_count: int) -> Iterable[HostBatch]:
+    """Re-iterable single pass over the eval split; batches carry `mask [B]` (1 = real)."""
+    raise NotImplementedError
+
+  def batch_shapes(self, batch_size: int, eval_: bool) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of a global batch of `batch_size` (eval batches include `mask`)."""
+    raise NotImplementedError
+
+  def loss(self, model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(scalar loss incl. MoE aux losses, `train/...` metrics) of a train-mode model."""
+    raise NotImplementedError
+
+  def eval_sums(self, model: nnx.Module, batch: Batch) -> Any:
+    """A tree of sums over the batch's real examples (added up over batches by the trainer)."""
+    raise NotImplementedError
+
+  def eval_results(self, sums: Any) -> tuple[dict[str, float], dict]:
+    """(`eval/...` scalars, extras such as per-layer routing statistics) of the summed tree."""
+    raise NotImplementedError
+
+  def report(self, extras: dict, workdir: str | None) -> dict:
+    """What `eval.json` holds beside the scalars (e.g. the routing report); {} by default."""
+    del extras, workdir
+    return {}
+
+  def abstract_batch(self, batch_size: int, sharding: jax.sharding.Sharding,
+                     eval_: bool) -> dict[str, jax.ShapeDtypeStruct]:
+    """`batch_shapes` with `sharding` attached (for lowering before data arrives)."""
+    return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+            for k, s in self.batch_shapes(batch_size, eval_).items()}

@@ -1,0 +1,106 @@
+"""Visual question answering (MoCHA): answer-token loss, greedy-generation eval, exact match.
+
+Batches (`moe_jax.vlm.vqa_data`): `image float32 [B, H, W, C]`, `tokens int32 [B, L]`,
+`prompt_len`, `answer_len`, `qtype`, `label`, `image_id` int32 `[B]`, optional precomputed
+encoder features `features/<name> float32 [B, T_i, D_i]` (+ `mask float32 [B]` in eval).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moe_jax import moe
+from moe_jax.tasks.base import Batch, Task
+from moe_jax.tasks.classification import check_model_matches_data, moe_scalars
+from moe_jax.vlm import model as model_lib, tokenizer as tok, vqa_data
+
+
+def answer_mask(batch: Batch) -> jax.Array:
+  """`[B, L]` float: 1 at the answer tokens and their `<eos>`."""
+  pos = jnp.arange(batch["tokens"].shape[1])[None]
+  start = batch["prompt_len"][:, None]
+  return ((pos >= start) & (pos < start + batch["answer_len"][:, None])).astype(jnp.float32)
+
+
+def answer_token_loss(model: nnx.Module, batch: Batch):
+  """(per-token cross-entropy `[B, L-1]`, answer mask `[B, L-1]`, hits `[B, L-1]`, MoE aux) of
+  next-token prediction; only answer tokens (and `<eos>`) count."""
+  tokens = batch["tokens"]
+  logits, aux = moe.capture_aux(model)(batch, tokens)
+  logits, targets = logits[:, :-1], tokens[:, 1:]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  hits = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return ce, answer_mask(batch)[:, 1:], hits, aux
+
+
+def vqa_loss(model: nnx.Module, batch: Batch):
+  """(loss, metrics): mean answer-token CE + MoE aux losses."""
+  ce, mask, hits, aux = answer_token_loss(model, batch)
+  n = jnp.maximum(mask.sum(), 1.0)
+  answer_ce = jnp.sum(ce * mask) / n
+  loss = answer_ce + aux.total_loss
+  return loss, {"train/loss": loss, "train/answer_loss": answer_ce,
+                "train/token_accuracy": jnp.sum(hits * mask) / n, **moe_scalars(aux, "train")}
+
+
+def exact_match(generated: jax.Array, batch: Batch) -> jax.Array:
+  """`[B]` bool: do the generated tokens `[B, A]` (cut after their first `<eos>`) equal the
+  answer + `<eos>`?"""
+  A = generated.shape[1]
+  steps = jnp.arange(A)[None]
+  ended = jnp.cumsum(generated == tok.EOS, axis=1) - (generated == tok.EOS) > 0
+  generated = jnp.where(ended, tok.PAD, generated)
+  rows = jnp.arange(generated.shape[0])[:, None]
+  reference = batch["tokens"][rows, batch["prompt_len"][:, None] + steps]
+  reference = jnp.where(steps < batch["answer_len"][:, None], reference, tok.PAD)
+  return jnp.all(generated == reference, axis=1)
+
+
+class VqaTask(Task):
+  """`config.task = "vqa"`."""
+
+  name = "vqa"
+
+  def check(self) -> None:
+    check_model_matches_data(self.config)
+    vqa_data.validate(self.config.data)
+
+  def train_batches(self, *, batch_size, seed, process_index, process_count):
+    return vqa_data.train_dataset(self.config.data, batch_size=batch_size, seed=seed,
+                                  process_index=process_index, process_count=process_count)
+
+  def eval_batches(self, *, batch_size, process_index, process_count):
+    return vqa_data.eval_dataset(self.config.data, batch_size=batch_size,
+                                 process_index=process_index, process_count=process_count)
+
+  def batch_shapes(self, batch_size, eval_):
+    return vqa_data.batch_shapes(self.config, batch_size, eval_)
+
+  def loss(self, model, batch):
+    return vqa_loss(model, batch)
+
+  def eval_sums(self, model, batch):
+    """Sums over real examples: answer-token loss, tokens, token hits (teacher forced), exact
+    matches of greedy answers (overall and per question type), count."""
+    ce, mask, hits, _ = answer_token_loss(model, batch)
+    real = batch["mask"]
+    mask = mask * real[:, None]
+    generated = model_lib.generate(model, batch, batch["tokens"], batch["prompt_len"],
+                                   self.config.data.answer_len)
+    exact = exact_match(generated, batch) * real
+    types = jax.nn.one_hot(batch["qtype"], len(vqa_data.QUESTION_TYPES)) * real[:, None]
+    return {"loss": jnp.sum(ce * mask), "tokens": mask.sum(), "token_hits": jnp.sum(hits * mask),
+            "exact": exact.sum(), "count": real.sum(), "type_exact": exact @ types,
+            "type_count": types.sum(0)}
+
+  def eval_results(self, s):
+    n, t = float(s["count"]), float(s["tokens"])
+    scalars = {"eval/loss": float(s["loss"]) / t,
+               "eval/token_accuracy": float(s["token_hits"]) / t,
+               "eval/exact_match": float(s["exact"]) / n, "eval/num_examples": n}
+    for name, hit, count in zip(vqa_data.QUESTION_TYPES, s["type_exact"], s["type_count"]):
+      if count:
+        scalars[f"eval/exact_match/{name}"] = float(hit) / float(count)
+    return scalars, {}
