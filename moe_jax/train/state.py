@@ -9,7 +9,7 @@ import optax
 from flax import nnx, struct
 
 from moe_jax.models import build_model
-from moe_jax.parallel import sharding
+from moe_jax.parallel import mesh as mesh_lib, sharding
 
 
 @struct.dataclass
@@ -43,8 +43,8 @@ def _init(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
 
 
 def state_shardings(abstract: TrainState, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh) -> TrainState:
-  params = sharding.tree_shardings(abstract.params, mesh)
+                    mesh: jax.sharding.Mesh, param_rules=mesh_lib.PARAM_RULES) -> TrainState:
+  params = sharding.tree_shardings(abstract.params, mesh, param_rules)
   return TrainState(
       step=sharding.replicated(mesh), params=params,
       rest=jax.tree.map(lambda _: sharding.replicated(mesh), abstract.rest),
@@ -62,7 +62,8 @@ def abstract_state(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
     return state
 
   shapes = jax.eval_shape(init)
-  shardings = state_shardings(shapes, tx, mesh)
+  shardings = state_shardings(shapes, tx, mesh,
+                              config.mesh.get("param_rules", mesh_lib.PARAM_RULES))
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, shardings)
   return abstract, shardings, captured["defs"]
