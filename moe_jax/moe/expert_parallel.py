@@ -2,11 +2,12 @@
 
 Under a mesh (`jax.set_mesh(mesh)`) with more than one device, the layer's dispatch runs on each
 device's own routing groups: groups are sharded over the batch axes
-(`moe_jax.parallel.mesh.batch_axes`: data, fsdp, expert) and expert weights over `expert`. Every buffer-based path builds
-local buffers `[E, N, D]` (all E experts, this device's tokens); `ExpertsOverAllToAll` sends
-each expert's slice to the device that holds it (`all_to_all` over `expert` only), runs the local
-experts on `[E / EP, EP * N, D]` and sends the results back. Soft MoE and expert choice group
-tokens per routing group exactly as on one device, so sharded == unsharded.
+(`moe_jax.parallel.mesh.batch_axes`: data, fsdp, expert) and expert weights over `expert`.
+Every buffer-based path builds local buffers `[E, N, D]` (all E experts, this device's tokens);
+`ExpertsOverAllToAll` sends each expert's slice to the device that holds it (`all_to_all` over
+`expert` only), runs the local experts on `[E / EP, EP * N, D]` and sends the results back. Soft
+MoE and expert choice group tokens per routing group exactly as on one device, so sharded ==
+unsharded.
 """
 from __future__ import annotations
 
