@@ -133,12 +133,12 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from jax.sharding import AxisType
 
   from bench import common
   from moe_jax import moe
   from moe_jax.aot import all_to_all_bytes, collective_bytes, collective_counts
-  from moe_jax.parallel import sharding
+  from moe_jax.parallel import mesh as mesh_lib, sharding
 
   p = common.parser(__doc__.splitlines()[0], "bench/out/scaling.json")
   p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
@@ -148,8 +148,8 @@ def main() -> None:
   def mesh_for(ep: int, data: int | None = None):
     """Mesh (data, expert) over the first data x ep devices (data: the rest of the 8)."""
     data = DEVICES // ep if data is None else data
-    return jax.make_mesh((data, ep), ("data", "expert"), axis_types=(AxisType.Auto,) * 2,
-                         devices=jax.devices()[:data * ep])
+    return jax.make_mesh((data, ep), (mesh_lib.DATA, mesh_lib.EXPERT),
+                         axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:data * ep])
 
   def layer_config(E, k, F, cf, dtype):
     c = moe.default_config("top_k")
@@ -175,7 +175,7 @@ def main() -> None:
 
   def compiled_fwd_bwd(model, x, mesh, backward: bool):
     graphdef, params, rest = placed(model, mesh)
-    x = jax.device_put(x, NamedSharding(mesh, P(("data", "expert"))))
+    x = jax.device_put(x, sharding.batch_sharding(mesh))
     ct = jax.device_put(jnp.ones_like(x) * 0.01, x.sharding)
 
     def loss(params, x):

@@ -38,9 +38,10 @@ def train(steps: int = STEPS) -> list[float]:
   import jax.numpy as jnp
   import optax
   from flax import nnx
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from jax.sharding import AxisType
 
   from moe_jax import moe
+  from moe_jax.parallel import mesh as mesh_lib, sharding
 
   class TinyMoE(nnx.Module):
     """x [B, T, IN] -> Linear -> MoELayer -> mean over T -> Linear -> logits [B, CLASSES]."""
@@ -59,19 +60,16 @@ def train(steps: int = STEPS) -> list[float]:
   grid = mesh_devices(jax.devices())
   if jax.process_count() > 1:  # the expert all-to-all crosses processes (gloo)
     assert all(len({d.process_index for d in row}) == jax.process_count() for row in grid)
-  mesh = jax.sharding.Mesh(grid, ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+  mesh = jax.sharding.Mesh(grid, (mesh_lib.DATA, mesh_lib.EXPERT),
+                           axis_types=(AxisType.Auto,) * 2)
   def init():  # built inside jit, straight into its shardings (same values on any mesh)
     model = TinyMoE(nnx.Rngs(params=0, router=1, default=2))
     model.train()  # router noise on
     return nnx.split(model, nnx.Param, ...)
 
   graphdef, abstract_params, abstract_rest = nnx.eval_shape(lambda: init())
-  is_expert = lambda path: any(getattr(p, "key", None) == "experts" for p in path)
-  shardings = (
-      jax.tree_util.tree_map_with_path(
-          lambda path, _: NamedSharding(mesh, P("expert") if is_expert(path) else P()),
-          abstract_params),
-      jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_rest))
+  shardings = (sharding.tree_shardings(abstract_params, mesh),  # experts over `expert`
+               jax.tree.map(lambda _: sharding.replicated(mesh), abstract_rest))
   params, rest = jax.jit(lambda: init()[1:], out_shardings=shardings)()
 
   tx = optax.adam(1e-2)
@@ -80,7 +78,7 @@ def train(steps: int = STEPS) -> list[float]:
   rng = np.random.default_rng(0)
   images = rng.normal(size=(BATCH, TOKENS, IN_DIM)).astype(np.float32)
   labels = rng.integers(0, CLASSES, size=(BATCH,)).astype(np.int32)
-  batch_sharding = NamedSharding(mesh, P(("data", "expert")))
+  batch_sharding = sharding.batch_sharding(mesh)
   rows = distributed.process_rows(batch_sharding, BATCH)  # only these rows are "loaded" here
   batch = distributed.global_batch({"image": images[rows], "label": labels[rows]},
                                    batch_sharding)

@@ -1,24 +1,33 @@
-"""Expert parallelism: sharded == unsharded on every mesh, and the collectives it compiles to."""
+"""Expert parallelism: sharded == unsharded on every mesh and parameter rule set, and the
+collectives it compiles to."""
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType
+from jax.sharding import AxisType, PartitionSpec as P
 
 from moe_jax import moe
 from moe_jax.aot import collective_counts
+from moe_jax.models import build_model
+from moe_jax.parallel import mesh as mesh_lib, sharding
 from moe_jax.routing import ROUTERS
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "configs"))
+import vimoe_tiny_mnist  # noqa: E402
 
 MESHES = [(8, 1), (2, 4), (1, 8)]
 
 
 def mesh_of(shape):
-  return jax.make_mesh(shape, ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+  return jax.make_mesh(shape, (mesh_lib.DATA, mesh_lib.EXPERT), axis_types=(AxisType.Auto,) * 2)
 
 
 def make_layer(router: str, dispatch: str = "capacity"):
@@ -81,3 +90,28 @@ def test_groups_not_divisible_by_devices_is_a_clear_error():
   layer = make_layer("top_k")
   with jax.set_mesh(mesh_of((2, 4))), pytest.raises(ValueError, match="divisible by 8"):
     layer(jnp.ones((4, 6, 8)))
+
+
+def test_sharded_equals_unsharded_under_custom_param_rules():
+  """The tiny ViMoE with its parameters placed by a non-default rule set (multi-axis and
+  per-dimension specs, a replicated router) on mesh (data=1, fsdp=2, expert=4)."""
+  model = build_model(vimoe_tiny_mnist.get_config().model, rngs=nnx.Rngs(0))
+  model.eval()
+  x = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
+  want_loss, want_grads = loss_and_grads(model, x)
+  rules = ((r"/router/", ()), (r"(^|/)experts/", (mesh_lib.EXPERT,)),
+           (r"mlp/fc\d/kernel", (None, (mesh_lib.FSDP, mesh_lib.EXPERT))),
+           (r"attn/\w+/kernel", (mesh_lib.FSDP,)), (r".*", mesh_lib.DATA))
+  mesh = jax.make_mesh((1, 2, 4, 1), mesh_lib.AXES, axis_types=(AxisType.Auto,) * 4)
+  params = nnx.state(model, nnx.Param)
+  shardings = sharding.tree_shardings(params, mesh, rules)
+  specs = {sharding.path_name(path): s.spec
+           for path, s in jax.tree_util.tree_leaves_with_path(shardings)}
+  assert specs["blocks/0/mlp/fc1/kernel"] == P(None, ("fsdp", "expert"))
+  assert specs["blocks/2/mlp/router/kernel"] == P()
+  nnx.update(model, jax.device_put(params, shardings))
+  with jax.set_mesh(mesh):
+    loss, grads = loss_and_grads(model, jax.device_put(x, sharding.batch_sharding(mesh)))
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads,
+               want_grads)

@@ -1,12 +1,13 @@
 """Expert parallelism: run a dispatch path per device inside `jax.shard_map`.
 
 Under a mesh (`jax.set_mesh(mesh)`) with more than one device, the layer's dispatch runs on each
-device's own routing groups: groups are sharded over every batch axis (all mesh axes except
-`model`: data, fsdp, expert) and expert weights over `expert`. Every buffer-based path builds
-local buffers `[E, N, D]` (all E experts, this device's tokens); `ExpertsOverAllToAll` sends
-each expert's slice to the device that holds it (`all_to_all` over `expert` only), runs the local
-experts on `[E / EP, EP * N, D]` and sends the results back. Soft MoE and expert choice group
-tokens per routing group exactly as on one device, so sharded == unsharded.
+device's own routing groups: groups are sharded over the batch axes
+(`moe_jax.parallel.mesh.batch_axes`: data, fsdp, expert) and expert weights over `expert`.
+Every buffer-based path builds local buffers `[E, N, D]` (all E experts, this device's tokens);
+`ExpertsOverAllToAll` sends each expert's slice to the device that holds it (`all_to_all` over
+`expert` only), runs the local experts on `[E / EP, EP * N, D]` and sends the results back. Soft
+MoE and expert choice group tokens per routing group exactly as on one device, so sharded ==
+unsharded.
 """
 from __future__ import annotations
 
@@ -17,10 +18,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.moe.experts import ExpertBank
-from moe_jax.routing.ops import batch_axes, batch_shards
+from moe_jax.parallel.mesh import EXPERT, batch_axes, batch_shards
 from moe_jax.routing.plan import RoutingPlan
-
-EXPERT_AXIS = "expert"
 
 
 def check_divisible(n: int, what: str, mesh: jax.sharding.AbstractMesh) -> None:
@@ -39,14 +38,14 @@ class ExpertsOverAllToAll:
     self.dtype = local.dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jax.lax.all_to_all(x, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)
+    x = jax.lax.all_to_all(x, EXPERT, split_axis=0, concat_axis=1, tiled=True)
     y = self.local(x)  # [E / EP, EP * N, D]
-    return jax.lax.all_to_all(y, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)
+    return jax.lax.all_to_all(y, EXPERT, split_axis=1, concat_axis=0, tiled=True)
 
 
 def expert_shards(mesh: jax.sharding.AbstractMesh | None) -> int:
   """Size of the mesh's `expert` axis (1 without a mesh)."""
-  return 1 if mesh is None else mesh.shape.get(EXPERT_AXIS, 1)
+  return 1 if mesh is None else mesh.shape.get(EXPERT, 1)
 
 
 def dispatch(dispatch_fn: Callable[..., tuple[jax.Array, dict]], plan: RoutingPlan,
@@ -58,12 +57,12 @@ def dispatch(dispatch_fn: Callable[..., tuple[jax.Array, dict]], plan: RoutingPl
   ep = expert_shards(mesh)
   if experts.num_experts % ep:
     raise ValueError(f"MoE: num_experts={experts.num_experts} must be divisible by the mesh "
-                     f"axis 'expert'={ep}")
+                     f"axis {EXPERT!r}={ep}")
   if ep > 1 and experts.dropout.rate > 0:
     raise ValueError("MoE: dropout_rate > 0 is not supported with expert parallelism yet; set "
                      "dropout_rate=0 or an expert axis of size 1")
   graphdef, params, rest = nnx.split(experts, nnx.Param, ...)
-  param_specs = jax.tree.map(lambda _: P(EXPERT_AXIS) if ep > 1 else P(), params)
+  param_specs = jax.tree.map(lambda _: P(EXPERT) if ep > 1 else P(), params)
   rest_specs = jax.tree.map(lambda _: P(), rest)
   plan = plan.replace(aux_losses={}, metrics={})
   plan_specs = jax.tree.map(lambda _: P(axes), plan)

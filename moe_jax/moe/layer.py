@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from moe_jax.moe import aux_outputs, dispatch, expert_parallel
 from moe_jax.moe.config import validate
 from moe_jax.moe.experts import ACTIVATIONS, ExpertBank
+from moe_jax.parallel.mesh import batch_axes
 from moe_jax.routing import build_router, ops
 from moe_jax.routing.plan import RoutingPlan
 
@@ -81,7 +82,7 @@ class MoELayer(nnx.Module):
     mesh = ops.current_mesh()
     if mesh is not None:  # keep routing local: tokens stay sharded over the batch axes
       expert_parallel.check_divisible(x.shape[0], "batch size", mesh)
-      x = jax.lax.with_sharding_constraint(x, P(ops.batch_axes(mesh)))
+      x = jax.lax.with_sharding_constraint(x, P(batch_axes(mesh)))
     plan = self.route(x)
     groups = self._groups(x)
     if plan.kind == "token_choice":

@@ -1,18 +1,37 @@
-"""Device mesh from config, validated before anything compiles."""
+"""Device mesh from config, validated before anything compiles: the one home of the mesh axis
+names and of the rule that the batch is sharded over `data`, `fsdp` and `expert`, never `model`."""
 from __future__ import annotations
 
 import math
 
 import jax
 import ml_collections
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AbstractMesh, AxisType, Mesh
 
-AXES = ("data", "fsdp", "expert", "model")
+DATA, FSDP, EXPERT, MODEL = "data", "fsdp", "expert", "model"
+AXES = (DATA, FSDP, EXPERT, MODEL)
+BATCH_AXES = (DATA, FSDP, EXPERT)  # the batch and routing groups; `model` never splits them
+
+# Parameter sharding rules, (regex on the path "a/b/c", spec); see `moe_jax.parallel.sharding`.
+PARAM_RULES = ((r"(^|/)experts(/|$)", (EXPERT,)),  # expert banks [E, ...]: E over `expert`
+               (r".*", FSDP))  # the rest: its largest dimension that `fsdp` divides
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `mesh` node: devices per axis; -1 = all remaining devices (at most one axis)."""
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, model=1))
+  """The `mesh` node: devices per axis (-1 = all remaining devices, at most one axis) and the
+  parameter sharding rules `param_rules` (format in `moe_jax.parallel.sharding`)."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, model=1,
+                                        param_rules=PARAM_RULES))
+
+
+def batch_axes(mesh: AbstractMesh | Mesh) -> tuple[str, ...]:
+  """The axes of `mesh` that the batch (and every routing group) is sharded over."""
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def batch_shards(mesh: AbstractMesh | Mesh) -> int:
+  """Number of batch shards: the product of the sizes of `batch_axes(mesh)`."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -35,18 +54,20 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
 
 def build_mesh(config: ml_collections.ConfigDict, *, num_experts: int | None = None,
                global_batch: int | None = None, devices=None) -> Mesh:
-  """The mesh of `config` (axes data, fsdp, expert, model), checked against the model and batch."""
+  """The mesh of `config` (axes `AXES`), checked against the model and batch."""
   devices = devices if devices is not None else jax.devices()
   sizes = mesh_shape(config, len(devices))
-  if sizes["expert"] > 1 and num_experts is None:
-    raise ValueError(f"mesh.expert={sizes['expert']} > 1 but the model has no MoE layers; set "
+  if sizes[EXPERT] > 1 and num_experts is None:
+    raise ValueError(f"mesh.expert={sizes[EXPERT]} > 1 but the model has no MoE layers; set "
                      "mesh.expert=1")
-  if num_experts is not None and num_experts % sizes["expert"]:
-    raise ValueError(f"mesh.expert={sizes['expert']} must divide model.moe.num_experts="
+  if num_experts is not None and num_experts % sizes[EXPERT]:
+    raise ValueError(f"mesh.expert={sizes[EXPERT]} must divide model.moe.num_experts="
                      f"{num_experts}")
-  shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  abstract = AbstractMesh(tuple(sizes.values()), AXES)
+  shards = batch_shards(abstract)
   if global_batch is not None and global_batch % shards:
+    axes = batch_axes(abstract)
     raise ValueError(f"batch_size={global_batch} must be divisible by the {shards} batch shards "
-                     f"(mesh data*fsdp*expert = {sizes['data']}*{sizes['fsdp']}*{sizes['expert']})")
+                     f"(mesh {'*'.join(axes)} = {'*'.join(str(sizes[a]) for a in axes)})")
   return jax.make_mesh(tuple(sizes.values()), AXES, axis_types=(AxisType.Auto,) * len(AXES),
                        devices=devices)

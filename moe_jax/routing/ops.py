@@ -5,27 +5,16 @@ gates first. Routing groups never interact, so under a mesh we run it per device
 """
 from __future__ import annotations
 
-import math
-
 import jax
 from jax.sharding import PartitionSpec as P
 
-NON_BATCH_AXES = ("model",)
+from moe_jax.parallel.mesh import batch_axes, batch_shards
 
 
 def current_mesh() -> jax.sharding.AbstractMesh | None:
   """The mesh set with `jax.set_mesh`, or None when absent or a single device."""
   mesh = jax.sharding.get_abstract_mesh()
   return None if mesh.empty or mesh.size == 1 else mesh
-
-
-def batch_axes(mesh: jax.sharding.AbstractMesh) -> tuple[str, ...]:
-  """Mesh axes that routing groups (and the batch) are sharded over."""
-  return tuple(a for a in mesh.axis_names if a not in NON_BATCH_AXES)
-
-
-def batch_shards(mesh: jax.sharding.AbstractMesh) -> int:
-  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

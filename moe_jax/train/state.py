@@ -9,7 +9,7 @@ import optax
 from flax import nnx, struct
 
 from moe_jax.models import build_model
-from moe_jax.parallel import sharding
+from moe_jax.parallel import mesh as mesh_lib, sharding
 
 
 @struct.dataclass
@@ -43,8 +43,8 @@ def _init(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
 
 
 def state_shardings(abstract: TrainState, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh) -> TrainState:
-  params = sharding.tree_shardings(abstract.params, mesh)
+                    mesh: jax.sharding.Mesh, param_rules=mesh_lib.PARAM_RULES) -> TrainState:
+  params = sharding.tree_shardings(abstract.params, mesh, param_rules)
   return TrainState(
       step=sharding.replicated(mesh), params=params,
       rest=jax.tree.map(lambda _: sharding.replicated(mesh), abstract.rest),
@@ -62,7 +62,7 @@ class StateInit:
 
     def init() -> TrainState:
       state, defs = _init(config, tx)
-      shardings = state_shardings(state, tx, mesh)
+      shardings = state_shardings(state, tx, mesh, config.mesh.param_rules)
       captured.update(defs=defs, shardings=shardings)
       return jax.lax.with_sharding_constraint(state, shardings)
 

@@ -1,0 +1,93 @@
+"""Parameter sharding rules (`mesh.param_rules`): the defaults, custom rules, one-line errors."""
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from moe_jax.parallel import mesh as mesh_lib, sharding
+from moe_jax.train import loop, optim, state as state_lib
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "configs"))
+import vimoe_tiny_mnist  # noqa: E402
+
+# Today's specs of the tiny ViMoE on mesh (data=1, fsdp=2, expert=4).
+DEFAULT_SPECS = {
+    "blocks/2/mlp/experts/fc1_kernel": P("expert"),  # [4, 64, 128]
+    "blocks/3/mlp/experts/fc2_bias": P("expert"),  # [4, 64]
+    "blocks/0/attn/query/kernel": P("fsdp", None, None),  # [64, 4, 16]
+    "blocks/0/attn/query/bias": P(None, "fsdp"),  # [4, 16]
+    "blocks/1/attn/out/kernel": P(None, None, "fsdp"),  # [4, 16, 64]
+    "blocks/0/mlp/fc1/kernel": P(None, "fsdp"),  # [64, 128]
+    "blocks/2/mlp/router/kernel": P("fsdp", None),  # [64, 4]
+    "blocks/2/mlp/shared_expert/fc2/kernel": P("fsdp", None),  # [128, 64]
+    "patch_embed/kernel": P(None, None, None, "fsdp"),  # [7, 7, 1, 64]
+    "blocks/0/norm1/scale": P(), "blocks/0/mlp/fc1/bias": P(), "head/bias": P(),
+}
+
+
+def config(param_rules=None):
+  c = vimoe_tiny_mnist.get_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, 2, 4
+  if param_rules is not None:
+    c.mesh.param_rules = param_rules
+  return c
+
+
+def state_specs(c):
+  """{path: spec} of the parameters and of Adam's first moments of the trainer's state."""
+  tx = optim.make_optimizer(c.optimizer, c.total_steps)
+  abstract, _, _ = state_lib.abstract_state(c, tx, loop.build_mesh(c))
+  specs = lambda tree: {sharding.path_name(path): x.sharding.spec
+                        for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+  mu = [s for s in jax.tree.leaves(abstract.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+        if hasattr(s, "mu")][0].mu
+  return specs(abstract.params), specs(mu)
+
+
+def test_default_rules_give_todays_specs():
+  params, moments = state_specs(config())
+  assert {k: params[k] for k in DEFAULT_SPECS} == DEFAULT_SPECS
+  assert moments == params
+
+
+def test_custom_rules_change_the_specs():
+  params, moments = state_specs(config(((r"/router/", ()),) + mesh_lib.PARAM_RULES))
+  assert params["blocks/2/mlp/router/kernel"] == P()
+  assert {k: params[k] for k in DEFAULT_SPECS if "router" not in k} == {
+      k: v for k, v in DEFAULT_SPECS.items() if "router" not in k}
+  assert moments == params
+  params, _ = state_specs(config(()))  # no rules: everything replicated
+  assert set(params.values()) == {P()}
+
+
+def test_an_explicit_spec_shards_the_named_dimensions():
+  params, _ = state_specs(config(((r"attn/\w+/kernel$", (None, "fsdp")),
+                                  (r"fc1/kernel", ("fsdp", "expert")))))
+  assert params["blocks/0/attn/query/kernel"] == P(None, "fsdp")
+  assert params["blocks/2/mlp/shared_expert/fc1/kernel"] == P("fsdp", "expert")
+  assert params["blocks/2/mlp/experts/fc1_kernel"] == P()  # matched by no rule
+
+
+@pytest.mark.parametrize("rule,error", [
+    (("(", "fsdp"), r"bad regex .*; fix the pattern"),
+    ((".*", ("tensor",)), r"unknown mesh axis 'tensor'; use one of data, fsdp, expert, model"),
+    ((".*", "tensor"), r"unknown mesh axis 'tensor'"),
+    ((".*", 2), r"must be \(regex, spec\)"),
+    (("head", [None, 3]), r"must be \(regex, spec\)"),
+    (("just a regex",), r"must be \(regex, spec\)"),
+    (("head/bias", (None, "fsdp")),
+     r"spec of 2 dimensions for the 1-D parameter head/bias of shape \[10\]; shorten the spec"),
+    (("router/kernel", (None, ("fsdp", "expert"))),
+     r"dimension 1 \(size 4\) of parameter blocks/2/mlp/router/kernel of shape \[64, 4\] does "
+     r"not divide over \('fsdp', 'expert'\) \(8 devices\); change the spec"),
+])
+def test_a_bad_rule_is_a_one_line_error_naming_it(rule, error):
+  rules = (mesh_lib.PARAM_RULES[0], rule)
+  with pytest.raises(ValueError, match=r"^mesh\.param_rules\[1\] = .*: " + error) as e:
+    state_specs(config(rules))
+  assert "\n" not in str(e.value)
