@@ -16,9 +16,8 @@ from jax.test_util import check_grads
 
 import moe_reference as ref
 from moe_jax import moe
-from moe_jax.routing import ROUTERS, RoutingPlan, TokenChoiceRouter, losses
+from moe_jax.routing import ROUTERS, RoutingPlan, TokenChoiceRouter, fail, losses
 from moe_jax.routing import clusters as clusters_lib
-from moe_jax.routing.base import fail
 from moe_jax.routing.expert_choice import expert_choice_capacity
 from moe_jax.routing.top_k import TopKRouter, token_choice_plan
 
@@ -333,13 +332,12 @@ def test_layer_takes_a_router_instance(mine):
     ("random", "k seed"),
 ])
 def test_router_node_holds_only_the_knobs_its_router_reads(router, fields):
-  got = ml_collections.ConfigDict(moe.default_config(router).router.to_dict())
-  flat = {f"{k}.{kk}" if isinstance(v, dict) else k
-          for k, v in got.to_dict().items() if k != "name"
-          for kk in (v if isinstance(v, dict) else [None])}
+  got = moe.default_config(router).router.to_dict()
+  flat = {f"{k}.{leaf}" if isinstance(v, dict) else k
+          for k, v in got.items() if k != "name" for leaf in (v if isinstance(v, dict) else [k])}
   assert flat == set(fields.split())
   if router == "top_k":  # the defaults of before, V-MoE loss weights
-    assert got.to_dict() == dict(
+    assert got == dict(
         name="top_k", k=1, noise_std=1.0, renormalize=False, bpr=True, init_std=0.02,
         loss_weights=dict(importance=0.005, load=0.005, balance=0.0, z_loss=0.0))
 

@@ -7,7 +7,8 @@ expert, per-token or per-image routing); `config.moe_layers` (a string, so it ca
 - `"last:n"`: the last n blocks (the paper: 2-5 MoE layers in the deeper half suffice);
 - `"every:n"`: every n-th block, counting from the last one (V-MoE's "every other layer").
 
-MoEC (Mixture of Expert Clusters) is ViMoE with `config.moe.router.name = "clusters"`.
+MoEC (Mixture of Expert Clusters) is ViMoE with the clusters router:
+`vimoe_config(router="clusters")`.
 """
 from __future__ import annotations
 

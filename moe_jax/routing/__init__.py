@@ -2,7 +2,8 @@
 
 The module defines a `Router` subclass (`TokenChoiceRouter` for token-choice plans) that owns
 its `plan_kind`, its `loss_weights` (every aux loss it returns -> paper weight), its
-`default_config()` (the `config.router` knobs it reads) and its `validate(config)`; then
+`default_config()` (the `config.router` knobs it reads) and its `validate(config)` (errors
+through `fail(field, msg)`); then
 
     ROUTERS.register("mine", "my_pkg.my_router:MyRouter")   # or the class itself
 
@@ -15,7 +16,7 @@ import ml_collections
 from flax import nnx
 
 from moe_jax.registry import Registry
-from moe_jax.routing.base import Router, TokenChoiceRouter
+from moe_jax.routing.base import Router, TokenChoiceRouter, fail
 from moe_jax.routing.plan import RoutingPlan
 
 # router.name -> `Router` subclass, imported on first use.
@@ -34,4 +35,4 @@ def build_router(dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs)
   return ROUTERS.get(config.router.name)(dim, config, rngs=rngs)
 
 
-__all__ = ["RoutingPlan", "Router", "TokenChoiceRouter", "build_router", "ROUTERS"]
+__all__ = ["RoutingPlan", "Router", "TokenChoiceRouter", "fail", "build_router", "ROUTERS"]
