@@ -29,7 +29,6 @@ from flax import nnx
 
 from bench import common
 from moe_jax import moe
-from moe_jax.moe import config as moe_config
 from moe_jax.moe.experts import ExpertBank
 from moe_jax.routing import ROUTERS
 
@@ -47,8 +46,12 @@ class Path:
   capacity_factor: float = 1.0
 
   @property
+  def token_choice(self) -> bool:
+    return ROUTERS.get(self.router).plan_kind == "token_choice"
+
+  @property
   def name(self) -> str:
-    if self.router not in moe_config.TOKEN_CHOICE_ROUTERS:
+    if not self.token_choice:
       return f"{self.router} cf{self.capacity_factor:g} g{self.group_size}"
     if self.dispatch == "dropless":
       return f"{self.router} dropless b{self.block_size}"
@@ -58,7 +61,7 @@ class Path:
   @property
   def kind(self) -> str:
     """Family for the best-of tables: capacity / dropless / the router's own dispatch."""
-    if self.router not in moe_config.TOKEN_CHOICE_ROUTERS:
+    if not self.token_choice:
       return self.router
     return self.dispatch if self.router == "top_k" else f"{self.router}/{self.dispatch}"
 
@@ -67,8 +70,10 @@ def layer_config(path: Path, E: int, k: int, dtype: str = "float32"):
   c = moe.default_config(path.router)
   c.dtype = dtype
   c.num_experts, c.hidden_dim = E, F
-  c.router.k = k
-  c.router.bpr = path.bpr
+  if path.token_choice:
+    c.router.k = k
+  if "bpr" in c.router:
+    c.router.bpr = path.bpr
   c.dispatch, c.capacity_factor, c.group_size = path.dispatch, path.capacity_factor, path.group_size
   c.dropless.block_size = path.block_size
   return c
@@ -139,7 +144,7 @@ def all_paths(T, E, k, args) -> list[Path]:
   """The paths of `args.routers` (default: every registered router)."""
   paths = []
   for router in args.routers or ROUTERS.names():
-    if router in moe_config.TOKEN_CHOICE_ROUTERS:
+    if Path(router).token_choice:
       paths += token_choice_paths(router, T, E, k, args.group_sizes, args.blocks)
     else:  # expert choice, soft and anything new: its own dispatch; k is not used
       paths.append(Path(router, group_size=args.group_sizes[0]))

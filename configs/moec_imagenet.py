@@ -15,6 +15,7 @@ from __future__ import annotations
 import ml_collections
 
 import vimoe_imagenet
+from moe_jax import moe
 
 
 def get_config(variant: str = "reference") -> ml_collections.ConfigDict:
@@ -23,13 +24,12 @@ def get_config(variant: str = "reference") -> ml_collections.ConfigDict:
   c = vimoe_imagenet.get_config("B/16" if variant == "reference" else "S/16")
   c.model.moe_layers = "every:2"
   m = c.model.moe
-  m.router.name, m.router.k, m.capacity_factor = "clusters", 1, 2.0
+  m.router = moe.default_config("clusters").router  # its knobs; loss weights 0.01 (MoEC)
+  m.router.k, m.capacity_factor = 1, 2.0
   m.num_experts = 64 if variant == "reference" else 16
   m.router.clusters.num_clusters = 8 if variant == "reference" else 4
   m.router.clusters.lambda_var = 1.0
   m.router.clusters.expert_dropout = 0.5
   m.router.clusters.resample_every = 100
-  m.router.loss_weights = ml_collections.ConfigDict(
-      dict(importance=0.0, load=0.0, balance=0.01, z_loss=0.0, variance=0.01))
   m.shared_expert.enabled = False
   return c

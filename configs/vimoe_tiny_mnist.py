@@ -29,7 +29,8 @@ def model_config(router: str = "top_k") -> ml_collections.ConfigDict:
       head_zero_init=True)
   m = model.moe
   m.num_experts = 4
-  m.router.k = 2
+  if "k" in m.router:  # token-choice routers
+    m.router.k = 2
   m.capacity_factor = 1.25
   m.shared_expert.enabled = True
   return model

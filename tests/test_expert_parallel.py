@@ -32,7 +32,9 @@ def mesh_of(shape):
 
 def make_layer(router: str, dispatch: str = "capacity"):
   c = moe.default_config(router)
-  c.num_experts, c.hidden_dim, c.router.k = 8, 16, 2
+  c.num_experts, c.hidden_dim = 8, 16
+  if "k" in c.router:  # token-choice routers
+    c.router.k = 2
   c.dispatch = dispatch
   if router == "clusters":
     c.router.clusters.num_clusters = 4

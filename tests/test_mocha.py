@@ -176,6 +176,22 @@ def test_config_errors_name_the_field():
     model.trainable_pattern(c.model, "stage3")
 
 
+
+def test_moe_nodes_follow_the_knobs_they_were_derived_from_until_set_themselves():
+  c = connector.connector_config(8)
+  assert c.capacity_factor == 2.0  # E / k = 4 / 2: room for every token
+  c.router.k = 4
+  assert c.capacity_factor == 1.0
+  c.capacity_factor = 1.5
+  c.num_experts = 8
+  assert (c.capacity_factor, ml_collections.FrozenConfigDict(c).capacity_factor) == (1.5, 1.5)
+  d = decoder.decoder_config(width=16, depth=2, mlp_dim=32, num_heads=2, vocab_size=11,
+                             max_len=8, moe_layers="1")
+  d.dtype = "bfloat16"
+  assert decoder.Decoder(d, rngs=nnx.Rngs(0)).blocks[1].mlp.experts.dtype == jnp.bfloat16
+  d.moe.dtype = "float32"
+  assert (d.dtype, d.moe.dtype) == ("bfloat16", "float32")
+
 def test_decoder_is_causal():
   dec = decoder.Decoder(decoder.decoder_config(width=16, depth=2, mlp_dim=32, num_heads=2,
                                                vocab_size=20, max_len=16, moe_layers="1"),

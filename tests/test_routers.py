@@ -3,9 +3,12 @@ their invariants, gradients and config errors."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,14 +16,23 @@ from jax.test_util import check_grads
 
 import moe_reference as ref
 from moe_jax import moe
+from moe_jax.routing import ROUTERS, RoutingPlan, TokenChoiceRouter, fail, losses
 from moe_jax.routing import clusters as clusters_lib
 from moe_jax.routing.expert_choice import expert_choice_capacity
+from moe_jax.routing.top_k import TopKRouter, token_choice_plan
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import compare_routers  # noqa: E402
+import moec_imagenet  # noqa: E402
 
 
 def make_layer(router, E=4, k=1, dim=8, F=16, **kw):
   c = moe.default_config(router)
-  c.num_experts, c.hidden_dim, c.router.k = E, F, k
-  c.router.init_std = 1.0
+  c.num_experts, c.hidden_dim = E, F
+  if "k" in c.router:  # token-choice routers
+    c.router.k = k
+  if "init_std" in c.router:
+    c.router.init_std = 1.0
   for key, value in kw.items():
     node = c
     *parents, leaf = key.split("__")
@@ -211,3 +223,131 @@ def test_expert_choice_capacity_formula():
   assert expert_choice_capacity(16, 4, 1.0) == 4
   assert expert_choice_capacity(16, 4, 0.01) == 1
   assert expert_choice_capacity(16, 4, 100.0) == 16
+
+
+class CosineRouter(TokenChoiceRouter):
+  """A router from outside the package: top-k of softmax(cos(x, w_e) / temperature), BPR."""
+
+  loss_weights = dict(balance=0.02)
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    c = super().default_config()
+    c.temperature = 0.5
+    return c
+
+  @classmethod
+  def validate(cls, config: ml_collections.ConfigDict) -> None:
+    super().validate(config)
+    if config.router.temperature <= 0:
+      fail("router.temperature", f"={config.router.temperature} must be > 0")
+
+  def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.k, self.temperature = config.router.k, config.router.temperature
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (dim, config.num_experts)))
+
+  def __call__(self, x: jax.Array) -> RoutingPlan:
+    w = self.kernel[...] / jnp.linalg.norm(self.kernel[...], axis=0)
+    logits = jnp.einsum("gsd,de->gse", x / jnp.linalg.norm(x, axis=-1, keepdims=True), w)
+    gates = jax.nn.softmax(logits / self.temperature, axis=-1)
+    plan = token_choice_plan(gates, logits, self.k, False, True)
+    return plan.replace(aux_losses={"balance": losses.balance_loss(gates, plan.expert_index)})
+
+
+@pytest.fixture
+def mine(monkeypatch):
+  """`CosineRouter` registered as "mine" for one test."""
+  monkeypatch.setattr(ROUTERS, "_entries", dict(ROUTERS._entries))
+  ROUTERS.register("mine", CosineRouter)
+  return "mine"
+
+
+def cosine_reference(layer, x, k, capacity):
+  x = np.asarray(x, np.float64)
+  w = np.asarray(layer.router.kernel[...], np.float64)
+  cos = (x / np.linalg.norm(x, axis=-1, keepdims=True)) @ (w / np.linalg.norm(w, axis=0))
+  gates = ref.softmax(cos / 0.5)
+  idx = np.argsort(-gates, axis=-1, kind="stable")[..., :k]
+  weights = np.take_along_axis(gates, idx, -1)
+  y, _ = ref.token_choice(x, idx, weights, weights[..., 0], capacity, ref.expert_params(layer))
+  top1 = np.stack([np.bincount(i[:, 0], minlength=4) / x.shape[1] for i in idx])
+  return y, np.mean(4 * np.sum(top1 * gates.mean(1), -1))
+
+
+@pytest.mark.parametrize("mode", ["capacity", "dropless"])
+def test_a_router_from_outside_the_package_is_one_class_and_one_registry_line(mine, mode):
+  c = moe.default_config(mine)
+  assert c.router.to_dict() == dict(name="mine", k=1, temperature=0.5,
+                                    loss_weights=dict(balance=0.02))
+  moe.validate(c)
+  layer = make_layer(mine, k=2, dispatch=mode)
+  y, aux = run(layer, X)
+  cap = None if mode == "dropless" else math.ceil(2 * 8 / 4)
+  want, balance = cosine_reference(layer, X, 2, cap)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(aux.weighted_loss, 0.02 * balance, rtol=1e-5)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def f(params, x):
+    y, aux = moe.capture_aux(nnx.merge(graphdef, params, rest, copy=True))(x)
+    return jnp.sum(jnp.sin(y)) + aux.total_loss
+
+  check_grads(f, (params, X[:1, :6]), order=1, modes=["rev"], eps=1e-3, atol=2e-2, rtol=2e-2)
+  assert np.abs(jax.grad(f)(params, X)["router"]["kernel"][...]).max() > 0
+  with pytest.raises(ValueError, match=r"^MoE config: router\.temperature=0\.0 must be > 0$"):
+    make_layer(mine, router__temperature=0.0)
+
+
+def test_layer_takes_a_router_instance(mine):
+  c = moe.default_config(mine)
+  c.num_experts, c.hidden_dim = 4, 16
+  router = CosineRouter(8, c, rngs=nnx.Rngs(7))
+  layer = moe.MoELayer(8, c, rngs=nnx.Rngs(0), router=router)
+  layer.eval()
+  assert layer.router is router
+  y, _ = run(layer, X)
+  np.testing.assert_allclose(y, cosine_reference(layer, X, 1, 2)[0], rtol=1e-5, atol=1e-5)
+  top_k = moe.default_config()
+  top_k.num_experts, top_k.hidden_dim = 4, 16
+  injected = TopKRouter(8, top_k, rngs=nnx.Rngs(7))
+  layer = moe.MoELayer(8, top_k, rngs=nnx.Rngs(0), router=injected)
+  np.testing.assert_array_equal(layer.router.kernel[...], injected.kernel[...])
+  assert not np.array_equal(layer.router.kernel[...],
+                            moe.MoELayer(8, top_k, rngs=nnx.Rngs(0)).router.kernel[...])
+  with pytest.raises(ValueError, match="router.temperature"):  # checked against its class
+    moe.MoELayer(8, top_k, rngs=nnx.Rngs(0), router=router)
+  with pytest.raises(ValueError, match=r"router=.*Linear.*Router subclass"):
+    moe.MoELayer(8, top_k, rngs=nnx.Rngs(0), router=nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("router,fields", [
+    ("top_k", "bpr init_std k noise_std renormalize loss_weights.balance loss_weights.importance "
+              "loss_weights.load loss_weights.z_loss"),
+    ("expert_choice", "init_std loss_weights.z_loss"),
+    ("soft", "soft.slots_per_expert"),
+    ("clusters", "bpr clusters.expert_dropout clusters.lambda_var clusters.num_clusters "
+                 "clusters.proj_dim clusters.resample_every clusters.temperature k renormalize "
+                 "seed loss_weights.balance loss_weights.variance"),
+    ("hash", "k seed"),
+    ("random", "k seed"),
+])
+def test_router_node_holds_only_the_knobs_its_router_reads(router, fields):
+  got = moe.default_config(router).router.to_dict()
+  flat = {f"{k}.{leaf}" if isinstance(v, dict) else k
+          for k, v in got.items() if k != "name" for leaf in (v if isinstance(v, dict) else [k])}
+  assert flat == set(fields.split())
+  if router == "top_k":  # the defaults of before, V-MoE loss weights
+    assert got == dict(
+        name="top_k", k=1, noise_std=1.0, renormalize=False, bpr=True, init_std=0.02,
+        loss_weights=dict(importance=0.005, load=0.005, balance=0.0, z_loss=0.0))
+
+
+def test_configs_that_set_router_knobs_build_valid_moe_nodes():
+  for variant in ("reference", "small"):
+    m = moec_imagenet.get_config(variant).model.moe
+    moe.validate(m)
+    assert m.router.name == "clusters" and m.router.clusters.expert_dropout == 0.5
+    assert m.router.loss_weights.to_dict() == dict(balance=0.01, variance=0.01)
+  for name, model in compare_routers.get_config("full").strategies.items():
+    if "moe" in model:
+      moe.validate(model.moe)

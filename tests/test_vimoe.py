@@ -1,12 +1,18 @@
 """ViMoE: MoE blocks at chosen depths, upcycling from a dense ViT, per-image routing, MoEC, overfit."""
 from __future__ import annotations
 
+import copy
+import json
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
 from moe_jax import moe
 from moe_jax.models import build_model, vit, vimoe
@@ -23,6 +29,45 @@ def tiny(router="top_k", **kw):
       node, *rest = rest
     (target[node].__setitem__(rest[0], value) if rest else target.__setitem__(node, value))
   return c
+
+
+def command_line(config: ml_collections.ConfigDict, *overrides: str) -> ml_collections.ConfigDict:
+  """A copy of `config` after `config_flags` overrides `--cfg.a.b=v` (locked, as the trainer's)."""
+  argv = ["prog", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_dict("cfg", copy.deepcopy(config), flag_values=values,
+                                  sys_argv=argv)
+  values(argv)
+  return values.cfg
+
+
+def test_switching_router_from_the_command_line_names_what_is_missing_and_the_fix():
+  config = tiny()
+  with pytest.raises(ValueError) as e:
+    build_model(command_line(config, "--cfg.moe.router.name=soft"), rngs=nnx.Rngs(0))
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith("MoE config: router.name='soft': the router node lacks "
+                            "router.soft.slots_per_expert and has router.bpr, ")
+  assert "moe.default_config('soft')" in message and "vimoe_config(router='soft')" in message
+  moe.validate(vimoe.vimoe_config(router="soft").moe)  # the fix
+  switched = command_line(config, "--cfg.moe.dispatch=dropless", "--cfg.moe.dropless.block_size=4")
+  assert build_model(switched, rngs=nnx.Rngs(0)).blocks[3].mlp.config.dispatch == "dropless"
+
+
+def test_moe_dtype_follows_the_model_dtype_until_set_itself():
+  config = tiny()
+  bf16 = command_line(config, "--cfg.dtype=bfloat16")
+  assert bf16.moe.dtype == "bfloat16"
+  assert ml_collections.FrozenConfigDict(bf16).moe.dtype == "bfloat16"
+  assert json.loads(bf16.to_json_best_effort())["moe"]["dtype"] == "bfloat16"
+  layer = build_model(bf16, rngs=nnx.Rngs(0)).blocks[3].mlp
+  assert layer.experts.dtype == jnp.bfloat16 and layer.experts.fc1_kernel.dtype == jnp.float32
+  experts_only = command_line(config, "--cfg.moe.dtype=bfloat16")
+  assert (experts_only.dtype, experts_only.moe.dtype) == ("float32", "bfloat16")
+  both = command_line(config, "--cfg.moe.dtype=float16", "--cfg.dtype=bfloat16")
+  assert (both.dtype, both.moe.dtype) == ("bfloat16", "float16")
+  assert config.moe.dtype == "float32"
 
 
 @pytest.mark.parametrize("spec,want", [("last:2", [2, 3]), ("every:2", [1, 3]), ("0,2", [0, 2])])

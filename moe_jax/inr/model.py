@@ -84,6 +84,9 @@ class MoEC(nnx.Module):
       raise ValueError(f"model.gate_input={c.gate_input!r}: use 'features' or 'coords'")
     self.gate_on_coords = c.gate_input == "coords"
     self.router = build_router(in_dim if self.gate_on_coords else H, c.moe, rngs=rngs)
+    if self.router.plan_kind != "token_choice":
+      raise ValueError(f"model.moe.router.name={c.moe.router.name!r} makes "
+                       f"{self.router.plan_kind} plans: MoEC needs a token-choice router")
     self.experts = SirenBank(E, [H] * (c.depth + 1), [base + step * i for i in range(E)],
                              first=False, rngs=rngs)
     self.decoder = SirenBank(1, [H, c.tail_width], [c.w0_hidden], first=False, out_dim=1,
@@ -99,9 +102,6 @@ class MoEC(nnx.Module):
     """`coords [G, N, d] -> [G, N]`."""
     c = self.moe_config
     features, plan = self.route(coords)
-    if plan.kind != "token_choice":
-      raise ValueError(f"model.moe.router.name={c.router.name!r}: MoEC needs a token-choice "
-                       "router (top_k, clusters, hash, random)")
     mixed, metrics = dispatch.token_choice(
         plan, features, self.experts, mode=c.dispatch, capacity_factor=c.capacity_factor,
         min_capacity=c.min_capacity, block_size=c.dropless.block_size,

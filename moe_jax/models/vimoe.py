@@ -7,7 +7,8 @@ expert, per-token or per-image routing); `config.moe_layers` (a string, so it ca
 - `"last:n"`: the last n blocks (the paper: 2-5 MoE layers in the deeper half suffice);
 - `"every:n"`: every n-th block, counting from the last one (V-MoE's "every other layer").
 
-MoEC (Mixture of Expert Clusters) is ViMoE with `config.moe.router.name = "clusters"`.
+MoEC (Mixture of Expert Clusters) is ViMoE with the clusters router:
+`vimoe_config(router="clusters")`.
 """
 from __future__ import annotations
 
@@ -24,13 +25,17 @@ from moe_jax.models import vit
 
 def vimoe_config(variant: str = "S/16", moe_layers: str | Sequence[int] = "last:2",
                  router: str = "top_k", **vit_overrides) -> ml_collections.ConfigDict:
-  """A ViT config of `variant` plus the MoE node; experts default to the dense MLP width."""
+  """A ViT config of `variant` plus `router`'s MoE node; experts default to the dense MLP width.
+
+  `moe.dtype` follows `dtype` (a lazy reference: `--config.model.dtype=bfloat16` sets both)
+  until it is set itself (then only the experts change).
+  """
   c = vit.vit_config(variant, **vit_overrides)
   c.name = "vimoe"
   c.moe_layers = moe_layers if isinstance(moe_layers, str) else ",".join(map(str, moe_layers))
   c.moe = moe.default_config(router)
   c.moe.hidden_dim = c.mlp_dim
-  c.moe.dtype = c.dtype
+  c.moe.dtype = c.get_ref("dtype").identity()
   return c
 
 

@@ -1,25 +1,42 @@
-"""The MoE layer's configuration: every knob, its default, and build-time validation."""
+"""The MoE layer's configuration: the layer's knobs, the router's own node, build-time checks."""
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import ml_collections
 
-ROUTERS = ("top_k", "expert_choice", "soft", "clusters", "hash", "random")
-TOKEN_CHOICE_ROUTERS = ("top_k", "clusters", "hash", "random")
+from moe_jax.routing import ROUTERS
+from moe_jax.routing.base import Router, fail
+
 DISPATCHES = ("capacity", "dropless")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
-LOSS_NAMES = ("importance", "load", "balance", "z_loss", "variance")
 
-# Paper defaults of the auxiliary-loss weights, per router (SPECS.md).
-_LOSS_WEIGHTS = {
-    "top_k": dict(importance=0.005, load=0.005),  # V-MoE
-    "clusters": dict(balance=0.01, variance=0.01),  # MoEC gate-loss weight 0.01
-}
+
+def _fields(node: Mapping[str, Any], prefix: str) -> set[str]:
+  """Dotted paths of the leaves of config node `node`, each after `prefix`."""
+  return set().union(*(
+      _fields(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else {prefix + k}
+      for k, v in node.items()))
+
+
+def _difference(want: set[str], have: set[str]) -> str:
+  """How `have` differs from `want`: 'lacks a, b and has c, which it does not read'."""
+  parts = [f"lacks {', '.join(sorted(want - have))}"] if want - have else []
+  if have - want:
+    parts.append(f"has {', '.join(sorted(have - want))}, which it does not read")
+  return " and ".join(parts)
 
 
 def default_config(router: str = "top_k") -> ml_collections.ConfigDict:
-  """Returns the MoE layer config with every knob, loss weights set to `router`'s paper values."""
-  if router not in ROUTERS:
-    raise ValueError(f"router={router!r} is unknown; use one of {ROUTERS}")
+  """The MoE layer config for `router` (a `moe_jax.routing.ROUTERS` name).
+
+  `router` holds only the knobs that router reads (`Router.default_config()`) and the weights of
+  the losses it returns, at their paper values. The layer's knobs are there for every router:
+  `dispatch` is a layer-level switch that a locked config must let the command line flip, so
+  `dropless.*` (read with dispatch='dropless') and `capacity_factor` / `min_capacity` (read with
+  'capacity', and by 'dropless' on an expert-sharded mesh, which falls back to buffers) stay.
+  """
+  cls = ROUTERS.get(router)
   c = ml_collections.ConfigDict()
   c.num_experts = 8
   c.hidden_dim = 512  # F, hidden width of each expert MLP.
@@ -42,25 +59,8 @@ def default_config(router: str = "top_k") -> ml_collections.ConfigDict:
   # 'auto' = 'ragged_dot' where XLA has a real grouped GEMM (TPU), else 'blocked'.
   c.dropless.backend = "auto"
 
-  c.router = ml_collections.ConfigDict()
-  c.router.name = router
-  c.router.k = 1
-  c.router.noise_std = 1.0  # V-MoE: eps ~ N(0, (noise_std / E)^2), train only.
-  c.router.renormalize = False  # Renormalise the k selected weights to sum to 1.
-  c.router.bpr = True  # Batch Prioritized Routing: serve tokens by max gate, 1st choices first.
-  c.router.init_std = 0.02  # Router kernel init (normal).
-  c.router.loss_weights = ml_collections.ConfigDict(
-      {name: _LOSS_WEIGHTS.get(router, {}).get(name, 0.0) for name in LOSS_NAMES})
-  c.router.soft = ml_collections.ConfigDict(dict(slots_per_expert=1))
-  c.router.clusters = ml_collections.ConfigDict(dict(
-      num_clusters=2,
-      proj_dim=32,  # Router projection h = W x.
-      temperature=0.07,  # Initial learnable temperature of the cosine logits.
-      lambda_var=1.0,  # Weight of the cluster-variance term inside l_aux.
-      expert_dropout=0.0,  # Cluster-level expert dropout rate (train only).
-      resample_every=1,  # Steps between redraws of the dropped-expert mask.
-  ))
-  c.router.seed = 0  # Hash / random baselines: fixed seed (random router in eval mode).
+  c.router = ml_collections.ConfigDict(
+      {"name": router, **cls.default_config(), "loss_weights": dict(cls.loss_weights)})
 
   c.shared_expert = ml_collections.ConfigDict()
   c.shared_expert.enabled = False
@@ -69,16 +69,28 @@ def default_config(router: str = "top_k") -> ml_collections.ConfigDict:
   return c
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the offending field; called when a layer is built."""
+def validate(c: ml_collections.ConfigDict, router: type[Router] | None = None) -> None:
+  """Raises ValueError naming the offending field; called when a layer is built.
 
-  def fail(field: str, msg: str):
-    raise ValueError(f"MoE config: {field} {msg}")
-
+  `router`: the class of a router handed to the layer (default: `ROUTERS.get(router.name)`).
+  """
   r = c.router
   E = c.num_experts
-  if r.name not in ROUTERS:
-    fail("router.name", f"={r.name!r} is unknown; use one of {ROUTERS}")
+  if router is None:
+    if r.name not in ROUTERS:
+      fail("router.name", f"={r.name!r} is unknown; use one of {ROUTERS.names()}")
+    router = ROUTERS.get(r.name)
+  knobs = {k: v for k, v in r.items() if k not in ("name", "loss_weights")}
+  want, have = _fields(router.default_config(), "router."), _fields(knobs, "router.")
+  if want != have:
+    fail("router.name", f"={r.name!r}: the router node {_difference(want, have)} (it was built "
+         f"for another router); build the config with moe.default_config({r.name!r}) (a ViMoE: "
+         f"vimoe_config(router={r.name!r})) instead of setting router.name")
+  known, named = set(router.loss_weights), set(r.get("loss_weights", {}))
+  if named != known:
+    fail("router.loss_weights", f"{_difference(known, named)} (router.name={r.name!r} returns "
+         f"the losses {sorted(known)})")
+  kind = router.plan_kind
   if c.dispatch not in DISPATCHES:
     fail("dispatch", f"={c.dispatch!r} is unknown; use one of {DISPATCHES}")
   if c.activation not in ACTIVATIONS:
@@ -87,10 +99,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     fail("num_experts", f"={E!r} must be a positive integer")
   if c.hidden_dim < 1:
     fail("hidden_dim", f"={c.hidden_dim} must be >= 1")
-  if r.name in TOKEN_CHOICE_ROUTERS and not 1 <= r.k <= E:
-    fail("router.k", f"={r.k} must be in [1, num_experts={E}]")
-  needs_capacity = (c.dispatch == "capacity" and r.name in TOKEN_CHOICE_ROUTERS) or (
-      r.name == "expert_choice")
+  needs_capacity = kind == "expert_choice" or (kind == "token_choice" and c.dispatch == "capacity")
   if needs_capacity and not c.capacity_factor > 0:
     fail("capacity_factor", f"={c.capacity_factor} must be > 0 with dispatch='capacity' "
          "(or use dispatch='dropless')")
@@ -98,36 +107,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     fail("group_size", f"={c.group_size} must be >= 0 (0 = one group per example)")
   if c.granularity not in ("token", "image"):
     fail("granularity", f"={c.granularity!r} must be 'token' or 'image'")
-  if c.granularity == "image" and (r.name not in TOKEN_CHOICE_ROUTERS or c.group_size != 0):
-    fail("granularity", "='image' needs a token-choice router (top_k, clusters, hash, random) "
-         "and group_size=0")
-  if c.dispatch == "dropless" and r.name not in TOKEN_CHOICE_ROUTERS:
+  if c.granularity == "image" and (kind != "token_choice" or c.group_size != 0):
+    fail("granularity", f"='image' needs a token-choice router (router.name={r.name!r} makes "
+         f"{kind} plans) and group_size=0")
+  if c.dispatch == "dropless" and kind != "token_choice":
     fail("dispatch", f"='dropless' applies to token-choice routers; router.name={r.name!r} "
          "uses its own dispatch (set dispatch='capacity')")
   if c.dropless.block_size < 1:
     fail("dropless.block_size", f"={c.dropless.block_size} must be >= 1")
   if c.dropless.backend not in ("auto", "blocked", "ragged_dot"):
     fail("dropless.backend", f"={c.dropless.backend!r}: use 'auto', 'blocked' or 'ragged_dot'")
-  if r.noise_std < 0:
-    fail("router.noise_std", f"={r.noise_std} must be >= 0")
-  if r.name == "soft" and r.soft.slots_per_expert < 1:
-    fail("router.soft.slots_per_expert", f"={r.soft.slots_per_expert} must be >= 1")
-  if r.name == "clusters":
-    G = r.clusters.num_clusters
-    if G < 1 or E % G:
-      fail("router.clusters.num_clusters", f"={G} must divide num_experts={E}")
-    if not 0.0 <= r.clusters.expert_dropout < 1.0:
-      fail("router.clusters.expert_dropout", f"={r.clusters.expert_dropout} must be in [0, 1)")
-    if r.clusters.resample_every < 1:
-      fail("router.clusters.resample_every", f"={r.clusters.resample_every} must be >= 1")
-    if r.clusters.expert_dropout > 0 and r.k > G:
-      fail("router.k", f"={r.k} must be <= router.clusters.num_clusters={G} with expert dropout "
-           "(only one expert per cluster is sure to survive)")
-    if r.clusters.temperature <= 0:
-      fail("router.clusters.temperature", f"={r.clusters.temperature} must be > 0")
-  unknown = set(r.loss_weights) - set(LOSS_NAMES)
-  if unknown:
-    fail("router.loss_weights", f"has unknown names {sorted(unknown)}; known: {LOSS_NAMES}")
+  router.validate(c)
   if not 0.0 <= c.dropout_rate < 1.0:
     fail("dropout_rate", f"={c.dropout_rate} must be in [0, 1)")
   if c.dtype not in ("float32", "bfloat16", "float16"):

@@ -13,7 +13,7 @@ from moe_jax.moe import aux_outputs, dispatch, expert_parallel
 from moe_jax.moe.config import validate
 from moe_jax.moe.experts import ACTIVATIONS, ExpertBank
 from moe_jax.parallel.mesh import batch_axes
-from moe_jax.routing import build_router, ops
+from moe_jax.routing import Router, build_router, ops
 from moe_jax.routing.plan import RoutingPlan
 
 
@@ -50,12 +50,18 @@ class MoELayer(nnx.Module):
 
   Aux losses and routing metrics are recorded under `moe_jax.moe.capture_aux`.
   `model.train()` / `model.eval()` switch router noise, expert dropout and expert dropout masks.
+  `router`: a router to use instead of building `config.router.name`'s; `config` is checked
+  against its class (any `Router` subclass, registered or not).
   """
 
-  def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    validate(config)
+  def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+               router: Router | None = None):
+    if router is not None and not isinstance(router, Router):
+      raise ValueError(f"MoELayer(router=...) got a {type(router).__name__}: pass an instance of "
+                       "a moe_jax.routing.Router subclass")
+    validate(config, None if router is None else type(router))
     self.config = ml_collections.FrozenConfigDict(config)
-    self.router = build_router(dim, config, rngs=rngs)
+    self.router = build_router(dim, config, rngs=rngs) if router is None else router
     self.experts = ExpertBank(config.num_experts, dim, config.hidden_dim,
                               activation=config.activation, dropout_rate=config.dropout_rate,
                               dtype=config.dtype, rngs=rngs)

@@ -8,9 +8,10 @@ import ml_collections
 from flax import nnx
 
 from moe_jax.routing import losses
+from moe_jax.routing.base import TokenChoiceRouter, fail
 from moe_jax.routing.plan import RoutingPlan
 from moe_jax.routing.soft import _l2_normalize
-from moe_jax.routing.top_k import token_choice_plan
+from moe_jax.routing.top_k import token_choice_plan, token_choice_plan_config
 
 
 class RouterStep(nnx.Variable):
@@ -30,13 +31,46 @@ def surviving_experts(key: jax.Array, num_experts: int, num_clusters: int,
   return alive.reshape(num_experts)
 
 
-class ClusterRouter(nnx.Module):
+class ClusterRouter(TokenChoiceRouter):
   """`x [G, S, D] -> token-choice plan`; logits = cos(W x, e_j) / tau, learnable e_j and tau.
 
   Experts form `num_clusters` clusters of contiguous experts. In train mode, with
   `expert_dropout > 0`, dropped experts' logits are -inf so tokens re-route to surviving experts
   (each cluster keeps at least one); the mask is redrawn every `resample_every` train calls.
   """
+
+  loss_weights = dict(balance=0.01, variance=0.01)  # MoEC gate-loss weight 0.01
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    c = token_choice_plan_config()
+    c.seed = 0  # Key of the expert-dropout masks.
+    c.clusters = ml_collections.ConfigDict(dict(
+        num_clusters=2,
+        proj_dim=32,  # Router projection h = W x.
+        temperature=0.07,  # Initial learnable temperature of the cosine logits.
+        lambda_var=1.0,  # Weight of the cluster-variance term inside l_aux.
+        expert_dropout=0.0,  # Cluster-level expert dropout rate (train only).
+        resample_every=1,  # Steps between redraws of the dropped-expert mask.
+    ))
+    return c
+
+  @classmethod
+  def validate(cls, config: ml_collections.ConfigDict) -> None:
+    super().validate(config)
+    c, E, k = config.router.clusters, config.num_experts, config.router.k
+    G = c.num_clusters
+    if G < 1 or E % G:
+      fail("router.clusters.num_clusters", f"={G} must divide num_experts={E}")
+    if not 0.0 <= c.expert_dropout < 1.0:
+      fail("router.clusters.expert_dropout", f"={c.expert_dropout} must be in [0, 1)")
+    if c.resample_every < 1:
+      fail("router.clusters.resample_every", f"={c.resample_every} must be >= 1")
+    if c.expert_dropout > 0 and k > G:
+      fail("router.k", f"={k} must be <= router.clusters.num_clusters={G} with expert dropout "
+           "(only one expert per cluster is sure to survive)")
+    if c.temperature <= 0:
+      fail("router.clusters.temperature", f"={c.temperature} must be > 0")
 
   def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     r, c = config.router, config.router.clusters

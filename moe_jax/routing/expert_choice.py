@@ -7,6 +7,7 @@ import ml_collections
 from flax import nnx
 
 from moe_jax.routing import losses, ops
+from moe_jax.routing.base import Router
 from moe_jax.routing.plan import RoutingPlan
 
 
@@ -23,12 +24,19 @@ def experts_per_token(token_index: jax.Array, group_size: int, num_experts: int)
   return jnp.zeros((num_experts + 1,), jnp.float32).at[counts.reshape(-1)].add(1.0) / counts.size
 
 
-class ExpertChoiceRouter(nnx.Module):
+class ExpertChoiceRouter(Router):
   """`x [G, S, D] -> plan`: S = softmax(x W) `[G, S, E]`; expert e takes top-C tokens of S[:, e].
 
   No auxiliary loss is needed (loads are equal by construction); z-loss is reported and can be
-  weighted through `router.loss_weights.z_loss`.
+  weighted through `router.loss_weights.z_loss`. C comes from the layer's `capacity_factor`.
   """
+
+  plan_kind = "expert_choice"
+  loss_weights = dict(z_loss=0.0)
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(init_std=0.02))  # Router kernel init (normal).
 
   def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.num_experts = config.num_experts

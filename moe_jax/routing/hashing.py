@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.routing import losses
+from moe_jax.routing.base import TokenChoiceRouter
 from moe_jax.routing.plan import RoutingPlan
 
 
@@ -26,8 +27,14 @@ def uniform_plan(expert_index: jax.Array, num_experts: int) -> RoutingPlan:
                      metrics={"load": losses.assignment_load(expert_index, num_experts)})
 
 
-class HashRouter(nnx.Module):
+class HashRouter(TokenChoiceRouter):
   """No parameters: token at position s of its group goes to `hash(s) mod E` (+ next K-1)."""
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    c = super().default_config()
+    c.seed = 0  # Offset of the position hash.
+    return c
 
   def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     del dim, rngs

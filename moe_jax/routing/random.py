@@ -6,13 +6,20 @@ import ml_collections
 from flax import nnx
 
 from moe_jax.routing import ops
+from moe_jax.routing.base import TokenChoiceRouter
 from moe_jax.routing.hashing import uniform_plan
 from moe_jax.routing.plan import RoutingPlan
 
 
-class RandomRouter(nnx.Module):
+class RandomRouter(TokenChoiceRouter):
   """Fresh random experts every train call (stream 'router'); a fixed draw from
   `router.seed` in eval mode, so evaluation is deterministic."""
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    c = super().default_config()
+    c.seed = 0  # Key of the eval-mode draw.
+    return c
 
   def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     del dim

@@ -7,6 +7,7 @@ import ml_collections
 from flax import nnx
 
 from moe_jax.routing import losses
+from moe_jax.routing.base import Router, fail
 from moe_jax.routing.plan import RoutingPlan
 
 
@@ -14,9 +15,21 @@ def _l2_normalize(x: jax.Array, axis: int) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + 1e-6)
 
 
-class SoftRouter(nnx.Module):
+class SoftRouter(Router):
   """`x [G, S, D] -> plan` with dispatch (softmax over tokens) and combine (softmax over slots)
   weights `[G, S, E, P]`; logits = scale * l2n(x) . l2n(Phi), Phi `[D, E*P]`. No aux loss."""
+
+  plan_kind = "soft"
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(soft=dict(slots_per_expert=1)))  # P slots per expert
+
+  @classmethod
+  def validate(cls, config: ml_collections.ConfigDict) -> None:
+    slots = config.router.soft.slots_per_expert
+    if slots < 1:
+      fail("router.soft.slots_per_expert", f"={slots} must be >= 1")
 
   def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.num_experts = config.num_experts

@@ -7,6 +7,7 @@ import ml_collections
 from flax import nnx
 
 from moe_jax.routing import losses, ops
+from moe_jax.routing.base import TokenChoiceRouter, fail
 from moe_jax.routing.plan import RoutingPlan
 
 
@@ -27,8 +28,31 @@ def token_choice_plan(gates: jax.Array, logits: jax.Array, k: int, renormalize: 
                "router_entropy": losses.router_entropy(gates)})
 
 
-class TopKRouter(nnx.Module):
+def token_choice_plan_config() -> ml_collections.ConfigDict:
+  """`router.k`, `router.renormalize`, `router.bpr`: the knobs of `token_choice_plan`."""
+  c = TokenChoiceRouter.default_config()
+  c.renormalize = False  # Renormalise the k selected weights to sum to 1.
+  c.bpr = True  # Batch Prioritized Routing: serve tokens by max gate, 1st choices first.
+  return c
+
+
+class TopKRouter(TokenChoiceRouter):
   """`x [G, S, D] -> RoutingPlan`: gates = softmax(x W + eps), eps ~ N(0, (noise_std/E)^2) in train."""
+
+  loss_weights = dict(importance=0.005, load=0.005, balance=0.0, z_loss=0.0)  # V-MoE
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    c = token_choice_plan_config()
+    c.noise_std = 1.0  # V-MoE: eps ~ N(0, (noise_std / E)^2), train only.
+    c.init_std = 0.02  # Router kernel init (normal).
+    return c
+
+  @classmethod
+  def validate(cls, config: ml_collections.ConfigDict) -> None:
+    super().validate(config)
+    if config.router.noise_std < 0:
+      fail("router.noise_std", f"={config.router.noise_std} must be >= 0")
 
   def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     r = config.router

@@ -21,14 +21,15 @@ def connector_config(width: int) -> ml_collections.ConfigDict:
 
   Switch balance `E * sum_e f_e P_e` equals the paper's `E^2 * mean_e(f_e P_e)` (f_e: fraction
   of tokens whose top-1 is e). capacity_factor = E / k gives every expert room for every token
-  of its group (C = S): no token is dropped, as in the paper (no capacity limit there).
+  of its group (C = S): no token is dropped, as in the paper (no capacity limit there); it
+  follows `num_experts` and `router.k` until it is set itself.
   """
   c = moe.default_config("top_k")
   c.num_experts, c.hidden_dim = 4, width
   c.router.k, c.router.renormalize, c.router.noise_std, c.router.bpr = 2, True, 0.0, False
   c.router.loss_weights.importance = c.router.loss_weights.load = 0.0
   c.router.loss_weights.balance, c.router.loss_weights.z_loss = 0.1, 0.01
-  c.capacity_factor = c.num_experts / c.router.k
+  c.capacity_factor = c.get_ref("num_experts").to_float() / c.router.get_ref("k")
   return c
 
 

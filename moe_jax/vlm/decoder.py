@@ -24,6 +24,7 @@ def decoder_config(width: int = 2560, depth: int = 32, mlp_dim: int = 10240, num
 
   MoE MLPs default to dropless dispatch: with capacity drops, whether a token is dropped depends
   on the tokens after it, which breaks causality (and makes generation differ from training).
+  Their `moe.dtype` follows `dtype` until it is set itself.
   """
   c = ml_collections.ConfigDict(dict(
       name="transformer",  # or "package.module:Class" of a decoder with the same call signature
@@ -33,6 +34,7 @@ def decoder_config(width: int = 2560, depth: int = 32, mlp_dim: int = 10240, num
   c.moe = moe.default_config("top_k")
   c.moe.hidden_dim = mlp_dim
   c.moe.dispatch = "dropless"
+  c.moe.dtype = c.get_ref("dtype").identity()
   return c
 
 
