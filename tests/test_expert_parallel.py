@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from moe_jax import moe
-from moe_jax.aot import collective_counts
+from moe_jax.parallel.hlo import collective_counts
 from moe_jax.routing import ROUTERS
 
 MESHES = [(8, 1), (2, 4), (1, 8)]

@@ -1,7 +1,4 @@
 """MoCHA: HGA, MoE connectors, encoders, decoder, stage freezing, sharding, digit-VQA learning."""
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,16 +8,15 @@ import pytest
 from flax import nnx
 
 from moe_jax import moe
+from moe_jax.commands import common
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import sharding
-from moe_jax.train import cli, optim, state as state_lib, step as step_lib
+from moe_jax.train import optim, state as state_lib, step as step_lib
 from moe_jax.vlm import connector, decoder, encoders, hga, model, tokenizer
 from moe_jax.vlm import train as vqa_train
 from moe_jax.vlm import vqa_data
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-import mocha_paper  # noqa: E402
-import mocha_tiny_digits_vqa  # noqa: E402
+from configs import mocha_paper, mocha_tiny_digits_vqa  # noqa: I100  (`common` registers it)
 
 SIGMOID_3 = 1.0 / (1.0 + np.exp(-3.0))
 
@@ -162,7 +158,7 @@ def test_config_errors_name_the_field():
   c = _tiny_config("stage2")
   c.task = "detection"
   with pytest.raises(ValueError, match="task='detection'"):
-    cli.task_module(c)
+    common.task_module(c)
   c.optimizer.trainable = "(connectors"
   with pytest.raises(ValueError, match="optimizer.trainable"):
     optim.make_optimizer(c.optimizer, 10)
