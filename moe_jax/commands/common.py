@@ -61,13 +61,31 @@ def resolve_config(spec: str) -> str:
   return path + sep + variant
 
 
+# What config_flags raises for a bad config file, variant or --config.* override.
+_FLAG_ERRORS = (flags.Error, KeyError, AttributeError, TypeError, ValueError)
+
+
+def _flag_error(e: Exception, hint: str) -> str:
+  """One line saying what is wrong with a config (file, variant or override) and the fix."""
+  text = str(e).strip()
+  if "Traceback" in text:  # config_flags appends get_config's traceback: its last line says it
+    return text.splitlines()[-1].split(": ", 1)[-1]
+  return f"{text.splitlines()[0] if text else type(e).__name__} ({hint})"
+
+
+_OVERRIDE_HINT = "check the --config.* key against the config file"
+
+
 def define_config_flag(default: str | None = DEFAULT_CONFIG,
                        flag_values: flags.FlagValues = flags.FLAGS,
                        sys_argv: list[str] | None = None) -> flags.FlagHolder:
   """The `--config path[:variant]` flag (locked; fields overridden by `--config.key=value`)."""
-  return config_flags.DEFINE_config_file(
-      "config", default, "Config file configs/X.py[:variant]; override fields with "
-      "--config.key=value.", flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+  try:
+    return config_flags.DEFINE_config_file(
+        "config", default, "Config file configs/X.py[:variant]; override fields with "
+        "--config.key=value.", flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+  except _FLAG_ERRORS as e:  # no --config given: the default is loaded here, with the overrides
+    sys.exit(f"error: {_flag_error(e, _OVERRIDE_HINT)}")
 
 
 def _resolve_argv(argv: Sequence[str]) -> list[str]:
@@ -81,25 +99,13 @@ def _resolve_argv(argv: Sequence[str]) -> list[str]:
   return out
 
 
-# What config_flags raises for a bad config file, variant or --config.* override.
-_FLAG_ERRORS = (flags.Error, KeyError, AttributeError, TypeError, ValueError)
-
-
-def _flag_error(e: Exception, hint: str) -> str:
-  """One line saying what is wrong with a config (file, variant or override) and the fix."""
-  text = str(e).strip()
-  if "Traceback" in text:  # config_flags appends get_config's traceback: its last line says it
-    return text.splitlines()[-1].split(": ", 1)[-1]
-  return f"{text.splitlines()[0] if text else type(e).__name__} ({hint})"
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with a bad config file, variant or `--config.*` override as a one-line
   error."""
   try:
     return flags.FLAGS(_resolve_argv(argv))
   except _FLAG_ERRORS as e:
-    sys.exit(f"error: {_flag_error(e, 'check the --config.* key against the config file')}")
+    sys.exit(f"error: {_flag_error(e, _OVERRIDE_HINT)}")
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
