@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 
 from bench import common
-from moe_jax.inr import cli, codec, plot, volumes
+from moe_jax.commands.common import load_config
+from moe_jax.inr import codec, plot, volumes
 
 METHODS = ("moec", "single", "blocks")
 
@@ -55,7 +56,7 @@ def main() -> None:
   records = []
   for ratio in ratios:
     for method in METHODS:
-      config = cli.load_config(f"{cli.CONFIGS}/inr_compress.py:{method}", [
+      config = load_config(f"configs/inr_compress.py:{method}", [
           f"train.steps={steps}", f"train.batch_size={batch}", "train.log_every=0"])
       record = {"method": method, "ratio_target": ratio}
       try:

@@ -29,8 +29,9 @@ Sections:
    all-to-all bytes (vs the formula above, fwd+bwd = 4 (T/N) k D bytes (EC/kS) per layer) and
    all-reduce bytes (vs the bytes of the gradients that are replicated over a batch axis).
 3. ``pods``: the trainer's ViMoE step compiled ahead of time for TPU pod topologies
-   (`python -m moe_jax.aot ... --json`, one subprocess each): per-chip memory, FLOPs and the step
-   time at 100% MFU. Needs libtpu (`pip install -e '.[tpu]'`); skipped with a note otherwise.
+   (`python -m moe_jax.commands.aot ... --json`, one subprocess each): per-chip memory, FLOPs
+   and the step time at 100% MFU. Needs libtpu (`pip install -e '.[tpu]'`); skipped with a note
+   otherwise.
 """
 from __future__ import annotations
 
@@ -38,14 +39,12 @@ import importlib.util
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
 
 DEVICES = 8
 SECTIONS = ("a2a", "devices", "pods")
-_ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "i32": 4, "ui32": 4, "i8": 1}
 # (config, topology, overrides): the AOT pod configurations of the `pods` section.
 PODS_QUICK = [("configs/vimoe_tiny_mnist.py", "v5p:2x2x1", ["--config.mesh.expert=4"])]
 PODS = [
@@ -54,16 +53,6 @@ PODS = [
     ("configs/vimoe_imagenet.py:dense-B/16", "v5p:4x4x4", []),
     ("configs/vimoe_imagenet.py:B/16", "v5p:4x4x4", ["--config.mesh.expert=8"]),
 ]
-
-
-def stablehlo_all_to_all_bytes(text: str) -> int:
-  """Operand bytes of the `stablehlo.all_to_all` ops of a lowered (pre-XLA) program: what the
-  program asks to send, before a backend's own passes (XLA:CPU computes bf16 in f32)."""
-  total = 0
-  for operands in re.findall(r"stablehlo\.all_to_all.*?:\s*\((.*?)\)\s*->", text):
-    for dims, dtype in re.findall(r"tensor<((?:\d+x)*)([a-z]+\d+)>", operands):
-      total += _ITEMSIZE[dtype] * math.prod(int(d) for d in dims.split("x") if d)
-  return total
 
 
 def _reexec_with_devices() -> None:
@@ -88,7 +77,7 @@ def run_pods(args, records: list[dict]) -> None:
   for config, topology, overrides in (PODS_QUICK if args.quick else PODS):
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, "aot.json")
-      cmd = [sys.executable, "-m", "moe_jax.aot", f"--config={config}",
+      cmd = [sys.executable, "-m", "moe_jax.commands.aot", f"--config={config}",
              f"--topology={topology}", f"--json={out}", *overrides]
       print("  " + " ".join(cmd[2:]), flush=True)
       env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -137,8 +126,9 @@ def main() -> None:
 
   from bench import common
   from moe_jax import moe
-  from moe_jax.aot import all_to_all_bytes, collective_bytes, collective_counts
   from moe_jax.parallel import mesh as mesh_lib, sharding
+  from moe_jax.parallel.hlo import (all_to_all_bytes, collective_bytes, collective_counts,
+                                    stablehlo_all_to_all_bytes)
 
   p = common.parser(__doc__.splitlines()[0], "bench/out/scaling.json")
   p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))

@@ -12,8 +12,6 @@ the dropless path's loops are undercounted there); MFU = FLOPs per step per devi
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 
 import jax
@@ -21,20 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(path: str, variant: str | None):
-  spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
+from moe_jax.commands.common import load_config
 
 
 def variants(args) -> dict:
   """name -> full training config (dense twin: model.name='vit', the MoE node unused)."""
-  base = load_config(args.config, args.size)
+  base = load_config(args.config + (f":{args.size}" if args.size else ""))
   out = {}
   for name in ("vimoe", "no_shared", "per_image", "dense"):
     c = base.copy_and_resolve_references()

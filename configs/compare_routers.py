@@ -1,7 +1,9 @@
 r"""Routing-strategy comparison on the embedded default (tiny ViMoE, embedded MNIST).
 
-    python -m moe_jax.compare --config configs/compare_routers.py --workdir workdirs/compare
-    python -m moe_jax.compare --config configs/compare_routers.py:quick --workdir /tmp/cmp
+    python -m moe_jax.commands.compare --config configs/compare_routers.py \
+        --workdir workdirs/compare
+    python -m moe_jax.commands.compare --config configs/compare_routers.py:quick \
+        --workdir /tmp/cmp
 
 Every strategy trains the same model shape (Ti/7, width 64, depth 4, MoE in the last 2 blocks,
 4 experts + a shared expert) with the same data, seed, batch and number of steps, then is
@@ -11,39 +13,26 @@ from the finished runs in --workdir. Results: README ("Comparing routing strateg
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
-_DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vimoe_tiny_mnist.py")
+from configs import check_variant, vimoe_tiny_mnist
 
-
-def _load_default():
-  spec = importlib.util.spec_from_file_location("vimoe_tiny_mnist", _DEFAULT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_default = _load_default()
+VARIANTS = ("full", "quick")
 ORDER = ("dense", "top1", "top2", "top2_bpr", "expert_choice", "soft", "moec", "hash")
 
 
-def _moe_model(router: str, **moe_overrides) -> ml_collections.ConfigDict:
-  """The default model under `router` (its paper loss weights), with MoE-node overrides."""
-  model = _default.model_config(router)
-  for path, value in moe_overrides.items():
-    *parents, leaf = path.split(".")
-    node = model.moe
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+def _moe_model(data_config: ml_collections.ConfigDict, router: str,
+               **moe_overrides) -> ml_collections.ConfigDict:
+  """The default model under `router` (its paper loss weights), with MoE-node overrides (dotted
+  keys)."""
+  model = vimoe_tiny_mnist.model_config(data_config, router)
+  model.moe.update_from_flattened_dict(moe_overrides)
   return model
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
-  c = _default.get_config("vimoe")
+  check_variant(variant, VARIANTS)
+  c = vimoe_tiny_mnist.get_config("vimoe")
   c.total_steps = 800 if variant == "full" else 30
   c.log_every_steps = 100 if variant == "full" else 10
   c.eval_every_steps = 0  # evaluated once, at the end
@@ -52,16 +41,15 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   c.train = True  # False: only rebuild the table from finished runs in --workdir
 
   s = c.strategies = ml_collections.ConfigDict()
-  s.dense = _default.get_config("dense").model
-  s.top1 = _moe_model("top_k", **{"router.k": 1, "router.bpr": False})
-  s.top2 = _moe_model("top_k", **{"router.k": 2, "router.bpr": False})
-  s.top2_bpr = _moe_model("top_k", **{"router.k": 2, "router.bpr": True})
-  s.expert_choice = _moe_model("expert_choice", capacity_factor=2.0)  # ~2 experts per token
-  s.soft = _moe_model("soft", **{"router.soft.slots_per_expert": 4})  # 16 slots for 16 tokens
-  s.moec = _moe_model("clusters", capacity_factor=2.0, **{"router.k": 1})
-  s.hash = _moe_model("hash", **{"router.k": 1})
+  s.dense = vimoe_tiny_mnist.model_config(c.data)  # the "dense" variant's model: the ViT twin
+  s.dense.name = "vit"
+  s.top1 = _moe_model(c.data, "top_k", **{"router.k": 1, "router.bpr": False})
+  s.top2 = _moe_model(c.data, "top_k", **{"router.k": 2, "router.bpr": False})
+  s.top2_bpr = _moe_model(c.data, "top_k", **{"router.k": 2, "router.bpr": True})
+  s.expert_choice = _moe_model(c.data, "expert_choice", capacity_factor=2.0)  # ~2 per token
+  s.soft = _moe_model(c.data, "soft", **{"router.soft.slots_per_expert": 4})  # 16 slots
+  s.moec = _moe_model(c.data, "clusters", capacity_factor=2.0, **{"router.k": 1})
+  s.hash = _moe_model(c.data, "hash", **{"router.k": 1})
   if variant == "quick":
     c.only = "dense,top2,soft"
-  elif variant != "full":
-    raise ValueError(f"variant {variant!r}: use full or quick")
   return c

@@ -1,6 +1,6 @@
 r"""MoEC neural compression of a volume (Zhao et al., arXiv 2312.01361), and its baselines.
 
-    python -m moe_jax.inr compress --input VOL --ratio 50 --out vol.moec \
+    python -m moe_jax.commands.inr compress --input VOL --ratio 50 --out vol.moec \
         [--config configs/inr_compress.py:moec] [--set train.steps=3000]
 
 Variants (all solve the network width from --ratio, so the parameters fit the same bytes):
@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import check_variant
 from moe_jax.inr.model import model_config
 
 VARIANTS = ("moec", "single", "blocks")
 
 
 def get_config(variant: str = "moec") -> ml_collections.ConfigDict:
-  if variant not in VARIANTS:
-    raise ValueError(f"variant {variant!r}: use one of {VARIANTS}")
+  check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.model = model_config("moec" if variant == "moec" else "blocks")
   if variant == "moec":

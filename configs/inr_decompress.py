@@ -1,6 +1,6 @@
 r"""Decompressing a MoEC / INR file back into a volume.
 
-    python -m moe_jax.inr decompress vol.moec --out vol.nii.gz [--reference original.nii]
+    python -m moe_jax.commands.inr decompress vol.moec --out vol.nii.gz [--reference original.nii]
 
 The model itself comes from the file's header; this config holds how to render it.
 """
@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import check_variant
 
-def get_config() -> ml_collections.ConfigDict:
+VARIANTS = ("default",)
+
+
+def get_config(variant: str = "default") -> ml_collections.ConfigDict:
+  check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.render_chunk = 65536  # points per call when rendering the volume
   return c

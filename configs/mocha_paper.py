@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import check_variant
 from moe_jax.parallel import mesh
 from moe_jax.train import optim
 from moe_jax.vlm import decoder, encoders, model, vqa_data
 
+VARIANTS = ("stage2", "stage1")
+
 
 def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
-  if variant not in ("stage1", "stage2"):
-    raise ValueError(f"variant {variant!r}: use stage1 or stage2")
+  check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.task = "vqa"
   c.seed = 0
@@ -48,7 +50,7 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
                                               trainable=False, dtype="bfloat16"),
       "dinov2_vit_l14": encoders.encoder_config("vit", vit_variant="L/14", **vit_l),
       "siglip_vit_l16": encoders.encoder_config("vit", vit_variant="L/16", **vit_l),
-  }, image_size=336, channels=3)
+  }, image_size=c.data.get_ref("image_size"), channels=c.data.get_ref("channels"))
   c.model.decoder.dtype = c.model.connector.dtype = "bfloat16"
   c.model.decoder.vocab_size = 51200  # Phi-2's; the digit task uses ids < 33 of it
 

@@ -31,14 +31,16 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import check_variant
 from moe_jax.parallel import mesh
 from moe_jax.train import optim
 from moe_jax.vlm import decoder, encoders, model, tokenizer, vqa_data
 
+VARIANTS = ("stage2", "stage1", "quick")
+
 
 def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
-  if variant not in ("stage1", "stage2", "quick"):
-    raise ValueError(f"variant {variant!r}: use stage1, stage2 or quick")
+  check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.task = "vqa"
   c.seed = 0
@@ -58,7 +60,7 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
                                          convnet_size="T", widths=(32, 64), depths=(1, 1)),
       "vit": encoders.encoder_config("vit", trainable=True, vit_variant="Ti/7", width=64,
                                      depth=2, mlp_dim=128, num_heads=4, posemb="sincos2d"),
-  }, image_size=28, channels=1)
+  }, image_size=c.data.get_ref("image_size"), channels=c.data.get_ref("channels"))
 
   c.optimizer = optim.default_config()
   c.optimizer.learning_rate = 1e-3

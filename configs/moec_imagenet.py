@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import ml_collections
 
-import vimoe_imagenet
+from configs import check_variant, vimoe_imagenet
 from moe_jax import moe
+
+VARIANTS = ("reference", "small")
 
 
 def get_config(variant: str = "reference") -> ml_collections.ConfigDict:
-  if variant not in ("reference", "small"):
-    raise ValueError(f"variant {variant!r}: use reference or small")
+  check_variant(variant, VARIANTS)
   c = vimoe_imagenet.get_config("B/16" if variant == "reference" else "S/16")
   c.model.moe_layers = "every:2"
   m = c.model.moe

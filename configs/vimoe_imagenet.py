@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import check_variant
 from moe_jax import data
 from moe_jax.models import vimoe
 from moe_jax.parallel import mesh
 from moe_jax.train import optim
 
 IMAGES_PER_EPOCH = 1_281_167
+VARIANTS = ("B/16", "S/16", "L/16", "dense-S/16", "dense-B/16", "dense-L/16")
 
 
 def get_config(variant: str = "B/16") -> ml_collections.ConfigDict:
+  check_variant(variant, VARIANTS)
   dense = variant.startswith("dense-")
   size = variant.removeprefix("dense-")
-  if size not in ("S/16", "B/16", "L/16"):
-    raise ValueError(f"variant {variant!r}: use S/16, B/16, L/16 or dense-<size>")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 4096
@@ -39,12 +40,11 @@ def get_config(variant: str = "B/16") -> ml_collections.ConfigDict:
 
   c.data = data.default_config()
   c.data.name, c.data.eval_split = "imagenet2012", "validation"
-  c.data.image_size, c.data.augment = 224, "crop"
-  c.data.crop_padding = 16
+  c.data.image_size, c.data.channels, c.data.num_classes = 224, 3, 1000
+  c.data.augment, c.data.crop_padding = "crop", 16
 
-  c.model = vimoe.vimoe_config(size, moe_layers="last:4", router="top_k", image_size=224,
-                               channels=3, num_classes=1000, dtype="bfloat16",
-                               stochastic_depth=0.1)
+  c.model = vimoe.vimoe_config(size, moe_layers="last:4", router="top_k", dtype="bfloat16",
+                               stochastic_depth=0.1, **data.model_refs(c.data))
   m = c.model.moe
   m.num_experts, m.router.k, m.capacity_factor = 8, 2, 1.05
   m.group_size = 0  # one routing group per image

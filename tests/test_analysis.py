@@ -12,13 +12,15 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from moe_jax import analysis, compare
-from moe_jax.analysis import plots
+from moe_jax import analysis
+from moe_jax.analysis import compare, plots
+from moe_jax.commands import common
 from moe_jax.routing.plan import RoutingPlan
 
+from configs import compare_routers  # noqa: I100  (the package `common` registers)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import compare_routers  # noqa: E402
+QUICK = "configs/compare_routers.py:quick"
 
 
 def test_class_expert_matrix_sums_routing_mass_per_class_and_masks_padding():
@@ -88,7 +90,7 @@ def test_plots_are_images_of_the_expected_size(tmp_path):
 
 
 def test_quick_comparison_writes_table_json_and_plot(tmp_path):
-  config = compare_routers.get_config("quick")
+  config = common.load_config(QUICK)
   config.only = "dense,top2"
   config.total_steps, config.log_every_steps = 4, 2
   config.batch_size, config.eval_batch_size = 64, 200
@@ -116,7 +118,7 @@ def test_analysis_command_replots_an_eval_file(tmp_path):
   matrices = {"blocks/3/mlp": rng.random((10, 4))}
   report = analysis.layer_report(matrices, {"blocks/3/mlp": {"load": np.full(4, 0.25)}})
   (tmp_path / "eval.json").write_text(json.dumps({"step": 1, "routing": report}))
-  proc = subprocess.run([sys.executable, "-m", "moe_jax.analysis", str(tmp_path / "eval.json"),
+  proc = subprocess.run([sys.executable, "-m", "moe_jax.commands.analysis", str(tmp_path / "eval.json"),
                          "--out", str(tmp_path / "plots")], capture_output=True, text=True,
                         timeout=120, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr
@@ -126,8 +128,8 @@ def test_analysis_command_replots_an_eval_file(tmp_path):
 
 
 def test_unknown_strategy_is_an_error_naming_the_choices():
-  config = compare_routers.get_config("quick")
+  config = common.load_config(QUICK)
   config.only = "top2,no_such_router"
   with pytest.raises(ValueError, match=r"config.only=.*name strategies from \[.*'top2'"):
     compare.strategy_names(config)
-  assert compare.strategy_names(compare_routers.get_config("full")) == list(compare_routers.ORDER)
+  assert compare.strategy_names(common.load_config("configs/compare_routers.py")) == list(compare_routers.ORDER)

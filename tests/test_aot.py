@@ -10,18 +10,20 @@ import sys
 import pytest
 
 from moe_jax import aot
+from moe_jax.parallel import hlo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "vimoe_tiny_mnist.py")
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
 def run_aot(tmp_path, topology: str, *overrides: str) -> tuple[str, dict]:
+  """The command from another working directory, the config named relative to the repo."""
   out = tmp_path / "report.json"
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  cmd = [sys.executable, "-m", "moe_jax.aot", f"--config={CONFIG}", f"--topology={topology}",
-         f"--json={out}", *overrides]
-  proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+  env["PYTHONPATH"] = ROOT
+  cmd = [sys.executable, "-m", "moe_jax.commands.aot", "--config=configs/vimoe_tiny_mnist.py",
+         f"--topology={topology}", f"--json={out}", *overrides]
+  proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout, json.loads(out.read_text())
 
@@ -42,7 +44,7 @@ def test_cpu_topology_prints_memory_flops_and_all_to_all(tmp_path):
 
 
 def test_collective_parsing():
-  hlo = """
+  text = """
   %a = f32[4,160,64]{1,2,0:T(8,128)} all-to-all(%copy.1), channel_id=1, dimensions={0}
   %all-to-all.1 = (bf16[1,80,64]{2,1,0}, bf16[1,80,64]{2,1,0}) all-to-all(%x, %y), channel_id=2
   %ars = (f32[8]{0}, f32[8]{0}) all-reduce-start(%g), channel_id=3, to_apply=%sum
@@ -51,11 +53,17 @@ def test_collective_parsing():
   %ar = f32[4,2]{1,0} all-reduce(%i), channel_id=4, replica_groups={{0,4},{1,5}}, to_apply=%sum
   %noop = f32[64]{0} all-reduce(%j), channel_id=5, replica_groups={{0},{1}}, to_apply=%sum
   """
-  assert aot.collective_counts(hlo) == {"all-to-all": 2, "all-gather": 1, "all-reduce": 2,
-                                        "reduce-scatter": 0, "collective-permute": 0}
-  assert aot.all_to_all_bytes(hlo) == 4 * 160 * 64 * 4 + 2 * 80 * 64 * 2
+  assert hlo.collective_counts(text) == {"all-to-all": 2, "all-gather": 1, "all-reduce": 2,
+                                         "reduce-scatter": 0, "collective-permute": 0}
+  assert hlo.all_to_all_bytes(text) == 4 * 160 * 64 * 4 + 2 * 80 * 64 * 2
   # The all-reduce over single-member groups (a size-1 mesh axis) moves nothing: not counted.
-  assert aot.collective_bytes(hlo, "all-reduce") == 2 * 8 * 4 + 4 * 2 * 4
+  assert hlo.collective_bytes(text, "all-reduce") == 2 * 8 * 4 + 4 * 2 * 4
+  # A lowered program's all-to-alls: operand types only (not the replica_groups attribute).
+  lowered = ('%3 = "stablehlo.all_to_all"(%2) <{replica_groups = dense<[[0, 1]]> : '
+             'tensor<1x2xi64>, split_count = 2 : i64}> : (tensor<8x16xf32>) -> tensor<8x16xf32>\n'
+             '%5 = "stablehlo.all_to_all"(%a, %b) <{split_count = 2 : i64}> : (tensor<2x3xbf16>, '
+             'tensor<5xi32>) -> (tensor<2x3xbf16>, tensor<5xi32>)\n')
+  assert hlo.stablehlo_all_to_all_bytes(lowered) == 8 * 16 * 4 + 2 * 3 * 2 + 5 * 4
 
 
 def test_topology_names():

@@ -14,9 +14,9 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
 from moe_jax import moe
-from moe_jax.aot import collective_counts
 from moe_jax.models import build_model
 from moe_jax.parallel import mesh as mesh_lib, sharding
+from moe_jax.parallel.hlo import collective_counts
 from moe_jax.routing import ROUTERS
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

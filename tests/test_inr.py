@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.inr import cli, codec, metrics, model as model_lib, volumes
+from moe_jax.commands import common, inr as inr_command
+from moe_jax.inr import codec, metrics, model as model_lib, volumes
 from moe_jax.inr.siren import SirenBank
 
-COMPRESS_CONFIG = cli.CONFIGS + "/inr_compress.py"
-DECOMPRESS_CONFIG = cli.CONFIGS + "/inr_decompress.py"
+COMPRESS_CONFIG = common.CONFIGS + "/inr_compress.py"
 
 
 def test_siren_init_keeps_unit_variance_through_depth():
@@ -45,7 +45,7 @@ def test_siren_init_keeps_unit_variance_through_depth():
 def test_width_solver_meets_budget_within_one_percent(variant):
   data = np.zeros((128, 96, 24), np.int16)  # example4d.nii.gz's frame shape (590 KB)
   volume = volumes.Volume(data, np.eye(4))
-  config = cli.load_config(f"{COMPRESS_CONFIG}:{variant}", [])
+  config = common.load_config(f"{COMPRESS_CONFIG}:{variant}", [])
   for ratio in (10, 20, 50):  # budgets >= 5.8K params: the (H, T) grid is fine enough
     c, budget = codec.solve_model(volume, ratio, config)
     n = model_lib.num_params(c, 3)
@@ -64,10 +64,10 @@ def test_compress_decompress_round_trip(tmp_path, suffix, variant, capsys):
   volumes.save(src, original)
   packed, report_path, out = (str(tmp_path / n) for n in ("vol.moec", "r.json", f"out{suffix}"))
   partition = ["--partition", str(tmp_path / "p.png")] if variant == "moec" else []
-  cli.main(["compress", "--input", src, "--ratio", "8", "--out", packed, "--report",
+  inr_command.main(["compress", "--input", src, "--ratio", "8", "--out", packed, "--report",
             report_path, "--config", f"{COMPRESS_CONFIG}:{variant}", "--set", "train.steps=40",
             "--set", "train.log_every=0"] + partition)
-  cli.main(["decompress", packed, "--out", out, "--reference", src])
+  inr_command.main(["decompress", packed, "--out", out, "--reference", src])
   report = json.load(open(report_path))
   decoded = volumes.load(out)
   assert decoded.data.shape == original.data.shape
@@ -86,16 +86,19 @@ def test_compress_decompress_round_trip(tmp_path, suffix, variant, capsys):
 def test_cli_errors_name_the_fix(tmp_path):
   missing = str(tmp_path / "missing.nii")
   with pytest.raises(SystemExit, match="does not exist"):
-    cli.main(["compress", "--input", missing, "--ratio", "10", "--out", str(tmp_path / "f")])
+    inr_command.main(["compress", "--input", missing, "--ratio", "10", "--out", str(tmp_path / "f")])
   with pytest.raises(SystemExit, match="must be > 1"):
-    cli.main(["compress", "--input", volumes.example_path(), "--ratio", "0.5", "--out",
+    inr_command.main(["compress", "--input", volumes.example_path(), "--ratio", "0.5", "--out",
               str(tmp_path / "f")])
   with pytest.raises(SystemExit, match="unknown volume format"):
-    cli.main(["compress", "--input", str(tmp_path / "v.png"), "--ratio", "10", "--out", "f"])
+    inr_command.main(["compress", "--input", str(tmp_path / "v.png"), "--ratio", "10", "--out", "f"])
+  with pytest.raises(SystemExit, match=r"nope.*overrides train\.nope=1 against the config"):
+    inr_command.main(["compress", "--input", volumes.example_path(), "--ratio", "10", "--out",
+                      str(tmp_path / "f"), "--set", "train.nope=1"])
   bogus = tmp_path / "bogus.moec"
   bogus.write_bytes(b"not a file")
   with pytest.raises(SystemExit, match="bad magic"):
-    cli.main(["decompress", str(bogus), "--out", str(tmp_path / "o.nii")])
+    inr_command.main(["decompress", str(bogus), "--out", str(tmp_path / "o.nii")])
 
 
 def test_moec_beats_single_inr_at_the_same_budget():
@@ -107,7 +110,7 @@ def test_moec_beats_single_inr_at_the_same_budget():
   overrides = ["train.steps=300", "train.batch_size=4096", "train.log_every=0"]
   psnr, files = {}, {}
   for variant in ("moec", "single"):
-    _, report, _ = codec.compress(volume, 100, cli.load_config(
+    _, report, _ = codec.compress(volume, 100, common.load_config(
         f"{COMPRESS_CONFIG}:{variant}", overrides))
     psnr[variant], files[variant] = report["psnr"], report["file_bytes"]
   assert max(files.values()) <= volume.data.nbytes / 100

@@ -1,7 +1,4 @@
 """MoCHA: HGA, MoE connectors, encoders, decoder, stage freezing, sharding, digit-VQA learning."""
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,9 +15,7 @@ from moe_jax.train import loop, optim, state as state_lib, step as step_lib
 from moe_jax.vlm import connector, decoder, encoders, hga, model, tokenizer
 from moe_jax.vlm import vqa_data
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-import mocha_paper  # noqa: E402
-import mocha_tiny_digits_vqa  # noqa: E402
+from configs import mocha_paper, mocha_tiny_digits_vqa  # noqa: I100  (`common` registers it)
 
 SIGMOID_3 = 1.0 / (1.0 + np.exp(-3.0))
 

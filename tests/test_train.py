@@ -12,15 +12,14 @@ import jax
 import numpy as np
 import pytest
 
+from moe_jax.commands import common
 from moe_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import vimoe_tiny_mnist  # noqa: E402
 
 
 def tiny_config(tfds_dir: str, **overrides):
-  c = vimoe_tiny_mnist.get_config("quick")
+  c = common.load_config("configs/vimoe_tiny_mnist.py:quick")
   c.data.data_dir = tfds_dir
   c.model.depth, c.model.width, c.model.mlp_dim, c.model.num_heads = 2, 32, 64, 2
   c.model.moe.hidden_dim = 64
@@ -29,12 +28,7 @@ def tiny_config(tfds_dir: str, **overrides):
   c.batch_size = c.eval_batch_size = 64
   c.data.eval_split = "test[:200]"
   c.optimizer.warmup_steps = 2
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 

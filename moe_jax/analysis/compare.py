@@ -1,4 +1,11 @@
-"""Routing-strategy comparison: one summary row per finished run, a table, JSON and a plot.
+"""Routing-strategy comparison: train one model under several strategies, one summary row per
+finished run, a table, JSON and a plot (the command: `python -m moe_jax.commands.compare`).
+
+For each name in `config.only` the model node `config.strategies.<name>` replaces `config.model`
+(same data, seed, batch and steps); the run trains into DIR/<name> (resuming if interrupted) and
+is evaluated with routing analysis. Then every finished run in DIR is summarised: the table is
+printed and written with the rows to DIR/compare.json, and DIR/compare.png plots accuracy and
+step time. `config.train=False` only rebuilds the table (e.g. after one job per strategy).
 
 A run folder (one strategy) holds `strategy.json` (written before training: name, forward FLOPs
 per token), `metrics.jsonl` and `eval.json` (written by the trainer and `evaluate_checkpoint`).
@@ -18,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from moe_jax import models
+from moe_jax.train import loop
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -111,3 +119,49 @@ def plot_comparison(rows: list[dict], path: str) -> str:
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return path
+
+
+def strategy_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The strategies of `config.only`, in its order; ValueError naming the choices."""
+  names = [n.strip() for n in config.only.split(",") if n.strip()]
+  unknown = [n for n in names if n not in config.strategies]
+  if unknown or not names:
+    raise ValueError(f"config.only={config.only!r}: name strategies from "
+                     f"{sorted(config.strategies)}")
+  return names
+
+
+def run_strategy(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
+  """Trains (or resumes) and evaluates one strategy into `workdir`."""
+  run = config.copy_and_resolve_references()
+  with run.unlocked():
+    run.model = run.strategies[name]
+    for key in ("strategies", "only", "train"):
+      del run[key]
+  image_shape = (run.data.image_size, run.data.image_size, run.model.channels)
+  write_strategy(workdir, name, forward_flops_per_token(run.model, image_shape))
+  print(f"== {name}", flush=True)
+  loop.train_and_evaluate(run, workdir)
+  loop.evaluate_checkpoint(run, workdir)
+
+
+def compare_all(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Trains the strategies of `config.only` (if `config.train`), then summarises every finished
+  run in `workdir`: the rows, also printed as a table, written to compare.json and plotted."""
+  names = strategy_names(config)
+  if config.train:
+    for name in names:
+      run_strategy(config, name, os.path.join(workdir, name))
+  rows = [r for r in (summarise_run(os.path.join(workdir, n)) for n in
+                      sorted(os.listdir(workdir)) if os.path.isdir(os.path.join(workdir, n)))
+          if r is not None]
+  order = {n: i for i, n in enumerate(names)}
+  rows.sort(key=lambda r: (order.get(r["strategy"], len(order)), r["strategy"]))
+  if not rows:
+    raise ValueError(f"no finished runs in {workdir}; run with --config.train=True first")
+  text = table(rows)
+  print(text)
+  with open(os.path.join(workdir, "compare.json"), "w") as f:
+    json.dump({"rows": rows, "table": text}, f, indent=1)
+  plot_comparison(rows, os.path.join(workdir, "compare.png"))
+  return rows

@@ -60,3 +60,16 @@ def layer_report(class_expert: dict[str, np.ndarray], metrics: dict[str, dict[st
                     "class_expert": np.asarray(matrix).tolist()}
   dense = [n for n, r in layers.items() if r["normalized_mi"] < threshold]
   return {"layers": layers, "threshold": threshold, "recommend_dense": dense}
+
+
+def summary(report: dict) -> str:
+  """One line per MoE layer of a `layer_report` (specialisation, load CV, drop rate) and the
+  layers it recommends to make dense."""
+  lines = [f"{'layer':<16} {'spec. (nMI)':>11} {'load CV':>8} {'dropped':>8}"]
+  for name, layer in report["layers"].items():
+    dropped = layer.get("dropped_fraction")
+    lines.append(f"{name:<16} {layer['normalized_mi']:>11.3f} {layer['load_cv']:>8.3f} "
+                 f"{'-' if dropped is None else f'{dropped:.4f}':>8}")
+  lines.append(f"could be dense (nMI < {report['threshold']}): "
+               f"{', '.join(report['recommend_dense']) or 'none'}")
+  return "\n".join(lines)

@@ -24,6 +24,13 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
+def model_refs(config: ml_collections.ConfigDict) -> dict[str, config_dict.FieldReference]:
+  """References to the data node's image_size, channels and num_classes, to build the model node
+  with (`vit_config(..., **model_refs(c.data))`): one knob each, so `--config.data.image_size=32`
+  (or `--config.model.image_size=32`) changes both nodes."""
+  return {field: config.get_ref(field) for field in ("image_size", "channels", "num_classes")}
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """ValueError naming the field for values the pipeline cannot use."""
   if config.augment not in ("crop", "none"):

@@ -10,5 +10,6 @@ A volume is fitted by a coordinate network whose parameters are the compressed f
     train.py     fitting and rendering
     fileformat.py, codec.py   the on-disk format; compress / decompress
     metrics.py, plot.py       PSNR / SSIM; PNG of the learned partition
-    cli.py       `python -m moe_jax.inr compress|decompress`
+
+The command is `python -m moe_jax.commands.inr compress|decompress`.
 """

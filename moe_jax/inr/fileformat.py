@@ -63,12 +63,7 @@ def model_diff(c: ml_collections.ConfigDict) -> dict[str, Any]:
 def model_from_diff(diff: dict[str, Any]) -> ml_collections.ConfigDict:
   """Inverse of `model_diff`."""
   c = model_config(diff["kind"])
-  for path, value in diff.items():
-    *parents, leaf = path.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+  c.update_from_flattened_dict(diff)  # JSON lists become tuples where the field is one
   return c
 
 
@@ -83,7 +78,7 @@ def decode(blob: bytes, source: str = "input") -> Compressed:
   """Parses a file's bytes; errors name what is wrong with `source`."""
   if len(blob) < _PREFIX.size or blob[:8] != MAGIC:
     raise ValueError(f"{source} is not a moe_jax.inr compressed file (bad magic); pass a file "
-                     "written by `python -m moe_jax.inr compress`")
+                     "written by `python -m moe_jax.commands.inr compress`")
   _, version, length = _PREFIX.unpack_from(blob)
   if version != VERSION:
     raise ValueError(f"{source} has format version {version}; this moe_jax reads version "

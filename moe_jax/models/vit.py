@@ -26,10 +26,10 @@ def vit_config(variant: str = "S/16", **overrides) -> ml_collections.ConfigDict:
   """Model config of a named ViT (e.g. "B/16"); `overrides` replace any field (tiny models)."""
   size, _, patch = variant.partition("/")
   if size not in SIZES or not patch.isdigit():
-    raise ValueError(f"model.variant={variant!r}: use <size>/<patch> with size in {list(SIZES)}")
+    raise ValueError(f"ViT variant {variant!r}: use <size>/<patch> with size in {list(SIZES)}")
   width, depth, mlp_dim, heads = SIZES[size]
   c = ml_collections.ConfigDict(dict(
-      name="vit", variant=variant, width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
+      name="vit", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
       patch_size=int(patch), image_size=224, channels=3, num_classes=1000,
       pool="cls",  # 'cls' token or 'gap' (global average pooling)
       posemb="learned",  # 'learned' or 'sincos2d'

@@ -1,59 +1,23 @@
-"""`python -m moe_jax.inr compress|decompress ...`: the codec on files, with a one-line report.
+"""`python -m moe_jax.commands.inr compress|decompress ...`: the MoEC codec (`moe_jax.inr`) on
+files, with a one-line report.
 
     compress   --input VOL --ratio R --out FILE [--config PATH[:variant]] [--set key=value ...]
                [--partition PNG] [--report JSON]
     decompress FILE --out VOL [--config PATH] [--set key=value ...] [--reference VOL]
 
+`--set key.path=value` overrides a config field as `--config.key.path=value` does for train.
 Bad inputs (missing file, ratio <= 1, unknown format, bad --set key) exit with one line that
 names the fix.
 """
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import json
 import os
 import sys
 import time
 
-import ml_collections
-
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs")
-
-
-def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
-  """`path[:variant]` -> `get_config(variant)`, then `key.path=value` overrides (Python literals,
-  else strings)."""
-  path, _, variant = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ValueError(f"--config {path!r} does not exist: pass a config file (e.g. "
-                     f"{os.path.join(CONFIGS, 'inr_compress.py')})")
-  module_spec = importlib.util.spec_from_file_location("inr_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(variant) if variant else module.get_config()
-  for item in overrides:
-    key, sep, text = item.partition("=")
-    if not sep:
-      raise ValueError(f"--set {item!r}: write key.path=value")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    *parents, leaf = key.split(".")
-    node = config
-    try:
-      for p in parents:
-        node = node[p]
-      if leaf not in node:
-        raise KeyError(leaf)
-      node[leaf] = value
-    except (KeyError, TypeError) as e:
-      raise ValueError(f"--set {item!r}: no field {key!r} of that type in the config ({e}); "
-                       "check it against the config file") from e
-  return config
+from moe_jax.commands import common
 
 
 def _print_report(report: dict) -> None:
@@ -63,7 +27,7 @@ def _print_report(report: dict) -> None:
 
 def compress(args: argparse.Namespace) -> None:
   from moe_jax.inr import codec, plot, volumes
-  config = load_config(args.config, args.set)
+  config = common.load_config(args.config, args.set)
   volume = volumes.load(args.input)
   blob, report, model = codec.compress(volume, args.ratio, config,
                                        log=lambda m: print(m, flush=True))
@@ -82,10 +46,10 @@ def compress(args: argparse.Namespace) -> None:
 
 def decompress(args: argparse.Namespace) -> None:
   from moe_jax.inr import codec, metrics, volumes
-  config = load_config(args.config, args.set)
+  config = common.load_config(args.config, args.set)
   if not os.path.isfile(args.file):
     raise ValueError(f"compressed file {args.file!r} does not exist: check the path (write one "
-                     "with `python -m moe_jax.inr compress`)")
+                     "with `python -m moe_jax.commands.inr compress`)")
   start = time.perf_counter()
   with open(args.file, "rb") as f:
     blob = f.read()
@@ -105,19 +69,20 @@ def decompress(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m moe_jax.inr", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m moe_jax.commands.inr",
+                              description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
   c = sub.add_parser("compress", help="volume -> compressed file")
   c.add_argument("--input", required=True, help="NIfTI (.nii, .nii.gz) or TIFF (.tif) volume")
   c.add_argument("--ratio", required=True, type=float, help="target original/compressed bytes")
   c.add_argument("--out", required=True, help="compressed file to write")
-  c.add_argument("--config", default=os.path.join(CONFIGS, "inr_compress.py:moec"))
+  c.add_argument("--config", default=os.path.join(common.CONFIGS, "inr_compress.py:moec"))
   c.add_argument("--partition", default="", help="PNG of the learned partition (MoEC)")
   c.add_argument("--report", default="", help="JSON file for the report")
   d = sub.add_parser("decompress", help="compressed file -> volume")
   d.add_argument("file", help="file written by compress")
   d.add_argument("--out", required=True, help="volume to write (.nii, .nii.gz, .tif)")
-  d.add_argument("--config", default=os.path.join(CONFIGS, "inr_decompress.py"))
+  d.add_argument("--config", default=os.path.join(common.CONFIGS, "inr_decompress.py"))
   d.add_argument("--reference", default="", help="original volume: also report PSNR / SSIM")
   for q in (c, d):
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -131,3 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     (compress if args.command == "compress" else decompress)(args)
   except ValueError as e:
     sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  main()

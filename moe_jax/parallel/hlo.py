@@ -1,0 +1,75 @@
+"""Reading compiled programs: array bytes of HLO / StableHLO shapes, collectives and their bytes.
+
+Compiled (SPMD) HLO text is the program one device runs, so every count and byte total here is
+per device.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+# Bytes per element, by HLO element type name.
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+# StableHLO (MLIR) integer element type names -> HLO names (float names are the same).
+_MLIR_INTEGERS = {"i1": "pred", "i8": "s8", "ui8": "u8", "i16": "s16", "ui16": "u16",
+                  "i32": "s32", "ui32": "u32", "i64": "s64", "ui64": "u64"}
+
+
+def _shape_bytes(text: str) -> int:
+  """Bytes of every array shape `f32[4,8]{...}` in `text` (tuple shapes summed)."""
+  total = 0
+  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
+    if dtype in DTYPE_BYTES:
+      total += DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _tensor_bytes(text: str) -> int:
+  """Bytes of every StableHLO tensor type `tensor<4x8xf32>` in `text`."""
+  total = 0
+  for dims, dtype in re.findall(r"tensor<((?:\d+x)*)([a-z]+\d+)>", text):
+    total += DTYPE_BYTES[_MLIR_INTEGERS.get(dtype, dtype)] * math.prod(
+        int(d) for d in dims.split("x") if d)
+  return total
+
+
+def _is_no_op(line: str) -> bool:
+  """A collective whose replica groups all have one member (e.g. over a mesh axis of size 1,
+  which XLA:CPU leaves in the program): it moves nothing."""
+  groups = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", line)
+  return bool(groups) and all("," not in g for g in re.findall(r"\{([\d,]*)\}", groups.group(1)))
+
+
+def _collective_results(hlo: str, op: str) -> list[str]:
+  """Result shape text of each `op` (or async `op-start`) instruction of compiled HLO text,
+  no-op ones (single-member replica groups) left out."""
+  pattern = re.compile(rf"=\s*(.*?)\s{op}(-start)?\(")
+  return [m.group(1) for line in hlo.splitlines()
+          if (m := pattern.search(line)) and not _is_no_op(line)]
+
+
+def collective_counts(hlo: str) -> dict[str, int]:
+  """Collective instructions of compiled HLO text by op (async `-start`s counted once)."""
+  return {op: len(_collective_results(hlo, op)) for op in COLLECTIVES}
+
+
+def collective_bytes(hlo: str, op: str) -> int:
+  """Sum over the `op` instructions (all-to-all, all-reduce, ...) of their operand sizes, in
+  bytes, per device (the compiled SPMD HLO is the program one device runs). These collectives'
+  results have exactly their operands' shapes (compiled HLO prints operands without shapes), so
+  the result shapes are summed."""
+  return sum(_shape_bytes(shape) for shape in _collective_results(hlo, op))
+
+
+def all_to_all_bytes(hlo: str) -> int:
+  """All-to-all operand bytes per device (see `collective_bytes`)."""
+  return collective_bytes(hlo, "all-to-all")
+
+
+def stablehlo_all_to_all_bytes(text: str) -> int:
+  """Operand bytes of the `stablehlo.all_to_all` ops of a lowered (pre-XLA) program: what the
+  program asks to send, before a backend's own passes (XLA:CPU computes bf16 in f32)."""
+  return sum(_tensor_bytes(operands) for operands in
+             re.findall(r"stablehlo\.all_to_all.*?:\s*\((.*?)\)\s*->", text))
