@@ -17,6 +17,7 @@ from jax.test_util import check_grads
 import moe_reference as ref
 from moe_jax import moe
 from moe_jax.moe import dispatch
+from moe_jax.routing.top_k import token_choice_plan
 
 
 def make_layer(dim=8, E=4, F=16, k=1, dispatch_mode="capacity", cf=1.0, bpr=True,
@@ -51,7 +52,7 @@ def reference_top_k(layer, x):
     w = w / w.sum(-1, keepdims=True)
   S = xg.shape[1]
   cap = None if c.dispatch == "dropless" else max(math.ceil(K * S * c.capacity_factor / E), 1)
-  prio = w[..., 0] if c.router.bpr else None
+  prio = gates.max(-1) if c.router.bpr else None  # BPR: raw max gate, before renormalising
   y, kept = ref.token_choice(xg, idx, w, prio, cap, ref.expert_params(layer))
   counts = np.stack([np.bincount(idx[g].ravel(), minlength=E) for g in range(len(idx))])
   top1 = np.stack([np.bincount(idx[g, :, 0], minlength=E) / S for g in range(len(idx))])
@@ -121,6 +122,29 @@ def test_bpr_drops_lowest_priority_first():
     dropped, kept = rows[mine] >= 2 * 4, rows[mine] < 2 * 4
     if dropped.any() and kept.any():
       assert prio[mine][dropped].max() <= prio[mine][kept].min()
+
+
+@pytest.mark.parametrize("k,gates,capacity_factor,want_rows", [
+    # E=2, S=4, every first choice is expert 0; C = ceil(1 * 4 * 0.5 / 2) = 1. Renormalised
+    # k=1 weights are all 1.0; the raw max gates 0.6, 0.9, 0.7, 0.55 put token 1 first: it
+    # takes row (e*G + g)*C + rank = 0, the rest are dropped (row E*G*C = 2).
+    (1, [[0.6, 0.4], [0.9, 0.1], [0.7, 0.3], [0.55, 0.45]], 0.5, [[2], [0], [2], [2]]),
+    # E=3, S=3, top-2; C = ceil(2 * 3 * 0.5 / 3) = 1. Raw priorities 0.5, 0.45, 0.7 serve
+    # t2, t0, t1; renormalised ones (0.526, 0.5625, 0.778) would serve t2, t1, t0. 1st choices:
+    # t2 -> e2 (row 2), t0 -> e0 (row 0), t1 -> e0 (full). 2nd choices: t2 -> e1 (row 1),
+    # t0 -> e1 (full), t1 -> e1 (full). Dropped = row 3.
+    (2, [[0.5, 0.45, 0.05], [0.45, 0.35, 0.2], [0.1, 0.2, 0.7]], 0.5, [[0, 3], [3, 3], [2, 1]]),
+])
+def test_bpr_priority_is_the_raw_gate_with_renormalisation(k, gates, capacity_factor,
+                                                           want_rows):
+  gates = jnp.asarray([gates], jnp.float32)
+  plan = token_choice_plan(gates, jnp.log(gates), k, renormalize=True, bpr=True)
+  np.testing.assert_allclose(plan.priority, gates.max(-1))
+  np.testing.assert_allclose(plan.combine_weights.sum(-1), 1.0, rtol=1e-6)
+  S, E = gates.shape[1:]
+  C = dispatch.capacity(k, S, E, capacity_factor)
+  assert C == 1
+  np.testing.assert_array_equal(dispatch.capacity_rows(plan, C)[0], want_rows)
 
 
 def test_capacity_equals_dropless_when_nothing_dropped():
