@@ -114,8 +114,11 @@ class MoELayer(nnx.Module):
     weighted = sum((weights[name] * value for name, value in plan.aux_losses.items()),
                    jnp.zeros((), jnp.float32))
     B, E = x.shape[0], c.num_experts
-    mass = plan.token_expert_mass(groups.shape[1]).reshape(B, -1, E).sum(axis=1)
+    S = groups.shape[1]
+    mass = plan.token_expert_mass(S).reshape(B, -1, E).sum(axis=1)
+    primary = jax.nn.one_hot(plan.primary_expert(S), E + 1, dtype=jnp.float32)
     aux_outputs.record(self, aux_outputs.LayerAux(
         losses=plan.aux_losses, weighted_loss=weighted, metrics={**plan.metrics, **metrics},
-        example_load=mass / jnp.maximum(mass.sum(-1, keepdims=True), 1e-9)))
+        example_load=mass / jnp.maximum(mass.sum(-1, keepdims=True), 1e-9),
+        example_tokens=primary.reshape(B, -1, E + 1).sum(axis=1)))
     return y
