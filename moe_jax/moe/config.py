@@ -35,7 +35,7 @@ def default_config(router: str = "top_k") -> ml_collections.ConfigDict:
   # 'token' routes every token; 'image' routes whole rows of x [B, T, D] (images): groups of
   # images, capacity and BPR over images, each image carrying all its T tokens.
   c.granularity = "token"
-  c.image_pooling = "mean"  # granularity='image': the router sees the 'mean' token or token 0 ('cls').
+  c.image_pooling = "mean"  # granularity='image': route by the 'mean' token or token 0 ('cls').
   c.images_per_group = 0  # granularity='image': images per routing group; 0 = each device's batch.
   c.dropless = ml_collections.ConfigDict()
   # Rows per block: each expert's tokens are padded to a multiple; also the blocked grouped
