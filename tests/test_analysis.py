@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import pytest
+from flax import nnx
 
-from moe_jax import analysis
+from moe_jax import analysis, moe
 from moe_jax.analysis import compare, plots
 from moe_jax.commands import common
 from moe_jax.routing.plan import RoutingPlan
@@ -69,6 +70,53 @@ def test_token_expert_mass_for_each_plan_kind():
   weights = jnp.array([[[[0.1, 0.2], [0.3, 0.4]]]])  # [G=1, S=1, E=2, P=2]
   soft = RoutingPlan(kind="soft", num_experts=2, combine_weights=weights)
   np.testing.assert_allclose(soft.token_expert_mass(1), [[[0.3, 0.7]]], rtol=1e-6)
+
+
+def test_primary_expert_for_each_plan_kind():
+  token_choice = RoutingPlan(kind="token_choice", num_experts=3,
+                             expert_index=jnp.array([[[0, 2], [1, 0]]]),
+                             combine_weights=jnp.ones((1, 2, 2)))
+  np.testing.assert_array_equal(token_choice.primary_expert(2), [[0, 1]])
+  # Expert 0 took tokens 0, 2 (weights 0.2, 0.9), expert 1 took 0, 1 (0.7, 0.4); token 3: none.
+  expert_choice = RoutingPlan(kind="expert_choice", num_experts=2,
+                              token_index=jnp.array([[[0, 2], [0, 1]]]),
+                              combine_weights=jnp.array([[[0.2, 0.9], [0.7, 0.4]]]))
+  np.testing.assert_array_equal(expert_choice.primary_expert(4), [[1, 1, 0, 2]])
+  soft = RoutingPlan(kind="soft", num_experts=2,
+                     combine_weights=jnp.array([[[[0.1, 0.2], [0.3, 0.4]]]]))
+  np.testing.assert_array_equal(soft.primary_expert(1), [[1]])
+
+
+def test_expert_choice_specialisation_is_measured_on_tokens_not_example_mass():
+  """Expert choice, one group per image, E=2, S=4 tokens, capacity factor 2: C = 4, every expert
+  takes every token, so each image's routing mass is [4, 4] whatever its class: the
+  example-mass MI is 0 by construction. Class 0 tokens point at expert 0 (W = I), class 1 at
+  expert 1: every token's main expert is its class, token-level normalised MI = 1."""
+  c = moe.default_config("expert_choice")
+  c.num_experts, c.hidden_dim, c.capacity_factor = 2, 4, 2.0
+  layer = moe.MoELayer(2, c, rngs=nnx.Rngs(0))
+  layer.eval()
+  layer.router.kernel[...] = jnp.eye(2)
+  direction = jnp.asarray([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # labels 0, 0, 1, 1
+  x = direction[:, None] * jnp.arange(1.0, 5.0)[None, :, None]  # [B=4, T=4, D=2]
+  _, aux = moe.capture_aux(layer)(x)
+  (a,) = aux.layers.values()
+  classes = np.eye(2)[[0, 0, 1, 1]]
+  np.testing.assert_allclose(classes.T @ a.example_tokens, [[8, 0, 0], [0, 8, 0]])
+  report = analysis.layer_report({"ec": classes.T @ a.example_load}, {"ec": a.metrics},
+                                 class_token_expert={"ec": classes.T @ a.example_tokens})
+  layer_report = report["layers"]["ec"]
+  assert layer_report["example_normalized_mi"] == pytest.approx(0.0, abs=1e-12)
+  assert layer_report["normalized_mi"] == pytest.approx(1.0)
+  assert report["recommend_dense"] == []
+
+
+def test_report_keeps_router_load_before_capacity_next_to_kept_load():
+  report = analysis.layer_report(
+      {"l": np.eye(2)}, {"l": {"load": np.array([0.75, 0.25]), "kept_load": np.array([0.5, 0.5])}})
+  layer = report["layers"]["l"]
+  assert layer["load"] == [0.75, 0.25] and layer["load_cv"] == pytest.approx(0.5)
+  assert layer["kept_load"] == [0.5, 0.5] and layer["kept_load_cv"] == 0.0
 
 
 def assert_real_png(path: str, width: int, height: int) -> None:

@@ -24,18 +24,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import vimoe_tiny_mnist  # noqa: E402
 
 MESHES = [(8, 1), (2, 4), (1, 8)]
+X_IMAGES = jax.random.normal(jax.random.key(1), (16, 6, 8))
 
 
 def mesh_of(shape):
   return jax.make_mesh(shape, (mesh_lib.DATA, mesh_lib.EXPERT), axis_types=(AxisType.Auto,) * 2)
 
 
-def make_layer(router: str, dispatch: str = "capacity"):
+def make_layer(router: str, dispatch: str = "capacity", **image):
   c = moe.default_config(router)
   c.num_experts, c.hidden_dim = 8, 16
   if "k" in c.router:  # token-choice routers
     c.router.k = 2
   c.dispatch = dispatch
+  c.update(image)
   if router == "clusters":
     c.router.clusters.num_clusters = 4
   layer = moe.MoELayer(8, c, rngs=nnx.Rngs(0))
@@ -69,6 +71,31 @@ def test_sharded_equals_unsharded_for_every_mesh(router, dispatch):
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5, err_msg=str(shape))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads,
                  want_grads)
+
+
+@pytest.mark.parametrize("router,dispatch", [("top_k", "capacity"), ("top_k", "dropless"),
+                                             ("clusters", "capacity")])
+def test_per_image_routing_sharded_equals_unsharded(router, dispatch):
+  """16 images in 8 groups of 2 (C = ceil(2 * 2 * 1.0 / 8) = 1 image per expert): groups never
+  straddle devices, so every mesh routes, drops and computes exactly as one device. With
+  images_per_group=0 each device's 2 images form one group: the same 8 groups here."""
+  want = loss_and_grads(make_layer(router, dispatch, granularity="image", images_per_group=2),
+                        X_IMAGES)
+  for shape in MESHES:
+    for per_group in (2, 0):
+      layer = make_layer(router, dispatch, granularity="image", images_per_group=per_group)
+      with jax.set_mesh(mesh_of(shape)):
+        loss, grads = loss_and_grads(layer, X_IMAGES)
+        graphdef, state = nnx.split(layer)
+        dropped = jax.jit(lambda state, x: next(iter(moe.capture_aux(nnx.merge(
+            graphdef, state))(x)[1].layers.values())).metrics["dropped_fraction"])(
+                state, X_IMAGES)
+      np.testing.assert_allclose(loss, want[0], rtol=1e-5, err_msg=f"{shape} {per_group}")
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads,
+                   want[1])
+      # Whole images are dropped: a multiple of 1/32 of the 16 images x 2 choices.
+      assert float(dropped * 32) == pytest.approx(round(float(dropped * 32)), abs=1e-4)
+      assert (float(dropped) > 0) == (dispatch == "capacity"), float(dropped)
 
 
 def test_compiled_layer_uses_all_to_all_and_never_gathers_expert_weights():

@@ -16,6 +16,7 @@ from jax.test_util import check_grads
 import moe_reference as ref
 from moe_jax import moe
 from moe_jax.moe import dispatch
+from moe_jax.routing.top_k import token_choice_plan
 
 
 def make_layer(dim=8, E=4, F=16, k=1, dispatch_mode="capacity", cf=1.0, bpr=True,
@@ -40,7 +41,7 @@ def make_layer(dim=8, E=4, F=16, k=1, dispatch_mode="capacity", cf=1.0, bpr=True
 def reference_top_k(layer, x):
   """Numpy reference of a top-k MoE layer in eval mode: outputs, kept mask, aux losses."""
   c = layer.config
-  xg = np.asarray(layer._groups(x), np.float64)
+  xg = np.asarray(layer._groups(x)[0], np.float64)
   logits = xg @ np.asarray(layer.router.kernel[...], np.float64)
   gates = ref.softmax(logits)
   K, E = c.router.k, c.num_experts
@@ -50,7 +51,7 @@ def reference_top_k(layer, x):
     w = w / w.sum(-1, keepdims=True)
   S = xg.shape[1]
   cap = None if c.dispatch == "dropless" else max(math.ceil(K * S * c.capacity_factor / E), 1)
-  prio = w[..., 0] if c.router.bpr else None
+  prio = gates.max(-1) if c.router.bpr else None  # BPR: raw max gate, before renormalising
   y, kept = ref.token_choice(xg, idx, w, prio, cap, ref.expert_params(layer))
   counts = np.stack([np.bincount(idx[g].ravel(), minlength=E) for g in range(len(idx))])
   top1 = np.stack([np.bincount(idx[g, :, 0], minlength=E) / S for g in range(len(idx))])
@@ -122,6 +123,29 @@ def test_bpr_drops_lowest_priority_first():
       assert prio[mine][dropped].max() <= prio[mine][kept].min()
 
 
+@pytest.mark.parametrize("k,gates,capacity_factor,want_rows", [
+    # E=2, S=4, every first choice is expert 0; C = ceil(1 * 4 * 0.5 / 2) = 1. Renormalised
+    # k=1 weights are all 1.0; the raw max gates 0.6, 0.9, 0.7, 0.55 put token 1 first: it
+    # takes row (e*G + g)*C + rank = 0, the rest are dropped (row E*G*C = 2).
+    (1, [[0.6, 0.4], [0.9, 0.1], [0.7, 0.3], [0.55, 0.45]], 0.5, [[2], [0], [2], [2]]),
+    # E=3, S=3, top-2; C = ceil(2 * 3 * 0.5 / 3) = 1. Raw priorities 0.5, 0.45, 0.7 serve
+    # t2, t0, t1; renormalised ones (0.526, 0.5625, 0.778) would serve t2, t1, t0. 1st choices:
+    # t2 -> e2 (row 2), t0 -> e0 (row 0), t1 -> e0 (full). 2nd choices: t2 -> e1 (row 1),
+    # t0 -> e1 (full), t1 -> e1 (full). Dropped = row 3.
+    (2, [[0.5, 0.45, 0.05], [0.45, 0.35, 0.2], [0.1, 0.2, 0.7]], 0.5, [[0, 3], [3, 3], [2, 1]]),
+])
+def test_bpr_priority_is_the_raw_gate_with_renormalisation(k, gates, capacity_factor,
+                                                           want_rows):
+  gates = jnp.asarray([gates], jnp.float32)
+  plan = token_choice_plan(gates, jnp.log(gates), k, renormalize=True, bpr=True)
+  np.testing.assert_allclose(plan.priority, gates.max(-1))
+  np.testing.assert_allclose(plan.combine_weights.sum(-1), 1.0, rtol=1e-6)
+  S, E = gates.shape[1:]
+  C = dispatch.capacity(k, S, E, capacity_factor)
+  assert C == 1
+  np.testing.assert_array_equal(dispatch.capacity_rows(plan, C)[0], want_rows)
+
+
 def test_capacity_equals_dropless_when_nothing_dropped():
   x = jax.random.normal(jax.random.key(1), (2, 8, 8))
   for k in (1, 2):
@@ -165,12 +189,83 @@ def test_train_mode_noise_changes_routing_and_eval_is_deterministic():
   assert not np.array_equal(layer.route(x).expert_index, layer.route(x).expert_index)
 
 
-def test_per_image_routing_sends_all_tokens_of_an_image_to_the_same_experts():
-  layer = make_layer(k=2, granularity="image", dispatch_mode="dropless")
-  x = jax.random.normal(jax.random.key(7), (4, 10, 8))
-  idx = np.asarray(layer.route(x).expert_index)
-  assert (idx == idx[:, :1]).all()
-  assert len({tuple(i[0]) for i in idx}) > 1, "all images went to the same experts"
+def image_layer(kernel, E=2, k=1, **kw):
+  """Per-image layer of width 2 with a hand-set router kernel `[2, E]` (logits = pooled @ W)."""
+  layer = make_layer(dim=2, E=E, k=k, granularity="image", **kw)
+  layer.router.kernel[...] = jnp.asarray(kernel, jnp.float32)
+  return layer
+
+
+# Per-token offsets that sum to zero: an image's mean token is its `mean` row.
+OFFSETS = np.array([[0.1, -0.2], [-0.3, 0.1], [0.2, 0.1]])
+
+
+def images_with_means(means):
+  return jnp.asarray(np.asarray(means, np.float64)[:, None] + OFFSETS, jnp.float32)  # [B, 3, 2]
+
+
+@pytest.mark.parametrize("mode", ["capacity", "dropless"])
+def test_per_image_capacity_counts_images_and_bpr_orders_images(mode):
+  # 4 images of T=3 tokens, E=2, k=1, one group (images_per_group=0, no mesh). W = 2 I: image
+  # means [3,0], [1,0], [0.5,0], [0,1] give logits [6,0], [2,0], [1,0], [0,2]: images 0-2 pick
+  # expert 0 with raw gates 0.9975, 0.881, 0.731; image 3 picks expert 1 (0.881).
+  # Capacity: C = ceil(K * images * cf / E) = ceil(1 * 4 * 1.0 / 2) = 2 images per expert, so
+  # expert 0 keeps images 0 and 1 (highest priority) and drops image 2: 1 of 4 images (3 of 12
+  # tokens) dropped. Dropless keeps all. (Old code: C = ceil(3 tokens / 2) = 2 of each image's
+  # 3 tokens, dropping 1/3 of every image.)
+  layer = image_layer(2.0 * np.eye(2), dispatch_mode=mode, cf=1.0)
+  x = images_with_means([[3, 0], [1, 0], [0.5, 0], [0, 1]])
+  assert dispatch.capacity(1, 4, 2, 1.0) == 2
+  y, aux = run(layer, x)
+  (layer_aux,) = aux.layers.values()
+  gates = jax.nn.softmax(jnp.asarray([[6.0, 0], [2, 0], [1, 0], [0, 2]]))
+  expert = [0, 0, 0, 1]
+  every = layer.experts(jnp.broadcast_to(x.reshape(1, 12, 2), (2, 12, 2))).reshape(2, 4, 3, 2)
+  kept = [True, True, mode == "dropless", True]
+  want = np.stack([gates[b, e] * every[e, b] * kept[b] for b, e in enumerate(expert)])
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(layer_aux.metrics["dropped_fraction"],
+                             0.25 if mode == "capacity" else 0.0, atol=1e-7)
+  np.testing.assert_allclose(layer_aux.example_load, np.eye(2)[expert])
+
+
+def test_per_image_pooling_mean_or_cls_token():
+  # Image 0: mean [1, 0] -> expert 0, but its token 0 is [1, 0] + [-2, 2] = [-1, 2] -> expert 1.
+  x = images_with_means([[1, 0], [0, 1]]).at[0, 0].add(jnp.asarray([-2.0, 2.0]))
+  x = x.at[0, 1].add(jnp.asarray([2.0, -2.0]))  # keep image 0's mean at [1, 0]
+  for pooling, want in (("mean", [0, 1]), ("cls", [1, 1])):
+    plan = image_layer(np.eye(2), image_pooling=pooling).route(x)
+    np.testing.assert_array_equal(plan.expert_index[..., 0], [want], err_msg=pooling)
+
+
+@pytest.mark.parametrize("images_per_group,groups", [(0, 1), (2, 2), (1, 4)])
+def test_per_image_groups_hold_images_per_group_images(images_per_group, groups):
+  plan = image_layer(np.eye(2), images_per_group=images_per_group).route(
+      images_with_means(np.eye(2)[[0, 1, 0, 1]]))
+  assert plan.expert_index.shape == (groups, 4 // groups, 1)
+
+
+def test_per_image_images_per_group_must_divide_the_batch():
+  with pytest.raises(ValueError, match="images_per_group=3"):
+    image_layer(np.eye(2), images_per_group=3)(images_with_means(np.zeros((4, 2))))
+
+
+@pytest.mark.parametrize("split,want", [
+    # W = ln(3) I: means [1, 0] -> gates [0.75, 0.25]; [0, 1] -> [0.25, 0.75]. One group of 4.
+    # Collapse, all 4 images on expert 0: importance = CV^2 of gate sums [3, 1] = var 1 / mean^2 4
+    # = 0.25; load = CV^2 of counts [4, 0] = 4 / 4 = 1.0; balance = E * sum f P
+    # = 2 * (1 * 0.75 + 0 * 0.25) = 1.5.
+    ([0, 0, 0, 0], dict(importance=0.25, load=1.0, balance=1.5)),
+    # Spread 2 / 2: sums [2, 2] -> 0; counts [2, 2] -> 0; balance 2 * (0.5*0.5 + 0.5*0.5) = 1.0.
+    # (Old code: groups of one image each gave 0.25 / 1.0 / 1.5 for both.)
+    ([0, 0, 1, 1], dict(importance=0.0, load=0.0, balance=1.0)),
+])
+def test_per_image_aux_losses_are_over_the_images_of_a_group(split, want):
+  layer = image_layer(math.log(3.0) * np.eye(2), cf=2.0)
+  _, aux = run(layer, images_with_means(np.eye(2)[split]))
+  (layer_aux,) = aux.layers.values()
+  for name, value in want.items():
+    np.testing.assert_allclose(layer_aux.losses[name], value, atol=1e-6, err_msg=name)
 
 
 def test_shared_expert_sum_adds_dense_mlp():

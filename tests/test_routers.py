@@ -167,6 +167,32 @@ def test_cluster_expert_dropout():
   assert len(np.unique(np.asarray(plan.expert_index))) > 4  # eval: every expert available
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_cluster_dropout_never_moves_a_token_to_another_cluster(k):
+  """E=8 in 4 clusters of 2, dropout 0.5: a displaced token stays in its cluster (0 moves)."""
+  layer = make_layer("clusters", E=8, k=k, router__clusters__num_clusters=4,
+                     router__clusters__expert_dropout=0.5)
+  x = jax.random.normal(jax.random.key(0), (4, 32, 8))
+  full = np.asarray(layer.route(x).expert_index)  # eval: no dropout
+  cluster_rank = np.asarray(cluster_reference(layer, x)).reshape(4, 32, 4, 2).max(-1)
+  top_clusters = np.sort(np.argsort(-cluster_rank, axis=-1, kind="stable")[..., :k], -1)
+  layer.train()
+  displaced = 0
+  for _ in range(5):  # 5 different masks
+    alive = np.asarray(layer.router.alive())
+    assert alive.reshape(4, 2).any(1).all(), "a cluster lost all its experts"
+    got = np.asarray(layer.route(x).expert_index)
+    assert alive[got].all(), "a dropped expert received tokens"
+    # Every choice lies in one of the token's top-k clusters, ranked before dropout.
+    assert (got[..., :, None] // 2 == top_clusters[..., None, :]).any(-1).all()
+    moved = ~alive[full[..., 0]]  # tokens whose first choice was dropped
+    displaced += int(moved.sum())
+    if k == 1:
+      assert int(np.sum(got[moved, 0] // 2 != full[moved, 0] // 2)) == 0, "cross-cluster move"
+      np.testing.assert_array_equal(got[~moved], full[~moved])  # a surviving choice is kept
+  assert displaced > 50, displaced
+
+
 def hash_reference(S, E, k, seed):
   first = [((s * 2654435761 + seed) % 2**32) % E for s in range(S)]
   return np.array([[(f + j) % E for j in range(k)] for f in first])

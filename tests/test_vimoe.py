@@ -106,14 +106,26 @@ def test_upcycled_vimoe_equals_dense_vit():
   assert not np.allclose(sparse.features(images), want, atol=1e-3)
 
 
-def test_per_image_routing_in_vimoe():
-  c = tiny(moe__granularity="image", moe__dispatch="dropless")
+@pytest.mark.parametrize("pool,pooling", [("gap", "mean"), ("cls", "cls")])
+def test_per_image_routing_in_vimoe(pool, pooling):
+  c = tiny(moe__granularity="image", moe__dispatch="capacity", moe__image_pooling=pooling)
+  c.pool = pool
   model = build_model(c, rngs=nnx.Rngs(0))
   model.eval()
-  layer = model.blocks[3].mlp
+  images = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
+  _, aux = moe.capture_aux(model)(images)
+  layer_aux = aux.layers["blocks/3/mlp"]
+  # One group of the 4 images: each image's whole mass on one expert (k=1).
+  np.testing.assert_allclose(np.asarray(layer_aux.example_load).max(-1), 1.0)
   x = jax.random.normal(jax.random.key(0), (4, 17, 32))
-  idx = np.asarray(layer.route(x).expert_index)
-  assert (idx == idx[:, :1]).all()
+  assert model.blocks[3].mlp.route(x).expert_index.shape == (1, 4, c.moe.router.k)
+
+
+def test_cls_pooling_needs_a_cls_token():
+  c = tiny(moe__granularity="image", moe__image_pooling="cls")
+  c.pool = "gap"
+  with pytest.raises(ValueError, match="model.pool='cls'"):
+    build_model(c, rngs=nnx.Rngs(0))
 
 
 def test_tiny_vimoe_overfits_a_small_batch():

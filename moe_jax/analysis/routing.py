@@ -1,11 +1,21 @@
 """Routing statistics of MoE layers: class x expert matrices, specialisation, recommendations.
 
-The class x expert matrix `M [classes, E]` sums, over evaluated examples of each class, the share
-of the example's routing mass that went to each expert. Specialisation of a layer is the mutual
-information between class and expert under `P(c, e) = M / sum(M)`, normalised by the class
-entropy (1 = the expert determines the class; 0 = routing ignores the class). Layers whose
-normalised MI stays below `threshold` route without regard to the class: candidates to make dense
-(Han et al. 2024 find shallow MoE layers route unreliably).
+Two class x expert matrices per layer, summed over the whole evaluation set:
+
+- `class_expert [classes, E]`: per example, the share of its routing mass on each expert.
+- `class_token_expert [classes, E + 1]`: tokens (per-image routing: images) counted by their
+  main expert (`RoutingPlan.primary_expert`; the last column: tokens no expert took).
+
+Specialisation is the mutual information between class and expert under `P(c, e) = M / sum(M)`,
+normalised by the class entropy (1 = the expert determines the class; 0 = routing ignores the
+class), computed on the token matrix. The example-mass matrix is 0 by construction for expert
+choice with one routing group per example (every expert takes exactly C tokens of every
+example), so it is reported (`example_normalized_mi`) but never drives a recommendation. Layers
+whose token-level normalised MI stays below `threshold` route without regard to the class:
+candidates to make dense (Han et al. 2024 find shallow MoE layers route unreliably).
+
+Loads: `load` is the router's assignment share per expert before capacity drops (router
+imbalance); `kept_load` the share of kept (token, choice) pairs after capacity (token choice).
 """
 from __future__ import annotations
 
@@ -39,25 +49,39 @@ def specialisation(matrix: np.ndarray) -> dict[str, float]:
                                             / np.log(E)) if E > 1 else 0.0}
 
 
+def _summary(load) -> dict:
+  load = np.asarray(load, np.float64)
+  return {"values": load.tolist(),
+          "cv": float(np.std(load) / np.mean(load)) if load.size and np.mean(load) else 0.0}
+
+
 def layer_report(class_expert: dict[str, np.ndarray], metrics: dict[str, dict[str, float]],
-                 threshold: float = 0.1) -> dict:
+                 threshold: float = 0.1,
+                 class_token_expert: dict[str, np.ndarray] | None = None) -> dict:
   """Per-layer statistics + the layers recommended to be made dense.
 
   Args:
-    class_expert: layer -> `[classes, E]` matrix.
+    class_expert: layer -> `[classes, E]` routing-mass matrix.
     metrics: layer -> routing metrics averaged over the evaluation (load, dropped_fraction, ...).
     threshold: normalised MI under which a layer is a candidate to make dense.
+    class_token_expert: layer -> `[classes, E + 1]` main-expert token counts; the specialisation
+      score (without it, the routing-mass matrix is used).
   """
   layers = {}
   for name, matrix in class_expert.items():
-    load = np.asarray(metrics.get(name, {}).get("kept_load",
-                                                metrics.get(name, {}).get("load", [])))
-    layers[name] = {**specialisation(matrix),
+    m = metrics.get(name, {})
+    tokens = None if class_token_expert is None else class_token_expert.get(name)
+    load, kept = _summary(m.get("load", [])), _summary(m.get("kept_load", []))
+    layers[name] = {**specialisation(matrix if tokens is None else tokens),
                     **{k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
-                       for k, v in metrics.get(name, {}).items()},
-                    "load": load.tolist(),
-                    "load_cv": float(np.std(load) / np.mean(load)) if load.size else 0.0,
+                       for k, v in m.items()},
+                    "example_normalized_mi": specialisation(matrix)["normalized_mi"],
+                    "load": load["values"], "load_cv": load["cv"],
                     "class_expert": np.asarray(matrix).tolist()}
+    if "kept_load" in m:
+      layers[name].update(kept_load=kept["values"], kept_load_cv=kept["cv"])
+    if tokens is not None:
+      layers[name]["class_token_expert"] = np.asarray(tokens).tolist()
   dense = [n for n, r in layers.items() if r["normalized_mi"] < threshold]
   return {"layers": layers, "threshold": threshold, "recommend_dense": dense}
 

@@ -61,6 +61,10 @@ class ViMoE(vit.ViT):
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.moe_layer_indices = moe_layer_indices(config.moe_layers, config.depth)
     moe_config = config.moe
+    if (moe_config.granularity == "image" and moe_config.image_pooling == "cls"
+        and config.pool != "cls"):
+      raise ValueError("model.moe.image_pooling='cls' routes each image by its CLS token: set "
+                       "model.pool='cls' (or model.moe.image_pooling='mean')")
 
     def mlp_factory(index: int, dim: int, rngs: nnx.Rngs) -> nnx.Module | None:
       return moe.MoELayer(dim, moe_config, rngs=rngs) if index in self.moe_layer_indices else None

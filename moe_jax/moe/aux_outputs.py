@@ -26,6 +26,9 @@ class LayerAux:
   weighted_loss: jax.Array  # sum of losses times config.router.loss_weights
   metrics: dict[str, jax.Array]  # routing statistics (scalars, load histograms, ...)
   example_load: jax.Array  # [B, E]: share of each example's routing mass per expert
+  # [B, E + 1]: an example's tokens (images, per-image routing) by main expert (column E: no
+  # expert); `RoutingPlan.primary_expert`.
+  example_tokens: jax.Array | None = None
 
 
 @struct.dataclass

@@ -49,8 +49,11 @@ def default_config(router: str = "top_k") -> ml_collections.ConfigDict:
   c.min_capacity = 1
   # Tokens per routing group S. 0 = each example (row of x [B, T, D]) is one group.
   c.group_size = 0
-  # 'token' routes every token; 'image' gives all tokens of a row one assignment (from the mean).
+  # 'token' routes every token; 'image' routes whole rows of x [B, T, D] (images): groups of
+  # images, capacity and BPR over images, each image carrying all its T tokens.
   c.granularity = "token"
+  c.image_pooling = "mean"  # granularity='image': route by the 'mean' token or token 0 ('cls').
+  c.images_per_group = 0  # granularity='image': images per routing group; 0 = each device's batch.
   c.dropless = ml_collections.ConfigDict()
   # Rows per block: each expert's tokens are padded to a multiple; also the blocked grouped
   # matmul's smallest tile. Small blocks waste few rows when experts get ~100 tokens each
@@ -107,6 +110,10 @@ def validate(c: ml_collections.ConfigDict, router: type[Router] | None = None) -
     fail("group_size", f"={c.group_size} must be >= 0 (0 = one group per example)")
   if c.granularity not in ("token", "image"):
     fail("granularity", f"={c.granularity!r} must be 'token' or 'image'")
+  if c.image_pooling not in ("mean", "cls"):
+    fail("image_pooling", f"={c.image_pooling!r} must be 'mean' or 'cls'")
+  if c.images_per_group < 0:
+    fail("images_per_group", f"={c.images_per_group} must be >= 0 (0 = each device's batch)")
   if c.granularity == "image" and (kind != "token_choice" or c.group_size != 0):
     fail("granularity", f"='image' needs a token-choice router (router.name={r.name!r} makes "
          f"{kind} plans) and group_size=0")

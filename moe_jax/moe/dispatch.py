@@ -92,25 +92,32 @@ def _route_rows(x: jax.Array, rows: jax.Array, weights: jax.Array, num_rows: int
 
 def token_choice(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *, mode: str,
                  capacity_factor: float, min_capacity: int, block_size: int,
-                 backend: str) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Token-choice dispatch. `x [G, S, D]` -> `[G, S, D]` and dispatch metrics."""
-  G, S, D = x.shape
-  K, E = plan.k, plan.num_experts
+                 backend: str, tokens_per_row: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Token-choice dispatch. `x [G, S, R*D]` -> `[G, S, R*D]` and dispatch metrics.
+
+  The plan routes rows; each row carries `R = tokens_per_row` tokens of width D that all go to
+  the row's experts (per-image routing: a row is an image, R = T). Capacity C counts rows; the
+  experts see `[E, C*R, D]` (capacity) or `R` token rows per routed row (dropless).
+  """
+  G, S, W = x.shape
+  K, E, R = plan.k, plan.num_experts, tokens_per_row
+  D = W // R
   if mode == "capacity":
     C = capacity(K, S, E, capacity_factor, min_capacity)
     rows, num_rows = capacity_rows(plan, C), E * G * C
-    experts_fn = lambda r: experts(r.reshape(E, G * C, D)).reshape(E * G * C, D)
+    experts_fn = lambda r: experts(r.reshape(E, G * C * R, D)).reshape(E * G * C, W)
   else:
     rows, group_sizes, num_rows = dropless_rows(plan, block_size)
-    experts_fn = lambda r: experts.grouped(r, group_sizes, backend, block_size)
+    experts_fn = lambda r: experts.grouped(r.reshape(num_rows * R, D), group_sizes * R, backend,
+                                           block_size).reshape(num_rows, W)
   kept = rows < num_rows
-  y = _route_rows(x.reshape(G * S, D).astype(experts.dtype), rows.reshape(G * S, K),
+  y = _route_rows(x.reshape(G * S, W).astype(experts.dtype), rows.reshape(G * S, K),
                   plan.combine_weights.reshape(G * S, K), num_rows, experts_fn)
   expert_of_kept = jnp.where(kept, plan.expert_index, E).reshape(-1)
   kept_load = jnp.zeros((E + 1,), jnp.float32).at[expert_of_kept].add(1.0)[:E] / kept.size
   metrics = {"dropped_fraction": 1.0 - jnp.mean(kept.astype(jnp.float32)),
              "kept_load": kept_load}
-  return y.reshape(G, S, D), metrics
+  return y.reshape(G, S, W), metrics
 
 
 def expert_choice(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *,

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from moe_jax.moe import aux_outputs, dispatch, expert_parallel
 from moe_jax.moe.config import validate
 from moe_jax.moe.experts import ACTIVATIONS, ExpertBank
-from moe_jax.parallel.mesh import batch_axes
+from moe_jax.parallel.mesh import batch_axes, batch_shards
 from moe_jax.routing import Router, build_router, ops
 from moe_jax.routing.plan import RoutingPlan
 
@@ -35,14 +35,6 @@ class SharedExpert(nnx.Module):
     if self.gate is not None:
       shared = jax.nn.sigmoid(self.gate(x.astype(jnp.float32))).astype(shared.dtype) * shared
     return routed + shared
-
-
-def _broadcast_tokens(plan: RoutingPlan, num_tokens: int) -> RoutingPlan:
-  """Per-image routing: a plan over one pooled token per row `[B, 1, K]` -> every token `[B, T, K]`."""
-  expand = lambda a: None if a is None else jnp.repeat(a, num_tokens, axis=1)
-  return plan.replace(expert_index=expand(plan.expert_index),
-                      combine_weights=expand(plan.combine_weights),
-                      priority=expand(plan.priority))
 
 
 class MoELayer(nnx.Module):
@@ -68,20 +60,32 @@ class MoELayer(nnx.Module):
     self.shared_expert = (SharedExpert(dim, config, rngs=rngs)
                           if config.shared_expert.enabled else None)
 
-  def _groups(self, x: jax.Array) -> jax.Array:
-    """`[B, T, D] -> [G, S, D]` routing groups."""
+  def _groups(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`x [B, T, D]` -> (router input `[G, S, D]`, dispatch rows `[G, S, R*D]`).
+
+    Per token (R = 1) both are the token groups. Per image (R = T) a group holds S images: the
+    router sees each image's pooled token (mean or CLS) and a dispatch row is a whole image.
+    """
     B, T, D = x.shape
-    S = self.config.group_size or T
+    c = self.config
+    if c.granularity == "image":
+      mesh = ops.current_mesh()
+      S = c.images_per_group or B // (1 if mesh is None else batch_shards(mesh))
+      if B % S:
+        raise ValueError(f"MoE config: images_per_group={S} must divide the batch of {B} images "
+                         "(or set images_per_group=0 for one group per device's batch)")
+      pooled = jnp.mean(x, axis=1) if c.image_pooling == "mean" else x[:, 0]
+      return pooled.reshape(B // S, S, D), x.reshape(B // S, S, T * D)
+    S = c.group_size or T
     if (B * T) % S:
       raise ValueError(f"MoE config: group_size={S} must divide the {B}x{T}={B * T} tokens of "
                        "the batch (or set group_size=0 for one group per example)")
-    return x.reshape(B * T // S, S, D)
+    groups = x.reshape(B * T // S, S, D)
+    return groups, groups
 
   def route(self, x: jax.Array) -> RoutingPlan:
-    """The routing plan for `x [B, T, D]`, over groups `[G, S]`."""
-    if self.config.granularity == "image":
-      return _broadcast_tokens(self.router(jnp.mean(x, axis=1, keepdims=True)), x.shape[1])
-    return self.router(self._groups(x))
+    """The routing plan for `x [B, T, D]`, over groups `[G, S]` of tokens (or of images)."""
+    return self.router(self._groups(x)[0])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
@@ -89,8 +93,8 @@ class MoELayer(nnx.Module):
     if mesh is not None:  # keep routing local: tokens stay sharded over the batch axes
       expert_parallel.check_divisible(x.shape[0], "batch size", mesh)
       x = jax.lax.with_sharding_constraint(x, P(batch_axes(mesh)))
-    plan = self.route(x)
-    groups = self._groups(x)
+    router_input, groups = self._groups(x)
+    plan = self.router(router_input)
     if plan.kind == "token_choice":
       mode, capacity_factor = c.dispatch, c.capacity_factor
       if mode == "dropless" and expert_parallel.expert_shards(mesh) > 1:
@@ -100,7 +104,8 @@ class MoELayer(nnx.Module):
       dispatch_fn = functools.partial(
           dispatch.token_choice, mode=mode, capacity_factor=capacity_factor,
           min_capacity=c.min_capacity, block_size=c.dropless.block_size,
-          backend=c.dropless.backend)
+          backend=c.dropless.backend,
+          tokens_per_row=x.shape[1] if c.granularity == "image" else 1)
     else:
       dispatch_fn = functools.partial(getattr(dispatch, plan.kind),
                                       capacity_factor=c.capacity_factor)
@@ -114,9 +119,12 @@ class MoELayer(nnx.Module):
     weights = c.router.loss_weights
     weighted = sum((weights[name] * value for name, value in plan.aux_losses.items()),
                    jnp.zeros((), jnp.float32))
-    B, T, E = x.shape[0], x.shape[1], c.num_experts
-    mass = plan.token_expert_mass(groups.shape[1]).reshape(B, T, E).sum(axis=1)
+    B, E = x.shape[0], c.num_experts
+    S = groups.shape[1]
+    mass = plan.token_expert_mass(S).reshape(B, -1, E).sum(axis=1)
+    primary = jax.nn.one_hot(plan.primary_expert(S), E + 1, dtype=jnp.float32)
     aux_outputs.record(self, aux_outputs.LayerAux(
         losses=plan.aux_losses, weighted_loss=weighted, metrics={**plan.metrics, **metrics},
-        example_load=mass / jnp.maximum(mass.sum(-1, keepdims=True), 1e-9)))
+        example_load=mass / jnp.maximum(mass.sum(-1, keepdims=True), 1e-9),
+        example_tokens=primary.reshape(B, -1, E + 1).sum(axis=1)))
     return y

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moe_jax.routing import losses
+from moe_jax.routing import losses, ops
 from moe_jax.routing.base import TokenChoiceRouter, fail
 from moe_jax.routing.plan import RoutingPlan
 from moe_jax.routing.soft import _l2_normalize
@@ -31,12 +31,30 @@ def surviving_experts(key: jax.Array, num_experts: int, num_clusters: int,
   return alive.reshape(num_experts)
 
 
+def in_top_clusters(logits: jax.Array, num_clusters: int, k: int) -> jax.Array:
+  """`[G, S, E]` True where the expert lies in one of the token's k clusters, ranked by their best
+  logit (at k=1: the cluster of the token's top-1 expert)."""
+  G, S, E = logits.shape
+  best = jnp.max(logits.reshape(G, S, num_clusters, E // num_clusters), axis=-1)
+  chosen = jnp.sum(jax.nn.one_hot(ops.top_k(best, k)[1], num_clusters, dtype=jnp.int32), -2)
+  return jnp.repeat(chosen > 0, E // num_clusters, axis=-1)
+
+
 class ClusterRouter(TokenChoiceRouter):
   """`x [G, S, D] -> token-choice plan`; logits = cos(W x, e_j) / tau, learnable e_j and tau.
 
   Experts form `num_clusters` clusters of contiguous experts. In train mode, with
-  `expert_dropout > 0`, dropped experts' logits are -inf so tokens re-route to surviving experts
-  (each cluster keeps at least one); the mask is redrawn every `resample_every` train calls.
+  `expert_dropout > 0`, experts are dropped per cluster (each cluster keeps at least one; the
+  mask is redrawn every `resample_every` train calls) and a token re-routes *inside its cluster*
+  (MoEC's cluster-level dropout; SPECS.md): it first picks its K clusters from the full routing
+  distribution, ranked by their best expert (at K=1 the cluster of its top-1 expert before
+  dropout), then its best K surviving experts inside those clusters (without dropout this is
+  plain top-K: the top-K experts always lie in the top-K clusters). At K=1 a token whose expert
+  survives keeps it; one whose expert was dropped moves to its cluster's best survivor, never to
+  another cluster.
+  Combine weights, BPR priorities and the losses use the gates renormalised over all survivors
+  (softmax of the logits with dropped experts at -inf). The paper leaves open how a displaced
+  token is re-routed; cluster-first is the choice that keeps the cluster structure it relies on.
   """
 
   loss_weights = dict(balance=0.01, variance=0.01)  # MoEC gate-loss weight 0.01
@@ -98,17 +116,19 @@ class ClusterRouter(TokenChoiceRouter):
     cosine = jnp.einsum("gsp,ep->gse", _l2_normalize(h, -1),
                         _l2_normalize(self.expert_embedding[...], -1))
     logits = cosine / jnp.exp(self.log_temperature[...])
-    alive = jnp.ones((self.num_experts,), bool)
+    clusters = self.num_clusters
+    alive = selectable = jnp.ones((self.num_experts,), bool)
     if not self.deterministic and self.dropout_rate > 0:
       alive = self.alive()
+      selectable = alive & in_top_clusters(logits, clusters, self.k)
       self.step[...] = self.step[...] + 1
     logits = jnp.where(alive, logits, -jnp.inf)
     gates = jax.nn.softmax(logits, axis=-1)
-    plan = token_choice_plan(gates, logits, self.k, self.renormalize, self.bpr)
-    clusters = self.num_clusters
+    plan = token_choice_plan(jnp.where(selectable, gates, 0.0), logits, self.k,
+                             self.renormalize, self.bpr)
     return plan.replace(
         aux_losses={"balance": losses.balance_loss(gates, plan.expert_index),
                     "variance": self.lambda_var * losses.cluster_variance_loss(gates, clusters)},
-        metrics={**plan.metrics,
+        metrics={**plan.metrics, "router_entropy": losses.router_entropy(gates),
                  "cluster_load": plan.metrics["load"].reshape(clusters, -1).sum(-1),
                  "dropped_experts": jnp.sum(~alive).astype(jnp.float32)})

@@ -52,6 +52,24 @@ class RoutingPlan:
     e = jnp.arange(E)[None, :, None]
     return jnp.zeros((G, group_size, E), jnp.float32).at[g, self.token_index, e].add(1.0)
 
+  def primary_expert(self, group_size: int) -> jax.Array:
+    """Each token's main expert, `[G, S]` int32 (before capacity drops): token choice: its first
+    choice; expert choice / Soft MoE: the expert with the largest combine weight on it; E for a
+    token no expert took (expert choice)."""
+    E = self.num_experts
+    if self.kind == "token_choice":
+      return self.expert_index[..., 0]
+    if self.kind == "soft":
+      weight = jnp.sum(self.combine_weights, axis=-1)
+    else:
+      G = self.token_index.shape[0]
+      g = jnp.arange(G)[:, None, None]
+      e = jnp.arange(E)[None, :, None]
+      weight = jnp.zeros((G, group_size, E), jnp.float32).at[g, self.token_index, e].set(
+          self.combine_weights)
+    taken = jnp.sum(self.token_expert_mass(group_size), axis=-1) > 0
+    return jnp.where(taken, jnp.argmax(weight, axis=-1), E).astype(jnp.int32)
+
   @property
   def k(self) -> int:
     """Experts per token (token_choice plans)."""

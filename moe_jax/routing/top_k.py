@@ -15,15 +15,17 @@ def token_choice_plan(gates: jax.Array, logits: jax.Array, k: int, renormalize: 
                       bpr: bool) -> RoutingPlan:
   """Top-k of `gates [G, S, E]` as a token-choice plan, with routing metrics.
 
-  BPR priority is the token's largest gate; without BPR tokens are served in order.
+  BPR priority is the token's largest raw gate `max_e gates` (V-MoE), taken before any
+  renormalisation of the k weights; without BPR tokens are served in order.
   """
   weights, index = ops.top_k(gates, k)
+  priority = weights[..., 0] if bpr else None
   if renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   E = gates.shape[-1]
   return RoutingPlan(
       kind="token_choice", num_experts=E, expert_index=index.astype(jnp.int32),
-      combine_weights=weights, priority=weights[..., 0] if bpr else None,
+      combine_weights=weights, priority=priority,
       metrics={"load": losses.assignment_load(index, E),
                "router_entropy": losses.router_entropy(gates)})
 

@@ -87,8 +87,8 @@ class ClassificationTask(Task):
 
   def eval_sums(self, model, batch):
     """Sums of loss, top-1/top-5 hits and count; per MoE layer the routing metrics times the
-    real-example count and the class x expert matrix `[classes, E]` of routing mass (padding
-    examples masked out)."""
+    real-example count, the class x expert matrix `[classes, E]` of routing mass and the class x
+    main-expert token counts `[classes, E + 1]` (padding examples masked out)."""
     logits, aux = moe.capture_aux(model)(batch["image"])
     mask, labels = batch["mask"], batch["label"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -99,7 +99,8 @@ class ClassificationTask(Task):
     classes = jax.nn.one_hot(labels, self.config.data.num_classes) * mask[:, None]
     routing = {layer: {"metrics": {k: jnp.asarray(v, jnp.float32) * n
                                    for k, v in a.metrics.items()},
-                       "class_expert": classes.T @ a.example_load}
+                       "class_expert": classes.T @ a.example_load,
+                       "class_token_expert": classes.T @ a.example_tokens}
                for layer, a in aux.layers.items()}
     return sums, routing
 
@@ -111,7 +112,8 @@ class ClassificationTask(Task):
     scalars = {"eval/loss": float(sums["loss"]) / n, "eval/accuracy": float(sums["top1"]) / n,
                "eval/top5_accuracy": float(sums["top5"]) / n, "eval/num_examples": n}
     routing = {layer: {"metrics": {k: np.asarray(v) / n for k, v in r["metrics"].items()},
-                       "class_expert": np.asarray(r["class_expert"])}
+                       "class_expert": np.asarray(r["class_expert"]),
+                       "class_token_expert": np.asarray(r["class_token_expert"])}
                for layer, r in routing.items()}
     return scalars, {"routing": routing}
 
@@ -122,7 +124,9 @@ class ClassificationTask(Task):
 def routing_report(routing: dict, workdir: str | None = None) -> dict:
   """The routing analysis of an evaluation (and its PNG plots under `workdir/analysis`)."""
   report = analysis.layer_report({k: r["class_expert"] for k, r in routing.items()},
-                                 {k: r["metrics"] for k, r in routing.items()})
+                                 {k: r["metrics"] for k, r in routing.items()},
+                                 class_token_expert={k: r["class_token_expert"]
+                                                     for k, r in routing.items()})
   if workdir is not None and routing and jax.process_index() == 0:
     report["plots"] = plots.plot_report(report, os.path.join(workdir, "analysis"))
   return report
