@@ -1,6 +1,8 @@
 """MoE layer fwd+bwd time per router/dispatch path, relative to a dense FFN of equal active FLOPs.
 
     python -m bench.moe_layer [--quick] [--out bench/out/moe_layer.json]
+    python -m bench.moe_layer --sections default --tokens 4096 --experts 8 32 \
+        --out bench/out/moe_layer_default.json
 
 For every (tokens T, experts E, top-k k) the dense baseline is a GELU MLP `D -> k*F -> D` (the
 same matmul FLOPs per token as k experts of width F) measured in the same interleaved rounds as
@@ -14,6 +16,12 @@ Sections:
   the whole layer and for its dispatch alone (identity experts).
 - overhead: routing share at the largest T: the same layer with the experts replaced by the
   identity, timed in the same rounds as the real layer.
+- default: the layer as `moe.default_config()` builds it (top_k, k=1, capacity, cf 1.0, BPR),
+  `jax.grad` of `sum(layer(x))` w.r.t. parameters and x, against the plain dense FFN
+  `sum(gelu(x @ W1) @ W2)` on `x [T, D]` (grads of x, W1, W2), the same on `x [T/seq, seq, D]`,
+  and the `ratios` section's `DenseFFN`; then the "full" layer (train-mode router noise, aux
+  losses in the loss, metrics returned) with each of BPR, noise, aux losses and metrics switched
+  off one at a time. All in the same interleaved rounds; ratios per round to the plain dense FFN.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bench import common
@@ -236,6 +245,90 @@ def run_memory(args, records, configs, seq):
                              "layer with identity experts")
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """The default-config top_k layer with some of its parts switched on or off."""
+  name: str
+  bpr: bool = True
+  train: bool = False  # router noise
+  aux_loss: bool = False  # aux.total_loss added to the loss (capture_aux)
+  metrics: bool = False  # routing metrics and example loads returned (capture_aux)
+
+
+FULL = dict(train=True, aux_loss=True, metrics=True)
+VARIANTS = (
+    Variant("layer (eval, sum(layer(x)))"),
+    Variant("layer (eval), BPR off", bpr=False),
+    Variant("full: noise + aux loss + metrics", **FULL),
+    Variant("full - BPR", **{**FULL, "bpr": False}),
+    Variant("full - noise (eval)", **{**FULL, "train": False}),
+    Variant("full - aux losses", **{**FULL, "aux_loss": False}),
+    Variant("full - metrics", **{**FULL, "metrics": False}),
+)
+
+
+def build_plain_dense(T: int, seq: int | None):
+  """`jax.grad` of `sum(gelu(x @ W1) @ W2)` w.r.t. x, W1, W2; x `[T, D]` (or `[T/seq, seq, D]`)."""
+  x = jax.random.normal(jax.random.key(1), (T, D) if seq is None else (T // seq, seq, D))
+  w1 = jax.random.normal(jax.random.key(2), (D, F)) * D**-0.5
+  w2 = jax.random.normal(jax.random.key(3), (F, D)) * F**-0.5
+  fn = jax.grad(lambda x, w1, w2: jnp.sum(nnx.gelu(x @ w1) @ w2), argnums=(0, 1, 2))
+  return common.compile_fn(fn, x, w1, w2)
+
+
+def build_variant(v: Variant, T: int, E: int, seq: int):
+  """`jax.grad` of `sum(layer(x))` (+ aux loss) w.r.t. parameters and `x [T/seq, seq, D]`."""
+  model = moe.MoELayer(D, layer_config(Path("top_k", bpr=v.bpr), E, 1), rngs=nnx.Rngs(0))
+  model.train() if v.train else model.eval()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(1), (T // seq, seq, D), jnp.float32)
+
+  def fn(params, rest, x):
+    def loss(params, x):
+      m = nnx.merge(graphdef, params, rest, copy=True)  # rest (router key) is not differentiated
+      if not (v.aux_loss or v.metrics):
+        return jnp.sum(m(x)), {}
+      y, aux = moe.capture_aux(m)(x)
+      metrics = {name: (a.metrics, a.example_load) for name, a in aux.layers.items()}
+      return jnp.sum(y) + (aux.total_loss if v.aux_loss else 0.0), metrics if v.metrics else {}
+
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+
+  return common.compile_fn(fn, params, rest, x)
+
+
+def run_default(args, records, seq, reps, budget_s):
+  """The default-config layer, its parts one at a time, and three dense baselines."""
+  for T, E in itertools.product(sorted(args.tokens), args.experts):
+    compiled = {"dense: sum(gelu(x @ W1) @ W2), x [T, D]": build_plain_dense(T, None),
+                f"dense: same, x [T/{seq}, {seq}, D]": build_plain_dense(T, seq),
+                "dense: DenseFFN (ratios section)": build(None, T, E, 1, seq, dtype=args.dtype)}
+    for v in VARIANTS:
+      compiled[v.name] = build_variant(v, T, E, seq)
+    t0 = time.perf_counter()
+    timings = common.time_interleaved({n: c.call for n, c in compiled.items()}, reps=reps,
+                                      budget_s=budget_s)
+    base = timings[next(iter(compiled))]
+    rows = []
+    for name, c in compiled.items():
+      t = timings[name]
+      per_round = [a / b for a, b in zip(t.times, base.times)]
+      rec = {"section": "default", "T": T, "E": E, "k": 1, "D": D, "F": F, "seq": seq,
+             "path": name, "ratio_vs_dense": t.median / base.median,
+             "round_ratio_median": float(np.median(per_round)),
+             "round_ratio_min": min(per_round), "round_ratio_max": max(per_round),
+             **t.summary(), **c.stats()}
+      records.append(rec)
+      rows.append(rec)
+    common.print_table(rows, [
+        ("path", "path", ""), ("median_s", "median s", ".3f"), ("min_s", "min", ".3f"),
+        ("max_s", "max", ".3f"), ("n", "n", "d"), ("ratio_vs_dense", "x dense", ".2f"),
+        ("round_ratio_min", "per-round min", ".2f"),
+        ("round_ratio_max", "per-round max", ".2f"), ("temp_bytes", "temp", "bytes")],
+        title=f"default config, T={T} E={E} k=1 D={D} F={F}, x dense = median / median of the "
+              f"first row (timed {time.perf_counter() - t0:.0f}s)")
+
+
 def main():
   p = common.parser(__doc__.splitlines()[0], "bench/out/moe_layer.json")
   p.add_argument("--tokens", type=int, nargs="+", default=None)
@@ -249,7 +342,7 @@ def main():
   p.add_argument("--seq", type=int, default=256, help="tokens per image (group_size=0 group)")
   p.add_argument("--budget", type=float, default=None, help="seconds of timed rounds per config")
   p.add_argument("--sections", nargs="+", default=["ratios", "memory"],
-                 choices=["ratios", "memory"])
+                 choices=["ratios", "memory", "default"])
   p.add_argument("--no-overhead", dest="overhead", action="store_false")
   args = common.parse(p)
   if args.quick:
@@ -272,6 +365,8 @@ def main():
   start = time.perf_counter()
   if "ratios" in args.sections:
     run_ratios(args, records, configs, args.seq, reps, budget)
+  if "default" in args.sections:
+    run_default(args, records, args.seq, reps, budget)
   if "memory" in args.sections:
     memory_configs = [c for c in configs if c[0] == min(args.tokens)]
     run_memory(args, records, memory_configs[-1:] if args.quick else memory_configs, args.seq)
