@@ -137,6 +137,7 @@ def test_plots_are_images_of_the_expected_size(tmp_path):
     assert_real_png(path, *sizes[os.path.basename(path)])
 
 
+@pytest.mark.slow  # end-to-end, minutes: `-m slow`
 def test_quick_comparison_writes_table_json_and_plot(tmp_path):
   config = common.load_config(QUICK)
   config.only = "dense,top2"

@@ -101,6 +101,7 @@ def test_cli_errors_name_the_fix(tmp_path):
     inr_command.main(["decompress", str(bogus), "--out", str(tmp_path / "o.nii")])
 
 
+@pytest.mark.slow  # end-to-end, minutes: `-m slow`
 def test_moec_beats_single_inr_at_the_same_budget():
   """example4d.nii.gz frame 0 (128x96x24 int16, a real MRI) at 100x, 300 steps of 4096 points,
   float16 parameters: measured MoEC 26.4 dB vs single SIREN 24.8 dB (+1.6 dB; 2026-11 CPU run).

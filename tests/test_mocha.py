@@ -332,6 +332,7 @@ def test_configs_shapes_and_stages():
                   "stage2": "^(connectors|hga|decoder|encoders/0|encoders/1)/"}
 
 
+@pytest.mark.slow  # end-to-end, minutes: `-m slow`
 def test_tiny_vlm_learns_to_name_held_out_digits(tmp_path):
   # The full task (>= 90% exact match) is measured in configs/mocha_tiny_digits_vqa.py; here
   # a short run on the "which digit" questions checks that answers come from the image.

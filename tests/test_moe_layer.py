@@ -277,6 +277,7 @@ def test_shared_expert_sum_adds_dense_mlp():
   np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # end-to-end, minutes: `-m slow`
 @hypothesis.settings(max_examples=8, deadline=None)
 @hypothesis.given(
     B=st.integers(1, 3), T=st.integers(1, 9), E=st.sampled_from([1, 2, 3, 5]),
