@@ -184,20 +184,20 @@ def test_fsdp_shards_dense_weights_and_expert_axis_shards_experts(tfds_dir):
 
 def test_nan_after_the_update_is_never_saved_and_a_resume_may_change_clipping(tmp_path, tfds_dir):
   from moe_jax.train import checkpoint
-  c = tiny_config(tfds_dir, total_steps=12, checkpoint_every_steps=3, log_every_steps=100,
-                  eval_every_steps=0, **{"optimizer.learning_rate": 1e3,
-                                         "optimizer.grad_clip_norm": 0.0,
-                                         "optimizer.schedule": "constant",
-                                         "optimizer.warmup_steps": 5})
-  with pytest.raises(FloatingPointError, match=r"nan/inf at step \d+.*last good checkpoint"):
-    loop.train_and_evaluate(c, str(tmp_path))
-  trainer = loop.Trainer(c, str(tmp_path))
-  for step in trainer.ckpt.all_steps():  # every saved state is finite
+  run = lambda steps, lr, clip: loop.train_and_evaluate(tiny_config(
+      tfds_dir, total_steps=steps, checkpoint_every_steps=1, log_every_steps=100, eval_every_steps=0,
+      **{"optimizer.learning_rate": lr, "optimizer.grad_clip_norm": clip}), str(tmp_path))
+  run(2, 1e-3, 0.0)  # steps 1-2 ... then a rate that is inf in float32: the loss of step 3 (from
+  with pytest.raises(FloatingPointError,  # the weights before its update) is still finite
+                     match=r"nan/inf at step 3;.*last good checkpoint: step 2"):
+    run(4, 1e39, 0.0)
+  trainer = loop.Trainer(tiny_config(tfds_dir), str(tmp_path))
+  assert trainer.ckpt.all_steps() == [1, 2]
+  for step in trainer.ckpt.all_steps():
     state = checkpoint._restore_step(trainer.ckpt, trainer.abstract, step)[0]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params)), step
-  # Resuming with the advice followed (clipping on, a lower rate) restores and finishes.
-  c.optimizer.learning_rate, c.optimizer.grad_clip_norm = 1e-3, 1.0
-  assert np.isfinite(loop.train_and_evaluate(c, str(tmp_path))["train/loss"])
+  # The advice followed (clipping on, another rate): the optimizer state is the same tree.
+  assert np.isfinite(run(4, 1e-3, 1.0)["train/loss"])
 
 
 def test_clipping_at_inf_is_bitwise_no_clipping():
@@ -213,20 +213,21 @@ def test_clipping_at_inf_is_bitwise_no_clipping():
 
 
 def _overwrite_array_bytes(step_dir, n=64):
-  """Overwrites `n` bytes in the middle of the largest data file of a checkpoint's state."""
-  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs]
-  path = max(files, key=os.path.getsize)
-  with open(path, "r+b") as f:
-    f.seek(os.path.getsize(path) // 2)
-    f.write(b"\xff" * n)
+  """Overwrites `n` bytes in the middle of each array data file of a checkpoint's state."""
+  data = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+  for name in os.listdir(data):
+    path = os.path.join(data, name)
+    with open(path, "r+b") as f:
+      f.seek(os.path.getsize(path) // 2)
+      f.write(b"\xff" * n)
 
 
 def test_a_corrupt_array_falls_back_to_the_previous_step(tmp_path, tfds_dir):
   c = tiny_config(tfds_dir, total_steps=4, checkpoint_every_steps=2, eval_every_steps=0)
   loop.train_and_evaluate(c, str(tmp_path))
   _overwrite_array_bytes(tmp_path / "checkpoints" / "4")
-  assert loop.evaluate_checkpoint(c, str(tmp_path))["step"] == 2
-  assert os.path.isdir(tmp_path / "checkpoints" / "4.corrupt")
+  state, _ = loop.Trainer(c, str(tmp_path)).restore_or_init()
+  assert int(state.step) == 2 and os.path.isdir(tmp_path / "checkpoints" / "4.corrupt")
 
 
 def test_a_changed_checksum_is_detected(tmp_path, tfds_dir):
