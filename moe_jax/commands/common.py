@@ -54,11 +54,22 @@ def resolve_config(spec: str) -> str:
 _FLAG_ERRORS = (flags.Error, KeyError, AttributeError, TypeError, ValueError)
 
 
+def _message(e: BaseException) -> str:
+  """str(e) without the quoting a KeyError adds (also one wrapped in an AttributeError)."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  if isinstance(e, (KeyError, AttributeError)) and e.args and isinstance(e.args[0], str):
+    return e.args[0].strip("\"'")
+  return str(e)
+
+
 def _flag_error(e: Exception, hint: str) -> str:
   """One line saying what is wrong with a config (file, variant or override) and the fix."""
-  text = str(e).strip()
+  text = _message(e).strip()
   if "Traceback" in text:  # config_flags appends get_config's traceback: its last line says it
     return text.splitlines()[-1].split(": ", 1)[-1]
+  if isinstance(e, (KeyError, AttributeError)) and text.isidentifier():  # an unknown key
+    return f"the config has no field {text!r} ({hint})"
   return f"{text.splitlines()[0] if text else type(e).__name__} ({hint})"
 
 
@@ -92,7 +103,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with a bad config file, variant or `--config.*` override as a one-line
   error."""
   try:
-    return flags.FLAGS(_resolve_argv(argv))
+    resolved = _resolve_argv(argv)
+  except ValueError as e:  # no such config file: the message says it all
+    sys.exit(f"error: {e}")
+  try:
+    return flags.FLAGS(resolved)
   except _FLAG_ERRORS as e:
     sys.exit(f"error: {_flag_error(e, _OVERRIDE_HINT)}")
 

@@ -80,13 +80,18 @@ def restore(blob: bytes, source: str = "input") -> tuple[fileformat.Compressed, 
   compressed = fileformat.decode(blob, source)
   c = fileformat.model_from_diff(compressed.header["model"])
   ndim = len(compressed.header["shape"])
-  model = model_lib.build(c, ndim, rngs=nnx.Rngs(0))
-  state = nnx.state(model, nnx.Param)
-  shapes = [p.shape for p in jax.tree.leaves(state)]
+  try:  # shapes only: nothing is allocated before the parameter count matches the file
+    abstract = nnx.eval_shape(lambda: model_lib.build(c, ndim, rngs=nnx.Rngs(0)))
+  except Exception as e:  # the header's fields are checked, their combination may still fail
+    raise ValueError(f"{source}: the header's model cannot be built ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:120]}); the file is damaged") from None
+  shapes = [p.shape for p in jax.tree.leaves(nnx.state(abstract, nnx.Param))]
   sizes = [int(np.prod(s)) for s in shapes]
   if sum(sizes) != compressed.params.size:
     raise ValueError(f"{source}: {compressed.params.size} parameters stored, the header's model "
                      f"needs {sum(sizes)}; the file is truncated or damaged")
+  model = model_lib.build(c, ndim, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
   chunks = np.split(compressed.params.astype(np.float32), np.cumsum(sizes)[:-1])
   leaves = [jax.numpy.asarray(x.reshape(s)) for x, s in zip(chunks, shapes)]
   nnx.update(model, jax.tree.unflatten(jax.tree.structure(state), leaves))

@@ -12,6 +12,9 @@ Header keys: `model` (the model config's fields that differ from `model.model_co
 dotted paths, plus `kind`), `shape` and `dtype` (numpy `dtype.str`) of the volume, `affine`
 (16 floats, row-major, or null), `range` ([lo, hi]: intensities were fitted as
 `2 (v - lo) / (hi - lo) - 1`), `param_dtype` (float32, float16 or bfloat16).
+
+`decode` reads untrusted files: every header field is checked against the file size and the
+bounds below before anything is allocated, and each problem is a one-line ValueError.
 """
 from __future__ import annotations
 
@@ -24,12 +27,15 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from moe_jax.inr.model import model_config
+from moe_jax.inr.model import KINDS, model_config
 
 MAGIC = b"MOECINR\0"
 VERSION = 1
 PARAM_DTYPES = ("float32", "float16", "bfloat16")
 _PREFIX = struct.Struct("<8sHI")
+MAX_HEADER_BYTES = 1 << 20  # compressed and decompressed (real headers are a few hundred bytes)
+MAX_VOXELS = 1 << 34  # of the decoded volume (16 Gi voxels)
+MAX_NDIM = 4
 
 
 def param_dtype(name: str) -> np.dtype:
@@ -61,9 +67,16 @@ def model_diff(c: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def model_from_diff(diff: dict[str, Any]) -> ml_collections.ConfigDict:
-  """Inverse of `model_diff`."""
+  """Inverse of `model_diff`; ValueError naming the field for a diff no model config has."""
+  if not isinstance(diff, dict) or diff.get("kind") not in KINDS:
+    raise ValueError(f"model.kind must be one of {KINDS}")
   c = model_config(diff["kind"])
-  c.update_from_flattened_dict(diff)  # JSON lists become tuples where the field is one
+  c.lock()  # an unknown field is an error, not a new one
+  try:
+    c.update_from_flattened_dict(diff)  # JSON lists become tuples where the field is one
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    raise ValueError(f"model fields {sorted(diff)} do not fit a {diff['kind']} model config "
+                     f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
   return c
 
 
@@ -74,8 +87,47 @@ def encode(compressed: Compressed) -> bytes:
   return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + params.tobytes()
 
 
+def _number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def _check_header(header: Any) -> str | None:
+  """What is wrong with a decoded header, else None."""
+  if not isinstance(header, dict):
+    return "the header is not a JSON object"
+  missing = {"model", "shape", "dtype", "affine", "range", "param_dtype"} - set(header)
+  if missing:
+    return f"the header lacks {sorted(missing)}"
+  shape = header["shape"]
+  if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_NDIM
+      or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)):
+    return f"header shape {str(shape)[:80]} is not 1 to {MAX_NDIM} positive integers"
+  if int(np.prod(shape, dtype=object)) > MAX_VOXELS:
+    return f"header shape {shape} exceeds {MAX_VOXELS} voxels"
+  try:
+    dtype = np.dtype(header["dtype"])
+  except (TypeError, ValueError):
+    dtype = None
+  if dtype is None or dtype.kind not in "iuf":
+    return f"header dtype {str(header['dtype'])[:40]!r} is not a numeric numpy dtype"
+  affine = header["affine"]
+  if affine is not None and not (isinstance(affine, list) and len(affine) == 16
+                                 and all(map(_number, affine))):
+    return "header affine is neither null nor 16 finite numbers"
+  lo_hi = header["range"]
+  if not (isinstance(lo_hi, list) and len(lo_hi) == 2 and all(map(_number, lo_hi))):
+    return "header range is not 2 finite numbers"
+  if header["param_dtype"] not in PARAM_DTYPES:
+    return f"header param_dtype {str(header['param_dtype'])[:40]!r} is not one of {PARAM_DTYPES}"
+  try:
+    model_from_diff(header["model"])
+  except ValueError as e:
+    return f"header {e}"
+  return None
+
+
 def decode(blob: bytes, source: str = "input") -> Compressed:
-  """Parses a file's bytes; errors name what is wrong with `source`."""
+  """Parses a file's bytes; errors name what is wrong with `source` (one line each)."""
   if len(blob) < _PREFIX.size or blob[:8] != MAGIC:
     raise ValueError(f"{source} is not a moe_jax.inr compressed file (bad magic); pass a file "
                      "written by `python -m moe_jax.commands.inr compress`")
@@ -83,9 +135,25 @@ def decode(blob: bytes, source: str = "input") -> Compressed:
   if version != VERSION:
     raise ValueError(f"{source} has format version {version}; this moe_jax reads version "
                      f"{VERSION}: decompress it with the moe_jax that wrote it")
+  damaged = "the file is truncated or damaged"
+  if length > MAX_HEADER_BYTES or _PREFIX.size + length > len(blob):
+    raise ValueError(f"{source}: header length {length} exceeds the file's {len(blob)} bytes "
+                     f"or the {MAX_HEADER_BYTES}-byte limit; {damaged}")
+  inflate = zlib.decompressobj()
   try:
-    header = json.loads(zlib.decompress(blob[_PREFIX.size:_PREFIX.size + length]))
+    text = inflate.decompress(blob[_PREFIX.size:_PREFIX.size + length], MAX_HEADER_BYTES)
+    if inflate.unconsumed_tail or not inflate.eof:
+      raise ValueError("over the size limit" if inflate.unconsumed_tail else "incomplete")
+    header = json.loads(text)
   except (zlib.error, ValueError) as e:
-    raise ValueError(f"{source}: corrupt header ({e}); the file is truncated or damaged") from e
-  params = np.frombuffer(blob[_PREFIX.size + length:], param_dtype(header["param_dtype"]))
-  return Compressed(header, params)
+    raise ValueError(f"{source}: corrupt header ({str(e).splitlines()[0][:120]}); "
+                     f"{damaged}") from None
+  problem = _check_header(header)
+  if problem:
+    raise ValueError(f"{source}: {problem}; {damaged}")
+  dtype = param_dtype(header["param_dtype"])
+  data = blob[_PREFIX.size + length:]
+  if len(data) % dtype.itemsize:
+    raise ValueError(f"{source}: {len(data)} parameter bytes is not a whole number of "
+                     f"{header['param_dtype']} values; {damaged}")
+  return Compressed(header, np.frombuffer(data, dtype))

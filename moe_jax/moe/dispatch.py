@@ -115,7 +115,8 @@ def token_choice(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *, mode: 
                   plan.combine_weights.reshape(G * S, K), num_rows, experts_fn)
   expert_of_kept = jnp.where(kept, plan.expert_index, E).reshape(-1)
   kept_load = jnp.zeros((E + 1,), jnp.float32).at[expert_of_kept].add(1.0)[:E] / kept.size
-  metrics = {"dropped_fraction": 1.0 - jnp.mean(kept.astype(jnp.float32)),
+  # The mean of the dropped pairs (not 1 - mean of the kept: that rounds to -5e-8 when none is).
+  metrics = {"dropped_fraction": jnp.mean((~kept).astype(jnp.float32)),
              "kept_load": kept_load}
   return y.reshape(G, S, W), metrics
 

@@ -70,8 +70,9 @@ class Trainer:
     self.schedule = optim.schedule(config.optimizer, config.total_steps)
     self.init = state_lib.StateInit(config, self.tx, self.mesh)
     self.abstract, self.shardings, self.defs = self.init.abstract, self.init.shardings, self.init.defs
+    check_writable(workdir)
     self.ckpt = checkpoint.manager(workdir)
-    self._evaluator = None  # (compiled eval step, eval batches), built at the first evaluation
+    self._evaluator = None  # (compiled eval step, eval batches), built by `evaluator()`
 
   def restore_or_init(self):
     """(state, data-iterator state or None): the latest checkpoint, else a fresh state."""
@@ -80,9 +81,10 @@ class Trainer:
       return restored
     return self.init.create(), None
 
-  def restore(self):
-    """The latest checkpoint's state; CheckpointError naming the fix when there is none."""
-    restored = checkpoint.restore(self.ckpt, self.abstract)
+  def restore_for_eval(self) -> dict:
+    """The latest good checkpoint's `checkpoint.EVAL_FIELDS` (no optimizer state, so the
+    optimizer flags need not match); CheckpointError naming the fix when there is none."""
+    restored = checkpoint.restore(self.ckpt, checkpoint.eval_abstract(self.abstract))
     if restored is None:
       raise checkpoint.CheckpointError(
           f"no checkpoint in {self.ckpt.directory}; train first (python train.py --config ... "
@@ -92,6 +94,13 @@ class Trainer:
   def _abstract_batch(self, batch_size: int, eval_: bool):
     return self.task.abstract_batch(batch_size, sharding.batch_sharding(self.mesh), eval_)
 
+  def evaluator(self):
+    """(compiled eval step, eval batches), built once: the eval data opened and the step
+    compiled (what `train` does before step 1, so a bad eval split fails before training)."""
+    if self._evaluator is None:
+      self._evaluator = self._build_evaluator()
+    return self._evaluator
+
   def _build_evaluator(self):
     pc, pi = jax.process_count(), jax.process_index()
     batches = self.task.eval_batches(batch_size=self.eval_batch_size // pc, process_index=pi,
@@ -99,19 +108,20 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       eval_step = step_lib.make_eval_step(self.defs, self.mesh, self.shardings,
                                           self.task.eval_sums)
-      compiled = eval_step.lower(self.abstract,
+      compiled = eval_step.lower(self.abstract.params, self.abstract.rest,
                                  self._abstract_batch(self.eval_batch_size, True)).compile()
     return compiled, batches
 
   def evaluate(self, state) -> tuple[dict, dict]:
-    """Sharded evaluation on the eval split: the task's (`eval/...` scalars, extras)."""
-    if self._evaluator is None:
-      self._evaluator = self._build_evaluator()
-    eval_step, batches = self._evaluator
+    """Sharded evaluation on the eval split of `state` (a TrainState, or a dict with its
+    `params` and `rest`): the task's (`eval/...` scalars, extras)."""
+    params, rest = (state["params"], state["rest"]) if isinstance(state, dict) else (
+        state.params, state.rest)
+    eval_step, batches = self.evaluator()
     totals = None
     with jax.set_mesh(self.mesh):
       for local in batches:
-        out = eval_step(state, _global_batch(local, self.mesh))
+        out = eval_step(params, rest, _global_batch(local, self.mesh))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     return self.task.eval_results(jax.device_get(totals))
 
@@ -128,18 +138,22 @@ class Trainer:
                                             self.shardings, self.task.loss)
       compiled = train_step.lower(self.abstract, self._abstract_batch(c.batch_size, False)).compile()
     flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
-    writer = metrics.MetricWriter(self.workdir)
+    self.evaluator()
     start, last = int(state.step), {}
+    writer = metrics.MetricWriter(self.workdir, start)
+    unchecked: list[tuple[int, jax.Array]] = []  # (step, its "train/finite") since the last check
     bar = metrics.progress_bar(start, c.total_steps)
     tick, tick_step = time.perf_counter(), start
     try:
       for step in range(start + 1, c.total_steps + 1):
         batch = _global_batch(next(iterator), self.mesh)
         state, step_metrics = compiled(state, batch)
+        unchecked.append((step, step_metrics["train/finite"]))
         bar.update(1)
         is_last = step == c.total_steps
         if step % c.log_every_steps == 0 or is_last:
-          last = _checked(jax.device_get(step_metrics), step, self.ckpt)
+          _check_finite(unchecked, self.ckpt)
+          last = {k: float(np.asarray(v)) for k, v in jax.device_get(step_metrics).items()}
           seconds = time.perf_counter() - tick
           rate = (step - tick_step) / max(seconds, 1e-9)
           last.update({"train/steps_per_sec": rate, "train/examples_per_sec": rate * c.batch_size,
@@ -154,7 +168,7 @@ class Trainer:
           if jax.process_index() == 0:
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
         if (c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0) or is_last:
-          _checked(jax.device_get(step_metrics), step, self.ckpt)
+          _check_finite(unchecked, self.ckpt)
           checkpoint.save(self.ckpt, state, iterator.get_state(), c)
       self.ckpt.wait_until_finished()
     finally:
@@ -163,16 +177,32 @@ class Trainer:
     return last
 
 
-def _checked(step_metrics: dict, step: int, ckpt) -> dict:
-  """The metrics as floats; FloatingPointError (keeping saved checkpoints) on a NaN/inf loss."""
-  out = {k: float(np.asarray(v)) for k, v in step_metrics.items()}
-  if not np.isfinite(out["train/loss"]):
+def check_writable(workdir: str) -> None:
+  """ValueError naming the fix unless `workdir` can be created and written."""
+  probe = os.path.join(workdir, f".writable.{jax.process_index()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir} is not writable ({e.strerror}); pass a folder you "
+                     "can write") from None
+
+
+def _check_finite(unchecked: list[tuple[int, jax.Array]], ckpt) -> None:
+  """Empties `unchecked`; FloatingPointError naming the first step whose loss, gradient norm or
+  updated state was not finite (no state from it on is saved; saved checkpoints are kept)."""
+  flags = jax.device_get([flag for _, flag in unchecked])
+  bad = [step for (step, _), flag in zip(unchecked, flags) if not flag]
+  unchecked.clear()
+  if bad:
     ckpt.wait_until_finished()
     raise FloatingPointError(
-        f"training loss is {out['train/loss']} at step {step}; stopped without saving this "
-        f"state (last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}); lower "
-        "optimizer.learning_rate or set optimizer.grad_clip_norm, then rerun to resume")
-  return out
+        f"the loss, gradient norm or updated state is nan/inf at step {bad[0]}; stopped without "
+        f"saving a state from it on (last good checkpoint: step {ckpt.latest_step()} in "
+        f"{ckpt.directory}); lower optimizer.learning_rate or set optimizer.grad_clip_norm, "
+        "then rerun to resume")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -184,9 +214,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """Evaluates the latest checkpoint; writes and returns `workdir/eval.json` (the task's
   scalars and report, e.g. classification's routing analysis)."""
   trainer = Trainer(config, workdir)
-  state = trainer.restore()
+  state = trainer.restore_for_eval()
   scalars, extras = trainer.evaluate(state)
-  result = {"step": int(state.step), **scalars, **trainer.task.report(extras, workdir)}
+  result = {"step": int(state["step"]), **scalars, **trainer.task.report(extras, workdir)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=1)

@@ -11,13 +11,17 @@ from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
-  """Appends one JSON object per call to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per call to `metrics.jsonl` and mirrors scalars to TensorBoard.
+  Rows after `start_step` (written by a run that stopped after its last checkpoint, and about
+  to be re-run) are dropped first, so each step has its rows once."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int = 0):
     self.enabled = jax.process_index() == 0
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      _truncate_after(path, start_step)
+      self.jsonl = open(path, "a")
       self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:
@@ -34,6 +38,23 @@ class MetricWriter:
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Drops the rows of `path` with "step" > `step` (and a torn last line), atomically."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          keep.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError, TypeError):
+        continue
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
 
 
 def progress_bar(start: int, total: int) -> tqdm.tqdm:

@@ -18,7 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
       end_learning_rate=1e-5,
       b1=0.9, b2=0.999, momentum=0.9,
       weight_decay=1e-4,  # decoupled; not applied to 1-D params (biases, norms) or embeddings
-      grad_clip_norm=1.0,  # 0 = off
+      grad_clip_norm=1.0,  # 0 = off (the optimizer state is the same either way)
       # Regex over parameter paths ('a/b/c'); only matching ones are updated, the others are
       # frozen by an optax mask (no update, no optimizer state). '' = train everything.
       trainable="",
@@ -58,8 +58,9 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
                       optax.sgd(lr, momentum=config.momentum))
   else:
     raise ValueError(f"optimizer.name={config.name!r} must be 'adamw' or 'sgd'")
-  if config.grad_clip_norm:
-    opt = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
+  # Always chained (inf = off leaves finite gradients bit-identical), so the optimizer state,
+  # and a checkpoint's tree, does not depend on clipping: a run can resume with it changed.
+  opt = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm or float("inf")), opt)
   if config.get("trainable"):
     try:
       re.compile(config.trainable)
