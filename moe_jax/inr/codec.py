@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moe_jax.inr import budget, fileformat, metrics, model as model_lib, sampling, train
+from moe_jax.inr import budget, fileformat, fitting, metrics, model as model_lib, sampling
 from moe_jax.inr.volumes import Volume
 
 
@@ -55,10 +55,10 @@ def compress(volume: Volume, ratio: float, config: ml_collections.ConfigDict,
   the report holds psnr, ssim, ratios, sizes, widths and times."""
   start = time.perf_counter()
   c, budget_params = solve_model(volume, ratio, config)
-  values, lo, hi = train.normalise(volume.data)
+  values, lo, hi = fitting.normalise(volume.data)
   model = model_lib.build(c, volume.data.ndim, rngs=nnx.Rngs(config.train.seed))
   layout = layout_for(c, volume.data.shape)
-  fit = train.fit(model, layout, values, config.train, log)
+  fit = fitting.fit(model, layout, values, config.train, log)
   params = np.concatenate([np.asarray(p, np.float32).reshape(-1) for p in _params(model)])
   blob = fileformat.encode(fileformat.Compressed(
       _header(volume, c, lo, hi, config.param_dtype), params))
@@ -104,7 +104,7 @@ def decompress(blob: bytes, render_chunk: int, source: str = "input") -> Volume:
   compressed, model = restore(blob, source)
   h = compressed.header
   c = fileformat.model_from_diff(h["model"])
-  values = train.render(model, layout_for(c, tuple(h["shape"])), render_chunk)
-  data = train.denormalise(values, *h["range"], np.dtype(h["dtype"]))
+  values = fitting.render(model, layout_for(c, tuple(h["shape"])), render_chunk)
+  data = fitting.denormalise(values, *h["range"], np.dtype(h["dtype"]))
   affine = None if h["affine"] is None else np.asarray(h["affine"], np.float64).reshape(4, 4)
   return Volume(data, affine)

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from moe_jax.inr import sampling, train
+from moe_jax.inr import fitting, sampling
 from moe_jax.inr.model import MoEC
 
 
@@ -22,7 +22,7 @@ def partition_png(model: MoEC, volume: np.ndarray, path: str, chunk: int = 65536
   import matplotlib.pyplot as plt
 
   layout = sampling.GridLayout(volume.shape, (1,) * volume.ndim)
-  experts = train.render(model.expert_of, layout, chunk, np.int32)
+  experts = fitting.render(model.expert_of, layout, chunk, np.int32)
   E = model.experts.num_experts
   fig, axes = plt.subplots(1, 2, figsize=(8, 4))
   axes[0].imshow(middle_slice(volume).T, cmap="gray", origin="lower")
