@@ -1,0 +1,87 @@
+"""Pretrained weights: HF ViT / DINOv2 importers against torch reference outputs (tests/data,
+written by tools/make_parity_fixtures.py; read here without torch), their errors, and
+`config.init_from`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax.checkpoints import hf, tree
+from moe_jax.models import build_model
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+FIXTURES = ["hf_vit", "hf_dinov2", "hf_dinov2_registers"]
+
+
+def imported_model(path: str):
+  config, params, report = hf.import_hf(path)
+  model = build_model(config, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, tree.unflatten(params))
+  nnx.update(model, state)
+  model.eval()
+  return model, report
+
+
+def max_diffs(name: str) -> dict[str, float]:
+  """Max |ours - torch| of the final-norm tokens (and the pooled CLS feature where saved)."""
+  model, _ = imported_model(os.path.join(DATA, name))
+  ref = np.load(os.path.join(DATA, name, "reference.npz"))
+  images = ref["pixel_values"].transpose(0, 2, 3, 1)  # [B, C, H, W] -> [B, H, W, C]
+  out = {"last_hidden_state": np.abs(model.tokens(images) - ref["last_hidden_state"]).max()}
+  if "pooler_output" in ref:
+    out["pooler_output"] = np.abs(model.features(images) - ref["pooler_output"]).max()
+  return {k: float(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_imported_features_match_torch(name):
+  diffs = max_diffs(name)
+  assert diffs and max(diffs.values()) <= 1e-5, diffs
+
+
+def test_report_names_used_and_ignored_keys():
+  _, report = imported_model(os.path.join(DATA, "hf_dinov2_registers"))  # a sharded checkpoint
+  assert report.used["cls"] == ("embeddings.cls_token", "embeddings.position_embeddings")
+  assert report.used["registers"] == ("embeddings.register_tokens",)
+  assert report.used["blocks/1/ls2/scale"] == ("encoder.layer.1.layer_scale2.lambda1",)
+  assert list(report.ignored) == ["embeddings.mask_token"]
+  weight_map = json.load(open(os.path.join(DATA, "hf_dinov2_registers",
+                                           "model.safetensors.index.json")))["weight_map"]
+  assert len(set(weight_map.values())) > 1
+  assert {k for keys in report.used.values() for k in keys} | set(report.ignored) == set(weight_map)
+
+
+def _edited_copy(tmp_path, name: str, edit) -> str:
+  """A copy of fixture `name` whose tensors are `edit(tensors)`, as one model.safetensors."""
+  from safetensors.numpy import save_file
+  folder = tmp_path / name
+  folder.mkdir()
+  shutil.copy(os.path.join(DATA, name, "config.json"), folder)
+  tensors = hf.read_safetensors(os.path.join(DATA, name))
+  edit(tensors)
+  save_file(tensors, str(folder / "model.safetensors"))
+  return str(folder)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.pop("encoder.layer.1.mlp.fc2.bias"),
+     "no key 'encoder.layer.1.mlp.fc2.bias' (needed for our blocks/1/mlp/fc2/bias)"),
+    (lambda t: t.update({"encoder.layer.0.attention.attention.query.weight": np.zeros((32, 16),
+                                                                                    np.float32)}),
+     "'encoder.layer.0.attention.attention.query.weight' has shape (32, 16), our "
+     "blocks/0/attn/query/kernel (32, 2, 16) needs (32, 32)"),
+    (lambda t: t.update({"encoder.layer.2.norm1.weight": np.ones(32, np.float32)}),
+     "key 'encoder.layer.2.norm1.weight' maps onto no parameter of our model (1 such keys)"),
+])
+def test_unmatched_or_misshaped_key_is_one_line_error(tmp_path, edit, message):
+  path = _edited_copy(tmp_path, "hf_dinov2", edit)
+  with pytest.raises(tree.CheckpointMismatch) as e:
+    hf.import_hf(path)
+  assert str(e.value) == f"{path}: {message}"
