@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.checkpoints import hf, tree
+from moe_jax.checkpoints import hf, init_from, tree
 from moe_jax.models import build_model
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -85,3 +85,29 @@ def test_unmatched_or_misshaped_key_is_one_line_error(tmp_path, edit, message):
   with pytest.raises(tree.CheckpointMismatch) as e:
     hf.import_hf(path)
   assert str(e.value) == f"{path}: {message}"
+
+
+def rules(**kw):
+  c = init_from.default_config()
+  c.update(dict(kind="run", path="src", **kw))
+  return c
+
+
+def test_init_rules_keep_resize_reinit():
+  g = np.arange(4, dtype=np.float32).reshape(1, 4, 1) * np.ones((1, 1, 2), np.float32)
+  source = {"posemb": g, "cls": np.full((1, 1, 2), 7.0, np.float32),
+            "head/kernel": np.ones((2, 10), np.float32)}
+  fresh = {"posemb": np.zeros((1, 9, 2), np.float32), "cls": np.zeros((1, 1, 2), np.float32),
+           "head/kernel": np.zeros((2, 12), np.float32)}
+  out = init_from.initialise(fresh, source, rules(reinit="head/.*"), [])
+  np.testing.assert_array_equal(out["cls"], source["cls"])  # kept
+  np.testing.assert_array_equal(out["head/kernel"], fresh["head/kernel"])  # re-initialised
+  # 2x2 grid [[0, 1], [2, 3]] -> 3x3 bilinear (half-pixel centres): corners stay, middle = 1.5.
+  resized = out["posemb"][0, :, 0].reshape(3, 3)
+  np.testing.assert_allclose(resized[[0, 0, 2, 2], [0, 2, 0, 2]], [0, 1, 2, 3])
+  np.testing.assert_allclose(resized[1, 1], 1.5)
+  with pytest.raises(tree.CheckpointMismatch, match=r"^init_from src: our parameter head/kernel "
+                     r"has shape \(2, 12\), the checkpoint's \(2, 10\) \(add it to init_from"):
+    init_from.initialise(fresh, source, rules(), [])
+  with pytest.raises(tree.CheckpointMismatch, match="^init_from src: checkpoint parameter extra "):
+    init_from.initialise(fresh, {**source, "extra": g}, rules(reinit="head/.*"), [])
