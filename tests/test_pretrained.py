@@ -89,7 +89,7 @@ def test_unmatched_or_misshaped_key_is_one_line_error(tmp_path, edit, message):
 
 def rules(**kw):
   c = init_from.default_config()
-  c.update(dict(kind="run", path="src", **kw))
+  c.update({"kind": "run", "path": "src", **kw})
   return c
 
 
@@ -111,3 +111,31 @@ def test_init_rules_keep_resize_reinit():
     init_from.initialise(fresh, source, rules(), [])
   with pytest.raises(tree.CheckpointMismatch, match="^init_from src: checkpoint parameter extra "):
     init_from.initialise(fresh, {**source, "extra": g}, rules(reinit="head/.*"), [])
+
+
+def test_run_initialised_from_another_run_at_other_image_size_trains(tmp_path):
+  from test_train import losses, tiny_config
+  from moe_jax.train import loop
+  tfds_dir = str(tmp_path / "tfds")
+  dense = dict(total_steps=10, **{"model.name": "vit", "model.posemb": "learned",
+                                  "model.pool": "cls", "eval_every_steps": 0})
+  source = tiny_config(tfds_dir, **dense, **{"data.image_size": 14})  # a 2x2 patch grid
+  source.init_from = init_from.default_config()
+  loop.Trainer(source, str(tmp_path / "a")).train()
+  c = tiny_config(tfds_dir, **{**dense, "total_steps": 40, "log_every_steps": 1,
+                               "optimizer.learning_rate": 5e-3})  # 28x28: a 4x4 grid
+  c.init_from = rules(path=str(tmp_path / "a"), reinit="head/.*")
+  trainer = loop.Trainer(c, str(tmp_path / "b"))
+  state, _ = trainer.restore_or_init()
+  a = init_from.source_params(rules(path=str(tmp_path / "a")), c.model)
+  params = tree.flatten(jax.device_get(nnx.to_pure_dict(state.params)))
+  assert int(state.step) == 0 and params["posemb"].shape == (1, 16, 32) != a["posemb"].shape
+  np.testing.assert_array_equal(params["posemb"], init_from.resize_posemb(a["posemb"], 16))
+  np.testing.assert_array_equal(params["blocks/1/mlp/fc2/kernel"], a["blocks/1/mlp/fc2/kernel"])
+  assert not np.abs(params["head/bias"]).any()  # zero-initialised head, not the source's
+  assert np.abs(a["head/bias"]).any()
+  trainer.train()
+  run = losses(str(tmp_path / "b"))
+  assert np.mean([run[s] for s in range(36, 41)]) < run[1] - 0.05, run
+  c.init_from.path = str(tmp_path / "missing")  # its own checkpoint wins: resumes, ignores it
+  assert int(loop.Trainer(c, str(tmp_path / "b")).restore_or_init()[0].step) == 40

@@ -1,7 +1,8 @@
 """`config.init_from`: start a run from a pretrained checkpoint or another run's checkpoint.
 
 The source is an HF checkpoint directory (`kind="hf"`, `moe_jax.checkpoints.hf`) or another
-run's workdir (`kind="run"`, its latest orbax checkpoint; only the parameters are read). Rules,
+run's workdir (`kind="run"`, its latest orbax checkpoint; only the parameters are read, on the
+same number of devices as it was saved from). Rules,
 in the style of vmoe's initialisation rules, map it onto the model, parameter by parameter:
 
 - keep: a parameter at the same path with the same shape is copied (the default);
@@ -62,7 +63,9 @@ def source_params(c: ml_collections.ConfigDict,
     if step is None:
       raise CheckpointMismatch(f"init_from.path={c.path!r} has no checkpoint")
     restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return {k: np.asarray(v) for k, v in tree.flatten(restored["state"]["params"]).items()}
+    # orbax stores each nnx.Param as {"value": array}.
+    return {k.removesuffix("/value"): np.asarray(v)
+            for k, v in tree.flatten(restored["state"]["params"]).items()}
   raise CheckpointMismatch(f"init_from.kind={c.kind!r} must be '', 'hf' or 'run'")
 
 
