@@ -16,6 +16,7 @@ import ml_collections
 
 from configs import check_variant
 from moe_jax import data
+from moe_jax.checkpoints import init_from
 from moe_jax.models import vimoe
 from moe_jax.parallel import mesh
 from moe_jax.train import optim
@@ -65,6 +66,7 @@ def get_config(variant: str = "vimoe") -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 1e-4
 
   c.mesh = mesh.default_config()  # all devices on `data`
+  c.init_from = init_from.default_config()  # kind="": from scratch
 
   if variant == "dense":
     c.model.name = "vit"

@@ -20,6 +20,7 @@ import ml_collections
 from flax import nnx
 
 from moe_jax import moe
+from moe_jax.checkpoints import tree
 from moe_jax.models import vit
 
 
@@ -80,42 +81,39 @@ def upcycle(dense: vit.ViT, sparse: ViMoE, *, noise_std: float = 0.0,
   layer starts as the dense block's MLP, plus optional Gaussian noise of relative scale
   `noise_std` per expert so that experts can diverge; routers keep their fresh initialisation.
   """
-  sparse_state = nnx.state(sparse, nnx.Param)
-  merged = _copy_matching(nnx.to_pure_dict(nnx.state(dense, nnx.Param)),
-                          nnx.to_pure_dict(sparse_state))
-  nnx.replace_by_pure_dict(sparse_state, merged)
-  nnx.update(sparse, sparse_state)
-  key = jax.random.key(0) if key is None else key
-  for index in sparse.moe_layer_indices:
-    mlp = _block_mlp(dense, index)
-    layer = _block_mlp(sparse, index)
-    bank = layer.experts
-    for name, src in (("fc1_kernel", mlp.fc1.kernel), ("fc1_bias", mlp.fc1.bias),
-                      ("fc2_kernel", mlp.fc2.kernel), ("fc2_bias", mlp.fc2.bias)):
-      target = getattr(bank, name)
-      value = jnp.broadcast_to(src[...], target.shape)
-      if noise_std > 0:
-        key, sub = jax.random.split(key)
-        value = value + noise_std * jnp.std(src[...]) * jax.random.normal(sub, target.shape)
-      target[...] = value
-    if layer.shared_expert is not None:
-      for name in ("fc1", "fc2"):
-        for p in ("kernel", "bias"):
-          getattr(getattr(layer.shared_expert, name), p)[...] = getattr(getattr(mlp, name), p)[...]
+  state = nnx.state(sparse, nnx.Param)
+  target = tree.flatten(nnx.to_pure_dict(state))
+  source = upcycled_params(tree.flatten(nnx.to_pure_dict(nnx.state(dense, nnx.Param))),
+                           {k: v.shape for k, v in target.items()}, sparse.moe_layer_indices,
+                           noise_std=noise_std, key=key)
+  merged = {k: source[k] if k in source and source[k].shape == v.shape else v
+            for k, v in target.items()}
+  nnx.replace_by_pure_dict(state, tree.unflatten(merged))
+  nnx.update(sparse, state)
   return sparse
 
 
-def _block_mlp(model: vit.ViT, index: int) -> nnx.Module:
-  return model.blocks[index].mlp
-
-
-def _copy_matching(src: dict, dst: dict) -> dict:
-  """`dst` with every leaf that `src` has at the same path and shape replaced by `src`'s."""
-  out = {}
-  for k, v in dst.items():
-    if isinstance(v, dict):
-      out[k] = _copy_matching(src.get(k, {}), v) if isinstance(src.get(k), dict) else v
-    else:
-      s = src.get(k)
-      out[k] = s if s is not None and getattr(s, "shape", None) == v.shape else v
+def upcycled_params(dense: dict[str, jax.Array], shapes: dict[str, tuple[int, ...]],
+                    moe_layer_indices: Sequence[int], *, noise_std: float = 0.0,
+                    key: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Flat dense-ViT parameters -> the same with each MoE block's MLP (`blocks/i/mlp/fc1/kernel`,
+  ...) replaced by the expert bank `[E, ...]` (+ shared expert) of the ViMoE whose flat
+  parameter `shapes` are given: every expert a copy of the MLP, plus noise of relative scale
+  `noise_std`. The routers are not in the result (they keep their initialisation)."""
+  out = dict(dense)
+  key = jax.random.key(0) if key is None else key
+  for index in moe_layer_indices:
+    mlp = f"blocks/{index}/mlp"
+    src = {f"{fc}_{p}": out.pop(f"{mlp}/{fc}/{p}") for fc in ("fc1", "fc2")
+           for p in ("kernel", "bias")}
+    for name, value in src.items():
+      target = shapes[f"{mlp}/experts/{name}"]
+      expert = jnp.broadcast_to(value, target)
+      if noise_std > 0:
+        key, sub = jax.random.split(key)
+        expert = expert + noise_std * jnp.std(value) * jax.random.normal(sub, target)
+      out[f"{mlp}/experts/{name}"] = expert
+      shared = f"{mlp}/shared_expert/{name.replace('_', '/')}"
+      if shared in shapes:
+        out[shared] = value
   return out

@@ -19,6 +19,11 @@ SIZES = {
     "Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6), "M": (512, 12, 2048, 8),
     "B": (768, 12, 3072, 12), "L": (1024, 24, 4096, 16), "H": (1280, 32, 5120, 16),
 }
+# The `Block` knobs that pretrained checkpoints need (moe_jax.checkpoints); defaults = big_vision.
+BLOCK_VARIANTS = dict(
+    gelu_approximate=True,  # tanh GELU; False = exact erf GELU (HF ViT, DINOv2)
+    layer_norm_eps=1e-6,
+    layer_scale=0.0)  # > 0: LayerScale on both residual branches, initialised to this (DINOv2)
 MlpFactory = Callable[[int, int, nnx.Rngs], nnx.Module | None]
 
 
@@ -35,7 +40,8 @@ def vit_config(variant: str = "S/16", **overrides) -> ml_collections.ConfigDict:
       posemb="learned",  # 'learned' or 'sincos2d'
       dropout_rate=0.0, attention_dropout_rate=0.0, stochastic_depth=0.0,
       dtype="float32",  # compute dtype; params stay float32
-      head_zero_init=True))
+      head_zero_init=True, **BLOCK_VARIANTS,
+      num_registers=0))  # register tokens after the CLS token (DINOv2 with registers)
   for key, value in overrides.items():
     if key not in c:
       raise ValueError(f"vit_config: unknown field {key!r}; known: {sorted(c)}")
@@ -53,6 +59,9 @@ def _validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.pool={c.pool!r} must be 'cls' or 'gap'")
   if c.posemb not in ("learned", "sincos2d"):
     raise ValueError(f"model.posemb={c.posemb!r} must be 'learned' or 'sincos2d'")
+  if c.layer_scale < 0 or c.num_registers < 0 or c.layer_norm_eps <= 0:
+    raise ValueError(f"model.layer_scale={c.layer_scale} and model.num_registers="
+                     f"{c.num_registers} must be >= 0, model.layer_norm_eps={c.layer_norm_eps} > 0")
 
 
 def sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -69,7 +78,9 @@ def sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarra
 class Mlp(nnx.Module):
   """Dense block MLP `[..., D] -> [..., D]`: fc1 (D -> F), GELU, dropout, fc2 (F -> D)."""
 
-  def __init__(self, dim: int, hidden: int, *, dropout_rate: float, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, hidden: int, *, dropout_rate: float, dtype, rngs: nnx.Rngs,
+               gelu_approximate: bool = True):
+    self.gelu_approximate = gelu_approximate
     init = dict(kernel_init=nnx.initializers.xavier_uniform(),
                 bias_init=nnx.initializers.normal(1e-6))
     self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs, **init)
@@ -77,7 +88,7 @@ class Mlp(nnx.Module):
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(self.dropout(nnx.gelu(self.fc1(x))))
+    return self.fc2(self.dropout(nnx.gelu(self.fc1(x), approximate=self.gelu_approximate)))
 
 
 class DropPath(nnx.Module):
@@ -93,26 +104,44 @@ class DropPath(nnx.Module):
     return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
 
 
+class LayerScale(nnx.Module):
+  """Learned per-channel scale of a residual branch (Touvron et al. 2021): `[..., D] -> [..., D]`."""
+
+  def __init__(self, dim: int, init: float):
+    self.scale = nnx.Param(jnp.full((dim,), init, jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x * self.scale[...].astype(x.dtype)
+
+
 class Block(nnx.Module):
-  """Pre-LN encoder block: x + attn(LN(x)); x + mlp(LN(x)). `[B, T, D] -> [B, T, D]`."""
+  """Pre-LN encoder block: x + attn(LN(x)); x + mlp(LN(x)), each branch optionally LayerScaled.
+  `[B, T, D] -> [B, T, D]`."""
 
   def __init__(self, c: ml_collections.ConfigDict, drop_path: float, mlp: nnx.Module | None, *,
                rngs: nnx.Rngs):
     dtype = jnp.dtype(c.dtype)
-    self.norm1 = nnx.LayerNorm(c.width, rngs=rngs)
+    self.norm1 = nnx.LayerNorm(c.width, epsilon=c.layer_norm_eps, rngs=rngs)
     self.attn = nnx.MultiHeadAttention(
         c.num_heads, c.width, dtype=dtype, dropout_rate=c.attention_dropout_rate,
         kernel_init=nnx.initializers.xavier_uniform(), decode=False, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(c.width, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(c.width, epsilon=c.layer_norm_eps, rngs=rngs)
     self.mlp = mlp if mlp is not None else Mlp(c.width, c.mlp_dim, dropout_rate=c.dropout_rate,
-                                               dtype=dtype, rngs=rngs)
+                                               dtype=dtype, rngs=rngs,
+                                               gelu_approximate=c.gelu_approximate)
+    self.ls1, self.ls2 = ((LayerScale(c.width, c.layer_scale), LayerScale(c.width, c.layer_scale))
+                          if c.layer_scale else (None, None))
     self.dropout = nnx.Dropout(c.dropout_rate, rngs=rngs)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """`mask`: optional attention mask broadcastable to `[B, heads, T, T]` (True = attend)."""
-    x = x + self.drop_path(self.dropout(self.attn(self.norm1(x), mask=mask)))
-    return x + self.drop_path(self.dropout(self.mlp(self.norm2(x))))
+    x = x + self.drop_path(self.dropout(_scaled(self.ls1, self.attn(self.norm1(x), mask=mask))))
+    return x + self.drop_path(self.dropout(_scaled(self.ls2, self.mlp(self.norm2(x)))))
+
+
+def _scaled(layer_scale: LayerScale | None, x: jax.Array) -> jax.Array:
+  return x if layer_scale is None else layer_scale(x)
 
 
 class ViT(nnx.Module):
@@ -134,24 +163,27 @@ class ViT(nnx.Module):
     else:
       self.posemb = nnx.Variable(jnp.asarray(sincos_2d(grid, D))[None])
     self.cls = nnx.Param(jnp.zeros((1, 1, D))) if c.pool == "cls" else None
+    self.registers = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, c.num_registers, D)))
+                      if c.num_registers else None)
     self.dropout = nnx.Dropout(c.dropout_rate, rngs=rngs)
     rates = np.linspace(0.0, c.stochastic_depth, c.depth)
     factory = mlp_factory or (lambda i, d, r: None)
     self.blocks = nnx.List([Block(c, float(rates[i]), factory(i, D, rngs), rngs=rngs)
                             for i in range(c.depth)])
-    self.norm = nnx.LayerNorm(D, rngs=rngs)
+    self.norm = nnx.LayerNorm(D, epsilon=c.layer_norm_eps, rngs=rngs)
     head_init = nnx.initializers.zeros_init() if c.head_zero_init else nnx.initializers.xavier_uniform()
     self.head = (nnx.Linear(D, c.num_classes, kernel_init=head_init, rngs=rngs)
                  if c.num_classes else None)
 
   def tokens(self, images: jax.Array) -> jax.Array:
-    """Final-norm token representations `[B, T, D]`: the CLS token first (pool='cls'), then the
-    grid*grid patch tokens."""
+    """Final-norm token representations `[B, T, D]`: the CLS token first (pool='cls'), the
+    register tokens (no position embedding), then the grid*grid patch tokens."""
     x = self.patch_embed(images.astype(self.dtype))
     B = x.shape[0]
     x = x.reshape(B, -1, x.shape[-1]) + self.posemb[...].astype(self.dtype)
-    if self.cls is not None:
-      x = jnp.concatenate([jnp.broadcast_to(self.cls[...].astype(self.dtype), (B, 1, x.shape[-1])), x], 1)
+    prefix = [jnp.broadcast_to(p[...].astype(self.dtype), (B,) + p.shape[1:])
+              for p in (self.cls, self.registers) if p is not None]
+    x = jnp.concatenate(prefix + [x], 1) if prefix else x
     x = self.dropout(x)
     for block in self.blocks:
       x = block(x)
@@ -160,7 +192,9 @@ class ViT(nnx.Module):
   def features(self, images: jax.Array) -> jax.Array:
     """Pre-head representation `[B, D]`."""
     x = self.tokens(images)
-    return x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
+    if self.pool == "cls":
+      return x[:, 0]
+    return jnp.mean(x[:, 0 if self.registers is None else self.registers.shape[1]:], axis=1)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """Logits `[B, num_classes]`; the features `[B, D]` when num_classes=0 (no head)."""

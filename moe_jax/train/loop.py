@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from moe_jax import tasks
+from moe_jax.checkpoints import init_from
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import distributed, sharding
 from moe_jax.train import checkpoint, metrics, optim, state as state_lib, step as step_lib
@@ -75,11 +76,15 @@ class Trainer:
     self._evaluator = None  # (compiled eval step, eval batches), built by `evaluator()`
 
   def restore_or_init(self):
-    """(state, data-iterator state or None): the latest checkpoint, else a fresh state."""
+    """(state, data-iterator state or None): the latest checkpoint, else a fresh state
+    (initialised by `config.init_from` when that names a source)."""
     restored = checkpoint.restore(self.ckpt, self.abstract)
     if restored is not None:
       return restored
-    return self.init.create(), None
+    state = self.init.create()
+    if self.config.get("init_from") and self.config.init_from.kind:
+      state = init_from.apply(state, self.config, self.tx, self.shardings)
+    return state, None
 
   def restore_for_eval(self) -> dict:
     """The latest good checkpoint's `checkpoint.EVAL_FIELDS` (no optimizer state, so the

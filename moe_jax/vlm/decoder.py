@@ -30,7 +30,7 @@ def decoder_config(width: int = 2560, depth: int = 32, mlp_dim: int = 10240, num
       name="transformer",  # or "package.module:Class" of a decoder with the same call signature
       width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads, vocab_size=vocab_size,
       max_len=max_len, dropout_rate=0.0, attention_dropout_rate=0.0, dtype="float32",
-      moe_layers=moe_layers))
+      moe_layers=moe_layers, **vit.BLOCK_VARIANTS))
   c.moe = moe.default_config("top_k")
   c.moe.hidden_dim = mlp_dim
   c.moe.dispatch = "dropless"

@@ -1,0 +1,141 @@
+"""Pretrained weights: HF ViT / DINOv2 importers against torch reference outputs (tests/data,
+written by tools/make_parity_fixtures.py; read here without torch), their errors, and
+`config.init_from`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax.checkpoints import hf, init_from, tree
+from moe_jax.models import build_model
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+FIXTURES = ["hf_vit", "hf_dinov2", "hf_dinov2_registers"]
+
+
+def imported_model(path: str):
+  config, params, report = hf.import_hf(path)
+  model = build_model(config, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, tree.unflatten(params))
+  nnx.update(model, state)
+  model.eval()
+  return model, report
+
+
+def max_diffs(name: str) -> dict[str, float]:
+  """Max |ours - torch| of the final-norm tokens (and the pooled CLS feature where saved)."""
+  model, _ = imported_model(os.path.join(DATA, name))
+  ref = np.load(os.path.join(DATA, name, "reference.npz"))
+  images = ref["pixel_values"].transpose(0, 2, 3, 1)  # [B, C, H, W] -> [B, H, W, C]
+  out = {"last_hidden_state": np.abs(model.tokens(images) - ref["last_hidden_state"]).max()}
+  if "pooler_output" in ref:
+    out["pooler_output"] = np.abs(model.features(images) - ref["pooler_output"]).max()
+  return {k: float(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_imported_features_match_torch(name):
+  diffs = max_diffs(name)
+  assert diffs and max(diffs.values()) <= 1e-5, diffs
+
+
+def test_report_names_used_and_ignored_keys():
+  _, report = imported_model(os.path.join(DATA, "hf_dinov2_registers"))  # a sharded checkpoint
+  assert report.used["cls"] == ("embeddings.cls_token", "embeddings.position_embeddings")
+  assert report.used["registers"] == ("embeddings.register_tokens",)
+  assert report.used["blocks/1/ls2/scale"] == ("encoder.layer.1.layer_scale2.lambda1",)
+  assert list(report.ignored) == ["embeddings.mask_token"]
+  weight_map = json.load(open(os.path.join(DATA, "hf_dinov2_registers",
+                                           "model.safetensors.index.json")))["weight_map"]
+  assert len(set(weight_map.values())) > 1
+  assert {k for keys in report.used.values() for k in keys} | set(report.ignored) == set(weight_map)
+
+
+def _edited_copy(tmp_path, name: str, edit) -> str:
+  """A copy of fixture `name` whose tensors are `edit(tensors)`, as one model.safetensors."""
+  from safetensors.numpy import save_file
+  folder = tmp_path / name
+  folder.mkdir()
+  shutil.copy(os.path.join(DATA, name, "config.json"), folder)
+  tensors = hf.read_safetensors(os.path.join(DATA, name))
+  edit(tensors)
+  save_file(tensors, str(folder / "model.safetensors"))
+  return str(folder)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.pop("encoder.layer.1.mlp.fc2.bias"),
+     "no key 'encoder.layer.1.mlp.fc2.bias' (needed for our blocks/1/mlp/fc2/bias)"),
+    (lambda t: t.update({"encoder.layer.0.attention.attention.query.weight": np.zeros((32, 16),
+                                                                                    np.float32)}),
+     "'encoder.layer.0.attention.attention.query.weight' has shape (32, 16), our "
+     "blocks/0/attn/query/kernel (32, 2, 16) needs (32, 32)"),
+    (lambda t: t.update({"encoder.layer.2.norm1.weight": np.ones(32, np.float32)}),
+     "key 'encoder.layer.2.norm1.weight' maps onto no parameter of our model (1 such keys)"),
+])
+def test_unmatched_or_misshaped_key_is_one_line_error(tmp_path, edit, message):
+  path = _edited_copy(tmp_path, "hf_dinov2", edit)
+  with pytest.raises(tree.CheckpointMismatch) as e:
+    hf.import_hf(path)
+  assert str(e.value) == f"{path}: {message}"
+
+
+def rules(**kw):
+  c = init_from.default_config()
+  c.update({"kind": "run", "path": "src", **kw})
+  return c
+
+
+def test_init_rules_keep_resize_reinit():
+  g = np.arange(4, dtype=np.float32).reshape(1, 4, 1) * np.ones((1, 1, 2), np.float32)
+  source = {"posemb": g, "cls": np.full((1, 1, 2), 7.0, np.float32),
+            "head/kernel": np.ones((2, 10), np.float32)}
+  fresh = {"posemb": np.zeros((1, 9, 2), np.float32), "cls": np.zeros((1, 1, 2), np.float32),
+           "head/kernel": np.zeros((2, 12), np.float32)}
+  out = init_from.initialise(fresh, source, rules(reinit="head/.*"), [])
+  np.testing.assert_array_equal(out["cls"], source["cls"])  # kept
+  np.testing.assert_array_equal(out["head/kernel"], fresh["head/kernel"])  # re-initialised
+  # 2x2 grid [[0, 1], [2, 3]] -> 3x3 bilinear (half-pixel centres): corners stay, middle = 1.5.
+  resized = out["posemb"][0, :, 0].reshape(3, 3)
+  np.testing.assert_allclose(resized[[0, 0, 2, 2], [0, 2, 0, 2]], [0, 1, 2, 3])
+  np.testing.assert_allclose(resized[1, 1], 1.5)
+  with pytest.raises(tree.CheckpointMismatch, match=r"^init_from src: our parameter head/kernel "
+                     r"has shape \(2, 12\), the checkpoint's \(2, 10\) \(add it to init_from"):
+    init_from.initialise(fresh, source, rules(), [])
+  with pytest.raises(tree.CheckpointMismatch, match="^init_from src: checkpoint parameter extra "):
+    init_from.initialise(fresh, {**source, "extra": g}, rules(reinit="head/.*"), [])
+
+
+def test_run_initialised_from_another_run_at_other_image_size_trains(tmp_path):
+  from test_train import losses, tiny_config
+  from moe_jax.train import loop
+  tfds_dir = str(tmp_path / "tfds")
+  dense = dict(total_steps=10, **{"model.name": "vit", "model.posemb": "learned",
+                                  "model.pool": "cls", "eval_every_steps": 0})
+  source = tiny_config(tfds_dir, **dense, **{"data.image_size": 14})  # a 2x2 patch grid
+  source.init_from = init_from.default_config()
+  loop.Trainer(source, str(tmp_path / "a")).train()
+  c = tiny_config(tfds_dir, **{**dense, "total_steps": 40, "log_every_steps": 1,
+                               "optimizer.learning_rate": 5e-3})  # 28x28: a 4x4 grid
+  c.init_from = rules(path=str(tmp_path / "a"), reinit="head/.*")
+  trainer = loop.Trainer(c, str(tmp_path / "b"))
+  state, _ = trainer.restore_or_init()
+  a = init_from.source_params(rules(path=str(tmp_path / "a")), c.model)
+  params = tree.flatten(jax.device_get(nnx.to_pure_dict(state.params)))
+  assert int(state.step) == 0 and params["posemb"].shape == (1, 16, 32) != a["posemb"].shape
+  np.testing.assert_array_equal(params["posemb"], init_from.resize_posemb(a["posemb"], 16))
+  np.testing.assert_array_equal(params["blocks/1/mlp/fc2/kernel"], a["blocks/1/mlp/fc2/kernel"])
+  assert not np.abs(params["head/bias"]).any()  # zero-initialised head, not the source's
+  assert np.abs(a["head/bias"]).any()
+  trainer.train()
+  run = losses(str(tmp_path / "b"))
+  assert np.mean([run[s] for s in range(36, 41)]) < run[1] - 0.05, run
+  c.init_from.path = str(tmp_path / "missing")  # its own checkpoint wins: resumes, ignores it
+  assert int(loop.Trainer(c, str(tmp_path / "b")).restore_or_init()[0].step) == 40
