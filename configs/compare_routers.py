@@ -9,7 +9,15 @@ Every strategy trains the same model shape (Ti/7, width 64, depth 4, MoE in the 
 4 experts + a shared expert) with the same data, seed, batch and number of steps, then is
 evaluated with routing analysis. `--config.only=top1,soft` runs a subset (e.g. one strategy per
 job on a pod, all writing into the same --workdir); `--config.train=False` rebuilds the table
-from the finished runs in --workdir. Results: README ("Comparing routing strategies").
+from the finished runs in --workdir; `--config.seeds=0,1,2` trains every strategy once per seed
+(mean ± std in the table). Results: README ("Comparing routing strategies").
+
+The `experts` variant (MoEC's claim: clusters help more as experts grow under limited data):
+top-1 vs MoEC (4 clusters, cluster-level expert dropout 0.5, top-1, capacity factor 2) at 8, 32
+and 64 experts, 3 seeds, 300 steps each:
+
+    python -m moe_jax.commands.compare --config configs/compare_routers.py:experts \
+        --workdir workdirs/moec_experts
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ import ml_collections
 
 from configs import check_variant, vimoe_tiny_mnist
 
-VARIANTS = ("full", "quick")
+VARIANTS = ("full", "quick", "experts")
 ORDER = ("dense", "top1", "top2", "top2_bpr", "expert_choice", "soft", "moec", "hash")
 
 
@@ -33,12 +41,15 @@ def _moe_model(data_config: ml_collections.ConfigDict, router: str,
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   check_variant(variant, VARIANTS)
   c = vimoe_tiny_mnist.get_config("vimoe")
-  c.total_steps = 800 if variant == "full" else 30
-  c.log_every_steps = 100 if variant == "full" else 10
+  c.total_steps = {"full": 800, "quick": 30, "experts": 300}[variant]
+  c.log_every_steps = 10 if variant == "quick" else 100
   c.eval_every_steps = 0  # evaluated once, at the end
   c.checkpoint_every_steps = 0
   c.only = ",".join(ORDER)  # the strategies to run, in table order
   c.train = True  # False: only rebuild the table from finished runs in --workdir
+  c.seeds = "0"  # each strategy trains once per seed, e.g. "0,1,2"
+  c.num_experts = ""  # e.g. "8,32,64": one row per expert count for every MoE strategy
+  c.per_layer = False  # True: also a table of each MoE layer's specialisation
 
   s = c.strategies = ml_collections.ConfigDict()
   s.dense = vimoe_tiny_mnist.model_config(c.data)  # the "dense" variant's model: the ViT twin
@@ -52,4 +63,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   s.hash = _moe_model(c.data, "hash", **{"router.k": 1})
   if variant == "quick":
     c.only = "dense,top2,soft"
+  elif variant == "experts":
+    c.only, c.seeds, c.num_experts = "top1,moec", "0,1,2", "8,32,64"
+    s.moec.moe.router.clusters.update(num_clusters=4, expert_dropout=0.5)  # MoEC: p = 0.5
   return c

@@ -182,3 +182,77 @@ def test_unknown_strategy_is_an_error_naming_the_choices():
   with pytest.raises(ValueError, match=r"config.only=.*name strategies from \[.*'top2'"):
     compare.strategy_names(config)
   assert compare.strategy_names(common.load_config("configs/compare_routers.py")) == list(compare_routers.ORDER)
+
+
+def write_run(folder, strategy: str, seed: int | None, accuracy: float, spec: tuple[float, ...],
+              recommend: tuple[str, ...] = ()) -> None:
+  """A finished run folder by hand: strategy.json, eval.json (one layer per `spec` value, none
+  for dense) and metrics.jsonl (steps/s 10 and 20: median step 66.7 ms)."""
+  os.makedirs(folder)
+  info = {"strategy": strategy, "flops_per_token": 2e5}
+  if seed is not None:
+    info["seed"] = seed
+  json.dump(info, open(os.path.join(folder, "strategy.json"), "w"))
+  layers = {f"blocks/{i}/mlp": {"normalized_mi": s, "load_cv": 0.1, "router_entropy": 1.0,
+                                "dropped_fraction": 0.0} for i, s in enumerate(spec)}
+  json.dump({"eval/accuracy": accuracy, "eval/loss": 1 - accuracy, "step": 8,
+             "routing": {"layers": layers, "recommend_dense": list(recommend)}},
+            open(os.path.join(folder, "eval.json"), "w"))
+  with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+    f.write("\n".join(json.dumps({"train/steps_per_sec": r}) for r in (10.0, 20.0)) + "\n")
+
+
+def test_rows_aggregate_seeds_as_mean_and_std_from_finished_run_folders(tmp_path):
+  for seed, acc, spec in ((0, 0.90, (0.1, 0.3)), (1, 0.92, (0.2, 0.5)), (2, 0.94, (0.3, 0.7))):
+    write_run(tmp_path / "top1" / f"seed{seed}", "top1", seed, acc, spec,
+              ("blocks/0/mlp",) if seed < 2 else ("blocks/0/mlp", "blocks/1/mlp"))
+  write_run(tmp_path / "dense", "dense", None, 0.80, ())  # a run written before seeds
+  os.makedirs(tmp_path / "top2" / "seed0")  # unfinished: no files yet
+  config = common.load_config(QUICK)
+  config.train, config.per_layer, config.only = False, True, "dense,top1"
+  rows = compare.compare_all(config, str(tmp_path))
+  assert [(r["strategy"], r["seeds"]) for r in rows] == [("dense", 1), ("top1", 3)]
+  dense, top1 = rows
+  assert top1["seed_list"] == [0, 1, 2] and dense["seed_list"] == [None]
+  assert top1["accuracy"] == pytest.approx(0.92) and top1["accuracy_std"] == pytest.approx(0.02)
+  assert top1["loss_std"] == pytest.approx(0.02) and dense["accuracy_std"] is None
+  assert top1["specialisation"] == pytest.approx(0.35)  # mean over layers, then over seeds
+  assert top1["specialisation_std"] == pytest.approx(0.15)
+  assert top1["layer_specialisation"] == pytest.approx({"blocks/0/mlp": 0.2, "blocks/1/mlp": 0.5})
+  assert top1["layer_specialisation_std"]["blocks/1/mlp"] == pytest.approx(0.2)
+  assert top1["recommend_dense"] == ["blocks/0/mlp"]  # recommended by every seed
+  assert top1["step_ms"] == pytest.approx(1e3 / 15) and dense["specialisation"] is None
+  saved = json.load(open(tmp_path / "compare.json"))
+  lines = saved["table"].splitlines()
+  assert lines[0].endswith("| specialisation | seeds |")
+  assert lines[2] == "| dense | 0.8000 | 0.2000 | 66.7 | 0.200 | - | - | - | - | 1 |"
+  assert lines[3].startswith("| top1 | 0.9200 ± 0.0200 | 0.0800 ± 0.0200 | 66.7 |")
+  assert lines[3].endswith("| 0.350 ± 0.150 | 3 |")
+  assert saved["layer_table"].splitlines() == [
+      "| strategy | block 0 spec. | block 1 spec. |", "|---|---|---|",
+      "| dense | - | - |", "| top1 | 0.200 ± 0.100 | 0.500 ± 0.200 |"]
+
+
+def test_expert_axis_expands_moe_strategies_and_seeds_name_run_folders():
+  config = common.load_config(QUICK)
+  config.only, config.num_experts = "dense,top2,soft", "8,32"
+  models = compare.strategy_models(config)
+  assert list(models) == ["dense", "top2_E8", "top2_E32", "soft_E8", "soft_E32"]
+  assert [m.moe.num_experts for n, m in models.items() if n != "dense"] == [8, 32, 8, 32]
+  assert config.strategies.top2.moe.num_experts == 4  # the strategy node itself is untouched
+  config.num_experts = ""
+  assert list(compare.strategy_models(config)) == ["dense", "top2", "soft"]
+  config.seeds = " 2, 0 ,1"
+  assert compare.seed_list(config) == [2, 0, 1]
+  assert compare.run_dir("/w", "top2_E8", 1) == os.path.join("/w", "top2_E8", "seed1")
+
+
+@pytest.mark.parametrize("field,value", [("seeds", "0,x"), ("seeds", "1,1"), ("seeds", ""),
+                                         ("seeds", "-1"), ("num_experts", "0,8"),
+                                         ("num_experts", "8.5")])
+def test_bad_seeds_or_expert_counts_are_errors_naming_the_field(field, value):
+  config = common.load_config(QUICK)
+  config[field] = value
+  parse = compare.seed_list if field == "seeds" else compare.strategy_models
+  with pytest.raises(ValueError, match=rf"^config\.{field}="):
+    parse(config)

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _short(name: str) -> str:
+def short_name(name: str) -> str:
   return name.replace("blocks/", "block ").replace("/mlp", "")
 
 
@@ -26,7 +26,7 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
     m = np.asarray(layers[name]["class_expert"])
     m = m / np.maximum(m.sum(1, keepdims=True), 1e-30)  # P(expert | class)
     im = ax.imshow(m, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set(title=f"{_short(name)}\nnMI={layers[name]['normalized_mi']:.2f}", xlabel="expert",
+    ax.set(title=f"{short_name(name)}\nnMI={layers[name]['normalized_mi']:.2f}", xlabel="expert",
            ylabel="class")
   fig.colorbar(im, ax=axes[0].tolist(), label="P(expert | class)")
   paths.append(os.path.join(out_dir, "heatmaps.png"))
@@ -38,7 +38,7 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
     load = np.asarray(layers[name]["load"])
     ax.bar(np.arange(len(load)), load)
     ax.axhline(1 / max(len(load), 1), color="k", lw=0.8, ls="--")
-    ax.set(title=_short(name), xlabel="expert", ylabel="fraction of assignments")
+    ax.set(title=short_name(name), xlabel="expert", ylabel="fraction of assignments")
   fig.tight_layout()
   paths.append(os.path.join(out_dir, "load.png"))
   fig.savefig(paths[-1], dpi=80)
@@ -47,7 +47,7 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
   fig, ax = plt.subplots(figsize=(4.5, 3))
   ax.plot(range(len(names)), [layers[n]["normalized_mi"] for n in names], "o-")
   ax.axhline(report["threshold"], color="r", lw=0.8, ls="--", label="make-dense threshold")
-  ax.set_xticks(range(len(names)), [_short(n) for n in names], rotation=30)
+  ax.set_xticks(range(len(names)), [short_name(n) for n in names], rotation=30)
   ax.set(ylabel="normalised MI(class; expert)", ylim=(0, 1), title="specialisation per layer")
   ax.legend()
   fig.tight_layout()
