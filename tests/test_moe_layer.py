@@ -331,3 +331,41 @@ def test_group_size_must_divide_tokens():
     layer(jnp.ones((2, 4, 8)))
 
 
+
+
+def _layer_with_nan_token(router: str, dispatch: str = "capacity", **knobs):
+  """(layer output `[2, 8, 4]`, aux) for a 4-expert layer whose input has one NaN token (image
+  0, token 3); each image is one routing group."""
+  c = moe.default_config(router)
+  c.num_experts, c.hidden_dim, c.dispatch = 4, 8, dispatch
+  c.update(knobs)
+  layer = moe.MoELayer(4, c, rngs=nnx.Rngs(0))
+  layer.eval()
+  x = jax.random.normal(jax.random.key(0), (2, 8, 4)).at[0, 3].set(jnp.nan)
+  y, aux = moe.capture_aux(layer)(x)
+  return np.asarray(y), next(iter(aux.layers.values()))
+
+
+@pytest.mark.parametrize("router,dispatch", [
+    ("top_k", "capacity"), ("top_k", "dropless"), ("expert_choice", "capacity"),
+    ("clusters", "capacity"), ("hash", "dropless"), ("random", "capacity")])
+def test_a_nan_token_leaves_the_other_tokens_finite(router, dispatch):
+  y, _ = _layer_with_nan_token(router, dispatch)
+  finite = np.isfinite(y).all(-1)
+  assert finite.sum() >= 15 and finite[1].all(), finite  # only token (0, 3) may be non-finite
+
+
+def test_a_nan_token_makes_its_soft_moe_group_nan():
+  # Soft MoE mixes every token of a group into every slot (the documented exception).
+  y, _ = _layer_with_nan_token("soft")
+  assert np.isnan(y[0]).all(-1).all() and np.isfinite(y[1]).all()
+
+
+def test_check_finite_raises_on_a_nan_input():
+  with pytest.raises(FloatingPointError, match="check_finite=True.*input holds NaN"):
+    _layer_with_nan_token("top_k", check_finite=True)
+
+
+def test_dropless_dropped_fraction_is_exactly_zero():
+  _, aux = _layer_with_nan_token("top_k", "dropless")
+  assert float(aux.metrics["dropped_fraction"]) == 0.0

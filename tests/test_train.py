@@ -280,6 +280,38 @@ def test_metrics_rows_after_the_restored_step_are_dropped(tmp_path, tfds_dir):
   steps = [r["step"] for r in map(json.loads, open(tmp_path / "metrics.jsonl"))
            if "train/loss" in r]
   assert steps == [1, 2, 3, 4]
+  # TensorBoard: the resumed run's events start with a SessionLog.START at the restored step.
+  starts = [e.step for e in tensorboard_events(tmp_path / "tensorboard")
+            if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+  assert starts == [2]
+
+
+def test_a_save_cut_off_by_a_kill_is_ignored_on_resume(tmp_path, tfds_dir):
+  """What a kill during a save leaves (orbax's unfinished `<step>.orbax-checkpoint-tmp-*`
+  folder) is never restored: the rerun resumes from the last finished step, same losses."""
+  c = tiny_config(tfds_dir, total_steps=6, checkpoint_every_steps=2, log_every_steps=1,
+                  eval_every_steps=0)
+  loop.train_and_evaluate(c, str(tmp_path / "straight"))
+  cut = tmp_path / "cut"
+  loop.train_and_evaluate(c, str(cut))
+  # Step 6's save as a kill during it leaves it: orbax's temporary name, never committed.
+  os.rename(cut / "checkpoints" / "6", cut / "checkpoints" / "6.orbax-checkpoint-tmp-1")
+  loop.train_and_evaluate(c, str(cut))
+  assert os.path.isdir(cut / "checkpoints" / "6")
+  want, got = losses(tmp_path / "straight"), losses(cut)
+  assert sorted(got) == list(range(1, 7)) and got == want
+
+
+def tensorboard_events(folder):
+  """Every event in the TFRecord event files of `folder` (length, crc, payload, crc records)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  for path in sorted(folder.iterdir()):
+    data = path.read_bytes()
+    while data:
+      (n,) = struct.unpack("<Q", data[:8])
+      yield event_pb2.Event.FromString(data[12:12 + n])
+      data = data[16 + n:]
 
 
 @pytest.mark.parametrize("args,message", [

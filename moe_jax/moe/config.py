@@ -65,6 +65,10 @@ def default_config(router: str = "top_k") -> ml_collections.ConfigDict:
   c.router = ml_collections.ConfigDict(
       {"name": router, **cls.default_config(), "loss_weights": dict(cls.loss_weights)})
 
+  # Debug: raise (FloatingPointError, from a host callback) when the layer's input or output
+  # holds NaN/inf, instead of the per-router behaviour described in `MoELayer`'s docstring.
+  c.check_finite = False
+
   c.shared_expert = ml_collections.ConfigDict()
   c.shared_expert.enabled = False
   c.shared_expert.hidden_dim = 0  # 0 = same as hidden_dim.

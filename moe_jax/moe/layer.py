@@ -37,6 +37,13 @@ class SharedExpert(nnx.Module):
     return routed + shared
 
 
+def _raise_if_not_finite(input_finite: jax.Array, output_finite: jax.Array) -> None:
+  """Host side of `check_finite`."""
+  if not (input_finite and output_finite):
+    where = "input" if not input_finite else "output"
+    raise FloatingPointError(f"MoE layer (check_finite=True): its {where} holds NaN or inf")
+
+
 class MoELayer(nnx.Module):
   """Sparse Mixture-of-Experts MLP. See `moe_jax.moe.default_config()` for every knob.
 
@@ -44,6 +51,14 @@ class MoELayer(nnx.Module):
   `model.train()` / `model.eval()` switch router noise, expert dropout and expert dropout masks.
   `router`: a router to use instead of building `config.router.name`'s; `config` is checked
   against its class (any `Router` subclass, registered or not).
+
+  Non-finite inputs: a token whose input holds NaN/inf gets non-finite router logits. Every
+  router still returns a plan: a dispatched token's output is NaN (top_k, clusters, hash,
+  random, expert choice); a token that no expert takes (dropped at capacity, or picked by no
+  expert under expert choice) gets 0 from the routed experts (the shared expert's output, if
+  any, is still NaN); Soft MoE mixes every token of a group into every slot, so one NaN token
+  makes its whole routing group NaN. Other tokens are not affected (Soft MoE aside). Set
+  `check_finite=True` to raise instead (a debug option: one host callback per call).
   """
 
   def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
@@ -114,6 +129,8 @@ class MoELayer(nnx.Module):
     else:
       y, metrics = expert_parallel.dispatch(dispatch_fn, plan, groups, self.experts, mesh)
     y = y.reshape(x.shape).astype(x.dtype)
+    if c.check_finite:
+      jax.debug.callback(_raise_if_not_finite, jnp.isfinite(x).all(), jnp.isfinite(y).all())
     if self.shared_expert is not None:
       y = self.shared_expert(x, y).astype(x.dtype)
     weights = c.router.loss_weights

@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
 
 
 class MetricWriter:
   """Appends one JSON object per call to `metrics.jsonl` and mirrors scalars to TensorBoard.
   Rows after `start_step` (written by a run that stopped after its last checkpoint, and about
-  to be re-run) are dropped first, so each step has its rows once."""
+  to be re-run) are dropped first, so each step has its rows once; in TensorBoard a resumed run
+  starts with a `SessionLog.START` event at `start_step`, on which TensorBoard discards the
+  earlier run's events of later steps (its "purge orphaned data")."""
 
   def __init__(self, workdir: str, start_step: int = 0):
     self.enabled = jax.process_index() == 0
@@ -23,6 +27,10 @@ class MetricWriter:
       _truncate_after(path, start_step)
       self.jsonl = open(path, "a")
       self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      if start_step:
+        self.tb._get_file_writer().add_event(event_pb2.Event(
+            wall_time=time.time(), step=start_step,
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
