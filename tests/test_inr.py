@@ -1,6 +1,7 @@
 """MoEC neural compression (moe_jax.inr): SIREN init, width solver, file round trip, MoEC vs single."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import jax
@@ -150,13 +151,30 @@ import zlib  # noqa: E402
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_crafted_inr_files_are_one_line_value_errors(blob, message):
   from moe_jax.inr import fileformat
-  with pytest.raises(ValueError, match=message) as e:
+  with peak_python_bytes() as peak, pytest.raises(ValueError, match=message) as e:
     fileformat.decode(blob, "f.moec")
   assert "\n" not in str(e.value) and str(e.value).startswith("f.moec: ")
+  assert peak[0] < 8 << 20, peak  # nothing sized by the crafted header is allocated
 
 
 def test_a_huge_declared_model_is_rejected_before_it_is_built():
   blob = _crafted({"model": {"kind": "moec", "width": 1 << 20, "tail_width": 1 << 20}},
                   params=b"\0" * 64)
-  with pytest.raises(ValueError, match="16 parameters stored, the header's model needs"):
+  with peak_python_bytes() as peak, pytest.raises(
+      ValueError, match="16 parameters stored, the header's model needs"):
     codec.restore(blob, "f.moec")
+  assert peak[0] < 64 << 20, peak
+
+
+@contextlib.contextmanager
+def peak_python_bytes():
+  """Yields a one-element list that holds, on exit, the peak bytes traced by `tracemalloc`
+  (Python and numpy allocations) inside the block."""
+  import tracemalloc
+  peak = [0]
+  tracemalloc.start()
+  try:
+    yield peak
+  finally:
+    peak[0] = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
