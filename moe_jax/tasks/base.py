@@ -19,12 +19,16 @@ HostBatch = dict[str, np.ndarray]
 
 
 class Task:
-  """Base class: subclasses fill in every method below (no defaults for the problem-specific ones).
+  """Base class: subclasses set `name` and `data_module` and fill in the problem-specific methods.
 
   `config` is the whole training config (`config.data`, `config.model`, ...).
   """
 
   name: str = ""
+  # The task's input pipeline: a module with `train_dataset(data_config, *, batch_size, seed,
+  # process_index, process_count)` and `eval_dataset(data_config, *, batch_size, process_index,
+  # process_count)` (e.g. `moe_jax.data`).
+  data_module: Any = None
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -37,12 +41,15 @@ class Task:
   def train_batches(self, *, batch_size: int, seed: int, process_index: int,
                     process_count: int) -> Iterator[HostBatch]:
     """Endless, resumable (`get_state` / `set_state`) iterator of this process's batches."""
-    raise NotImplementedError
+    return self.data_module.train_dataset(self.config.data, batch_size=batch_size, seed=seed,
+                                          process_index=process_index,
+                                          process_count=process_count)
 
   def eval_batches(self, *, batch_size: int, process_index: int,
                    process_count: int) -> Iterable[HostBatch]:
     """Re-iterable single pass over the eval split; batches carry `mask [B]` (1 = real)."""
-    raise NotImplementedError
+    return self.data_module.eval_dataset(self.config.data, batch_size=batch_size,
+                                         process_index=process_index, process_count=process_count)
 
   def batch_shapes(self, batch_size: int, eval_: bool) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of a global batch of `batch_size` (eval batches include `mask`)."""

@@ -60,18 +60,11 @@ class ClassificationTask(Task):
   """`config.task = "classification"` (the default)."""
 
   name = "classification"
+  data_module = data
 
   def check(self) -> None:
     check_model_matches_data(self.config)
     data.config.validate(self.config.data)
-
-  def train_batches(self, *, batch_size, seed, process_index, process_count):
-    return data.train_dataset(self.config.data, batch_size=batch_size, seed=seed,
-                              process_index=process_index, process_count=process_count)
-
-  def eval_batches(self, *, batch_size, process_index, process_count):
-    return data.eval_dataset(self.config.data, batch_size=batch_size,
-                             process_index=process_index, process_count=process_count)
 
   def batch_shapes(self, batch_size, eval_):
     d = self.config.data

@@ -62,18 +62,11 @@ class VqaTask(Task):
   """`config.task = "vqa"`."""
 
   name = "vqa"
+  data_module = vqa_data
 
   def check(self) -> None:
     check_model_matches_data(self.config)
     vqa_data.validate(self.config.data)
-
-  def train_batches(self, *, batch_size, seed, process_index, process_count):
-    return vqa_data.train_dataset(self.config.data, batch_size=batch_size, seed=seed,
-                                  process_index=process_index, process_count=process_count)
-
-  def eval_batches(self, *, batch_size, process_index, process_count):
-    return vqa_data.eval_dataset(self.config.data, batch_size=batch_size,
-                                 process_index=process_index, process_count=process_count)
 
   def batch_shapes(self, batch_size, eval_):
     return vqa_data.batch_shapes(self.config, batch_size, eval_)

@@ -69,9 +69,9 @@ class Trainer:
     check_batch_size(self.mesh, self.eval_batch_size, "eval_batch_size")
     self.tx = optim.make_optimizer(config.optimizer, config.total_steps)
     self.schedule = optim.schedule(config.optimizer, config.total_steps)
+    check_writable(workdir)
     self.init = state_lib.StateInit(config, self.tx, self.mesh)
     self.abstract, self.shardings, self.defs = self.init.abstract, self.init.shardings, self.init.defs
-    check_writable(workdir)
     self.ckpt = checkpoint.manager(workdir)
     self._evaluator = None  # (compiled eval step, eval batches), built by `evaluator()`
 
