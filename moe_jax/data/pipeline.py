@@ -1,6 +1,7 @@
 """grain input pipelines: per-process shards, seeded per-epoch shuffling and augmentation, resumable.
 
-Train batches: `{'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B]}`, endless. Eval
+Train batches: `{'image': float32 [B, H, W, C] normalised by data.normalization (default [-1, 1]),
+'label': int32 [B]}`, endless. Eval
 batches add `'mask': float32 [B]` (1 = real example): one pass, the last batch padded, so that
 every example counts exactly once. `B` is the per-process batch size.
 
@@ -29,8 +30,9 @@ class TrainBatches:
   epoch); crop offsets are seeded by (seed, process_index, batch number)."""
 
   def __init__(self, reader: readers.ArrayReader | readers.StreamReader, shard: np.ndarray,
-               batch_size: int, seed: int, process_index: int, crop_padding: int | None):
-    self.reader, self.shard, self.batch_size = reader, shard, batch_size
+               batch_size: int, seed: int, process_index: int, crop_padding: int | None,
+               stats: tuple[np.ndarray, np.ndarray]):
+    self.reader, self.shard, self.batch_size, self.stats = reader, shard, batch_size, stats
     self.seed, self.process_index, self.crop_padding = seed, process_index, crop_padding
     self.steps_per_epoch = len(shard) // batch_size
     self._order = (-1, shard)  # (epoch, its permutation of the shard); the last one is kept
@@ -49,7 +51,7 @@ class TrainBatches:
     if self.crop_padding is not None:
       rng = np.random.default_rng([self.seed, self.process_index, step])
       images = transforms.random_crop(images, self.crop_padding, rng)
-    return {"image": transforms.normalise(images), "label": labels}
+    return {"image": transforms.normalise(images, *self.stats), "label": labels}
 
 
 class EvalBatches:
@@ -57,14 +59,14 @@ class EvalBatches:
   last example with mask 0."""
 
   def __init__(self, reader: readers.ArrayReader | readers.StreamReader, shard: np.ndarray,
-               batch_size: int):
-    self.reader, self.shard, self.batch_size = reader, shard, batch_size
+               batch_size: int, stats: tuple[np.ndarray, np.ndarray]):
+    self.reader, self.shard, self.batch_size, self.stats = reader, shard, batch_size, stats
 
   def __call__(self, b: int) -> dict[str, np.ndarray]:
     positions = b * self.batch_size + np.arange(self.batch_size)
     images, labels = self.reader.read(self.shard[np.minimum(positions, len(self.shard) - 1)])
     mask = (positions < len(self.shard)).astype(np.float32)
-    return {"image": transforms.normalise(images), "label": labels, "mask": mask}
+    return {"image": transforms.normalise(images, *self.stats), "label": labels, "mask": mask}
 
 
 def _reader(config: ml_collections.ConfigDict, split: str):
@@ -105,17 +107,18 @@ def make_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: i
     raise ValueError(f"batch_size={batch_size} must be >= 1")
   reader = _reader(config, split)
   shard = _shard(len(reader), process_index, process_count)
+  stats = transforms.normalization_stats(config.normalization, config.channels)
   if train:
     if batch_size > len(shard):
       raise ValueError(f"batch_size={batch_size} (per process) exceeds the {len(shard)} examples "
                        f"of this process's shard of {config.name}:{split}")
     padding = config.crop_padding if config.augment == "crop" else None
     batches = grain.MapDataset.range(sys.maxsize).map(
-        TrainBatches(reader, shard, batch_size, seed, process_index, padding))
+        TrainBatches(reader, shard, batch_size, seed, process_index, padding, stats))
   else:
     per_process = -(-len(reader) // process_count)  # the largest shard sets the batch count
     batches = grain.MapDataset.range(-(-per_process // batch_size)).map(
-        EvalBatches(reader, shard, batch_size))
+        EvalBatches(reader, shard, batch_size, stats))
   ds = batches.to_iter_dataset(grain.ReadOptions(num_threads=config.prefetch_threads,
                                                  prefetch_buffer_size=config.prefetch_buffer))
   if config.num_workers:
