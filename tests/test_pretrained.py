@@ -16,7 +16,19 @@ from moe_jax.checkpoints import hf, init_from, tree
 from moe_jax.models import build_model
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
-FIXTURES = ["hf_vit", "hf_dinov2", "hf_dinov2_registers"]
+# fixture -> {reference output: our output of (model, images [B, H, W, C])}.
+last_norm_tokens = lambda m, x: m.tokens(x)
+pooled = lambda m, x: m.features(x)
+OUTPUTS = {
+    "hf_vit": {"last_hidden_state": last_norm_tokens},  # its tanh pooler is not in our model
+    "hf_dinov2": {"last_hidden_state": last_norm_tokens, "pooler_output": pooled},
+    "hf_dinov2_registers": {"last_hidden_state": last_norm_tokens, "pooler_output": pooled},
+    # CLIP's last_hidden_state has no final norm; MoCHA's features are hidden_states[-2].
+    "hf_clip": {"last_hidden_state": lambda m, x: m.hidden_states(x, -1),
+                "penultimate_hidden_state": lambda m, x: m.hidden_states(x, -2),
+                "pooler_output": pooled},
+    "hf_siglip": {"last_hidden_state": last_norm_tokens, "pooler_output": pooled},
+}
 
 
 def imported_model(path: str):
@@ -30,17 +42,15 @@ def imported_model(path: str):
 
 
 def max_diffs(name: str) -> dict[str, float]:
-  """Max |ours - torch| of the final-norm tokens (and the pooled CLS feature where saved)."""
+  """Max |ours - reference| of each output the fixture saved."""
   model, _ = imported_model(os.path.join(DATA, name))
   ref = np.load(os.path.join(DATA, name, "reference.npz"))
   images = ref["pixel_values"].transpose(0, 2, 3, 1)  # [B, C, H, W] -> [B, H, W, C]
-  out = {"last_hidden_state": np.abs(model.tokens(images) - ref["last_hidden_state"]).max()}
-  if "pooler_output" in ref:
-    out["pooler_output"] = np.abs(model.features(images) - ref["pooler_output"]).max()
-  return {k: float(v) for k, v in out.items()}
+  assert set(ref) - {"pixel_values"} == set(OUTPUTS[name])
+  return {k: float(np.abs(ours(model, images) - ref[k]).max()) for k, ours in OUTPUTS[name].items()}
 
 
-@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("name", list(OUTPUTS))
 def test_imported_features_match_torch(name):
   diffs = max_diffs(name)
   assert diffs and max(diffs.values()) <= 1e-5, diffs
@@ -85,6 +95,46 @@ def test_unmatched_or_misshaped_key_is_one_line_error(tmp_path, edit, message):
   with pytest.raises(tree.CheckpointMismatch) as e:
     hf.import_hf(path)
   assert str(e.value) == f"{path}: {message}"
+
+
+def test_full_clip_model_imports_its_image_tower_and_reports_the_rest(tmp_path):
+  """A hub `CLIPModel` checkpoint: config.json nests `vision_config`, keys carry `vision_model.`,
+  the text tower's keys are reported as ignored; the result equals the image-tower fixture's."""
+  from safetensors.numpy import save_file
+  folder = tmp_path / "clip_full"
+  folder.mkdir()
+  vision = json.load(open(os.path.join(DATA, "hf_clip", "config.json")))
+  json.dump({"model_type": "clip", "vision_config": vision}, open(folder / "config.json", "w"))
+  tensors = {f"vision_model.{k}": v for k, v in
+             hf.read_safetensors(os.path.join(DATA, "hf_clip")).items()}
+  tensors.update({"text_model.final_layer_norm.weight": np.ones(4, np.float32),
+                  "logit_scale": np.ones((), np.float32),
+                  "visual_projection.weight": np.ones((4, 32), np.float32)})
+  save_file(tensors, str(folder / "model.safetensors"))
+  _, params, report = hf.import_hf(str(folder))
+  _, want, _ = hf.import_hf(os.path.join(DATA, "hf_clip"))
+  assert sorted(report.ignored) == ["logit_scale", "text_model.final_layer_norm.weight",
+                                    "visual_projection.weight"]
+  assert report.used["cls"] == ("vision_model.embeddings.class_embedding",
+                                "vision_model.embeddings.position_embedding.weight")
+  assert params.keys() == want.keys()
+  assert all(np.array_equal(params[k], want[k]) for k in want)
+
+
+def test_siglip_packed_map_head_projection_misshaped_is_one_line_error(tmp_path):
+  path = _edited_copy(tmp_path, "hf_siglip", lambda t: t.update(
+      {"head.attention.in_proj_weight": np.zeros((64, 32), np.float32)}))
+  with pytest.raises(tree.CheckpointMismatch) as e:
+    hf.import_hf(path)
+  assert str(e.value) == (f"{path}: 'head.attention.in_proj_weight' has shape (64, 32), our "
+                          "map_head/attn/query/kernel (32, 2, 16) needs (96, 32)")
+
+
+def test_hidden_states_layer_out_of_range_is_one_line_error():
+  model, _ = imported_model(os.path.join(DATA, "hf_clip"))
+  with pytest.raises(ValueError, match=r"^hidden_states: layer=3 must lie in \[-3, 2\] "
+                     r"\(model.depth=2\)$"):
+    model.hidden_states(np.zeros((1, 28, 28, 3), np.float32), 3)
 
 
 def rules(**kw):

@@ -1,9 +1,12 @@
-"""Writes the conversion parity fixtures `tests/data/<model>/`: tiny random HF reference models.
+"""Writes the conversion parity fixtures `tests/data/<model>/`: tiny random reference models.
 
-Each fixture is what `save_pretrained` writes (`config.json` + `model.safetensors`, or shards +
-`model.safetensors.index.json`) and `reference.npz`: fixed `pixel_values [B, C, H, W]` and the
-model's `last_hidden_state [B, T, D]` (+ `pooler_output [B, D]` for DINOv2) on them, in float32.
-The tests read these with `moe_jax.checkpoints` and no torch.
+HF fixtures are what `save_pretrained` writes (`config.json` + `model.safetensors`, or shards +
+`model.safetensors.index.json`); big_vision fixtures are random `.npz` checkpoints in the AugReg
+(vit_jax) and big_vision SigLIP image-tower layouts, loaded into timm's `VisionTransformer` by
+timm's own npz loader (`timm.models.vision_transformer._load_weights`), so the reference is not
+our code. Each fixture has `reference.npz`: fixed `pixel_values [B, C, H, W]` and the reference's
+outputs on them in float32 (names below). The tests read these with `moe_jax.checkpoints` and no
+torch.
 
   python -m venv /work/venv-convert && /work/venv-convert/bin/pip install -e '.[convert]'
   HF_HUB_OFFLINE=1 /work/venv-convert/bin/python tools/make_parity_fixtures.py
@@ -14,21 +17,30 @@ import os
 import shutil
 
 import numpy as np
+import timm
 import torch
 import transformers as tf
+from timm.models.vision_transformer import _load_weights
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28,
             patch_size=7, num_channels=3)
 # name -> (model, save_pretrained kwargs); dinov2_registers is saved in shards.
-MODELS = {
+HF_MODELS = {
     "hf_vit": (lambda: tf.ViTModel(tf.ViTConfig(intermediate_size=64, **TINY)), {}),
     "hf_dinov2": (lambda: tf.Dinov2Model(tf.Dinov2Config(mlp_ratio=2, layerscale_value=0.5,
                                                          **TINY)), {}),
     "hf_dinov2_registers": (lambda: tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(
         mlp_ratio=2, layerscale_value=0.5, num_register_tokens=2, **TINY)),
                             dict(max_shard_size="40KB")),
+    "hf_clip": (lambda: tf.CLIPVisionModel(tf.CLIPVisionConfig(intermediate_size=64, **TINY)), {}),
+    "hf_siglip": (lambda: tf.SiglipVisionModel(tf.SiglipVisionConfig(intermediate_size=64,
+                                                                     **TINY)), {}),
+    "hf_convnext": (lambda: tf.ConvNextModel(tf.ConvNextConfig(
+        num_channels=3, hidden_sizes=[8, 16], depths=[1, 2], num_stages=2, image_size=28,
+        layer_scale_init_value=0.5)), {}),
 }
+WIDTH, HEADS, MLP, PATCH, DEPTH, CLASSES = 32, 2, 64, 7, 2, 5
 
 
 def perturbed(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
@@ -40,20 +52,110 @@ def perturbed(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
   return model.eval()
 
 
+def pixels() -> np.ndarray:
+  return np.random.default_rng(0).uniform(-1, 1, (2, 3, 28, 28)).astype(np.float32)
+
+
+def hf_fixture(name: str, make, save_kwargs: dict, folder: str) -> None:
+  """`save_pretrained` + last_hidden_state, pooler_output (not for HF ViT, whose tanh pooler we
+  do not have) and, for CLIP, hidden_states[-2] (MoCHA's features)."""
+  model = perturbed(make())
+  model.save_pretrained(folder, **save_kwargs)
+  x = pixels()
+  with torch.no_grad():
+    out = model(pixel_values=torch.from_numpy(x), output_hidden_states=True)
+  arrays = dict(pixel_values=x, last_hidden_state=out.last_hidden_state.numpy())
+  if name != "hf_vit":
+    arrays["pooler_output"] = out.pooler_output.numpy()
+  if name == "hf_clip":
+    arrays["penultimate_hidden_state"] = out.hidden_states[-2].numpy()
+  np.savez(os.path.join(folder, "reference.npz"), **arrays)
+
+
+def _dense(rng, prefix: str, n_in, n_out) -> dict[str, np.ndarray]:
+  return {f"{prefix}/kernel": rng.normal(0, 0.3, (*n_in, *n_out)).astype(np.float32),
+          f"{prefix}/bias": rng.normal(0, 0.1, n_out).astype(np.float32)}
+
+
+def _norm(rng, prefix: str) -> dict[str, np.ndarray]:
+  return {f"{prefix}/scale": (1 + rng.normal(0, 0.1, WIDTH)).astype(np.float32),
+          f"{prefix}/bias": rng.normal(0, 0.1, WIDTH).astype(np.float32)}
+
+
+def _attention(rng, prefix: str) -> dict[str, np.ndarray]:
+  d = WIDTH // HEADS
+  out = {k: v for p in ("query", "key", "value")
+         for k, v in _dense(rng, f"{prefix}/{p}", (WIDTH,), (HEADS, d)).items()}
+  out.update(_dense(rng, f"{prefix}/out", (HEADS, d), (WIDTH,)))
+  out[f"{prefix}/out/bias"] = out[f"{prefix}/out/bias"].reshape(WIDTH)
+  return out
+
+
+def _mlp(rng, prefix: str) -> dict[str, np.ndarray]:
+  return {**_dense(rng, f"{prefix}/Dense_0", (WIDTH,), (MLP,)),
+          **_dense(rng, f"{prefix}/Dense_1", (MLP,), (WIDTH,))}
+
+
+def npz_checkpoint(layout: str) -> dict[str, np.ndarray]:
+  """A random tiny checkpoint: 'augreg' (vit_jax names, CLS token, posemb incl. the CLS
+  position) or 'siglip' (big_vision two-tower `params/img/...`, MAP head, + text-tower keys)."""
+  rng = np.random.default_rng(1)
+  grid = 28 // PATCH
+  w = {**_dense(rng, "embedding", (PATCH, PATCH, 3), (WIDTH,)),
+       **_norm(rng, "Transformer/encoder_norm"), **_dense(rng, "head", (WIDTH,), (CLASSES,))}
+  ln, mha, ln2, mlp = (("LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2",
+                        "MlpBlock_3") if layout == "augreg" else
+                       ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1",
+                        "MlpBlock_0"))
+  for i in range(DEPTH):
+    b = f"Transformer/encoderblock_{i}"
+    w.update({**_norm(rng, f"{b}/{ln}"), **_attention(rng, f"{b}/{mha}"),
+              **_norm(rng, f"{b}/{ln2}"), **_mlp(rng, f"{b}/{mlp}")})
+  if layout == "augreg":
+    w["cls"] = rng.normal(0, 0.3, (1, 1, WIDTH)).astype(np.float32)
+    w["Transformer/posembed_input/pos_embedding"] = rng.normal(
+        0, 0.3, (1, grid * grid + 1, WIDTH)).astype(np.float32)
+    return w
+  w["pos_embedding"] = rng.normal(0, 0.3, (1, grid * grid, WIDTH)).astype(np.float32)
+  w["MAPHead_0/probe"] = rng.normal(0, 0.3, (1, 1, WIDTH)).astype(np.float32)
+  w.update({**_attention(rng, "MAPHead_0/MultiHeadDotProductAttention_0"),
+            **_norm(rng, "MAPHead_0/LayerNorm_0"), **_mlp(rng, "MAPHead_0/MlpBlock_0")})
+  out = {f"params/img/{k}": v for k, v in w.items()}
+  out.update({"params/txt/Embed_0/embedding": rng.normal(0, 1, (10, 8)).astype(np.float32),
+              "params/t": np.ones(1, np.float32), "params/b": np.zeros(1, np.float32)})
+  return out
+
+
+def npz_fixture(layout: str, folder: str) -> None:
+  """The random npz + timm's outputs after its own npz loader: `tokens` (final-norm tokens),
+  `pre_logits` (pooled), `logits`. Tanh GELU as in the JAX originals (timm's default is erf)."""
+  os.makedirs(folder)
+  path = os.path.join(folder, "checkpoint.npz")
+  np.savez(path, **npz_checkpoint(layout))
+  model = timm.models.vision_transformer.VisionTransformer(
+      img_size=28, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+      mlp_ratio=MLP / WIDTH, num_classes=CLASSES, act_layer="gelu_tanh",
+      **(dict(class_token=False, global_pool="map") if layout == "siglip" else {})).eval()
+  _load_weights(model, path)
+  x = torch.from_numpy(pixels())
+  with torch.no_grad():
+    tokens = model.forward_features(x)
+    arrays = dict(pixel_values=x.numpy(), tokens=tokens.numpy(),
+                  pre_logits=model.forward_head(tokens, pre_logits=True).numpy(),
+                  logits=model(x).numpy())
+  np.savez(os.path.join(folder, "reference.npz"), **arrays)
+
+
 def main() -> None:
-  for name, (make, save_kwargs) in MODELS.items():
+  builders = {name: lambda folder, n=name, m=m, k=k: hf_fixture(n, m, k, folder)
+              for name, (m, k) in HF_MODELS.items()}
+  builders.update({f"big_vision_{layout}": lambda folder, l=layout: npz_fixture(l, folder)
+                   for layout in ("augreg", "siglip")})
+  for name, build in builders.items():
     torch.manual_seed(0)
-    model = perturbed(make())
     folder = os.path.join(OUT, name)
     shutil.rmtree(folder, ignore_errors=True)
-    model.save_pretrained(folder, **save_kwargs)
-    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 3, 28, 28)).astype(np.float32)
-    with torch.no_grad():
-      out = model(pixel_values=torch.from_numpy(pixels))
-    arrays = dict(pixel_values=pixels, last_hidden_state=out.last_hidden_state.numpy())
-    if name != "hf_vit":  # HF ViT's pooler is a tanh dense layer that our model does not have
-      arrays["pooler_output"] = out.pooler_output.numpy()
-    np.savez(os.path.join(folder, "reference.npz"), **arrays)
+    build(folder)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
     print(f"{name}: {sorted(os.listdir(folder))}, {size / 1024:.0f} KB")
 

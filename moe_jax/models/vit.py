@@ -2,7 +2,12 @@
 
 `ViT(config, rngs=..., mlp_factory=...)` maps images `[B, H, W, C]` to logits `[B, classes]`.
 `mlp_factory(block_index, dim, rngs)` may return a module to use as a block's MLP (ViMoE plugs
-its MoE layers in this way) or None for the dense `Mlp`.
+its MoE layers in this way) or None for the dense `Mlp`. `hidden_states(images, layer)` gives the
+tokens after any block (HF's `hidden_states[layer]`; CLIP features for MoCHA are layer -2).
+
+Knobs that pretrained checkpoints need (`BLOCK_VARIANTS`, `EMBED_VARIANTS`, `pool="map"`) cover
+HF ViT, DINOv2 (LayerScale, registers), CLIP (pre-LN, QuickGELU, no patch bias) and SigLIP /
+big_vision (no class token, MAP head); `moe_jax.checkpoints` sets them from the checkpoint.
 """
 from __future__ import annotations
 
@@ -23,7 +28,16 @@ SIZES = {
 BLOCK_VARIANTS = dict(
     gelu_approximate=True,  # tanh GELU; False = exact erf GELU (HF ViT, DINOv2)
     layer_norm_eps=1e-6,
-    layer_scale=0.0)  # > 0: LayerScale on both residual branches, initialised to this (DINOv2)
+    layer_scale=0.0,  # > 0: LayerScale on both residual branches, initialised to this (DINOv2)
+    quick_gelu=False)  # x * sigmoid(1.702 x) in the MLPs (OpenAI CLIP); then gelu_approximate unused
+# The embedding knobs that pretrained checkpoints need; defaults = big_vision.
+EMBED_VARIANTS = dict(
+    patch_bias=True,  # False: the patch projection has no bias (CLIP)
+    pre_norm=False,  # True: LayerNorm on the embedded tokens before the first block (CLIP)
+    num_registers=0)  # register tokens after the CLS token (DINOv2 with registers)
+# Fields a pretrained checkpoint fixes: a model config that differs from it computes another function.
+CHECKPOINT_FIELDS = (*BLOCK_VARIANTS, *EMBED_VARIANTS)
+POOLS = ("cls", "gap", "map")
 MlpFactory = Callable[[int, int, nnx.Rngs], nnx.Module | None]
 
 
@@ -36,12 +50,11 @@ def vit_config(variant: str = "S/16", **overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(dict(
       name="vit", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
       patch_size=int(patch), image_size=224, channels=3, num_classes=1000,
-      pool="cls",  # 'cls' token or 'gap' (global average pooling)
+      pool="cls",  # 'cls' token, 'gap' (global average pooling) or 'map' (attention-pooling head)
       posemb="learned",  # 'learned' or 'sincos2d'
       dropout_rate=0.0, attention_dropout_rate=0.0, stochastic_depth=0.0,
       dtype="float32",  # compute dtype; params stay float32
-      head_zero_init=True, **BLOCK_VARIANTS,
-      num_registers=0))  # register tokens after the CLS token (DINOv2 with registers)
+      head_zero_init=True, **BLOCK_VARIANTS, **EMBED_VARIANTS))
   for key, value in overrides.items():
     if key not in c:
       raise ValueError(f"vit_config: unknown field {key!r}; known: {sorted(c)}")
@@ -55,8 +68,8 @@ def _validate(c: ml_collections.ConfigDict) -> None:
                      f"model.patch_size={c.patch_size}")
   if c.width % c.num_heads:
     raise ValueError(f"model.width={c.width} must be divisible by model.num_heads={c.num_heads}")
-  if c.pool not in ("cls", "gap"):
-    raise ValueError(f"model.pool={c.pool!r} must be 'cls' or 'gap'")
+  if c.pool not in POOLS:
+    raise ValueError(f"model.pool={c.pool!r} must be one of {POOLS}")
   if c.posemb not in ("learned", "sincos2d"):
     raise ValueError(f"model.posemb={c.posemb!r} must be 'learned' or 'sincos2d'")
   if c.layer_scale < 0 or c.num_registers < 0 or c.layer_norm_eps <= 0:
@@ -79,8 +92,8 @@ class Mlp(nnx.Module):
   """Dense block MLP `[..., D] -> [..., D]`: fc1 (D -> F), GELU, dropout, fc2 (F -> D)."""
 
   def __init__(self, dim: int, hidden: int, *, dropout_rate: float, dtype, rngs: nnx.Rngs,
-               gelu_approximate: bool = True):
-    self.gelu_approximate = gelu_approximate
+               gelu_approximate: bool = True, quick_gelu: bool = False):
+    self.gelu_approximate, self.quick_gelu = gelu_approximate, quick_gelu
     init = dict(kernel_init=nnx.initializers.xavier_uniform(),
                 bias_init=nnx.initializers.normal(1e-6))
     self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs, **init)
@@ -88,7 +101,9 @@ class Mlp(nnx.Module):
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(self.dropout(nnx.gelu(self.fc1(x), approximate=self.gelu_approximate)))
+    h = self.fc1(x)
+    h = h * jax.nn.sigmoid(1.702 * h) if self.quick_gelu else nnx.gelu(h, self.gelu_approximate)
+    return self.fc2(self.dropout(h))
 
 
 class DropPath(nnx.Module):
@@ -128,7 +143,8 @@ class Block(nnx.Module):
     self.norm2 = nnx.LayerNorm(c.width, epsilon=c.layer_norm_eps, rngs=rngs)
     self.mlp = mlp if mlp is not None else Mlp(c.width, c.mlp_dim, dropout_rate=c.dropout_rate,
                                                dtype=dtype, rngs=rngs,
-                                               gelu_approximate=c.gelu_approximate)
+                                               gelu_approximate=c.gelu_approximate,
+                                               quick_gelu=c.quick_gelu)
     self.ls1, self.ls2 = ((LayerScale(c.width, c.layer_scale), LayerScale(c.width, c.layer_scale))
                           if c.layer_scale else (None, None))
     self.dropout = nnx.Dropout(c.dropout_rate, rngs=rngs)
@@ -144,6 +160,25 @@ def _scaled(layer_scale: LayerScale | None, x: jax.Array) -> jax.Array:
   return x if layer_scale is None else layer_scale(x)
 
 
+class MAPHead(nnx.Module):
+  """Multi-head attention pooling (big_vision `MAPHead`, HF SigLIP's pooling head): a learned
+  probe attends over the tokens, then + MLP(LN(.)). `[B, T, D] -> [B, D]`."""
+
+  def __init__(self, c: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(c.dtype)
+    self.probe = nnx.Param(nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, c.width)))
+    self.attn = nnx.MultiHeadAttention(c.num_heads, c.width, dtype=dtype, decode=False,
+                                       kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+    self.norm = nnx.LayerNorm(c.width, epsilon=c.layer_norm_eps, rngs=rngs)
+    self.mlp = Mlp(c.width, c.mlp_dim, dropout_rate=0.0, dtype=dtype, rngs=rngs,
+                   gelu_approximate=c.gelu_approximate, quick_gelu=c.quick_gelu)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    y = self.attn(probe, x, x)
+    return (y + self.mlp(self.norm(y)))[:, 0]
+
+
 class ViT(nnx.Module):
   """`images [B, H, W, C] -> logits [B, num_classes]` (features `[B, D]` if num_classes=0)."""
 
@@ -156,7 +191,7 @@ class ViT(nnx.Module):
     p, D = c.patch_size, c.width
     grid = c.image_size // p
     self.patch_embed = nnx.Conv(c.channels, D, (p, p), strides=(p, p), padding="VALID",
-                                dtype=self.dtype, rngs=rngs)
+                                use_bias=c.patch_bias, dtype=self.dtype, rngs=rngs)
     if c.posemb == "learned":
       self.posemb = nnx.Param(nnx.initializers.normal(1 / np.sqrt(D))(rngs.params(),
                                                                      (1, grid * grid, D)))
@@ -166,18 +201,26 @@ class ViT(nnx.Module):
     self.registers = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, c.num_registers, D)))
                       if c.num_registers else None)
     self.dropout = nnx.Dropout(c.dropout_rate, rngs=rngs)
+    self.pre_norm = nnx.LayerNorm(D, epsilon=c.layer_norm_eps, rngs=rngs) if c.pre_norm else None
     rates = np.linspace(0.0, c.stochastic_depth, c.depth)
     factory = mlp_factory or (lambda i, d, r: None)
     self.blocks = nnx.List([Block(c, float(rates[i]), factory(i, D, rngs), rngs=rngs)
                             for i in range(c.depth)])
     self.norm = nnx.LayerNorm(D, epsilon=c.layer_norm_eps, rngs=rngs)
+    self.map_head = MAPHead(c, rngs=rngs) if c.pool == "map" else None
     head_init = nnx.initializers.zeros_init() if c.head_zero_init else nnx.initializers.xavier_uniform()
     self.head = (nnx.Linear(D, c.num_classes, kernel_init=head_init, rngs=rngs)
                  if c.num_classes else None)
 
-  def tokens(self, images: jax.Array) -> jax.Array:
-    """Final-norm token representations `[B, T, D]`: the CLS token first (pool='cls'), the
-    register tokens (no position embedding), then the grid*grid patch tokens."""
+  def hidden_states(self, images: jax.Array, layer: int = -1) -> jax.Array:
+    """Tokens `[B, T, D]` after `layer` blocks, without the final norm: HF's
+    `hidden_states[layer]` (0 = the embedded tokens after any pre-norm, -1 = the last block's
+    output, -2 = the penultimate block's, MoCHA's CLIP features). Token order: the CLS token
+    (pool='cls'), the register tokens (no position embedding), then the grid*grid patches."""
+    depth = len(self.blocks)
+    if not -depth - 1 <= layer <= depth:
+      raise ValueError(f"hidden_states: layer={layer} must lie in [{-depth - 1}, {depth}] "
+                       f"(model.depth={depth})")
     x = self.patch_embed(images.astype(self.dtype))
     B = x.shape[0]
     x = x.reshape(B, -1, x.shape[-1]) + self.posemb[...].astype(self.dtype)
@@ -185,15 +228,24 @@ class ViT(nnx.Module):
               for p in (self.cls, self.registers) if p is not None]
     x = jnp.concatenate(prefix + [x], 1) if prefix else x
     x = self.dropout(x)
-    for block in self.blocks:
-      x = block(x)
-    return self.norm(x)
+    if self.pre_norm is not None:
+      x = self.pre_norm(x)
+    for i in range(layer % (depth + 1)):
+      x = self.blocks[i](x)
+    return x
+
+  def tokens(self, images: jax.Array) -> jax.Array:
+    """Final-norm token representations `[B, T, D]` (order as in `hidden_states`)."""
+    return self.norm(self.hidden_states(images))
 
   def features(self, images: jax.Array) -> jax.Array:
-    """Pre-head representation `[B, D]`."""
+    """Pre-head representation `[B, D]`: the CLS token, the mean patch token or the MAP head's
+    output, of the final-norm tokens."""
     x = self.tokens(images)
     if self.pool == "cls":
       return x[:, 0]
+    if self.pool == "map":
+      return self.map_head(x)
     return jnp.mean(x[:, 0 if self.registers is None else self.registers.shape[1]:], axis=1)
 
   def __call__(self, images: jax.Array) -> jax.Array:
