@@ -1,6 +1,6 @@
-"""Pretrained weights: HF ViT / DINOv2 importers against torch reference outputs (tests/data,
-written by tools/make_parity_fixtures.py; read here without torch), their errors, and
-`config.init_from`."""
+"""Pretrained weights: every importer (HF ViT, DINOv2, CLIP, SigLIP, ConvNeXt; big_vision /
+vit_jax npz) against reference outputs (tests/data, written by tools/make_parity_fixtures.py
+with torch / timm; read here without torch), their errors, and `config.init_from`."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.checkpoints import hf, init_from, tree
+from moe_jax.checkpoints import big_vision, hf, importers, init_from, tree
 from moe_jax.models import build_model
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -28,11 +28,24 @@ OUTPUTS = {
                 "penultimate_hidden_state": lambda m, x: m.hidden_states(x, -2),
                 "pooler_output": pooled},
     "hf_siglip": {"last_hidden_state": last_norm_tokens, "pooler_output": pooled},
+    # HF ConvNeXt's last_hidden_state is the last stage's map [B, D, h, w] (compared as tokens).
+    "hf_convnext": {"last_hidden_state": last_norm_tokens, "pooler_output": pooled},
+    # timm's VisionTransformer after timm's own npz loader: forward_features, pre_logits, logits.
+    "big_vision_augreg": {"tokens": last_norm_tokens, "pre_logits": pooled,
+                          "logits": lambda m, x: m(x)},
+    "big_vision_siglip": {"tokens": last_norm_tokens, "pre_logits": pooled,
+                          "logits": lambda m, x: m(x)},
 }
 
 
+def fixture_path(name: str) -> str:
+  """The checkpoint of fixture `name`: an HF directory or a big_vision .npz file."""
+  folder = os.path.join(DATA, name)
+  return os.path.join(folder, "checkpoint.npz") if name.startswith("big_vision") else folder
+
+
 def imported_model(path: str):
-  config, params, report = hf.import_hf(path)
+  config, params, report = importers.import_checkpoint(path)
   model = build_model(config, rngs=nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, tree.unflatten(params))
@@ -43,10 +56,13 @@ def imported_model(path: str):
 
 def max_diffs(name: str) -> dict[str, float]:
   """Max |ours - reference| of each output the fixture saved."""
-  model, _ = imported_model(os.path.join(DATA, name))
-  ref = np.load(os.path.join(DATA, name, "reference.npz"))
-  images = ref["pixel_values"].transpose(0, 2, 3, 1)  # [B, C, H, W] -> [B, H, W, C]
-  assert set(ref) - {"pixel_values"} == set(OUTPUTS[name])
+  model, _ = imported_model(fixture_path(name))
+  ref = dict(np.load(os.path.join(DATA, name, "reference.npz")))
+  images = ref.pop("pixel_values").transpose(0, 2, 3, 1)  # [B, C, H, W] -> [B, H, W, C]
+  if name == "hf_convnext":
+    r = ref["last_hidden_state"]
+    ref["last_hidden_state"] = r.transpose(0, 2, 3, 1).reshape(r.shape[0], -1, r.shape[1])
+  assert set(ref) == set(OUTPUTS[name])
   return {k: float(np.abs(ours(model, images) - ref[k]).max()) for k, ours in OUTPUTS[name].items()}
 
 

@@ -11,6 +11,7 @@ from moe_jax.registry import Registry
 MODELS = Registry("model.name", {
     "vit": "moe_jax.models.vit:ViT",
     "vimoe": "moe_jax.models.vimoe:ViMoE",
+    "convnext": "moe_jax.models.convnext:ConvNeXt",
     "mocha": "moe_jax.vlm.model:MoCHA",
 })
 

@@ -1,0 +1,60 @@
+"""One entry point for every pretrained-checkpoint format: `import_checkpoint(path)` picks the
+importer from the checkpoint itself (an HF directory's `config.json` `model_type`, or a
+big_vision / vit_jax `.npz`) and returns (our model config, flat float32 parameters, report)."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+from moe_jax.checkpoints import big_vision, hf, hf_convnext
+from moe_jax.checkpoints.rules import ImportReport
+from moe_jax.checkpoints.tree import CheckpointMismatch
+from moe_jax.models import convnext, vit
+
+Imported = tuple[ml_collections.ConfigDict, dict[str, np.ndarray], ImportReport]
+KINDS = ("hf", "big_vision")  # HF safetensors directory, big_vision / vit_jax .npz
+# config.json model_type -> importer of that HF checkpoint directory.
+HF_IMPORTERS: dict[str, Callable[[str], Imported]] = {
+    **{t: hf.import_hf for t in hf.MODEL_TYPES}, "convnext": hf_convnext.import_convnext}
+# our model.name -> the config fields a checkpoint fixes (see `check_architecture`).
+ARCHITECTURE_FIELDS = {"vit": vit.CHECKPOINT_FIELDS, "convnext": convnext.CHECKPOINT_FIELDS}
+
+
+def checkpoint_kind(path: str) -> str:
+  """'hf' for a directory with config.json, 'big_vision' for an .npz file."""
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+    return "hf"
+  if os.path.isfile(path) and path.endswith(".npz"):
+    return "big_vision"
+  raise CheckpointMismatch(f"{path} is neither an HF checkpoint directory (config.json + "
+                           "safetensors) nor a big_vision / vit_jax .npz file")
+
+
+def import_checkpoint(path: str, kind: str | None = None) -> Imported:
+  """(our model config without a head for HF / with the checkpoint's head for big_vision, flat
+  float32 parameters, report) of the checkpoint at `path`; `kind` (one of KINDS), if given,
+  must be what `path` holds."""
+  found = checkpoint_kind(path)
+  if kind is not None and kind != found:
+    raise CheckpointMismatch(f"init_from.kind={kind!r} but {path} is a {found!r} checkpoint "
+                             f"(set init_from.kind={found!r})")
+  if found == "big_vision":
+    return big_vision.import_big_vision(path)
+  model_type = hf.read_config(path).get("model_type")
+  if model_type not in HF_IMPORTERS:
+    raise CheckpointMismatch(f"{path}/config.json model_type={model_type!r}: supported "
+                             f"{sorted(HF_IMPORTERS)}")
+  return HF_IMPORTERS[model_type](path)
+
+
+def check_architecture(model: ml_collections.ConfigDict, checkpoint: ml_collections.ConfigDict,
+                       source: str) -> None:
+  """CheckpointMismatch naming the first field (activation, norm epsilon, LayerScale, pre-norm,
+  ...) where `model` computes another function than the `checkpoint` config needs."""
+  for field in ARCHITECTURE_FIELDS[checkpoint.name]:
+    if model.get(field) != checkpoint[field]:
+      raise CheckpointMismatch(f"{source}: model.{field}={model.get(field)} but the checkpoint "
+                               f"needs {checkpoint[field]}")
