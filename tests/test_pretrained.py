@@ -153,6 +153,72 @@ def test_hidden_states_layer_out_of_range_is_one_line_error():
     model.hidden_states(np.zeros((1, 28, 28, 3), np.float32), 3)
 
 
+def test_big_vision_scanned_layout_imports_the_same_parameters(tmp_path):
+  """big_vision's scanned checkpoints stack every block's arrays on a leading depth axis."""
+  flat = big_vision.read_npz(fixture_path("big_vision_siglip"))
+  block = "params/img/Transformer/encoderblock"
+  scanned = {k: v for k, v in flat.items() if not k.startswith(f"{block}_")}
+  for k in [k for k in flat if k.startswith(f"{block}_0/")]:
+    scanned[k.replace(f"{block}_0/", f"{block}/")] = np.stack(
+        [flat[k.replace(f"{block}_0/", f"{block}_{i}/")] for i in range(2)])
+  np.savez(tmp_path / "scanned.npz", **scanned)
+  _, params, report = big_vision.import_big_vision(str(tmp_path / "scanned.npz"))
+  _, want, _ = big_vision.import_big_vision(fixture_path("big_vision_siglip"))
+  assert report.used["blocks/1/mlp/fc2/bias"] == (f"{block}/MlpBlock_0/Dense_1/bias",)
+  assert list(report.ignored) == ["params/b", "params/t", "params/txt/Embed_0/embedding"]
+  assert params.keys() == want.keys()
+  assert all(np.array_equal(params[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.update({"pre_logits/kernel": np.zeros((32, 32), np.float32)}),
+     "key 'pre_logits/kernel' maps onto no parameter of our model (1 such keys)"),
+    (lambda t: t.update({"Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias":
+                         np.zeros(63, np.float32)}),
+     "'Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias' has shape (63,), our "
+     "blocks/1/mlp/fc1/bias (64,) needs (64,)"),
+    (lambda t: t.pop("Transformer/encoderblock_0/LayerNorm_2/scale"),
+     "no key 'Transformer/encoderblock_0/LayerNorm_2/scale' (needed for our blocks/0/norm2/scale)"),
+])
+def test_big_vision_bad_key_is_one_line_error(tmp_path, edit, message):
+  tensors = big_vision.read_npz(fixture_path("big_vision_augreg"))
+  edit(tensors)
+  path = str(tmp_path / "edited.npz")
+  np.savez(path, **tensors)
+  with pytest.raises(tree.CheckpointMismatch) as e:
+    importers.import_checkpoint(path)
+  assert str(e.value) == f"{path}: {message}"
+
+
+def test_convnext_unused_key_and_wrong_kind_are_one_line_errors(tmp_path):
+  path = _edited_copy(tmp_path, "hf_convnext", lambda t: t.update(
+      {"encoder.stages.1.layers.2.dwconv.bias": np.zeros(16, np.float32)}))
+  with pytest.raises(tree.CheckpointMismatch) as e:
+    importers.import_checkpoint(path, "hf")
+  assert str(e.value) == (f"{path}: key 'encoder.stages.1.layers.2.dwconv.bias' maps onto no "
+                          "parameter of our model (1 such keys)")
+  npz = fixture_path("big_vision_augreg")
+  with pytest.raises(tree.CheckpointMismatch, match=r"^init_from.kind='hf' but .*checkpoint.npz "
+                     r"is a 'big_vision' checkpoint \(set init_from.kind='big_vision'\)$"):
+    importers.import_checkpoint(npz, "hf")
+
+
+def test_init_from_big_vision_checks_the_architecture():
+  """A model config whose GELU differs from the checkpoint's is a one-line error; the matching
+  one gets the checkpoint's parameters."""
+  from moe_jax.models import vit
+  config, want, _ = importers.import_checkpoint(fixture_path("big_vision_augreg"))
+  c = rules(kind="big_vision", path=fixture_path("big_vision_augreg"))
+  model = vit.vit_config("B/7", **{k: config[k] for k in ("width", "depth", "mlp_dim",
+                                                             "num_heads", "image_size")})
+  model.gelu_approximate = False
+  with pytest.raises(tree.CheckpointMismatch, match=r"^init_from .*checkpoint.npz: "
+                     r"model.gelu_approximate=False but the checkpoint needs True$"):
+    init_from.source_params(c, model)
+  model.gelu_approximate = True
+  assert init_from.source_params(c, model).keys() == want.keys()
+
+
 def rules(**kw):
   c = init_from.default_config()
   c.update({"kind": "run", "path": "src", **kw})

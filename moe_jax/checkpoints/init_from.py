@@ -1,6 +1,7 @@
 """`config.init_from`: start a run from a pretrained checkpoint or another run's checkpoint.
 
-The source is an HF checkpoint directory (`kind="hf"`, `moe_jax.checkpoints.hf`) or another
+The source is an HF checkpoint directory (`kind="hf"`), a big_vision / vit_jax `.npz`
+(`kind="big_vision"`; both through `moe_jax.checkpoints.importers`) or another
 run's workdir (`kind="run"`, its latest orbax checkpoint; only the parameters are read, on the
 same number of devices as it was saved from). Rules,
 in the style of vmoe's initialisation rules, map it onto the model, parameter by parameter:
@@ -29,16 +30,16 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from moe_jax.checkpoints import hf, tree
+from moe_jax.checkpoints import importers, tree
 from moe_jax.checkpoints.tree import CheckpointMismatch
-from moe_jax.models import vimoe, vit
+from moe_jax.models import vimoe
 from moe_jax.train.state import TrainState
 
 
 def default_config() -> ml_collections.ConfigDict:
   """The `config.init_from` node; `kind=""` starts from scratch."""
   return ml_collections.ConfigDict(dict(
-      kind="",  # "" (from scratch), "hf" (HF checkpoint directory) or "run" (another workdir)
+      kind="",  # "" (from scratch), "hf" (HF checkpoint directory), "big_vision" (.npz) or "run"
       path="",
       reinit="",  # comma-separated regexes of our parameter paths left at init, e.g. "head/.*"
       resize_posemb=True,
@@ -48,14 +49,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 def source_params(c: ml_collections.ConfigDict,
                   model: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """Flat parameters of `c.path`; for HF, CheckpointMismatch if `model`'s block variants differ
-  from the checkpoint's architecture."""
-  if c.kind == "hf":
-    hf_config, params, _ = hf.import_hf(c.path)
-    for field in (*vit.BLOCK_VARIANTS, "num_registers"):
-      if model.get(field) != hf_config[field]:
-        raise CheckpointMismatch(f"init_from {c.path}: model.{field}={model.get(field)} but the "
-                                 f"checkpoint needs {hf_config[field]}")
+  """Flat parameters of `c.path`; for a pretrained checkpoint, CheckpointMismatch if `model`
+  computes another function than the checkpoint's architecture (`importers.check_architecture`)."""
+  if c.kind in importers.KINDS:
+    checkpoint_config, params, _ = importers.import_checkpoint(c.path, c.kind)
+    importers.check_architecture(model, checkpoint_config, f"init_from {c.path}")
     return params
   if c.kind == "run":
     mgr = ocp.CheckpointManager(f"{c.path}/checkpoints")
@@ -66,7 +64,7 @@ def source_params(c: ml_collections.ConfigDict,
     # orbax stores each nnx.Param as {"value": array}.
     return {k.removesuffix("/value"): np.asarray(v)
             for k, v in tree.flatten(restored["state"]["params"]).items()}
-  raise CheckpointMismatch(f"init_from.kind={c.kind!r} must be '', 'hf' or 'run'")
+  raise CheckpointMismatch(f"init_from.kind={c.kind!r} must be '', 'hf', 'big_vision' or 'run'")
 
 
 def resize_posemb(posemb: np.ndarray, tokens: int) -> np.ndarray:
