@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moe_jax.models.vit import DropPath, LayerScale
+from moe_jax.models.vit import DropPath, LayerScale, with_overrides
 
 # name -> (widths, depths), as in the paper (XXL: the LAION CLIP ConvNeXt-XXLarge).
 SIZES = {
@@ -45,11 +45,7 @@ def convnext_config(variant: str = "T", **overrides) -> ml_collections.ConfigDic
       gelu_approximate=False,  # exact erf GELU (the official code, HF)
       layer_scale=1e-6,  # LayerScale init value; 0 = no LayerScale
       head_zero_init=True))
-  for key, value in overrides.items():
-    if key not in c:
-      raise ValueError(f"convnext_config: unknown field {key!r}; known: {sorted(c)}")
-    c[key] = value
-  return c
+  return with_overrides(c, overrides, "convnext_config")
 
 
 def _validate(c: ml_collections.ConfigDict) -> None:

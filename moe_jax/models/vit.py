@@ -55,9 +55,15 @@ def vit_config(variant: str = "S/16", **overrides) -> ml_collections.ConfigDict:
       dropout_rate=0.0, attention_dropout_rate=0.0, stochastic_depth=0.0,
       dtype="float32",  # compute dtype; params stay float32
       head_zero_init=True, **BLOCK_VARIANTS, **EMBED_VARIANTS))
+  return with_overrides(c, overrides, "vit_config")
+
+
+def with_overrides(c: ml_collections.ConfigDict, overrides: dict,
+                   maker: str) -> ml_collections.ConfigDict:
+  """`c` with `overrides` set; ValueError naming an override that is not a field of `c`."""
   for key, value in overrides.items():
     if key not in c:
-      raise ValueError(f"vit_config: unknown field {key!r}; known: {sorted(c)}")
+      raise ValueError(f"{maker}: unknown field {key!r}; known: {sorted(c)}")
     c[key] = value
   return c
 
