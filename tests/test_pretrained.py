@@ -137,6 +137,27 @@ def test_full_clip_model_imports_its_image_tower_and_reports_the_rest(tmp_path):
   assert all(np.array_equal(params[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("stats,preset", [
+    (dict(image_mean=[0.48145466, 0.4578275, 0.40821073],
+          image_std=[0.26862954, 0.26130258, 0.27577711]), "clip"),
+    (dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]), "imagenet"),
+    (dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]), "minus_one_one"),
+    (dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]), None),  # no such preset
+    (None, None),  # no preprocessor_config.json
+])
+def test_report_names_the_normalization_preset(tmp_path, stats, preset):
+  folder = tmp_path / "clip"
+  shutil.copytree(os.path.join(DATA, "hf_clip"), folder)
+  if stats is not None:
+    json.dump(stats, open(folder / "preprocessor_config.json", "w"))
+  assert importers.import_checkpoint(str(folder))[2].normalization == preset
+
+
+def test_big_vision_checkpoints_expect_minus_one_one_images():
+  assert importers.import_checkpoint(fixture_path("big_vision_augreg"))[2].normalization == (
+      "minus_one_one")
+
+
 def test_siglip_packed_map_head_projection_misshaped_is_one_line_error(tmp_path):
   path = _edited_copy(tmp_path, "hf_siglip", lambda t: t.update(
       {"head.attention.in_proj_weight": np.zeros((64, 32), np.float32)}))

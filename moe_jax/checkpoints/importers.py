@@ -1,8 +1,15 @@
 """One entry point for every pretrained-checkpoint format: `import_checkpoint(path)` picks the
 importer from the checkpoint itself (an HF directory's `config.json` `model_type`, or a
-big_vision / vit_jax `.npz`) and returns (our model config, flat float32 parameters, report)."""
+big_vision / vit_jax `.npz`) and returns (our model config, flat float32 parameters, report).
+
+The report also names the `data.normalization` preset the checkpoint expects: for HF, the one
+whose mean / std equal `preprocessor_config.json`'s `image_mean` / `image_std` (None when that
+file is absent or matches no preset); big_vision / vit_jax ViTs are trained on [-1, 1] images.
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Callable
 
@@ -12,6 +19,7 @@ import numpy as np
 from moe_jax.checkpoints import big_vision, hf, hf_convnext
 from moe_jax.checkpoints.rules import ImportReport
 from moe_jax.checkpoints.tree import CheckpointMismatch
+from moe_jax.data.transforms import NORMALIZATIONS
 from moe_jax.models import convnext, vit
 
 Imported = tuple[ml_collections.ConfigDict, dict[str, np.ndarray], ImportReport]
@@ -42,12 +50,31 @@ def import_checkpoint(path: str, kind: str | None = None) -> Imported:
     raise CheckpointMismatch(f"init_from.kind={kind!r} but {path} is a {found!r} checkpoint "
                              f"(set init_from.kind={found!r})")
   if found == "big_vision":
-    return big_vision.import_big_vision(path)
+    config, params, report = big_vision.import_big_vision(path)
+    return config, params, dataclasses.replace(report, normalization="minus_one_one")
   model_type = hf.read_config(path).get("model_type")
   if model_type not in HF_IMPORTERS:
     raise CheckpointMismatch(f"{path}/config.json model_type={model_type!r}: supported "
                              f"{sorted(HF_IMPORTERS)}")
-  return HF_IMPORTERS[model_type](path)
+  config, params, report = HF_IMPORTERS[model_type](path)
+  return config, params, dataclasses.replace(report, normalization=hf_normalization(path))
+
+
+def hf_normalization(path: str) -> str | None:
+  """The `data.normalization` preset of HF checkpoint directory `path`'s
+  `preprocessor_config.json` `image_mean` / `image_std` (to 1e-4), or None."""
+  file = os.path.join(path, "preprocessor_config.json")
+  if not os.path.exists(file):
+    return None
+  with open(file) as f:
+    stats = json.load(f)
+  mean, std = (np.asarray(stats.get(k, ()), np.float32) for k in ("image_mean", "image_std"))
+  for name, (preset_mean, preset_std) in NORMALIZATIONS.items():
+    if (mean.size and mean.shape == std.shape
+        and np.allclose(np.broadcast_to(preset_mean, mean.shape), mean, atol=1e-4)
+        and np.allclose(np.broadcast_to(preset_std, std.shape), std, atol=1e-4)):
+      return name
+  return None
 
 
 def check_architecture(model: ml_collections.ConfigDict, checkpoint: ml_collections.ConfigDict,

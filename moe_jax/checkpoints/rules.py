@@ -19,9 +19,11 @@ Shape = tuple[int, ...]
 
 @dataclasses.dataclass(frozen=True)
 class ImportReport:
-  """Which checkpoint keys filled which of our parameters, and the keys left out on purpose."""
+  """Which checkpoint keys filled which of our parameters, the keys left out on purpose, and
+  the `data.normalization` preset the checkpoint was trained with (None: unknown)."""
   used: dict[str, tuple[str, ...]]  # our parameter path -> the checkpoint keys it came from
   ignored: dict[str, str]  # checkpoint key -> why
+  normalization: str | None = None  # set by `importers.import_checkpoint`
 
 
 @dataclasses.dataclass(frozen=True)
