@@ -191,6 +191,18 @@ def test_big_vision_scanned_layout_imports_the_same_parameters(tmp_path):
   assert all(np.array_equal(params[k], want[k]) for k in want)
 
 
+def test_vit_jax_opt_target_prefix_reports_the_optimizer_state_as_ignored(tmp_path):
+  tensors = {f"opt/target/{k}": v for k, v in
+             big_vision.read_npz(fixture_path("big_vision_augreg")).items()}
+  tensors["opt/state/step"] = np.zeros((), np.int32)
+  np.savez(tmp_path / "vit_jax.npz", **tensors)
+  _, params, report = importers.import_checkpoint(str(tmp_path / "vit_jax.npz"), "big_vision")
+  _, want, _ = importers.import_checkpoint(fixture_path("big_vision_augreg"))
+  assert report.ignored == {"opt/state/step": "vit_jax optimizer state (not parameters)"}
+  assert report.used["cls"] == ("opt/target/cls", "opt/target/Transformer/posembed_input/pos_embedding")
+  assert all(np.array_equal(params[k], want[k]) for k in want) and params.keys() == want.keys()
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda t: t.update({"pre_logits/kernel": np.zeros((32, 32), np.float32)}),
      "key 'pre_logits/kernel' maps onto no parameter of our model (1 such keys)"),
