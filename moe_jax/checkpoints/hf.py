@@ -121,8 +121,8 @@ def vit_config_from_hf(hf: dict, num_classes: int = 0) -> ml_collections.ConfigD
       patch_bias=kind != "clip_vision_model", pre_norm=kind == "clip_vision_model")
 
 
-def _vit_dinov2_rules(c: ml_collections.ConfigDict, kind: str,
-                      shapes: dict) -> list[Rule]:
+def _vit_dinov2_rules(c: ml_collections.ConfigDict, kind: str, shapes: dict) -> list[Rule]:
+  """HF ViT / DINOv2 (with registers): every parameter of our ViT `c` (`shapes`: path -> shape)."""
   pos = "embeddings.position_embeddings"
   rules = [
       Rule("patch_embed/kernel", ("embeddings.patch_embeddings.projection.weight",),
@@ -153,7 +153,8 @@ def _vit_dinov2_rules(c: ml_collections.ConfigDict, kind: str,
 
 def _clip_siglip_rules(c: ml_collections.ConfigDict, kind: str, shapes: dict,
                        prefix: str) -> list[Rule]:
-  """CLIP / SigLIP image towers; keys under `prefix` ("vision_model." or "")."""
+  """CLIP / SigLIP image towers: every parameter of our ViT `c` (`shapes`: path -> shape) from
+  keys under `prefix` ("vision_model." or "")."""
   k = lambda name: prefix + name
   pos = k("embeddings.position_embedding.weight")
   rules = [Rule("patch_embed/kernel", (k("embeddings.patch_embedding.weight"),),
