@@ -191,6 +191,27 @@ def test_big_vision_scanned_layout_imports_the_same_parameters(tmp_path):
   assert all(np.array_equal(params[k], want[k]) for k in want)
 
 
+def test_big_vision_vit_layout_equals_the_augreg_one(tmp_path):
+  """big_vision's own ViT (`params/`): blocks named LayerNorm_0/MultiHeadDotProductAttention_0/
+  LayerNorm_1/MlpBlock_0 and a patch-only `pos_embedding` (no position for the CLS token)."""
+  augreg = big_vision.read_npz(fixture_path("big_vision_augreg"))
+  names = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+           "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
+  bv = {}
+  for k, v in augreg.items():
+    for old, new in names.items():
+      k = k.replace(f"/{old}/", f"/{new}/")
+    bv[f"params/{k}"] = v
+  pos = bv.pop("params/Transformer/posembed_input/pos_embedding")
+  bv["params/pos_embedding"], bv["params/cls"] = pos[:, 1:], bv["params/cls"] + pos[:, :1]
+  np.savez(tmp_path / "bv.npz", **bv)
+  _, params, report = importers.import_checkpoint(str(tmp_path / "bv.npz"))
+  _, want, _ = importers.import_checkpoint(fixture_path("big_vision_augreg"))
+  assert report.used["cls"] == ("params/cls",) and not report.ignored
+  assert params.keys() == want.keys()
+  assert all(np.array_equal(params[k], want[k]) for k in want)
+
+
 def test_vit_jax_opt_target_prefix_reports_the_optimizer_state_as_ignored(tmp_path):
   tensors = {f"opt/target/{k}": v for k, v in
              big_vision.read_npz(fixture_path("big_vision_augreg")).items()}
