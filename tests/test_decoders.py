@@ -131,10 +131,15 @@ def prompts(width: int, prefix_len: int = 2, length: int = 11):
           jax.random.randint(kt, (4, length), 3, 96))
 
 
-def cached(dec, prefix, tokens, prompt_len, steps, **sampling) -> np.ndarray:
-  """`generation.generate`, compiled."""
-  run = nnx.jit(functools.partial(generation.generate, steps=steps, **sampling))
-  return np.asarray(run(dec, prefix, tokens, prompt_len))
+@functools.lru_cache
+def _compiled_generate(steps: int, **sampling):
+  return nnx.jit(lambda dec, prefix, tokens, prompt_len, rng: generation.generate(
+      dec, prefix, tokens, prompt_len, steps, rng=rng, **sampling))
+
+
+def cached(dec, prefix, tokens, prompt_len, steps, rng=None, **sampling) -> np.ndarray:
+  """`generation.generate`, compiled once per `steps` and sampling knobs."""
+  return np.asarray(_compiled_generate(steps, **sampling)(dec, prefix, tokens, prompt_len, rng))
 
 
 def full_recompute(dec, prefix, tokens, prompt_len, steps, *, eos_id=None, pad_id=0,
@@ -197,7 +202,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
   # to 0.625 / 0.375; top_p=0.5 keeps {0} alone.
   logits = jnp.log(jnp.array([[0.3, 0.05, 0.5, 0.15]]))
   keys = jax.random.split(jax.random.key(0), 4000)
-  draws = np.asarray(jax.vmap(lambda k: generation.next_token(logits, k, 1.0, 0.7))(keys))
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: generation.next_token(logits, k, 1.0, 0.7)))(
+      keys))
   assert set(draws.ravel()) == {0, 2}
   assert abs((draws == 2).mean() - 0.625) < 0.03
   only = jax.vmap(lambda k: generation.next_token(logits, k, 1.0, 0.5))(keys[:50])
