@@ -11,6 +11,8 @@ sequence would.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -45,6 +47,23 @@ def step_key(rng: jax.Array | None, step: int | jax.Array) -> jax.Array | None:
   return None if rng is None else jax.random.fold_in(rng, step)
 
 
+def _check(prompt_len: jax.Array, steps: int, length: int) -> None:
+  if steps < 1:
+    raise ValueError(f"steps={steps} must be >= 1")
+  if not isinstance(prompt_len, jax.core.Tracer):
+    longest = int(jnp.max(prompt_len))
+    if longest + steps - 1 > length or int(jnp.min(prompt_len)) < 1:
+      raise ValueError(f"prompts of {longest} tokens + {steps} steps need tokens of length >= "
+                       f"{longest + steps - 1} (got {length}), and every prompt_len >= 1")
+
+
+def _choose(logits: jax.Array, i, done: jax.Array, *, eos_id, pad_id, temperature, top_p,
+            rng) -> tuple[jax.Array, jax.Array]:
+  """(token of step i `[B]`, rows ended `[B]`): `pad_id` for rows already ended."""
+  nxt = jnp.where(done, pad_id, next_token(logits, step_key(rng, i), temperature, top_p))
+  return nxt, done | (nxt == eos_id) if eos_id is not None else done
+
+
 def generate(decoder: lm.CausalLM, prefix: jax.Array, tokens: jax.Array, prompt_len: jax.Array,
              steps: int, *, eos_id: int | None = None, pad_id: int = 0,
              temperature: float = 0.0, top_p: float = 1.0,
@@ -59,21 +78,15 @@ def generate(decoder: lm.CausalLM, prefix: jax.Array, tokens: jax.Array, prompt_
   """
   B, L = tokens.shape
   P = prefix.shape[1]
-  if steps < 1:
-    raise ValueError(f"steps={steps} must be >= 1")
-  if not isinstance(prompt_len, jax.core.Tracer):
-    longest = int(jnp.max(prompt_len))
-    if longest + steps - 1 > L or int(jnp.min(prompt_len)) < 1:
-      raise ValueError(f"prompts of {longest} tokens + {steps} steps need tokens of length >= "
-                       f"{longest + steps - 1} (got {L}), and every prompt_len >= 1")
+  _check(prompt_len, steps, L)
+  choose = functools.partial(_choose, eos_id=eos_id, pad_id=pad_id, temperature=temperature,
+                             top_p=top_p, rng=rng)
   rows = jnp.arange(B)
   cache = decoder.init_cache(B, P + L)
   x = jnp.concatenate([prefix.astype(decoder.dtype), decoder.embed(tokens)], axis=1)
   h, cache = decoder.forward(x, jnp.broadcast_to(jnp.arange(P + L), (B, P + L)), cache)
-  first = next_token(decoder.logits(h[rows, P + prompt_len - 1]), step_key(rng, 0), temperature,
-                     top_p)
+  first, done = choose(decoder.logits(h[rows, P + prompt_len - 1]), 0, jnp.zeros((B,), bool))
   out = jnp.full((B, steps), pad_id, jnp.int32).at[:, 0].set(first)
-  done = first == eos_id if eos_id is not None else jnp.zeros((B,), bool)
   graphdef, state = nnx.split(decoder)
 
   def body(carry):
@@ -81,14 +94,34 @@ def generate(decoder: lm.CausalLM, prefix: jax.Array, tokens: jax.Array, prompt_
     model = nnx.merge(graphdef, state)
     position = (P + prompt_len + i - 1)[:, None]  # where `last` (the token of step i-1) goes
     h, cache = model.forward(model.embed(last[:, None]), position, cache)
-    nxt = next_token(model.logits(h[:, 0]), step_key(rng, i), temperature, top_p)
-    nxt = jnp.where(done, pad_id, nxt)
-    if eos_id is not None:
-      done = done | (nxt == eos_id)
+    nxt, done = choose(model.logits(h[:, 0]), i, done)
     return i + 1, nxt, cache, out.at[:, i].set(nxt), done
 
   def cond(carry):
     i, *_, done = carry
     return (i < steps) & ~jnp.all(done)
 
-  return jax.lax.while_loop(cond, body, (1, first, cache, out, done))[3]
+  return jax.lax.while_loop(cond, body, (jnp.int32(1), first, cache, out, done))[3]
+
+
+def generate_without_cache(decoder: lm.CausalLM, prefix: jax.Array, tokens: jax.Array,
+                           prompt_len: jax.Array, steps: int, *, eos_id: int | None = None,
+                           pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0,
+                           rng: jax.Array | None = None) -> jax.Array:
+  """The reference `generate` is tested and benchmarked against: the same tokens, from the
+  whole sequence run through `decoder(prefix, tokens)` at every step (no cache, all `steps`)."""
+  B, L = tokens.shape
+  _check(prompt_len, steps, L)
+  choose = functools.partial(_choose, eos_id=eos_id, pad_id=pad_id, temperature=temperature,
+                             top_p=top_p, rng=rng)
+  rows = jnp.arange(B)
+  graphdef, state = nnx.split(decoder)
+
+  def body(i, carry):
+    tokens, out, done = carry
+    logits = nnx.merge(graphdef, state)(prefix, tokens)[rows, prompt_len + i - 1]
+    nxt, done = choose(logits, i, done)
+    return tokens.at[rows, prompt_len + i].set(nxt), out.at[:, i].set(nxt), done
+
+  init = (tokens, jnp.full((B, steps), pad_id, jnp.int32), jnp.zeros((B,), bool))
+  return jax.lax.fori_loop(0, steps, body, init)[1]
