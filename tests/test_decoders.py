@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from moe_jax.checkpoints import hf_decoders
 from moe_jax.checkpoints.tree import CheckpointMismatch
 from moe_jax.parallel import mesh as mesh_lib
-from moe_jax.vlm import decoder, generation, lm
+from moe_jax.vlm import decoder, encoders, generation, lm, model, phi
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 FIXTURES = ["hf_phi", "hf_llama", "hf_llama_tied"]
@@ -219,3 +219,20 @@ def test_sharded_cache_and_generation_equal_unsharded():
     cache = jax.jit(lambda: dec.init_cache(8, 12))()
     assert cache[0].keys.sharding.spec[0] == mesh_lib.DATA
     np.testing.assert_array_equal(run(dec, prefix, tokens, prompt_len), expected)
+
+
+def test_mocha_generates_through_the_cache_with_a_phi_decoder():
+  lm_config = phi.phi_config(width=32, depth=2, mlp_dim=48, num_heads=4, num_kv_heads=4,
+                             vocab_size=96, max_len=32, rotary_fraction=0.5)
+  c = model.mocha_config(lm_config, {"feats": encoders.encoder_config("features", tokens=6,
+                                                                      dim=16)},
+                         image_size=28, channels=1)
+  net = model.MoCHA(c, rngs=nnx.Rngs(0))
+  net.eval()
+  _, tokens = prompts(32)
+  inputs = {"image": jnp.zeros((4, 28, 28, 1)),
+            "features/feats": jax.random.normal(jax.random.key(3), (4, 6, 16))}
+  out = nnx.jit(lambda net, inputs: model.generate(net, inputs, tokens, PROMPT_LEN, 4))(
+      net, inputs)
+  np.testing.assert_array_equal(
+      out, full_recompute(net.decoder, net.encode(inputs), tokens, PROMPT_LEN, 4))

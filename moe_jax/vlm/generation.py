@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moe_jax.vlm import lm
@@ -51,8 +52,9 @@ def _check(prompt_len: jax.Array, steps: int, length: int) -> None:
   if steps < 1:
     raise ValueError(f"steps={steps} must be >= 1")
   if not isinstance(prompt_len, jax.core.Tracer):
-    longest = int(jnp.max(prompt_len))
-    if longest + steps - 1 > length or int(jnp.min(prompt_len)) < 1:
+    lengths = np.asarray(prompt_len)
+    longest = int(lengths.max())
+    if longest + steps - 1 > length or lengths.min() < 1:
       raise ValueError(f"prompts of {longest} tokens + {steps} steps need tokens of length >= "
                        f"{longest + steps - 1} (got {length}), and every prompt_len >= 1")
 
