@@ -16,10 +16,11 @@ from flax import nnx
 from jax.sharding import AxisType
 from safetensors.numpy import load_file, save_file
 
+from moe_jax import moe
 from moe_jax.checkpoints import hf_decoders
 from moe_jax.checkpoints.tree import CheckpointMismatch
 from moe_jax.parallel import mesh as mesh_lib
-from moe_jax.vlm import decoder, encoders, generation, lm, model, phi
+from moe_jax.vlm import decoder, encoders, generation, llama, lm, model, phi
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 FIXTURES = ["hf_phi", "hf_llama", "hf_llama_tied"]
@@ -60,6 +61,27 @@ def test_config_from_hf_reads_the_reference_knobs():
   rope = hf.pop("rope_parameters")
   hf.update(rope_theta=rope["rope_theta"], partial_rotary_factor=rope["partial_rotary_factor"])
   assert hf_decoders.decoder_config_from_hf(hf).rotary_fraction == 0.5
+
+
+def test_moe_mlps_dtype_knobs_and_bad_sizes():
+  c = llama.llama_config(width=32, depth=2, mlp_dim=48, num_heads=4, num_kv_heads=2,
+                         vocab_size=96, max_len=16, moe_layers="1")
+  c.param_dtype = "bfloat16"
+  dec = llama.Llama(c, rngs=nnx.Rngs(0))
+  assert isinstance(dec.blocks[1].mlp, moe.MoELayer) and isinstance(dec.blocks[0].mlp,
+                                                                   llama.SwiGLU)
+  assert dec.blocks[0].attn.key.kernel.shape == (32, 16)  # 2 key/value heads of 8
+  assert dec.blocks[0].attn.query.kernel.dtype == jnp.bfloat16
+  dec.eval()
+  assert np.isfinite(dec(jnp.zeros((2, 1, 32)), jnp.ones((2, 3), jnp.int32))).all()
+  for field, value, message in (("num_kv_heads", 3, "num_heads=4 must be a multiple of"),
+                                ("rotary_fraction", 0.125, "rotary_fraction=0.125"),
+                                ("param_dtype", "float16", "param_dtype='float16'")):
+    bad = llama.llama_config(width=32, depth=1, mlp_dim=48, num_heads=4, num_kv_heads=4,
+                             vocab_size=96)
+    bad[field] = value
+    with pytest.raises(ValueError, match=message):
+      llama.Llama(bad, rngs=nnx.Rngs(0))
 
 
 def test_bfloat16_weights_from_a_bfloat16_checkpoint(tmp_path):
