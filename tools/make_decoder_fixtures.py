@@ -1,6 +1,7 @@
 """Writes the decoder parity fixtures `tests/data/<model>/`: tiny random HF causal LMs.
 
-Each fixture is what `save_pretrained` writes (`config.json` + `model.safetensors`, or shards +
+Each fixture is what `save_pretrained` writes (`config.json`, `generation_config.json` +
+`model.safetensors`, or shards +
 `model.safetensors.index.json`) and `reference.npz`: fixed `input_ids [B, L]` and the model's
 float32 `logits [B, L, V]` on them. `tests/test_decoders.py` reads these with
 `moe_jax.checkpoints.hf_decoders` and no torch.
@@ -10,13 +11,12 @@ float32 `logits [B, L, V]` on them. `tests/test_decoders.py` reads these with
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import torch
 import transformers as tf
 
-from make_parity_fixtures import OUT, perturbed
+from make_parity_fixtures import saved_reference
 
 VOCAB = 96
 TINY = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -40,11 +40,7 @@ MODELS = {
 
 def main() -> None:
   for name, (make, save_kwargs) in MODELS.items():
-    torch.manual_seed(0)
-    model = perturbed(make())
-    folder = os.path.join(OUT, name)
-    shutil.rmtree(folder, ignore_errors=True)
-    model.save_pretrained(folder, **save_kwargs)
+    model, folder = saved_reference(name, make, save_kwargs)
     ids = np.random.default_rng(0).integers(0, VOCAB, (2, 12)).astype(np.int32)
     with torch.no_grad():
       logits = model(input_ids=torch.from_numpy(ids).long()).logits

@@ -40,13 +40,20 @@ def perturbed(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
   return model.eval()
 
 
+def saved_reference(name: str, make, save_kwargs: dict) -> tuple[torch.nn.Module, str]:
+  """(the perturbed model `make()` under seed 0, its folder `OUT/name`, rewritten by
+  `save_pretrained`)."""
+  torch.manual_seed(0)
+  model = perturbed(make())
+  folder = os.path.join(OUT, name)
+  shutil.rmtree(folder, ignore_errors=True)
+  model.save_pretrained(folder, **save_kwargs)
+  return model, folder
+
+
 def main() -> None:
   for name, (make, save_kwargs) in MODELS.items():
-    torch.manual_seed(0)
-    model = perturbed(make())
-    folder = os.path.join(OUT, name)
-    shutil.rmtree(folder, ignore_errors=True)
-    model.save_pretrained(folder, **save_kwargs)
+    model, folder = saved_reference(name, make, save_kwargs)
     pixels = np.random.default_rng(0).uniform(-1, 1, (2, 3, 28, 28)).astype(np.float32)
     with torch.no_grad():
       out = model(pixel_values=torch.from_numpy(pixels))

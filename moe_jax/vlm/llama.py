@@ -71,19 +71,11 @@ class Llama(lm.CausalLM):
   norm2, mlp}`, `norm`, `head` (kernel; absent when tied: logits = h @ embed^T)."""
 
   def __init__(self, c: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    c = lm.resolved(c)
-    self.max_len, self.dtype = c.max_len, jnp.dtype(c.dtype)
-    self.num_kv_heads, self.head_dim = c.num_kv_heads, c.head_dim
-    self.embed = nnx.Embed(c.vocab_size, c.width, dtype=self.dtype,
-                           param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
-    self.blocks = nnx.List([LlamaBlock(c, mlp, rngs=rngs) for mlp in lm.moe_mlps(c, rngs=rngs)])
+    c = self.init_trunk(c, LlamaBlock, rngs=rngs)
     self.norm = RMSNorm(c)
     self.head = None if c.tie_embeddings else nnx.Linear(
         c.width, c.vocab_size, use_bias=False, dtype=self.dtype,
         param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
-
-  def forward(self, x, positions, cache):
-    return lm.run_blocks(self.blocks, x, positions, cache, self.norm)
 
   def logits(self, h):
     out = self.embed.attend(h) if self.head is None else self.head(h)

@@ -91,14 +91,26 @@ def run_blocks(blocks, x: jax.Array, positions: jax.Array,
 
 
 class CausalLM(nnx.Module):
-  """Base of the decoders. Subclasses set `embed` (an `nnx.Embed`), `blocks`, `max_len`,
-  `dtype`, `num_kv_heads`, `head_dim` and define `forward` and `logits`."""
+  """Base of the decoders. Subclasses set `embed` (an `nnx.Embed`), `blocks`, `norm`,
+  `max_len`, `dtype`, `num_kv_heads`, `head_dim` (`init_trunk` does all but `norm` for blocks
+  built `block(c, mlp, rngs=...)`) and define `logits`."""
+
+  def init_trunk(self, c: ml_collections.ConfigDict, block: type[nnx.Module], *,
+                 rngs: nnx.Rngs) -> ml_collections.ConfigDict:
+    """Sets the embedding, the blocks and the sizes from `c`; returns `resolved(c)`."""
+    c = resolved(c)
+    self.max_len, self.dtype = c.max_len, jnp.dtype(c.dtype)
+    self.num_kv_heads, self.head_dim = c.num_kv_heads, c.head_dim
+    self.embed = nnx.Embed(c.vocab_size, c.width, dtype=self.dtype,
+                           param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+    self.blocks = nnx.List([block(c, mlp, rngs=rngs) for mlp in moe_mlps(c, rngs=rngs)])
+    return c
 
   def forward(self, x: jax.Array, positions: jax.Array, cache: list[attention.LayerCache] | None
               ) -> tuple[jax.Array, list[attention.LayerCache] | None]:
     """Final hidden states `[B, T, D]` of the embedded tokens `x [B, T, D]` at `positions
     [B, T]`, and the cache with their keys / values written (see `moe_jax.vlm.attention`)."""
-    raise NotImplementedError
+    return run_blocks(self.blocks, x, positions, cache, self.norm)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """float32 next-token logits `[..., V]` of final hidden states `h [..., D]`."""

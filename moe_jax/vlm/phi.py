@@ -62,18 +62,10 @@ class Phi(lm.CausalLM):
   mlp}`, `norm` (HF `final_layernorm`), `head` (kernel + bias)."""
 
   def __init__(self, c: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    c = lm.resolved(c)
-    self.max_len, self.dtype = c.max_len, jnp.dtype(c.dtype)
-    self.num_kv_heads, self.head_dim = c.num_kv_heads, c.head_dim
-    self.embed = nnx.Embed(c.vocab_size, c.width, dtype=self.dtype,
-                           param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
-    self.blocks = nnx.List([PhiBlock(c, mlp, rngs=rngs) for mlp in lm.moe_mlps(c, rngs=rngs)])
+    c = self.init_trunk(c, PhiBlock, rngs=rngs)
     self.norm = _layer_norm(c, rngs)
     self.head = nnx.Linear(c.width, c.vocab_size, dtype=self.dtype,
                            param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
-
-  def forward(self, x, positions, cache):
-    return lm.run_blocks(self.blocks, x, positions, cache, self.norm)
 
   def logits(self, h):
     return self.head(h).astype(jnp.float32)
