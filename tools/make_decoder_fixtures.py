@@ -1,9 +1,8 @@
 """Writes the decoder parity fixtures `tests/data/<model>/`: tiny random HF causal LMs.
 
-Each fixture is what `save_pretrained` writes (`config.json`, `generation_config.json` +
-`model.safetensors`, or shards +
-`model.safetensors.index.json`) and `reference.npz`: fixed `input_ids [B, L]` and the model's
-float32 `logits [B, L, V]` on them. `tests/test_decoders.py` reads these with
+Each fixture is what `save_pretrained` writes (`config.json`, `generation_config.json`,
+`model.safetensors` or shards + `model.safetensors.index.json`) and `reference.npz`: fixed
+`input_ids [B, L]` and the model's float32 `logits [B, L, V]` on them. `tests/test_decoders.py` reads these with
 `moe_jax.checkpoints.hf_decoders` and no torch.
 
   HF_HUB_OFFLINE=1 /work/venv-convert/bin/python tools/make_decoder_fixtures.py
