@@ -73,7 +73,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
            cache: LayerCache | None) -> tuple[jax.Array, LayerCache | None]:
   """Causal attention `[B, T, H, Dh]` of `q` over `k`, `v [B, T, Hkv, Dh]` at `positions [B, T]`
   (increasing along T); with a `cache`, k / v are first written at slots `positions[:, 0] ..`
-  and `q` attends over the whole cache. Scores and softmax in float32, scale `Dh^-0.5`."""
+  and `q` attends over the whole cache. `jax.nn.dot_product_attention`: scores and softmax in
+  float32, scale `Dh^-0.5`."""
   B, T, H, Dh = q.shape
   if cache is None:
     key_positions = positions
@@ -81,13 +82,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
     cache = write(cache, k, v, positions[:, 0])
     k, v = cache.keys, cache.values
     key_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), (B, k.shape[1]))
-  Hkv = k.shape[2]
-  q = q.reshape(B, T, Hkv, H // Hkv, Dh)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * Dh ** -0.5
-  visible = key_positions[:, None, None, None, :] <= positions[:, None, None, :, None]
-  weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
-  out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v)
-  return out.reshape(B, T, H, Dh), cache
+  visible = key_positions[:, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
+  out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=visible,
+                                     scale=Dh ** -0.5)
+  return out, cache
 
 
 class SelfAttention(nnx.Module):
