@@ -7,9 +7,9 @@ the text, under a causal mask; the logits at text position i predict token i + 1
 """
 from __future__ import annotations
 
-import ml_collections
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from moe_jax import moe
