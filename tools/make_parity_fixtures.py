@@ -56,11 +56,21 @@ def pixels() -> np.ndarray:
   return np.random.default_rng(0).uniform(-1, 1, (2, 3, 28, 28)).astype(np.float32)
 
 
-def hf_fixture(name: str, make, save_kwargs: dict, folder: str) -> None:
-  """`save_pretrained` + last_hidden_state, pooler_output (not for HF ViT, whose tanh pooler we
-  do not have) and, for CLIP, hidden_states[-2] (MoCHA's features)."""
+def saved_reference(name: str, make, save_kwargs: dict) -> tuple[torch.nn.Module, str]:
+  """(the perturbed model `make()` under seed 0, its folder `OUT/name`, rewritten by
+  `save_pretrained`)."""
+  torch.manual_seed(0)
   model = perturbed(make())
+  folder = os.path.join(OUT, name)
+  shutil.rmtree(folder, ignore_errors=True)
   model.save_pretrained(folder, **save_kwargs)
+  return model, folder
+
+
+def hf_fixture(name: str, make, save_kwargs: dict) -> str:
+  """`saved_reference` + last_hidden_state, pooler_output (not for HF ViT, whose tanh pooler we
+  do not have) and, for CLIP, hidden_states[-2] (MoCHA's features); returns the folder."""
+  model, folder = saved_reference(name, make, save_kwargs)
   x = pixels()
   with torch.no_grad():
     out = model(pixel_values=torch.from_numpy(x), output_hidden_states=True)
@@ -70,6 +80,7 @@ def hf_fixture(name: str, make, save_kwargs: dict, folder: str) -> None:
   if name == "hf_clip":
     arrays["penultimate_hidden_state"] = out.hidden_states[-2].numpy()
   np.savez(os.path.join(folder, "reference.npz"), **arrays)
+  return folder
 
 
 def _dense(rng, prefix: str, n_in, n_out) -> dict[str, np.ndarray]:
@@ -126,7 +137,7 @@ def npz_checkpoint(layout: str) -> dict[str, np.ndarray]:
   return out
 
 
-def npz_fixture(layout: str, folder: str) -> None:
+def npz_fixture(layout: str) -> str:
   """The random npz + timm's outputs after its own npz loader: `tokens` (final-norm tokens),
   `pre_logits` (pooled), `logits`. Tanh GELU as in the JAX originals (timm's default is erf)."""
   os.makedirs(folder)
@@ -144,18 +155,14 @@ def npz_fixture(layout: str, folder: str) -> None:
                   pre_logits=model.forward_head(tokens, pre_logits=True).numpy(),
                   logits=model(x).numpy())
   np.savez(os.path.join(folder, "reference.npz"), **arrays)
+  return folder
 
 
 def main() -> None:
-  builders = {name: lambda folder, n=name, m=m, k=k: hf_fixture(n, m, k, folder)
-              for name, (m, k) in HF_MODELS.items()}
-  builders.update({f"big_vision_{layout}": lambda folder, l=layout: npz_fixture(l, folder)
-                   for layout in ("augreg", "siglip")})
-  for name, build in builders.items():
-    torch.manual_seed(0)
-    folder = os.path.join(OUT, name)
-    shutil.rmtree(folder, ignore_errors=True)
-    build(folder)
+  folders = [hf_fixture(name, make, kwargs) for name, (make, kwargs) in HF_MODELS.items()]
+  folders += [npz_fixture(layout) for layout in ("augreg", "siglip")]
+  for folder in folders:
+    name = os.path.basename(folder)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
     print(f"{name}: {sorted(os.listdir(folder))}, {size / 1024:.0f} KB")
 

@@ -81,7 +81,7 @@ class VqaTask(Task):
     real = batch["mask"]
     mask = mask * real[:, None]
     generated = model_lib.generate(model, batch, batch["tokens"], batch["prompt_len"],
-                                   self.config.data.answer_len)
+                                   self.config.data.answer_len, eos_id=tok.EOS, pad_id=tok.PAD)
     exact = exact_match(generated, batch) * real
     types = jax.nn.one_hot(batch["qtype"], len(vqa_data.QUESTION_TYPES)) * real[:, None]
     return {"loss": jnp.sum(ce * mask), "tokens": mask.sum(), "token_hits": jnp.sum(hits * mask),

@@ -14,7 +14,7 @@ import ml_collections
 from flax import nnx
 
 from moe_jax.registry import Registry
-from moe_jax.vlm import connector, encoders, hga
+from moe_jax.vlm import connector, encoders, generation, hga
 
 # Stage -> parameter groups the optimizer updates (the rest is frozen by an optax mask).
 STAGES = {"stage1": ("connectors", "hga"), "stage2": ("connectors", "hga", "decoder")}
@@ -43,12 +43,15 @@ def trainable_pattern(config: ml_collections.ConfigDict, stage: str) -> str:
   return "^(" + "|".join(groups) + ")/"
 
 
-DECODERS = Registry("model.decoder.name", {"transformer": "moe_jax.vlm.decoder:Decoder"},
+DECODERS = Registry("model.decoder.name", {"transformer": "moe_jax.vlm.decoder:Decoder",
+                                          "phi": "moe_jax.vlm.phi:Phi",
+                                          "llama": "moe_jax.vlm.llama:Llama"},
                     allow_paths=True)
 
 
 def build_decoder(c: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
-  """The decoder of `c.name`: 'transformer' (`Decoder`) or any 'package.module:Class', built (c, rngs)."""
+  """The decoder of `c.name` ('transformer', 'phi', 'llama' or any 'package.module:Class' of a
+  `moe_jax.vlm.lm.CausalLM`), built (c, rngs)."""
   return DECODERS.get(c.name)(c, rngs=rngs)
 
 
@@ -81,21 +84,9 @@ class MoCHA(nnx.Module):
 
 
 def generate(model: MoCHA, inputs: dict[str, jax.Array], tokens: jax.Array,
-             prompt_len: jax.Array, steps: int) -> jax.Array:
-  """Greedy decoding: `[B, steps]` tokens after each row's prompt `tokens[b, :prompt_len[b]]`.
-
-  `tokens [B, L]` must have room for `steps` more tokens after the longest prompt; what stands
-  after a row's prompt is ignored (overwritten step by step, and masked by causality). The
-  visual prefix is computed once; each step reruns the decoder over the text (no KV cache: the
-  answers here are a few tokens).
-  """
-  prefix = model.encode(inputs)
-  rows = jnp.arange(tokens.shape[0])
-  out = []
-  for i in range(steps):
-    logits = model.decoder(prefix, tokens)
-    nxt = jnp.argmax(logits[rows, prompt_len + i - 1], axis=-1).astype(tokens.dtype)
-    tokens = tokens.at[rows, prompt_len + i].set(nxt)
-    out.append(nxt)
-  return jnp.stack(out, axis=1)
-
+             prompt_len: jax.Array, steps: int, **sampling) -> jax.Array:
+  """`[B, steps]` tokens after each row's prompt `tokens[b, :prompt_len[b]]` and the visual
+  prefix of `inputs`, through the decoder's KV cache (`moe_jax.vlm.generation.generate`, whose
+  keywords `sampling` takes: eos_id, pad_id, temperature, top_p, rng; greedy by default)."""
+  return generation.generate(model.decoder, model.encode(inputs), tokens, prompt_len, steps,
+                             **sampling)
