@@ -139,7 +139,11 @@ def npz_checkpoint(layout: str) -> dict[str, np.ndarray]:
 
 def npz_fixture(layout: str) -> str:
   """The random npz + timm's outputs after its own npz loader: `tokens` (final-norm tokens),
-  `pre_logits` (pooled), `logits`. Tanh GELU as in the JAX originals (timm's default is erf)."""
+  `pre_logits` (pooled), `logits`. Tanh GELU as in the JAX originals (timm's default is erf);
+  returns the folder."""
+  torch.manual_seed(0)
+  folder = os.path.join(OUT, f"big_vision_{layout}")
+  shutil.rmtree(folder, ignore_errors=True)
   os.makedirs(folder)
   path = os.path.join(folder, "checkpoint.npz")
   np.savez(path, **npz_checkpoint(layout))
