@@ -76,8 +76,7 @@ class Decode(ExampleOp):
   in the DCT (`PIL.Image.draft`) while the region it keeps stays at least its output size."""
 
   def __init__(self, *, channels: int):
-    self.mode = {1: "L", 3: "RGB"}.get(channels)
-    if self.mode is None:
+    if channels not in (1, 3):
       raise ValueError(f"data.channels={channels}: decode gives 1 or 3 channels")
 
   def __call__(self, encoded: bytes, rng) -> Image.Image:
