@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("moe_layer", "train_step", "gmm", "scaling", "inr")
+BENCHMARKS = ("moe_layer", "train_step", "gmm", "scaling", "inr", "input")
 
 
 def main() -> None:

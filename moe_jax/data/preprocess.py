@@ -362,7 +362,12 @@ class Mixup(_Mix):
   global batch (timm's batch mode); partners are the pairs of `pair_partner`."""
 
   def mix(self, image, partner, lam, rng):
-    return (lam * image + (1 - lam) * image[partner]).astype(np.float32), np.float32(lam)
+    lam = np.float32(lam)
+    other = image[partner]
+    mixed = image - other  # lam * x + (1 - lam) * y = y + lam * (x - y), in two buffers
+    mixed *= lam
+    mixed += other
+    return mixed, lam
 
 
 class Cutmix(_Mix):
