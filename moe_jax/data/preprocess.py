@@ -336,6 +336,10 @@ def pair_partner(n: int) -> np.ndarray:
 
 
 class _Mix(LabelOp):
+  """Base of mixup / cutmix: mixes each pair of `pair_partner` in place (the batch's own fresh
+  image buffer; a new full-batch buffer costs more than the arithmetic: measured 10 ms per
+  image for three 19 MB temporaries at 32 x 224 x 224 x 3 on the shared CPU, page faults)."""
+
   random = True
 
   def __init__(self, alpha: float, p: float = 1.0, *, num_classes: int):
@@ -350,10 +354,14 @@ class _Mix(LabelOp):
     lam = rng.beta(self.alpha, self.alpha)
     if rng.random() >= self.p:
       return batch
-    partner = pair_partner(len(batch["label"]))
-    image, lam = self.mix(batch["image"], partner, lam, rng)
+    lam = self.mix_pairs(batch["image"], np.float32(lam), rng)
     soft = self.soft(batch)
-    return {**batch, "image": image, "soft_label": lam * soft + (1 - lam) * soft[partner]}
+    partner = pair_partner(len(batch["label"]))
+    return {**batch, "soft_label": lam * soft + (1 - lam) * soft[partner]}
+
+  def mix_pairs(self, image: np.ndarray, lam: np.float32, rng) -> np.float32:
+    """Mixes `image[2k]` with `image[2k + 1]` in place; the weight of each image's own pixels."""
+    raise NotImplementedError
 
 
 class Mixup(_Mix):
@@ -361,30 +369,29 @@ class Mixup(_Mix):
   `lam * x + (1 - lam) * x_partner` (targets likewise), `lam ~ Beta(alpha, alpha)` once per
   global batch (timm's batch mode); partners are the pairs of `pair_partner`."""
 
-  def mix(self, image, partner, lam, rng):
-    lam = np.float32(lam)
-    other = image[partner]
-    mixed = image - other  # lam * x + (1 - lam) * y = y + lam * (x - y), in two buffers
-    mixed *= lam
-    mixed += other
-    return mixed, lam
+  def mix_pairs(self, image, lam, rng):
+    for a, b in zip(image[0::2], image[1::2]):
+      step = (1 - lam) * (a - b)  # a' = a - (1 - lam)(a - b), b' = b + (1 - lam)(a - b)
+      a -= step
+      b += step
+    return lam
 
 
 class Cutmix(_Mix):
   """`cutmix(alpha, p=1.0)`: with probability `p` per batch, one box (the same for the batch,
   timm's batch mode) of area fraction `1 - lam`, `lam ~ Beta(alpha, alpha)`, centred uniformly
-  and clipped to the image, is pasted from the partner; targets mix by the box's true area."""
+  and clipped to the image, is swapped between partners; targets mix by the box's true area."""
 
-  def mix(self, image, partner, lam, rng):
+  def mix_pairs(self, image, lam, rng):
     _, h, w, _ = image.shape
     cut = math.sqrt(1 - lam)
     ch, cw = int(h * cut), int(w * cut)
     cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
     y0, y1 = np.clip([cy - ch // 2, cy + ch // 2], 0, h)
     x0, x1 = np.clip([cx - cw // 2, cx + cw // 2], 0, w)
-    out = image.copy()
-    out[:, y0:y1, x0:x1] = image[partner, y0:y1, x0:x1]
-    return out, np.float32(1 - (y1 - y0) * (x1 - x0) / (h * w))
+    a, b = image[0::2, y0:y1, x0:x1], image[1::2, y0:y1, x0:x1]
+    a[...], b[...] = b.copy(), a.copy()
+    return np.float32(1 - (y1 - y0) * (x1 - x0) / (h * w))
 
 
 # name -> (class, the data-config fields it is built with)
