@@ -231,6 +231,9 @@ def test_generated_imagenet2012_reads_like_the_real_format(imagenet_dir):
   c.pp_train = "decode|resize_small(40)|normalize"
   with pytest.raises(ValueError, match="gives images of varying size"):
     data.make_dataset(c, "train", batch_size=8, seed=0, train=True)
+  c.image_size = 48  # the eval string was written for 32: caught before any image is read
+  with pytest.raises(ValueError, match=r"central_crop\(48\) of images whose shorter side is 36"):
+    data.make_dataset(c, "validation", batch_size=8, train=False)
 
 
 def test_generated_imagenet2012_trains_5_steps_through_the_trainer(imagenet_dir, tmp_path):

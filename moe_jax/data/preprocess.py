@@ -484,8 +484,14 @@ class Pipeline:
       raise ValueError(f"{self.field}={self.spec!r}: {dataset} stores decoded image arrays; "
                        f"drop decode")
     size = stored
+    short = None if stored is None else min(stored)  # the shorter side, where it is known
     for op in self.example_ops:
+      if isinstance(op, CentralCrop) and short is not None and short < op.size:
+        raise ValueError(f"{self.field}={self.spec!r}: central_crop({op.size}) of images whose "
+                         f"shorter side is {short}: resize_small({op.size}) (or more) first")
       size = op.output_size(size)
+      short = (min(size) if size is not None else op.size if isinstance(op, ResizeSmall)
+               else None if isinstance(op, Decode) else short)
     want = (self.image_size, self.image_size)
     if size != want:
       got = "images of varying size" if size is None else f"{size[0]}x{size[1]} images"
