@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("moe_layer", "train_step", "gmm", "scaling", "inr", "generation")
+BENCHMARKS = ("moe_layer", "train_step", "gmm", "scaling", "inr", "generation", "input")
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
 
   c.data = vqa_data.default_config()
-  c.data.image_size, c.data.channels, c.data.augment = 336, 3, "none"
+  c.data.image_size, c.data.channels, c.data.pp_train = 336, 3, "resize|normalize"
 
   vit_l = dict(trainable=False, dtype="bfloat16")
   c.model = model.mocha_config(decoder.decoder_config(max_len=2048), {

@@ -41,7 +41,11 @@ def get_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   c.data = data.default_config()
   c.data.name, c.data.eval_split = "imagenet2012", "validation"
   c.data.image_size, c.data.channels, c.data.num_classes = 224, 3, 1000
-  c.data.augment, c.data.crop_padding = "crop", 16
+  # Inception crop + flip + RandAugment + mixup + label smoothing (DeiT-style); eval: the short
+  # side to 256, central 224 (ratio 0.875).
+  c.data.pp_train = ("decode|inception_crop|flip_lr|randaug(2, 9)|normalize|mixup(0.8)"
+                     "|label_smoothing(0.1)")
+  c.data.pp_eval = "decode|resize_small(256)|central_crop|normalize"
 
   c.model = vimoe.vimoe_config(size, moe_layers="last:4", router="top_k", dtype="bfloat16",
                                stochastic_depth=0.1, **data.model_refs(c.data))

@@ -80,9 +80,9 @@ def test_dataset_info_and_sklearn_digits_resized(config):
   assert info == data.DatasetInfo(1438, 359, (8, 8, 1), 10)
   images, labels = split_arrays(with_(config, name="sklearn_digits"), "train")
   assert images.max() == 255 and np.bincount(labels).min() >= 139  # 80% of 174
-  c = with_(config, name="sklearn_digits", augment="none")
+  c = with_(config, name="sklearn_digits", pp_train="resize|normalize")
   batch = next(data.make_dataset(c, "train", batch_size=16, seed=0, train=True))
-  assert batch["image"].shape == (16, 28, 28, 1)  # nearest-resized from 8x8
+  assert batch["image"].shape == (16, 28, 28, 1)  # resized from 8x8
 
 
 def test_train_batches_shapes_determinism_and_seed(config):
@@ -111,19 +111,27 @@ def test_resume_from_iterator_state_gives_the_same_batches(config, threads):
   assert_same(straight[6:], take(resumed, 6))
 
 
-def test_epochs_reshuffle_and_process_shards_are_disjoint_and_cover(config):
-  c = with_(config, augment="none")
+def test_epochs_reshuffle_and_cover_the_split(config):
+  c = with_(config, pp_train="normalize")
   all_images, _ = split_arrays(c, "train")
-  shards = []
-  for p in range(2):
-    it = data.make_dataset(c, "train", batch_size=50, seed=0, process_index=p, process_count=2,
-                           train=True)
-    epochs = [np.concatenate([b["image"] for b in take(it, 40)]) for _ in range(2)]  # 2,000 each
-    assert image_counts(epochs[0]) == image_counts(epochs[1])  # same examples ...
-    assert not np.array_equal(epochs[0], epochs[1])  # ... in a new order
-    shards.append(image_counts(epochs[0]))
-  as_float = minus_one_one(all_images)
-  assert shards[0] + shards[1] == image_counts(as_float)  # disjoint, and together everything
+  it = data.make_dataset(c, "train", batch_size=100, seed=0, train=True)
+  epochs = [np.concatenate([b["image"] for b in take(it, 40)]) for _ in range(2)]  # 4,000 each
+  assert image_counts(epochs[0]) == image_counts(epochs[1]) == image_counts(
+      minus_one_one(all_images))  # every example once per epoch ...
+  assert not np.array_equal(epochs[0], epochs[1])  # ... in a new order
+
+
+@pytest.mark.parametrize("pp", ["resize|pad_crop(2)|normalize",
+                                "resize|pad_crop(2)|flip_lr|randaug(2, 10)|normalize|mixup(0.4)"])
+def test_process_slices_make_the_one_process_batch(config, pp):
+  """Global batch i is a function of (seed, i) only: 4 processes' slices, concatenated, are the
+  batches of one process at the 4x batch size (same examples, same augmentation)."""
+  c = with_(config, pp_train=pp)
+  want = take(data.make_dataset(c, "train", batch_size=64, seed=5, train=True), 2)
+  slices = [take(data.make_dataset(c, "train", batch_size=16, seed=5, process_index=p,
+                                   process_count=4, train=True), 2) for p in range(4)]
+  got = [{k: np.concatenate([s[i][k] for s in slices]) for k in want[0]} for i in range(2)]
+  assert_same(want, got)
 
 
 @pytest.mark.parametrize("process_count,batch_size", [(1, 300), (3, 128)])
@@ -159,12 +167,12 @@ def test_missing_real_dataset_is_a_fast_one_line_error(tmp_path):
 
 
 def test_invalid_config_names_the_field(config):
-  for overrides, field in [(dict(augment="flip"), "data.augment"),
+  for overrides, field in [(dict(pp_train="flip|normalize"), "data.pp_train"),
                            (dict(channels=3), "data.channels"),
                            (dict(num_classes=100), "data.num_classes")]:
     with pytest.raises(ValueError, match=field):
       data.make_dataset(with_(config, **overrides), "train", batch_size=8, train=True)
-  with pytest.raises(ValueError, match="batch_size=3000"):
+  with pytest.raises(ValueError, match="batch_size=3000 per process x 2 processes"):
     data.make_dataset(config, "train", batch_size=3000, process_count=2, train=True)
 
 

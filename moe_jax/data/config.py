@@ -4,7 +4,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from moe_jax.data import transforms
+from moe_jax.data import preprocess, transforms
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -14,13 +14,14 @@ def default_config() -> ml_collections.ConfigDict:
       data_dir=config_dict.placeholder(str),  # None = $TFDS_DATA_DIR or ~/tensorflow_datasets
       train_split="train",
       eval_split="test",  # tfds split syntax works, e.g. 'test[:200]'
-      image_size=28,  # images are resized (nearest) when the stored size differs
+      image_size=28,  # size of the images the pp ops make (their default size argument)
       channels=1,  # must match the dataset
       num_classes=10,  # must match the dataset
-      augment="crop",  # 'crop' (random crop after zero padding) or 'none'
-      crop_padding=2,
+      # Preprocessing (moe_jax.data.preprocess): example ops | normalize | label ops.
+      pp_train="resize|pad_crop(2)|normalize",  # random crop after 2 px zero padding
+      pp_eval="resize|normalize",
       normalization="minus_one_one",  # preset of transforms.NORMALIZATIONS: 'imagenet', 'clip'
-      cache=True,  # read fixed-size splits into host memory once (variable-size ones stream)
+      cache=True,  # read fixed-size raw splits into host memory once (others stream)
       prefetch_threads=1,  # grain read-ahead threads: batches are built while the step runs
       prefetch_buffer=4,  # batches read ahead (per process)
       num_workers=0,  # > 0: grain worker processes (mp_prefetch); 0 builds batches in-process
@@ -35,11 +36,11 @@ def model_refs(config: ml_collections.ConfigDict) -> dict[str, config_dict.Field
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """ValueError naming the field for values the pipeline cannot use."""
-  if config.augment not in ("crop", "none"):
-    raise ValueError(f"data.augment={config.augment!r} must be 'crop' or 'none'")
+  """ValueError naming the field (and for pp strings the op) for values the pipeline cannot
+  use; needs no dataset."""
   transforms.normalization_stats(config.normalization, config.channels)
-  for field, low in (("image_size", 1), ("crop_padding", 0), ("prefetch_threads", 0),
+  preprocess.pipelines(config)
+  for field, low in (("image_size", 1), ("prefetch_threads", 0),
                      ("prefetch_buffer", 0), ("num_workers", 0)):
     if config[field] < low:
       raise ValueError(f"data.{field}={config[field]} must be >= {low}")

@@ -1,6 +1,7 @@
 """Image classification: softmax cross-entropy + MoE aux losses; top-1/top-5 and routing eval.
 
-Batches: `image float32 [B, H, W, C]`, `label int32 [B]` (+ `mask float32 [B]` in eval), from
+Batches: `image float32 [B, H, W, C]`, `label int32 [B]` (+ `soft_label float32 [B, classes]`
+when data.pp_train has label ops; + `mask float32 [B]` in eval), from
 `moe_jax.data` (tfds + grain). `H = W = data.image_size`, `C = data.channels`.
 """
 from __future__ import annotations
@@ -47,9 +48,14 @@ def check_model_matches_data(config) -> None:
 
 
 def classification_loss(model: nnx.Module, batch: Batch):
-  """(loss, metrics): cross-entropy of `model(batch["image"])` vs `batch["label"]` + MoE aux."""
+  """(loss, metrics): cross-entropy of `model(batch["image"])` vs the targets `soft_label`
+  `[B, classes]` when the batch has them (mixup, cutmix, label smoothing), else `label` `[B]`,
+  + MoE aux; accuracy against `label`."""
   logits, aux = moe.capture_aux(model)(batch["image"])
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  if "soft_label" in batch:
+    ce = optax.softmax_cross_entropy(logits, batch["soft_label"]).mean()
+  else:
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
   metrics = {"train/loss": ce + aux.total_loss, "train/ce_loss": ce,
              "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
              **moe_scalars(aux, "train")}
@@ -73,6 +79,8 @@ class ClassificationTask(Task):
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
     if eval_:
       batch["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+    elif data.preprocess.pipelines(d)[0].soft_labels:
+      batch["soft_label"] = jax.ShapeDtypeStruct((batch_size, d.num_classes), jnp.float32)
     return batch
 
   def loss(self, model, batch):

@@ -17,7 +17,6 @@ and padding are those of `moe_jax.data.pipeline` (resumable the same way).
 from __future__ import annotations
 
 import functools
-import sys
 
 import grain
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from moe_jax import data
-from moe_jax.data import builders, pipeline, readers, sources, transforms
+from moe_jax.data import builders, pipeline, preprocess, readers, sources
 from moe_jax.vlm import tokenizer as tok
 
 NAME = "mnist_digits_vqa"
@@ -117,7 +116,6 @@ class Examples:
     tokenizer = tok.Tokenizer()
     L = config.text_len
     self.images = np.stack([r["image"] for r in rows])
-    self.image_size, self.channels = config.image_size, config.channels
     self.text = {k: np.zeros((len(rows), L) if k == "tokens" else len(rows), np.int32)
                  for k in TEXT_FIELDS}
     for n, r in enumerate(rows):
@@ -136,10 +134,7 @@ class Examples:
     return len(self.images)
 
   def with_text(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """An image batch whose `label` holds row numbers -> the full VQA batch (images resized to
-    data.image_size, grey repeated to data.channels)."""
-    batch["image"] = np.repeat(transforms.resize_nearest(batch["image"], self.image_size),
-                               self.channels, axis=-1)
+    """An image batch whose `label` holds row numbers -> the full VQA batch."""
     rows = batch.pop("label")
     batch.update({k: v[rows] for k, v in self.text.items()})
     ids = batch["image_id"]
@@ -152,25 +147,21 @@ def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: in
                  process_index: int = 0, process_count: int = 1,
                  train: bool) -> grain.DatasetIterator | grain.IterDataset:
   """`data.train_split` (train=True: an iterator) or `data.eval_split` (a re-iterable dataset)
-  like `moe_jax.data.make_dataset` (same batching, shuffling, crops, padding, resumption), with
+  like `moe_jax.data.make_dataset` (same batching, shuffling, pp ops, padding, resumption), with
   the VQA fields above."""
   validate(config)
   examples = Examples(config, config.train_split if train else config.eval_split)
   reader = readers.ArrayReader(examples.images, np.arange(len(examples)))  # label = row
-  shard = pipeline._shard(len(reader), process_index, process_count)
+  pp = preprocess.pipelines(config)[0 if train else 1]
+  pp.check_source(examples.images.shape[1:3], False, NAME)
   if train:
-    if not 1 <= batch_size <= len(shard):
-      raise ValueError(f"batch_size={batch_size} (per process) must be in [1, {len(shard)}]")
-    padding = config.crop_padding if config.augment == "crop" else None
-    batches = grain.MapDataset.range(sys.maxsize).map(
-        pipeline.TrainBatches(reader, shard, batch_size, seed, process_index, padding))
+    batches = pipeline.train_batches(reader, pp, batch_size=batch_size, seed=seed,
+                                     process_index=process_index, process_count=process_count,
+                                     what=f"{NAME}:{config.train_split}")
   else:
-    per_process = -(-len(reader) // process_count)
-    batches = grain.MapDataset.range(-(-per_process // batch_size)).map(
-        pipeline.EvalBatches(reader, shard, batch_size))
-  ds = batches.map(examples.with_text).to_iter_dataset(
-      grain.ReadOptions(num_threads=config.prefetch_threads,
-                        prefetch_buffer_size=config.prefetch_buffer))
+    batches = pipeline.eval_batches(reader, pp, batch_size=batch_size,
+                                    process_index=process_index, process_count=process_count)
+  ds = pipeline.read_ahead(batches.map(examples.with_text), config)
   return iter(ds) if train else ds
 
 
