@@ -292,3 +292,24 @@ def test_run_saved_on_8_devices_initialises_a_run_on_2(tmp_path):
   assert set(restored.files) == set(saved)
   for k, v in saved.items():
     np.testing.assert_array_equal(restored[k], v, err_msg=k)
+
+
+def test_dinov2_config_upcycled_from_a_dinov2_checkpoint_computes_dinov2_features():
+  """configs/vimoe_dinov2_b14.py shrunk to the tests/data/hf_dinov2 fixture's sizes (torch
+  DINOv2, width 32): the upcycled ViMoE (per-image routing, capacity 1.05, shared expert) gives
+  the torch model's final-norm tokens."""
+  from configs import vimoe_dinov2_b14
+  c = vimoe_dinov2_b14.get_config()
+  c.init_from.path = os.path.join(DATA, "hf_dinov2")
+  m = c.model
+  m.width, m.depth, m.num_heads, m.mlp_dim, m.moe.hidden_dim = 32, 2, 2, 64, 64
+  m.patch_size, m.image_size, m.layer_scale, m.moe_layers, m.dtype = 7, 28, 0.5, "last:1", "float32"
+  m.stochastic_depth = 0.0
+  init_from.validate(c)
+  model = build_model(m, rngs=nnx.Rngs(0))
+  source = init_from.source_params(c.init_from, m)
+  params = init_from.initialise(flat_params(model), source, c.init_from, model.moe_layer_indices)
+  assert set(params) - set(source) >= {"blocks/1/mlp/router/kernel", "head/kernel"}
+  ref = np.load(os.path.join(DATA, "hf_dinov2", "reference.npz"))
+  tokens = load(model, params).tokens(ref["pixel_values"].transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(tokens, ref["last_hidden_state"], atol=1e-5, rtol=0)
