@@ -46,14 +46,9 @@ def get_config(variant: str = "vimoe") -> ml_collections.ConfigDict:
   m.granularity, m.image_pooling = "image", "cls"
   m.shared_expert.enabled = True
 
-  c.init_from = init_from.default_config()
-  c.init_from.kind = "hf"
-  c.init_from.path = "checkpoints/dinov2-base"
-  c.init_from.reinit = "head/.*"  # DINOv2 has no classifier
-  c.init_from.resize_posemb = "bicubic"
+  # DINOv2 has no classifier: a fresh head.
+  c.init_from = init_from.from_source("hf", "checkpoints/dinov2-base", reinit="head/.*",
+                                      resize_posemb="bicubic", upcycle=variant == "vimoe")
   if variant == "dense":
     c.model.name = "vit"
-  else:
-    c.init_from.upcycle = True
-    c.init_from.upcycle_split = "shared"
   return c

@@ -46,7 +46,7 @@ def get_config(variant: str = "digits") -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-3, 30
     source, reinit = "workdirs/vimoe_tiny_mnist", "head/.*"
-  c.init_from = init_from.default_config()
-  if variant != "scratch":
-    c.init_from.update(dict(kind="run", path=source, reinit=reinit, resize_posemb="bicubic"))
+  c.init_from = (init_from.default_config() if variant == "scratch" else
+                 init_from.from_source("run", source, reinit=reinit, resize_posemb="bicubic",
+                                       upcycle=False))
   return c

@@ -38,16 +38,12 @@ def get_config(variant: str = "vimoe") -> ml_collections.ConfigDict:
   m.shared_expert.enabled = True
   c.optimizer.learning_rate = 1e-4  # fine-tuning a pretrained model
 
-  c.init_from = init_from.default_config()
-  c.init_from.kind = "big_vision"
-  c.init_from.path = "checkpoints/augreg_s16_i21k.npz"
-  c.init_from.reinit = "head/.*"
-  # Only for another image size; big_vision resamples with scipy.ndimage.zoom (order 1, corner-
-  # aligned grid), slightly different from this torch-style bilinear.
-  c.init_from.resize_posemb = "bilinear"
+  # A fresh 1000-class head for the 21k one. resize_posemb only acts at another image size
+  # (big_vision resamples with scipy.ndimage.zoom, order 1 on a corner-aligned grid: slightly
+  # different from this torch-style bilinear).
+  c.init_from = init_from.from_source("big_vision", "checkpoints/augreg_s16_i21k.npz",
+                                      reinit="head/.*", resize_posemb="bilinear",
+                                      upcycle=variant == "vimoe")
   if variant == "dense":
     c.model.name = "vit"
-  else:
-    c.init_from.upcycle = True
-    c.init_from.upcycle_split = "shared"
   return c

@@ -208,8 +208,10 @@ def config_with(model: str = "vimoe", **init):
 ])
 def test_bad_init_from_is_a_one_line_error(tmp_path, init, model, message):
   init = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in init.items()}
+  c = config_with(model, **init)
   with pytest.raises(ValueError) as e:
-    init_from.validate(config_with(model, **init))
+    init_from.validate(c)
+    init_from.check_source(c.init_from)  # the path, checked when the source is read
   assert str(e.value) == message.format(tmp=tmp_path)
 
 

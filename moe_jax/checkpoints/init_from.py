@@ -19,7 +19,8 @@ the model, parameter by parameter:
   `upcycle_split` 'shared' = exact for every router, or 'copy'; routers fresh).
 
 Anything else that differs is a one-line `CheckpointMismatch` naming the first parameter; a bad
-`init_from` node is a one-line ValueError from `validate`, before the model is traced. The
+`init_from` node is a one-line ValueError from `validate`, before the model is traced (a missing
+source from `check_source`, when it is read). The
 run starts at step 0 with a fresh optimizer state. A run with its own checkpoint resumes from it
 and ignores `init_from`.
 """
@@ -59,6 +60,16 @@ def default_config() -> ml_collections.ConfigDict:
       upcycle_noise_std=0.0))
 
 
+def from_source(kind: str, path: str, *, reinit: str, resize_posemb: str,
+                upcycle: bool) -> ml_collections.ConfigDict:
+  """The `init_from` node of a config that starts from `path` (of `kind`); `upcycle` with the
+  exact 'shared' split."""
+  c = default_config()
+  c.update(dict(kind=kind, path=path, reinit=reinit, resize_posemb=resize_posemb,
+                upcycle=upcycle, upcycle_split="shared"))
+  return c
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """One-line ValueError naming the `init_from` field and the fix; a warning where upcycling
   with `upcycle_split='copy'` cannot equal the dense model (`vimoe.upcycle_inexact_reason`).
@@ -71,11 +82,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not c.path:
     raise ValueError(f"init_from.path is empty: set it to the {c.kind!r} source "
                      "(or init_from.kind='' to start from scratch)")
-  if not os.path.exists(c.path):
-    raise ValueError(f"init_from.path={c.path!r} does not exist")
-  if c.kind == "run" and not os.path.isdir(os.path.join(c.path, "checkpoints")):
-    raise ValueError(f"init_from.path={c.path!r} has no checkpoints/ folder: point it at the "
-                     "workdir of a run (with init_from.kind='run')")
   for pattern in filter(None, c.reinit.split(",")):
     try:
       re.compile(pattern)
@@ -115,10 +121,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   f"at init: {reason} (init_from.upcycle_split='shared' is exact)", stacklevel=2)
 
 
+def check_source(c: ml_collections.ConfigDict) -> None:
+  """One-line ValueError when `c.path` is not there; checked only when the source is read (a
+  run resuming from its own checkpoint does not need it any more)."""
+  if not os.path.exists(c.path):
+    raise ValueError(f"init_from.path={c.path!r} does not exist")
+  if c.kind == "run" and not os.path.isdir(os.path.join(c.path, "checkpoints")):
+    raise ValueError(f"init_from.path={c.path!r} has no checkpoints/ folder: point it at the "
+                     "workdir of a run (with init_from.kind='run')")
+
+
 def source_params(c: ml_collections.ConfigDict,
                   model: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """Flat parameters of `c.path`; for HF, CheckpointMismatch if `model`'s block variants differ
   from the checkpoint's architecture."""
+  check_source(c)
   if c.kind == "hf":
     hf_config, params, _ = hf.import_hf(c.path)
     for field in (*vit.BLOCK_VARIANTS, "num_registers"):
