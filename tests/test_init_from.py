@@ -343,3 +343,28 @@ def test_finetune_config_from_a_mnist_run_to_digits_at_21px_trains(tmp_path):
   trainer.train()
   run = losses(str(tmp_path / "digits"))
   assert np.mean([run[s] for s in range(51, 61)]) < run[1] - 0.15, run  # measured: 2.30 -> 2.08
+
+
+@pytest.mark.slow
+def test_trainer_upcycles_a_dense_run_exactly(tmp_path):
+  """`init_from.upcycle=True` through `Trainer.restore_or_init`: a dense run's checkpoint -> the
+  ViMoE twin (shared split) whose eval logits equal the dense run's at step 0."""
+  from test_train import tiny_config
+  from moe_jax.train import loop
+  tfds_dir = str(tmp_path / "tfds")
+  dense = tiny_config(tfds_dir, total_steps=5, eval_every_steps=0, **{"model.name": "vit"})
+  dense.init_from = init_from.default_config()
+  dense_trainer = loop.Trainer(dense, str(tmp_path / "dense"))
+  dense_trainer.train()
+  c = tiny_config(tfds_dir, total_steps=5)
+  c.model.moe.shared_expert.enabled = True
+  c.init_from = init_from.from_source("run", str(tmp_path / "dense"), reinit="",
+                                      resize_posemb="none", upcycle=True)
+  state, _ = loop.Trainer(c, str(tmp_path / "sparse")).restore_or_init()
+  assert int(state.step) == 0
+  images = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+  sparse_model = load(build_model(c.model, rngs=nnx.Rngs(5)),
+                      tree.flatten(jax.device_get(nnx.to_pure_dict(state.params))))
+  dense_model = load(build_model(dense.model, rngs=nnx.Rngs(6)),
+                     init_from.run_params(str(tmp_path / "dense")))
+  np.testing.assert_allclose(sparse_model(images), dense_model(images), atol=1e-5)
