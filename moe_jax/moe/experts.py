@@ -1,6 +1,7 @@
 """The expert bank: E independent MLPs `D -> F -> D` stored as stacked weights."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -9,8 +10,10 @@ from flax import nnx
 
 from moe_jax.moe import grouped_matmul
 
+# 'gelu' is the tanh approximation (the ViT default); 'gelu_exact' the erf GELU (HF ViT, DINOv2).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": nnx.gelu, "relu": nnx.relu, "silu": nnx.silu, "tanh": jnp.tanh}
+    "gelu": nnx.gelu, "gelu_exact": functools.partial(nnx.gelu, approximate=False),
+    "relu": nnx.relu, "silu": nnx.silu, "tanh": jnp.tanh}
 
 
 class ExpertBank(nnx.Module):

@@ -61,6 +61,8 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     validate_config(config)
+    if config.get("init_from"):
+      init_from.validate(config)
     self.config, self.workdir = config, workdir
     self.task = tasks.build_task(config)
     self.task.check()
