@@ -1,4 +1,6 @@
 """MoCHA: HGA, MoE connectors, encoders, decoder, stage freezing, sharding, digit-VQA learning."""
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -132,8 +134,8 @@ def _connector(in_dim=6, width=8):
 def test_connector_routes_top2_renormalised_with_hand_computed_losses():
   layer = _connector()
   x = jax.random.normal(jax.random.key(0), (2, 5, 6))
-  h = np.asarray(layer.proj(x))
-  plan = layer.moe.route(jnp.asarray(h))
+  h = np.asarray(x)  # the router and the experts see the raw encoder tokens
+  plan = layer.moe.route(x)
   np.testing.assert_allclose(plan.combine_weights.sum(-1), 1.0, rtol=1e-6)
   assert plan.expert_index.shape == (2, 5, 2)
   y, aux = nnx.jit(lambda layer, x: moe.capture_aux(layer)(x))(layer, x)
@@ -148,15 +150,21 @@ def test_connector_routes_top2_renormalised_with_hand_computed_losses():
   np.testing.assert_allclose(losses["balance"], balance, rtol=1e-5)
   np.testing.assert_allclose(losses["z_loss"], z, rtol=1e-5)
   np.testing.assert_allclose(aux.total_loss, 0.1 * balance + 0.01 * z, rtol=1e-5)
-  # output: renormalised top-2 mixture of Linear-GELU-Linear experts on the projected tokens
+  # output: renormalised top-2 mixture of Linear(6 -> 8)-GELU(erf)-Linear(8 -> 8) experts
   bank = layer.moe.experts
-  p = lambda v: np.asarray(v[...])
-  want = np.zeros_like(h)
+  bank.fc1_bias[...] = jax.random.normal(jax.random.key(1), bank.fc1_bias.shape)
+  bank.fc2_bias[...] = jax.random.normal(jax.random.key(2), bank.fc2_bias.shape)
+  y = layer(x)
+  p = lambda v: np.asarray(v[...], np.float64)
+  erf_gelu = lambda v: 0.5 * v * (1 + np.vectorize(math.erf)(v / math.sqrt(2)))
+  want = np.zeros((2, 5, 8))
   for b, t, j in np.ndindex(2, 5, 2):
     e, g = top[b, t, j], probs[b, t, top[b, t, j]] / probs[b, t, top[b, t]].sum()
-    hid = np.asarray(jax.nn.gelu(h[b, t] @ p(bank.fc1_kernel)[e] + p(bank.fc1_bias)[e]))
+    hid = erf_gelu(h[b, t] @ p(bank.fc1_kernel)[e] + p(bank.fc1_bias)[e])
     want[b, t] += g * (hid @ p(bank.fc2_kernel)[e] + p(bank.fc2_bias)[e])
-  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  tanh_gelu = np.asarray(jax.nn.gelu(jnp.float32(1.5), approximate=True))
+  assert abs(float(erf_gelu(np.float64(1.5))) - float(tanh_gelu)) > 1e-4  # the two GELUs differ
 
 
 def test_encoders_precomputed_features_and_channel_pooling():
@@ -293,7 +301,7 @@ def test_stage1_train_step_updates_only_the_connectors():
                                           task_loss=vqa_task.vqa_loss)
     state, metrics = train_step(state, _random_batch(c))
   changed = _changed(before, jax.device_get(state.params))
-  assert {k.split("/")[0] for k, v in changed.items() if v} == {"connectors", "hga"}
+  assert {k.split("/")[0] for k, v in changed.items() if v} == {"connectors"}  # HGA: no params
   assert all(v for k, v in changed.items() if k.startswith("connectors") and "kernel" in k)
   assert np.isfinite(float(metrics["train/loss"]))
 
@@ -345,10 +353,11 @@ def test_configs_shapes_and_stages():
       e.convnet.depths = (1, 1, 1, 1)
   c.model.decoder.depth = 1
   abstract = nnx.eval_shape(lambda: model.MoCHA(c.model, rngs=nnx.Rngs(0)))
-  assert abstract.group_sizes == (576, 100, 576, 441)
+  assert abstract.group_sizes == (441, 100, 576, 576)  # SigLIP, ConvNeXt, CLIP, DINOv2
   assert [e.dim for e in abstract.encoders] == [1024] * 4  # ConvNeXt-XXL 3072 pooled to 1024
-  assert abstract.connectors[1].proj.kernel.shape == (1024, 2560)
-  assert abstract.connectors[1].moe.experts.fc1_kernel.shape == (4, 2560, 2560)
+  bank = abstract.connectors[1].moe.experts  # as the reference: no projection in front
+  assert bank.fc1_kernel.shape == (4, 1024, 2560) and bank.fc2_kernel.shape == (4, 2560, 2560)
+  assert abstract.connectors[1].moe.router.kernel.shape == (1024, 4)
   assert abstract.decoder.embed.embedding.shape == (51200, 2560)
   assert c.optimizer.learning_rate == 2e-5 and c.optimizer.schedule == "cosine"
   assert c.optimizer.warmup_steps == int(0.03 * c.total_steps)

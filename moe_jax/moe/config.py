@@ -9,7 +9,7 @@ from moe_jax.routing import ROUTERS
 from moe_jax.routing.base import Router, fail
 
 DISPATCHES = ("capacity", "dropless")
-ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
+ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu", "tanh")
 
 
 def _fields(node: Mapping[str, Any], prefix: str) -> set[str]:
