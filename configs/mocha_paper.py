@@ -1,7 +1,12 @@
 r"""MoCHA at paper size (Pang et al. 2025): four ViT-L-class encoders, Phi-2-width LM.
 
     python train.py --config configs/mocha_paper.py:stage1 --workdir gs://.../mocha_s1
-    python train.py --config configs/mocha_paper.py:stage2 --workdir gs://.../mocha_s2
+    python train.py --config configs/mocha_paper.py:stage2 --workdir gs://.../mocha_s2 \
+        --config.init_from.path=gs://.../mocha_s1
+
+Stage 2 starts from stage 1's latest checkpoint (`init_from.kind='run'`: every parameter, so
+the trained connectors and the untouched encoders and LM) with a fresh optimizer at step 0; it
+needs its own workdir (the stage-1 workdir holds another optimizer tree: a one-line error).
 
 Encoders (in the reference's order, at 336 px, frozen): SigLIP ViT-L/16 (441 tokens),
 ConvNeXt-XXL (10x10 tokens, 3072 channels pooled to 1024), CLIP ViT-L/14 (576), DINOv2 ViT-L/14
@@ -23,6 +28,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import check_variant
+from moe_jax.checkpoints import init_from
 from moe_jax.parallel import mesh
 from moe_jax.train import optim
 from moe_jax.vlm import decoder, encoders, model, vqa_data
@@ -65,4 +71,7 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
     c.optimizer.learning_rate, c.optimizer.schedule = 2e-5, "cosine"
   c.optimizer.trainable = model.trainable_pattern(c.model, variant)
   c.mesh = mesh.default_config()
+  c.init_from = init_from.default_config()
+  if variant == "stage2":  # from stage 1's workdir, given on the command line
+    c.init_from.kind = "run"
   return c

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import check_variant
+from moe_jax.checkpoints import init_from
 from moe_jax.parallel import mesh
 from moe_jax.train import optim
 from moe_jax.vlm import decoder, encoders, model, tokenizer, vqa_data
@@ -67,6 +68,7 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = int(0.03 * c.total_steps)
   c.optimizer.trainable = model.trainable_pattern(c.model, "stage2")
   c.mesh = mesh.default_config()
+  c.init_from = init_from.default_config()  # kind="": from scratch
 
   if variant == "stage1":
     c.optimizer.schedule = "constant"

@@ -13,7 +13,7 @@ from moe_jax import moe, tasks
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import sharding
 from moe_jax.tasks import vqa as vqa_task
-from moe_jax.train import loop, optim, state as state_lib, step as step_lib
+from moe_jax.train import checkpoint, loop, optim, state as state_lib, step as step_lib
 from moe_jax.vlm import connector, decoder, encoders, hga, model, tokenizer
 from moe_jax.vlm import vqa_data
 
@@ -379,3 +379,48 @@ def test_tiny_vlm_learns_to_name_held_out_digits(tmp_path):
   result = loop.train_and_evaluate(c, str(tmp_path))
   assert result["eval/num_examples"] == 1000  # the held-out images
   assert result["eval/exact_match/which"] > 0.3, result  # chance: 0.1
+
+
+def _run_one_step(c, workdir) -> state_lib.TrainState:
+  """One train step of `c` from its initial state (init_from applied), saved in `workdir`."""
+  trainer = loop.Trainer(c, str(workdir))
+  state, _ = trainer.restore_or_init()
+  with jax.set_mesh(trainer.mesh):
+    step = step_lib.make_train_step(trainer.defs, trainer.tx, trainer.schedule, trainer.mesh,
+                                    trainer.shardings, trainer.task.loss)
+    state, _ = step(state, loop._global_batch(_random_batch(c), trainer.mesh))
+  checkpoint.save(trainer.ckpt, state, {}, c)
+  trainer.ckpt.wait_until_finished()
+  return state
+
+
+def test_stage2_starts_from_stage1_connectors_with_a_fresh_optimizer(tmp_path):
+  stage1 = _tiny_config("stage1")
+  stage1.optimizer.warmup_steps = 0
+  after_stage1 = jax.device_get(_run_one_step(stage1, tmp_path / "s1"))
+  stage2 = _tiny_config("stage2")
+  stage2.init_from.kind, stage2.init_from.path = "run", str(tmp_path / "s1")
+  trainer = loop.Trainer(stage2, str(tmp_path / "s2"))
+  state, data_state = jax.device_get(trainer.restore_or_init())
+  assert int(state.step) == 0 and data_state is None
+  start = dict(nnx.to_flat_state(state.params))
+  trained = dict(nnx.to_flat_state(after_stage1.params))
+  assert start.keys() == trained.keys()
+  connectors = [p for p in start if p[0] == "connectors"]
+  assert connectors and all(np.array_equal(start[p][...], trained[p][...]) for p in connectors)
+  assert all(np.array_equal(start[p][...], trained[p][...]) for p in start)  # encoders, LM too
+  # a fresh optimizer for stage 2's own mask: Adam moments of every trained leaf zero, count 0
+  fresh = jax.device_get(trainer.init.create().opt_state)
+  jax.tree.map(np.testing.assert_array_equal, state.opt_state, fresh)
+  assert any(np.any(np.asarray(m) != 0) for m in jax.tree.leaves(after_stage1.opt_state)
+             if np.asarray(m).ndim)  # stage 1's moments were not zero: they were not carried
+
+
+def test_stage2_config_in_the_stage1_workdir_is_a_one_line_error(tmp_path):
+  stage1 = _tiny_config("stage1")
+  _run_one_step(stage1, tmp_path)
+  trainer = loop.Trainer(_tiny_config("stage2"), str(tmp_path))
+  with pytest.raises(checkpoint.CheckpointError, match=r"arrays only in this config's state "
+                     r"\(e\.g\. opt_state/.*init_from\.kind=run") as err:
+    trainer.restore_or_init()
+  assert "\n" not in str(err.value)
