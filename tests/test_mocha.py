@@ -334,8 +334,8 @@ def test_sharded_forward_equals_single_device():
     return nnx.merge(graphdef, params, rest)(batch, batch["tokens"])
 
   single = jax.jit(forward)(params, batch)
-  cfg = ml_collections.ConfigDict(dict(data=4, fsdp=1, expert=2, model=1))
-  mesh = mesh_lib.build_mesh(cfg, num_experts=4, global_batch=8)
+  c.mesh.data, c.mesh.expert = 4, 2
+  mesh = loop.build_mesh(c)  # MoCHA's connectors: 4 experts, 2 per device
   with jax.set_mesh(mesh):
     sharded_params = jax.device_put(params, sharding.tree_shardings(params, mesh))
     sharded_batch = jax.device_put(batch, sharding.batch_sharding(mesh))
@@ -424,3 +424,34 @@ def test_stage2_config_in_the_stage1_workdir_is_a_one_line_error(tmp_path):
                      r"\(e\.g\. opt_state/.*init_from\.kind=run") as err:
     trainer.restore_or_init()
   assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow  # ~3 min on 2 cores; the forward on the same mesh is in the default suite
+def test_expert_parallel_train_step_equals_single_device():
+  # the connectors' experts sharded over `expert` (all-to-all dispatch), the batch over the rest
+  c = _tiny_config("stage2")
+  # SGD: the step is the gradient itself (Adam would blow rounding noise in gradients that are
+  # exactly 0, e.g. of attention key biases, up to +-lr)
+  c.optimizer.name, c.optimizer.warmup_steps, c.optimizer.weight_decay = "sgd", 0, 0.0
+  c.optimizer.learning_rate = 1.0
+  tx = optim.make_optimizer(c.optimizer, c.total_steps)
+  schedule = optim.schedule(c.optimizer, c.total_steps)
+  batch = _random_batch(c)
+  results = []
+  single_device = mesh_lib.build_mesh(c.mesh, devices=jax.devices()[:1])
+  c.mesh.data, c.mesh.expert = 4, 2
+  for mesh in (single_device, loop.build_mesh(c)):
+    state, shardings, defs = state_lib.create_state(c, tx, mesh)
+    before = jax.device_get(state.params)
+    with jax.set_mesh(mesh):
+      train_step = step_lib.make_train_step(defs, tx, schedule, mesh, shardings,
+                                            task_loss=vqa_task.vqa_loss)
+      state, metrics = train_step(state, loop._global_batch(batch, mesh))
+    results.append(jax.device_get((state.params, metrics["train/loss"])))
+    assert all(_changed(before, results[-1][0])[f"connectors/{i}/moe/experts/{name}"]
+               for i in (0, 1) for name in ("fc1_kernel", "fc2_kernel"))
+  assert len(mesh.devices.flat) == 8 and mesh.shape["expert"] == 2
+  (single, loss1), (sharded, loss8) = results
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(single), nnx.to_flat_state(sharded)):
+    np.testing.assert_allclose(b[...], a[...], rtol=1e-4, atol=1e-5, err_msg=str(path))
