@@ -1,4 +1,5 @@
 """MoCHA: HGA, MoE connectors, encoders, decoder, stage freezing, sharding, digit-VQA learning."""
+import importlib.util
 import math
 
 import jax
@@ -9,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from moe_jax import moe, tasks
+from moe_jax import aot, moe, tasks
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import sharding
 from moe_jax.tasks import vqa as vqa_task
@@ -455,3 +456,24 @@ def test_expert_parallel_train_step_equals_single_device():
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   for (path, a), (_, b) in zip(nnx.to_flat_state(single), nnx.to_flat_state(sharded)):
     np.testing.assert_allclose(b[...], a[...], rtol=1e-4, atol=1e-5, err_msg=str(path))
+
+
+def test_aot_of_the_vqa_step_with_expert_sharded_connectors():
+  c = _tiny_config("stage2", batch_size=16)
+  c.mesh.data, c.mesh.expert = -1, 4
+  r = aot.compile_for_topology(c, "cpu:8")
+  assert r["task"] == "vqa" and r["mesh"]["expert"] == 4 and r["mesh"]["data"] == 2
+  # two connectors, each: 2 all-to-alls forward (dispatch, combine) and 2 backward
+  assert r["collectives"]["all-to-all"] == 8 and r["all_to_all_operand_bytes_per_device"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu: pip install -e '.[tpu]'")
+def test_paper_config_compiles_for_a_v5p_pod():
+  # 64 chips: batch over data x fsdp x expert, parameters FSDP over 16, connector experts over 4
+  c = mocha_paper.get_config("stage2")
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, 16, 4
+  r = aot.compile_for_topology(c, "v5p:4x4x4")
+  assert r["chips"] == 64 and r["device_kind"].startswith("TPU v5")
+  assert r["collectives"]["all-to-all"] > 0 and r["predicted_step_s"] > 0
+  assert r["memory_per_device"]["total"] < 95 * 2**30  # fits a v5p's HBM
