@@ -16,6 +16,7 @@ from moe_jax.parallel import sharding
 from moe_jax.tasks import vqa as vqa_task
 from moe_jax.train import checkpoint, loop, optim, state as state_lib, step as step_lib
 from moe_jax.vlm import connector, decoder, encoders, hga, model, tokenizer
+from moe_jax.data import transforms
 from moe_jax.vlm import vqa_data
 
 from configs import mocha_paper, mocha_tiny_digits_vqa  # noqa: I100  (`common` registers it)
@@ -477,3 +478,17 @@ def test_paper_config_compiles_for_a_v5p_pod():
   assert r["chips"] == 64 and r["device_kind"].startswith("TPU v5")
   assert r["collectives"]["all-to-all"] > 0 and r["predicted_step_s"] > 0
   assert r["memory_per_device"]["total"] < 95 * 2**30  # fits a v5p's HBM
+
+
+def test_digit_vqa_pipeline_normalises_and_repeats_grey_to_rgb():
+  c = mocha_tiny_digits_vqa.get_config("quick").data
+  c.train_split, c.channels, c.normalization, c.augment = "test[:40]", 3, "clip", "none"
+  batch = next(vqa_data.make_dataset(c, batch_size=4, train=True))
+  assert batch["image"].shape == (4, 28, 28, 3) and batch["tokens"].shape == (4, c.text_len)
+  mean, std = transforms.normalization_stats("clip", 3)
+  np.testing.assert_allclose(batch["image"][..., 1:].min((0, 1, 2)), -mean[1:] / std[1:],
+                             rtol=1e-6)  # black background, each channel by its own statistics
+  grey = batch["image"] * std + mean  # back to [0, 1]: the same grey in every channel
+  np.testing.assert_allclose(grey[..., 0], grey[..., 2], atol=1e-6)
+  eval_batch = next(iter(vqa_data.make_dataset(c, batch_size=4, train=False)))
+  assert eval_batch["image"].shape == (4, 28, 28, 3) and eval_batch["mask"].shape == (4,)

