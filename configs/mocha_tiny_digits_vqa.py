@@ -19,19 +19,21 @@ Variants (`--config configs/mocha_tiny_digits_vqa.py:VARIANT`):
   shows the mechanism; real use starts from pretrained encoders and LM).
 - `quick`: stage2 for a few steps on a slice of the test split (smoke tests).
 
-Measured on this 2-core CPU (shared with other jobs, load average ~5.5), default variant,
-`python train.py --config configs/mocha_tiny_digits_vqa.py`: exact match 95.7% on the 7,000
-questions about the 1,000 held-out test images (89.8% at step 1,000; per question type: which
-digit 93.9%, even 96.6%, odd 96.7%, greater 95.8%, less 96.9%, equals 95.6%, neighbours 94.2%),
-answer-token accuracy 98.0%; 6 min 52 s wall for everything (data, compile, 2,000 steps at ~5.8
-steps/s, two evaluations). Majority-answer baseline: 39.1% (10% for which digit / neighbours,
-50-53% for the yes/no questions). A 3,000-step run reached 97.3% in 13 min 18 s (busier CPU).
+Measured on this 2-core CPU (shared with other jobs, load average ~18), default variant, with
+the reference HGA and connector, `python train.py --config configs/mocha_tiny_digits_vqa.py`:
+exact match 96.1% on the 7,000 questions about the 1,000 held-out test images (91.5% at step
+1,000; per question type: which digit 95.3%, even 96.5%, odd 96.5%, greater 97.2%, less 96.7%,
+equals 95.8%, neighbours 94.8%), answer-token accuracy 98.2%; 18 min 5 s wall for everything on
+the busy CPU (6 min 52 s at load ~5.5 before). Majority-answer baseline: 39.1% (10% for which
+digit / neighbours, 50-53% for the yes/no questions). (Before the reference HGA / connector:
+95.7%, and 97.3% after 3,000 steps.)
 """
 from __future__ import annotations
 
 import ml_collections
 
 from configs import check_variant
+from moe_jax.checkpoints import init_from
 from moe_jax.parallel import mesh
 from moe_jax.train import optim
 from moe_jax.vlm import decoder, encoders, model, tokenizer, vqa_data
@@ -67,6 +69,7 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = int(0.03 * c.total_steps)
   c.optimizer.trainable = model.trainable_pattern(c.model, "stage2")
   c.mesh = mesh.default_config()
+  c.init_from = init_from.default_config()  # kind="": from scratch
 
   if variant == "stage1":
     c.optimizer.schedule = "constant"

@@ -1,4 +1,7 @@
 """MoCHA: HGA, MoE connectors, encoders, decoder, stage freezing, sharding, digit-VQA learning."""
+import importlib.util
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,85 +10,112 @@ import optax
 import pytest
 from flax import nnx
 
-from moe_jax import moe, tasks
+from moe_jax import aot, moe, tasks
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import sharding
 from moe_jax.tasks import vqa as vqa_task
-from moe_jax.train import loop, optim, state as state_lib, step as step_lib
+from moe_jax.train import checkpoint, loop, optim, state as state_lib, step as step_lib
 from moe_jax.vlm import connector, decoder, encoders, hga, model, tokenizer
+from moe_jax.data import transforms
 from moe_jax.vlm import vqa_data
 
 from configs import mocha_paper, mocha_tiny_digits_vqa  # noqa: I100  (`common` registers it)
 
-SIGMOID_3 = 1.0 / (1.0 + np.exp(-3.0))
+def _reference_hga_numpy(x: np.ndarray, groups: np.ndarray, k: int = 10,
+                         cross_weight: float = 0.7) -> np.ndarray:
+  """A numpy port of the reference code (Pbhgit/MoCHA llava/model/hga.py: build_innovative_graph_v3
+  + innovative_graph_propagation_v3), one image `x [T, H]` at a time, edge lists and all."""
+  x = x.astype(np.float64)
+  N = x.shape[0]
+  temp = 1 / np.linalg.norm(x, axis=1).mean()
+  normed = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  sim = normed @ normed.T * np.exp(temp)
+  np.fill_diagonal(sim, -np.inf)
+  intra_k = int(k * cross_weight)
+  cross_k = k - intra_k
+
+  def topk(values, n):  # torch.topk with ties to the lower index
+    idx = np.argsort(-values, axis=1, kind="stable")[:, :n]
+    return np.take_along_axis(values, idx, 1), idx
+
+  rows, cols, vals = [], [], []
+  for g in np.unique(groups):
+    group_mask = groups == g
+    group_size = group_mask.sum()
+    group_indices = np.flatnonzero(group_mask)
+    valid_intra_k = min(intra_k, group_size - 1 if group_size > 1 else 0)
+    valid_cross_k = min(cross_k, N - group_size)
+    intra_sim = np.where(group_mask[:, None] & group_mask[None, :], sim, -np.inf)[group_indices]
+    cross_sim = np.where(group_mask[:, None] & ~group_mask[None, :], sim, -np.inf)[group_indices]
+    for s, n in ((intra_sim, valid_intra_k), (cross_sim, valid_cross_k)):
+      if n > 0:
+        v, i = topk(s, n)
+        rows.append(np.repeat(group_indices, n))
+        cols.append(i.reshape(-1))
+        vals.append(v.reshape(-1))
+  row, col, val = map(np.concatenate, (rows, cols, vals))
+  weight = (val - val.min()) / (val.max() - val.min() + 1e-8)
+  row, col = np.concatenate([row, col]), np.concatenate([col, row])
+  weight = np.concatenate([weight, weight])
+  w_sum = np.zeros(N)
+  np.add.at(w_sum, row, weight)
+  w_norm = weight / (w_sum + 1e-8)[row]
+  x_agg = np.zeros_like(x)
+  np.add.at(x_agg, row, x[col] * w_norm[:, None])
+  gate = 1 / (1 + np.exp(-10 * (np.abs(x - x_agg).mean(1, keepdims=True) - 0.2)))
+  x_new = (1 - gate) * x + gate * x_agg
+  mean, var = x_new.mean(1, keepdims=True), x_new.var(1, keepdims=True)
+  return (x_new - mean) / np.sqrt(var + 1e-5)
 
 
-def _layer_norm(x: np.ndarray) -> np.ndarray:
-  mean = x.mean(-1, keepdims=True)
-  return (x - mean) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+def _rel_l2(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _reference_hga(c, hga_config, sizes):
-  return hga.ReferenceHGA(c, hga_config, rngs=nnx.Rngs(0)), hga.group_ids(sizes)
+@pytest.mark.parametrize("sizes", [(9, 4, 6, 2), (12, 3), (1, 5, 8)])
+def test_reference_hga_equals_a_numpy_port_of_the_reference_code_with_ties(sizes):
+  rng = np.random.default_rng(sum(sizes))
+  T = sum(sizes)
+  x = rng.normal(size=(2, T, 6)).astype(np.float32)
+  # ties: duplicated tokens inside a group and across groups give equal similarities
+  x[:, 1] = x[:, 0]
+  x[:, T - 1] = x[:, 0]
+  x[1, 2:4] = x[1, 5]
+  groups = hga.group_ids(sizes)
+  layer = hga.build_hga(6, hga.hga_config(), rngs=nnx.Rngs(0))
+  assert nnx.state(layer, nnx.Param) == nnx.State({})  # parameter-free, as the reference
+  got = jax.jit(lambda x: layer(x, groups))(jnp.asarray(x))
+  for b in range(2):
+    assert _rel_l2(got[b], _reference_hga_numpy(x[b], groups)) <= 1e-6
 
 
-def test_reference_hga_equals_hand_computed_result():
-  # Tokens (1,0), (1,1) in group 0 and (0,1) in group 1; one neighbour in and one across.
-  c = ml_collections.ConfigDict(dict(hga.hga_config(), k_intra=1, k_inter=1))
-  layer, groups = _reference_hga(2, c, (2, 1))
-  x = jnp.array([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]])
-  x_agg, gate = layer.aggregate(x, groups)
-  # token 0: its group-mate (cos 0.707) beats token 2 (cos 0) -> x_agg = x1.
-  # token 1: token 0 (0.707) and 0.7 * token 2 (0.707) -> weights 1/1.7, 0.7/1.7.
-  # token 2: no group-mate; across, token 1 (0.707) -> x_agg = x1. Each mean|x - x_agg| = 0.5.
-  want = np.array([[1.0, 1.0], [1 / 1.7, 0.7 / 1.7], [1.0, 1.0]])
-  np.testing.assert_allclose(x_agg[0], want, rtol=1e-5)
-  np.testing.assert_allclose(gate[0, :, 0], [SIGMOID_3] * 3, rtol=1e-5)
-  mixed = (1 - SIGMOID_3) * np.asarray(x[0]) + SIGMOID_3 * want
-  np.testing.assert_allclose(layer(x, groups)[0], _layer_norm(mixed), rtol=1e-4, atol=1e-5)
+def test_reference_hga_keeps_exactly_k_neighbours_under_ties():
+  # 9 identical tokens: every similarity ties. A token of the group of 5 keeps
+  # int(10 * 0.7) = 7 -> min(7, 4) = 4 group-mates and min(3, 4) = 3 across; one of the group of
+  # 4 keeps min(7, 3) = 3 and 3.
+  assert hga.split_k(10, 0.7) == (7, 3) and hga.split_k(10, 0.75) == (7, 3)
+  groups = hga.group_ids((5, 4))
+  row, col, _ = hga.reference_edges(jnp.ones((2, 9, 4)), groups, 10, 0.7)
+  col = np.asarray(col)
+  for t in range(9):
+    picked = col[:, row == t]
+    assert t not in picked
+    for b in range(2):
+      assert len(set(picked[b])) == picked.shape[1]
+  counts = np.bincount(row, minlength=9)
+  np.testing.assert_array_equal(counts, [7] * 5 + [6] * 4)
+  # ties go to the lower index: token 0 keeps tokens 1..4 in its group and 5, 6, 7 across
+  np.testing.assert_array_equal(np.sort(col[0, row == 0]), [1, 2, 3, 4, 5, 6, 7])
+  # all kept similarities are equal, so min-max gives every edge weight 0: nothing moves
+  np.testing.assert_array_equal(hga.reference_weights(jnp.ones((1, 9, 4)), groups, 10, 0.7), 0.0)
 
 
-def _hga_by_loops(x: np.ndarray, groups: np.ndarray, c) -> np.ndarray:
-  """The reference HGA one token at a time."""
-  out = np.zeros_like(x)
-  for b in range(x.shape[0]):
-    xn = x[b] / np.linalg.norm(x[b], axis=-1, keepdims=True)
-    sim = xn @ xn.T
-    for t in range(x.shape[1]):
-      own = [s for s in range(x.shape[1]) if groups[s] == groups[t] and s != t]
-      other = [s for s in range(x.shape[1]) if groups[s] != groups[t]]
-      w = np.zeros(x.shape[1])
-      for s in sorted(own, key=lambda s: -sim[t, s])[:c.k_intra]:
-        w[s] = max(sim[t, s], 0.0)
-      for s in sorted(other, key=lambda s: -sim[t, s])[:c.k_inter]:
-        w[s] = c.cross_weight * max(sim[t, s], 0.0)
-      agg = (w / w.sum()) @ x[b]
-      g = 1 / (1 + np.exp(-c.gate_scale * (np.abs(x[b, t] - agg).mean() - c.gate_threshold)))
-      out[b, t] = _layer_norm((1 - g) * x[b, t] + g * agg)
-  return out
-
-
-def test_reference_hga_matches_a_loop_implementation_and_honours_groups():
-  c = hga.hga_config()  # top-7 in group, top-3 across, cross weight 0.7
-  sizes = (9, 4, 6)
-  layer, groups = _reference_hga(5, c, sizes)
-  x = np.random.default_rng(0).normal(size=(2, sum(sizes), 5)).astype(np.float32)
-  np.testing.assert_allclose(layer(jnp.asarray(x), groups), _hga_by_loops(x, groups, c),
-                             rtol=1e-4, atol=1e-4)
-  w = np.asarray(hga.reference_weights(jnp.asarray(x), groups, 7, 3, 0.7))
-  same = groups[:, None] == groups[None, :]
-  kept_in, kept_out = ((w > 0) & same).sum(-1), ((w > 0) & ~same).sum(-1)
-  assert kept_in.max() <= 7 and kept_out.max() <= 3
-  assert np.all(np.diagonal(w, axis1=1, axis2=2) == 0)  # a token is not its own neighbour
-  assert np.all(kept_in[:, groups == 1] <= 3)  # a group of 4 has only 3 group-mates
-  np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
-  _, gate = layer.aggregate(jnp.asarray(x) * 3.0, groups)
-  assert 0.0 <= float(gate.min()) and float(gate.max()) <= 1.0 and float(gate.std()) > 0
-
-
-@pytest.mark.parametrize("kind", ["reference", "learned"])
-def test_without_cross_group_terms_groups_do_not_mix(kind):
-  c = ml_collections.ConfigDict(dict(hga.hga_config(), kind=kind, k_inter=0, cross_weight=0.0))
+@pytest.mark.parametrize("kind,k", [("reference", 7), ("learned", 10)])
+def test_without_cross_group_terms_groups_do_not_mix(kind, k):
+  # reference: cross_weight 1 keeps all k = 7 neighbours inside the group; learned: no cross term
+  cross_weight = 1.0 if kind == "reference" else 0.0
+  c = ml_collections.ConfigDict(dict(hga.hga_config(), kind=kind, k=k, cross_weight=cross_weight))
   layer = hga.build_hga(8, c, rngs=nnx.Rngs(0))
   groups = hga.group_ids((5, 3))
   x = jax.random.normal(jax.random.key(0), (2, 8, 8))
@@ -106,8 +136,8 @@ def _connector(in_dim=6, width=8):
 def test_connector_routes_top2_renormalised_with_hand_computed_losses():
   layer = _connector()
   x = jax.random.normal(jax.random.key(0), (2, 5, 6))
-  h = np.asarray(layer.proj(x))
-  plan = layer.moe.route(jnp.asarray(h))
+  h = np.asarray(x)  # the router and the experts see the raw encoder tokens
+  plan = layer.moe.route(x)
   np.testing.assert_allclose(plan.combine_weights.sum(-1), 1.0, rtol=1e-6)
   assert plan.expert_index.shape == (2, 5, 2)
   y, aux = nnx.jit(lambda layer, x: moe.capture_aux(layer)(x))(layer, x)
@@ -122,15 +152,21 @@ def test_connector_routes_top2_renormalised_with_hand_computed_losses():
   np.testing.assert_allclose(losses["balance"], balance, rtol=1e-5)
   np.testing.assert_allclose(losses["z_loss"], z, rtol=1e-5)
   np.testing.assert_allclose(aux.total_loss, 0.1 * balance + 0.01 * z, rtol=1e-5)
-  # output: renormalised top-2 mixture of Linear-GELU-Linear experts on the projected tokens
+  # output: renormalised top-2 mixture of Linear(6 -> 8)-GELU(erf)-Linear(8 -> 8) experts
   bank = layer.moe.experts
-  p = lambda v: np.asarray(v[...])
-  want = np.zeros_like(h)
+  bank.fc1_bias[...] = jax.random.normal(jax.random.key(1), bank.fc1_bias.shape)
+  bank.fc2_bias[...] = jax.random.normal(jax.random.key(2), bank.fc2_bias.shape)
+  y = layer(x)
+  p = lambda v: np.asarray(v[...], np.float64)
+  erf_gelu = lambda v: 0.5 * v * (1 + np.vectorize(math.erf)(v / math.sqrt(2)))
+  want = np.zeros((2, 5, 8))
   for b, t, j in np.ndindex(2, 5, 2):
     e, g = top[b, t, j], probs[b, t, top[b, t, j]] / probs[b, t, top[b, t]].sum()
-    hid = np.asarray(jax.nn.gelu(h[b, t] @ p(bank.fc1_kernel)[e] + p(bank.fc1_bias)[e]))
+    hid = erf_gelu(h[b, t] @ p(bank.fc1_kernel)[e] + p(bank.fc1_bias)[e])
     want[b, t] += g * (hid @ p(bank.fc2_kernel)[e] + p(bank.fc2_bias)[e])
-  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  tanh_gelu = np.asarray(jax.nn.gelu(jnp.float32(1.5), approximate=True))
+  assert abs(float(erf_gelu(np.float64(1.5))) - float(tanh_gelu)) > 1e-4  # the two GELUs differ
 
 
 def test_encoders_precomputed_features_and_channel_pooling():
@@ -267,7 +303,7 @@ def test_stage1_train_step_updates_only_the_connectors():
                                           task_loss=vqa_task.vqa_loss)
     state, metrics = train_step(state, _random_batch(c))
   changed = _changed(before, jax.device_get(state.params))
-  assert {k.split("/")[0] for k, v in changed.items() if v} == {"connectors", "hga"}
+  assert {k.split("/")[0] for k, v in changed.items() if v} == {"connectors"}  # HGA: no params
   assert all(v for k, v in changed.items() if k.startswith("connectors") and "kernel" in k)
   assert np.isfinite(float(metrics["train/loss"]))
 
@@ -300,8 +336,8 @@ def test_sharded_forward_equals_single_device():
     return nnx.merge(graphdef, params, rest)(batch, batch["tokens"])
 
   single = jax.jit(forward)(params, batch)
-  cfg = ml_collections.ConfigDict(dict(data=4, fsdp=1, expert=2, model=1))
-  mesh = mesh_lib.build_mesh(cfg, num_experts=4, global_batch=8)
+  c.mesh.data, c.mesh.expert = 4, 2
+  mesh = loop.build_mesh(c)  # MoCHA's connectors: 4 experts, 2 per device
   with jax.set_mesh(mesh):
     sharded_params = jax.device_put(params, sharding.tree_shardings(params, mesh))
     sharded_batch = jax.device_put(batch, sharding.batch_sharding(mesh))
@@ -319,10 +355,11 @@ def test_configs_shapes_and_stages():
       e.convnet.depths = (1, 1, 1, 1)
   c.model.decoder.depth = 1
   abstract = nnx.eval_shape(lambda: model.MoCHA(c.model, rngs=nnx.Rngs(0)))
-  assert abstract.group_sizes == (576, 100, 576, 441)
+  assert abstract.group_sizes == (441, 100, 576, 576)  # SigLIP, ConvNeXt, CLIP, DINOv2
   assert [e.dim for e in abstract.encoders] == [1024] * 4  # ConvNeXt-XXL 3072 pooled to 1024
-  assert abstract.connectors[1].proj.kernel.shape == (1024, 2560)
-  assert abstract.connectors[1].moe.experts.fc1_kernel.shape == (4, 2560, 2560)
+  bank = abstract.connectors[1].moe.experts  # as the reference: no projection in front
+  assert bank.fc1_kernel.shape == (4, 1024, 2560) and bank.fc2_kernel.shape == (4, 2560, 2560)
+  assert abstract.connectors[1].moe.router.kernel.shape == (1024, 4)
   assert abstract.decoder.embed.embedding.shape == (51200, 2560)
   assert c.optimizer.learning_rate == 2e-5 and c.optimizer.schedule == "cosine"
   assert c.optimizer.warmup_steps == int(0.03 * c.total_steps)
@@ -344,3 +381,114 @@ def test_tiny_vlm_learns_to_name_held_out_digits(tmp_path):
   result = loop.train_and_evaluate(c, str(tmp_path))
   assert result["eval/num_examples"] == 1000  # the held-out images
   assert result["eval/exact_match/which"] > 0.3, result  # chance: 0.1
+
+
+def _run_one_step(c, workdir) -> state_lib.TrainState:
+  """One train step of `c` from its initial state (init_from applied), saved in `workdir`."""
+  trainer = loop.Trainer(c, str(workdir))
+  state, _ = trainer.restore_or_init()
+  with jax.set_mesh(trainer.mesh):
+    step = step_lib.make_train_step(trainer.defs, trainer.tx, trainer.schedule, trainer.mesh,
+                                    trainer.shardings, trainer.task.loss)
+    state, _ = step(state, loop._global_batch(_random_batch(c), trainer.mesh))
+  checkpoint.save(trainer.ckpt, state, {}, c)
+  trainer.ckpt.wait_until_finished()
+  return state
+
+
+def test_stage2_starts_from_stage1_connectors_with_a_fresh_optimizer(tmp_path):
+  stage1 = _tiny_config("stage1")
+  stage1.optimizer.warmup_steps = 0
+  after_stage1 = jax.device_get(_run_one_step(stage1, tmp_path / "s1"))
+  stage2 = _tiny_config("stage2")
+  stage2.init_from.kind, stage2.init_from.path = "run", str(tmp_path / "s1")
+  trainer = loop.Trainer(stage2, str(tmp_path / "s2"))
+  state, data_state = jax.device_get(trainer.restore_or_init())
+  assert int(state.step) == 0 and data_state is None
+  start = dict(nnx.to_flat_state(state.params))
+  trained = dict(nnx.to_flat_state(after_stage1.params))
+  assert start.keys() == trained.keys()
+  connectors = [p for p in start if p[0] == "connectors"]
+  assert connectors and all(np.array_equal(start[p][...], trained[p][...]) for p in connectors)
+  assert all(np.array_equal(start[p][...], trained[p][...]) for p in start)  # encoders, LM too
+  # a fresh optimizer for stage 2's own mask: Adam moments of every trained leaf zero, count 0
+  fresh = jax.device_get(trainer.init.create().opt_state)
+  jax.tree.map(np.testing.assert_array_equal, state.opt_state, fresh)
+  assert any(np.any(np.asarray(m) != 0) for m in jax.tree.leaves(after_stage1.opt_state)
+             if np.asarray(m).ndim)  # stage 1's moments were not zero: they were not carried
+
+
+def test_stage2_config_in_the_stage1_workdir_is_a_one_line_error(tmp_path):
+  stage1 = _tiny_config("stage1")
+  _run_one_step(stage1, tmp_path)
+  trainer = loop.Trainer(_tiny_config("stage2"), str(tmp_path))
+  with pytest.raises(checkpoint.CheckpointError, match=r"arrays only in this config's state "
+                     r"\(e\.g\. opt_state/.*init_from\.kind=run") as err:
+    trainer.restore_or_init()
+  assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow  # ~3 min on 2 cores; the forward on the same mesh is in the default suite
+def test_expert_parallel_train_step_equals_single_device():
+  # the connectors' experts sharded over `expert` (all-to-all dispatch), the batch over the rest
+  c = _tiny_config("stage2")
+  # SGD: the step is the gradient itself (Adam would blow rounding noise in gradients that are
+  # exactly 0, e.g. of attention key biases, up to +-lr)
+  c.optimizer.name, c.optimizer.warmup_steps, c.optimizer.weight_decay = "sgd", 0, 0.0
+  c.optimizer.learning_rate = 1.0
+  tx = optim.make_optimizer(c.optimizer, c.total_steps)
+  schedule = optim.schedule(c.optimizer, c.total_steps)
+  batch = _random_batch(c)
+  results = []
+  single_device = mesh_lib.build_mesh(c.mesh, devices=jax.devices()[:1])
+  c.mesh.data, c.mesh.expert = 4, 2
+  for mesh in (single_device, loop.build_mesh(c)):
+    state, shardings, defs = state_lib.create_state(c, tx, mesh)
+    before = jax.device_get(state.params)
+    with jax.set_mesh(mesh):
+      train_step = step_lib.make_train_step(defs, tx, schedule, mesh, shardings,
+                                            task_loss=vqa_task.vqa_loss)
+      state, metrics = train_step(state, loop._global_batch(batch, mesh))
+    results.append(jax.device_get((state.params, metrics["train/loss"])))
+    assert all(_changed(before, results[-1][0])[f"connectors/{i}/moe/experts/{name}"]
+               for i in (0, 1) for name in ("fc1_kernel", "fc2_kernel"))
+  assert len(mesh.devices.flat) == 8 and mesh.shape["expert"] == 2
+  (single, loss1), (sharded, loss8) = results
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(single), nnx.to_flat_state(sharded)):
+    np.testing.assert_allclose(b[...], a[...], rtol=1e-4, atol=1e-5, err_msg=str(path))
+
+
+def test_aot_of_the_vqa_step_with_expert_sharded_connectors():
+  c = _tiny_config("stage2", batch_size=16)
+  c.mesh.data, c.mesh.expert = -1, 4
+  r = aot.compile_for_topology(c, "cpu:8")
+  assert r["task"] == "vqa" and r["mesh"]["expert"] == 4 and r["mesh"]["data"] == 2
+  # two connectors, each: 2 all-to-alls forward (dispatch, combine) and 2 backward
+  assert r["collectives"]["all-to-all"] == 8 and r["all_to_all_operand_bytes_per_device"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu: pip install -e '.[tpu]'")
+def test_paper_config_compiles_for_a_v5p_pod():
+  # 64 chips: batch over data x fsdp x expert, parameters FSDP over 16, connector experts over 4
+  c = mocha_paper.get_config("stage2")
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, 16, 4
+  r = aot.compile_for_topology(c, "v5p:4x4x4")
+  assert r["chips"] == 64 and r["device_kind"].startswith("TPU v5")
+  assert r["collectives"]["all-to-all"] > 0 and r["predicted_step_s"] > 0
+  assert r["memory_per_device"]["total"] < 95 * 2**30  # fits a v5p's HBM
+
+
+def test_digit_vqa_pipeline_normalises_and_repeats_grey_to_rgb():
+  c = mocha_tiny_digits_vqa.get_config("quick").data
+  c.train_split, c.channels, c.normalization, c.augment = "test[:40]", 3, "clip", "none"
+  batch = next(vqa_data.make_dataset(c, batch_size=4, train=True))
+  assert batch["image"].shape == (4, 28, 28, 3) and batch["tokens"].shape == (4, c.text_len)
+  mean, std = transforms.normalization_stats("clip", 3)
+  np.testing.assert_allclose(batch["image"][..., 1:].min((0, 1, 2)), -mean[1:] / std[1:],
+                             rtol=1e-6)  # black background, each channel by its own statistics
+  grey = batch["image"] * std + mean  # back to [0, 1]: the same grey in every channel
+  np.testing.assert_allclose(grey[..., 0], grey[..., 2], atol=1e-6)
+  eval_batch = next(iter(vqa_data.make_dataset(c, batch_size=4, train=False)))
+  assert eval_batch["image"].shape == (4, 28, 28, 3) and eval_batch["mask"].shape == (4,)

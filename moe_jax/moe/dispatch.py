@@ -75,7 +75,7 @@ def dropless_rows(plan: RoutingPlan, block_size: int) -> tuple[jax.Array, jax.Ar
 
 def _route_rows(x: jax.Array, rows: jax.Array, weights: jax.Array, num_rows: int,
                 experts_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
-  """Tokens `x [N, D]` -> expert rows -> `experts_fn` -> weighted sum back: `[N, D]`.
+  """Tokens `x [N, D]` -> expert rows -> `experts_fn` -> weighted sum back: `[N, D_out]`.
 
   rows / weights: `[N, K]`; a row >= num_rows means the pair is dropped (contributes zero).
   """
@@ -93,7 +93,7 @@ def _route_rows(x: jax.Array, rows: jax.Array, weights: jax.Array, num_rows: int
 def token_choice(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *, mode: str,
                  capacity_factor: float, min_capacity: int, block_size: int,
                  backend: str, tokens_per_row: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Token-choice dispatch. `x [G, S, R*D]` -> `[G, S, R*D]` and dispatch metrics.
+  """Token-choice dispatch. `x [G, S, R*D]` -> `[G, S, R*D_out]` and dispatch metrics.
 
   The plan routes rows; each row carries `R = tokens_per_row` tokens of width D that all go to
   the row's experts (per-image routing: a row is an image, R = T). Capacity C counts rows; the
@@ -105,11 +105,11 @@ def token_choice(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *, mode: 
   if mode == "capacity":
     C = capacity(K, S, E, capacity_factor, min_capacity)
     rows, num_rows = capacity_rows(plan, C), E * G * C
-    experts_fn = lambda r: experts(r.reshape(E, G * C * R, D)).reshape(E * G * C, W)
+    experts_fn = lambda r: experts(r.reshape(E, G * C * R, D)).reshape(E * G * C, -1)
   else:
     rows, group_sizes, num_rows = dropless_rows(plan, block_size)
     experts_fn = lambda r: experts.grouped(r.reshape(num_rows * R, D), group_sizes * R, backend,
-                                           block_size).reshape(num_rows, W)
+                                           block_size).reshape(num_rows, -1)
   kept = rows < num_rows
   y = _route_rows(x.reshape(G * S, W).astype(experts.dtype), rows.reshape(G * S, K),
                   plan.combine_weights.reshape(G * S, K), num_rows, experts_fn)
@@ -118,24 +118,24 @@ def token_choice(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *, mode: 
   # The mean of the dropped pairs (not 1 - mean of the kept: that rounds to -5e-8 when none is).
   metrics = {"dropped_fraction": jnp.mean((~kept).astype(jnp.float32)),
              "kept_load": kept_load}
-  return y.reshape(G, S, W), metrics
+  return y.reshape(G, S, -1), metrics
 
 
 def expert_choice(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *,
                   capacity_factor: float) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Expert-choice dispatch: expert e processes the tokens `token_index [G, E, C]` it chose;
-  outputs are scatter-added back weighted by `combine_weights`. `x [G, S, D] -> [G, S, D]`."""
+  outputs are scatter-added back weighted by `combine_weights`. `x [G, S, D] -> [G, S, D_out]`."""
   del capacity_factor  # already applied by the router
   G, S, D = x.shape
   E, C = plan.num_experts, plan.token_index.shape[-1]
   rows = (jnp.arange(G, dtype=jnp.int32)[:, None, None] * S + plan.token_index)
   rows = rows.transpose(1, 0, 2).reshape(-1)  # [E*G*C], expert-major
   tokens = x.reshape(G * S, D).astype(experts.dtype)
-  out = experts(jnp.take(tokens, rows, axis=0).reshape(E, G * C, D)).reshape(E * G * C, D)
+  out = experts(jnp.take(tokens, rows, axis=0).reshape(E, G * C, D)).reshape(E * G * C, -1)
   weights = plan.combine_weights.transpose(1, 0, 2).reshape(-1, 1).astype(out.dtype)
-  y = jnp.zeros((G * S, D), out.dtype).at[rows].add(weights * out)
+  y = jnp.zeros((G * S, out.shape[-1]), out.dtype).at[rows].add(weights * out)
   chosen = jnp.zeros((G * S,), jnp.float32).at[rows].add(1.0)
-  return y.reshape(G, S, D), {"dropped_fraction": jnp.mean((chosen == 0).astype(jnp.float32))}
+  return y.reshape(G, S, -1), {"dropped_fraction": jnp.mean((chosen == 0).astype(jnp.float32))}
 
 
 def soft(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *,
@@ -146,6 +146,6 @@ def soft(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *,
   _, _, E, P = plan.dispatch_weights.shape
   dt = experts.dtype
   slots = jnp.einsum("gsep,gsd->egpd", plan.dispatch_weights.astype(dt), x.astype(dt))
-  out = experts(slots.reshape(E, G * P, D)).reshape(E, G, P, D)
+  out = experts(slots.reshape(E, G * P, D)).reshape(E, G, P, -1)
   y = jnp.einsum("gsep,egpd->gsd", plan.combine_weights.astype(dt), out)
   return y, {"dropped_fraction": jnp.zeros((), jnp.float32)}

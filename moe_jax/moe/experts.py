@@ -1,4 +1,5 @@
-"""The expert bank: E independent MLPs `D -> F -> D` stored as stacked weights."""
+"""The expert bank: E independent MLPs `D -> F -> D` (or `D -> F -> D_out`) stored as stacked
+weights."""
 from __future__ import annotations
 
 import functools
@@ -17,15 +18,18 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 class ExpertBank(nnx.Module):
-  """Stacked expert MLPs. Weights: fc1 `[E, D, F]`, fc2 `[E, F, D]` (+ biases `[E, F]`, `[E, D]`)."""
+  """Stacked expert MLPs. Weights: fc1 `[E, D, F]`, fc2 `[E, F, D_out]` (+ biases `[E, F]`,
+  `[E, D_out]`); `out_dim` D_out defaults to D."""
 
   def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, activation: str = "gelu",
-               dropout_rate: float = 0.0, dtype: str = "float32", rngs: nnx.Rngs):
+               dropout_rate: float = 0.0, dtype: str = "float32", out_dim: int | None = None,
+               rngs: nnx.Rngs):
+    out_dim = dim if out_dim is None else out_dim
     init = jax.nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
     self.fc1_kernel = nnx.Param(init(rngs.params(), (num_experts, dim, hidden_dim)))
     self.fc1_bias = nnx.Param(jnp.zeros((num_experts, hidden_dim)))
-    self.fc2_kernel = nnx.Param(init(rngs.params(), (num_experts, hidden_dim, dim)))
-    self.fc2_bias = nnx.Param(jnp.zeros((num_experts, dim)))
+    self.fc2_kernel = nnx.Param(init(rngs.params(), (num_experts, hidden_dim, out_dim)))
+    self.fc2_bias = nnx.Param(jnp.zeros((num_experts, out_dim)))
     self.activation = ACTIVATIONS[activation]
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
     self.dtype = jnp.dtype(dtype)
@@ -35,7 +39,7 @@ class ExpertBank(nnx.Module):
     return self.fc1_kernel.shape[0]
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Batched experts: `x [E, N, D] -> [E, N, D]`, expert e applied to `x[e]`."""
+    """Batched experts: `x [E, N, D] -> [E, N, D_out]`, expert e applied to `x[e]`."""
     dt = self.dtype
     h = jnp.einsum("end,edf->enf", x.astype(dt), self.fc1_kernel[...].astype(dt))
     h = self.dropout(self.activation(h + self.fc1_bias[...][:, None].astype(dt)))
@@ -44,7 +48,7 @@ class ExpertBank(nnx.Module):
 
   def grouped(self, x: jax.Array, group_sizes: jax.Array, backend: str,
               block_size: int) -> jax.Array:
-    """Grouped experts over expert-sorted rows: `x [P, D]`, `group_sizes [E]` -> `[P, D]`.
+    """Grouped experts over expert-sorted rows: `x [P, D]`, `group_sizes [E]` -> `[P, D_out]`.
 
     Rows `[sum(group_sizes[:e]), sum(group_sizes[:e+1]))` belong to expert e; rows past the total
     are padding and come back as zeros.

@@ -1,4 +1,5 @@
-"""`MoELayer`: router + dispatch + expert bank (+ shared expert), `x [B, T, D] -> [B, T, D]`."""
+"""`MoELayer`: router + dispatch + expert bank (+ shared expert), `x [B, T, D] -> [B, T, D]`
+(`[B, T, D_out]` with `out_dim`)."""
 from __future__ import annotations
 
 import functools
@@ -51,6 +52,7 @@ class MoELayer(nnx.Module):
   `model.train()` / `model.eval()` switch router noise, expert dropout and expert dropout masks.
   `router`: a router to use instead of building `config.router.name`'s; `config` is checked
   against its class (any `Router` subclass, registered or not).
+  `out_dim`: experts `D -> F -> out_dim` (MoCHA's connectors); no shared expert then.
 
   Non-finite inputs: a token whose input holds NaN/inf gets non-finite router logits. Every
   router still returns a plan: a dispatched token's output is NaN (top_k, clusters, hash,
@@ -62,16 +64,19 @@ class MoELayer(nnx.Module):
   """
 
   def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
-               router: Router | None = None):
+               router: Router | None = None, out_dim: int | None = None):
     if router is not None and not isinstance(router, Router):
       raise ValueError(f"MoELayer(router=...) got a {type(router).__name__}: pass an instance of "
                        "a moe_jax.routing.Router subclass")
     validate(config, None if router is None else type(router))
+    if out_dim not in (None, dim) and config.shared_expert.enabled:
+      raise ValueError(f"MoE config: shared_expert.enabled needs the output width {out_dim} to "
+                       f"equal the input width {dim}; set shared_expert.enabled=False")
     self.config = ml_collections.FrozenConfigDict(config)
     self.router = build_router(dim, config, rngs=rngs) if router is None else router
     self.experts = ExpertBank(config.num_experts, dim, config.hidden_dim,
                               activation=config.activation, dropout_rate=config.dropout_rate,
-                              dtype=config.dtype, rngs=rngs)
+                              dtype=config.dtype, out_dim=out_dim, rngs=rngs)
     self.shared_expert = (SharedExpert(dim, config, rngs=rngs)
                           if config.shared_expert.enabled else None)
 
@@ -128,7 +133,7 @@ class MoELayer(nnx.Module):
       y, metrics = dispatch_fn(plan, groups, self.experts)
     else:
       y, metrics = expert_parallel.dispatch(dispatch_fn, plan, groups, self.experts, mesh)
-    y = y.reshape(x.shape).astype(x.dtype)
+    y = y.reshape(*x.shape[:-1], -1).astype(x.dtype)
     if c.check_finite:
       jax.debug.callback(_raise_if_not_finite, jnp.isfinite(x).all(), jnp.isfinite(y).all())
     if self.shared_expert is not None:

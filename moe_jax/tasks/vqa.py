@@ -18,7 +18,10 @@ from moe_jax.vlm import model as model_lib, tokenizer as tok, vqa_data
 
 
 def answer_mask(batch: Batch) -> jax.Array:
-  """`[B, L]` float: 1 at the answer tokens and their `<eos>`."""
+  """`[B, L]` float: 1 at the answer tokens and their `<eos>` (the batch's `loss_mask` where it
+  has one: multi-turn instruction data, `moe_jax.vlm.llava_data`)."""
+  if "loss_mask" in batch:
+    return jnp.asarray(batch["loss_mask"], jnp.float32)
   pos = jnp.arange(batch["tokens"].shape[1])[None]
   start = batch["prompt_len"][:, None]
   return ((pos >= start) & (pos < start + batch["answer_len"][:, None])).astype(jnp.float32)

@@ -31,7 +31,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def num_experts(config: ml_collections.ConfigDict) -> int | None:
-  return config.model.moe.num_experts if "moe" in config.model else None
+  """The number the mesh's `expert` axis must divide: the experts of the model's MoE layers
+  (`model.moe`; MoCHA's `model.connector` and MoE decoder layers: their gcd), None without any."""
+  m = config.model
+  counts = [m.moe.num_experts] if "moe" in m else []
+  if "connector" in m:
+    counts.append(m.connector.num_experts)
+  if "decoder" in m and m.decoder.get("moe_layers"):
+    counts.append(m.decoder.moe.num_experts)
+  return math.gcd(*counts) if counts else None
 
 
 def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:

@@ -4,13 +4,22 @@ The groups are the encoders: `groups [T]` gives each token of `x [B, T, H]` its 
 Both variants aggregate `x_agg` from the token's own group (intra) and from the other groups
 (inter), then mix with a per-token gate `g [B, T, 1]`:  `y = LayerNorm((1 - g) x + g x_agg)`.
 
-- `reference` (the paper's code): cosine-similarity graph; a token keeps its top `k_intra`
-  neighbours in its own group and its top `k_inter` among the other groups' tokens (itself
-  excluded); kept similarities, clipped at 0, cross ones times `cross_weight`, are normalised to
-  sum to 1 per token and aggregate `x_agg`; `g = sigmoid(gate_scale * (mean_d|x - x_agg| -
-  gate_threshold))`. No parameters besides the LayerNorm.
-- `learned`: multi-head attention restricted to the own group plus `cross_weight` times
-  attention restricted to the other groups; `g = sigmoid(Linear([x, x_agg]))`.
+- `reference`: the paper's code (Pbhgit/MoCHA `llava/model/hga.py`, `build_innovative_graph_v3`
+  + `innovative_graph_propagation_v3`, called with k=10, cross_weight=0.7), per image:
+  1. `sim = cos(x_t, x_s) * exp(1 / mean_t |x_t|)`, self-similarity excluded;
+  2. each token keeps exactly `int(k * cross_weight)` neighbours of its own group (7; fewer when
+     the group is smaller) and `k - int(k * cross_weight)` of the other groups (3), the largest
+     similarities, ties to the lower token index (`lax.top_k`);
+  3. edge weights: the kept similarities min-max normalised over all edges of the image,
+     `(s - min) / (max - min + 1e-8)`;
+  4. the graph is symmetrised: each edge (t, s, w) also counts as (s, t, w); weights of a pair
+     picked both ways add up;
+  5. `x_agg = sum_s w_ts x_s / (sum_s w_ts + 1e-8)`; `g = sigmoid(gate_scale * (mean_d |x -
+     x_agg| - gate_threshold))` (10, 0.2 there);
+  6. LayerNorm without parameters (eps 1e-5). The reference HGA has no parameters at all.
+- `learned` (ours, not in the paper): multi-head attention restricted to the own group plus
+  `cross_weight` times attention restricted to the other groups; `g = sigmoid(Linear([x,
+  x_agg]))`; LayerNorm with scale and bias.
 """
 from __future__ import annotations
 
@@ -21,13 +30,14 @@ import numpy as np
 from flax import nnx
 
 KINDS = ("reference", "learned", "none")
+LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, as the reference uses it
 
 
 def hga_config() -> ml_collections.ConfigDict:
-  """The paper's reference HGA settings."""
+  """The paper's HGA settings (the reference code's call: k=10, cross_weight=0.7)."""
   return ml_collections.ConfigDict(dict(
       kind="reference",  # 'reference' | 'learned' | 'none' (tokens go to the LM as they are)
-      k_intra=7, k_inter=3, cross_weight=0.7,
+      k=10, cross_weight=0.7,  # reference: int(k * cross_weight) = 7 intra, k - 7 = 3 inter
       gate_scale=10.0, gate_threshold=0.2,  # reference gate
       num_heads=4))  # learned variant
 
@@ -37,59 +47,83 @@ def group_ids(sizes: tuple[int, ...]) -> np.ndarray:
   return np.repeat(np.arange(len(sizes)), sizes)
 
 
-def _top_k_mask(scores: jax.Array, allowed: np.ndarray, k: int) -> jax.Array:
-  """`[B, T, T]` bool: for each row, its `k` largest `scores` among `allowed [T, T]` entries
-  (all of them where a row allows fewer than k)."""
-  k = min(k, int(allowed.sum(-1).max()))
-  if k < 1:
-    return jnp.zeros(scores.shape, bool)
-  masked = jnp.where(allowed, scores, -jnp.inf)
-  kth = jax.lax.top_k(masked, k)[0][..., -1:]  # -inf where a row has fewer than k allowed
-  return allowed & (masked >= kth)
+def split_k(k: int, cross_weight: float) -> tuple[int, int]:
+  """(intra, inter) neighbour counts as the reference splits k: `int(k * cross_weight)`, rest."""
+  intra = int(k * cross_weight)
+  return intra, k - intra
 
 
-def reference_weights(x: jax.Array, groups: np.ndarray, k_intra: int, k_inter: int,
-                      cross_weight: float) -> jax.Array:
-  """Aggregation weights `[B, T, T]` of the reference HGA (rows sum to 1, or 0 if nothing kept)."""
-  xn = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-  sim = jnp.einsum("btd,bsd->bts", xn, xn)
-  same = groups[:, None] == groups[None, :]
-  not_self = ~np.eye(len(groups), dtype=bool)
-  intra = _top_k_mask(sim, same & not_self, k_intra)
-  inter = _top_k_mask(sim, ~same, k_inter)
-  w = jnp.maximum(sim, 0.0) * (intra + cross_weight * inter)
-  return w / jnp.maximum(w.sum(-1, keepdims=True), 1e-6)
+def _parameter_free_layer_norm(x: jax.Array) -> jax.Array:
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)
 
 
-class _GroupMix(nnx.Module):
-  """Shared output: `LayerNorm((1 - g) x + g x_agg)` from a subclass's `aggregate` and `norm`."""
+def reference_edges(x: jax.Array, groups: np.ndarray, k: int,
+                    cross_weight: float) -> tuple[np.ndarray, jax.Array, jax.Array]:
+  """The reference HGA's directed edges per image before symmetrisation: `(row [N] (static, the
+  same for every image), col [B, N], similarity [B, N])`, N = sum over tokens of the neighbours
+  each keeps (steps 1-2 of the module docstring)."""
+  B = x.shape[0]
+  groups = np.asarray(groups)
+  norms = jnp.linalg.norm(x, axis=-1, keepdims=True)  # [B, T, 1]
+  scale = jnp.exp(1.0 / jnp.mean(norms, axis=(1, 2)))  # [B]: exp of the adaptive temperature
+  xn = x / jnp.maximum(norms, 1e-12)  # F.normalize
+  sim = jnp.einsum("btd,bsd->bts", xn, xn) * scale[:, None, None]
+  k_intra, k_inter = split_k(k, cross_weight)
+  rows, cols, vals = [np.zeros(0, np.int64)], [jnp.zeros((B, 0), jnp.int32)], [sim[:, 0, :0]]
+  for g in np.unique(groups):
+    own = np.flatnonzero(groups == g)
+    other = np.flatnonzero(groups != g)
+    for candidates, want in ((own, min(k_intra, len(own) - 1)), (other, min(k_inter, len(other)))):
+      if want <= 0:
+        continue
+      block = sim[:, own][:, :, candidates]  # [B, |own|, |candidates|]
+      if candidates is own:
+        block = jnp.where(np.eye(len(own), dtype=bool), -jnp.inf, block)
+      top, idx = jax.lax.top_k(block, want)  # exactly `want`; ties: the lower index first
+      rows.append(np.repeat(own, want))
+      cols.append(jnp.asarray(candidates, jnp.int32)[idx].reshape(B, -1))
+      vals.append(top.reshape(B, -1))
+  return np.concatenate(rows), jnp.concatenate(cols, 1), jnp.concatenate(vals, 1)
+
+
+def reference_weights(x: jax.Array, groups: np.ndarray, k: int, cross_weight: float) -> jax.Array:
+  """The reference HGA's symmetrised edge weights as a dense `[B, T, T]` matrix (unnormalised:
+  `w[b, t, s]` is what token t gathers from token s before dividing by the row sum)."""
+  B, T, _ = x.shape
+  row, col, sim = reference_edges(x, groups, k, cross_weight)
+  lo, hi = sim.min(1, keepdims=True, initial=jnp.inf), sim.max(1, keepdims=True, initial=-jnp.inf)
+  weight = (sim - lo) / (hi - lo + 1e-8)  # min-max over the image's edges
+  directed = jnp.zeros((B, T, T), x.dtype).at[np.arange(B)[:, None], row[None], col].add(weight)
+  return directed + directed.transpose(0, 2, 1)  # each edge both ways
+
+
+def _reference_aggregate(x: jax.Array, groups: np.ndarray, c) -> tuple[jax.Array, jax.Array]:
+  w = reference_weights(x, groups, c.k, c.cross_weight)
+  x_agg = (w / (w.sum(-1, keepdims=True) + 1e-8)) @ x
+  diff = jnp.mean(jnp.abs(x - x_agg), axis=-1, keepdims=True)
+  return x_agg, jax.nn.sigmoid(c.gate_scale * (diff - c.gate_threshold))
+
+
+class ReferenceHGA(nnx.Module):
+  """The paper's similarity-graph HGA with its adaptive gate; no parameters."""
+
+  def __init__(self, c: ml_collections.ConfigDict):
+    self.c = ml_collections.FrozenConfigDict(c)
 
   def aggregate(self, x: jax.Array, groups: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """`(x_agg [B, T, H], gate [B, T, 1])`."""
-    raise NotImplementedError
+    """`(x_agg [B, T, H], gate [B, T, 1])` in float32."""
+    return _reference_aggregate(x.astype(jnp.float32), groups, self.c)
 
   def __call__(self, x: jax.Array, groups: np.ndarray) -> jax.Array:
-    """`x [B, T, H]`, `groups [T]` (static) -> `[B, T, H]`."""
-    x_agg, g = self.aggregate(x, groups)
-    return self.norm((1.0 - g) * x + g * x_agg)
-
-
-class ReferenceHGA(_GroupMix):
-  """The paper's similarity-graph HGA with its adaptive gate."""
-
-  def __init__(self, width: int, c: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    self.c = ml_collections.FrozenConfigDict(c)
-    self.norm = nnx.LayerNorm(width, rngs=rngs)
-
-  def aggregate(self, x: jax.Array, groups: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    c = self.c
+    """`x [B, T, H]`, `groups [T]` (static) -> `[B, T, H]` float32."""
     x = x.astype(jnp.float32)
-    x_agg = reference_weights(x, groups, c.k_intra, c.k_inter, c.cross_weight) @ x
-    diff = jnp.mean(jnp.abs(x - x_agg), axis=-1, keepdims=True)
-    return x_agg, jax.nn.sigmoid(c.gate_scale * (diff - c.gate_threshold))
+    x_agg, g = self.aggregate(x, groups)
+    return _parameter_free_layer_norm((1.0 - g) * x + g * x_agg)
 
 
-class LearnedHGA(_GroupMix):
+class LearnedHGA(nnx.Module):
   """Attention within the own group plus `cross_weight` x attention across groups; learned gate."""
 
   def __init__(self, width: int, c: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -102,22 +136,29 @@ class LearnedHGA(_GroupMix):
     self.norm = nnx.LayerNorm(width, rngs=rngs)
 
   def aggregate(self, x: jax.Array, groups: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """`(x_agg [B, T, H], gate [B, T, 1])`."""
     same = groups[:, None] == groups[None, :]
     x_agg = self.intra(x, mask=jnp.asarray(same)[None, None])
     if not same.all():  # a single group has no other group to attend to
       x_agg = x_agg + self.cross_weight * self.inter(x, mask=jnp.asarray(~same)[None, None])
     return x_agg, jax.nn.sigmoid(self.gate(jnp.concatenate([x, x_agg], axis=-1)))
 
+  def __call__(self, x: jax.Array, groups: np.ndarray) -> jax.Array:
+    """`x [B, T, H]`, `groups [T]` (static) -> `[B, T, H]`."""
+    x_agg, g = self.aggregate(x, groups)
+    return self.norm((1.0 - g) * x + g * x_agg)
 
-def build_hga(width: int, c: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> _GroupMix | None:
+
+def build_hga(width: int, c: ml_collections.ConfigDict, *,
+              rngs: nnx.Rngs) -> ReferenceHGA | LearnedHGA | None:
   """The HGA named by `c.kind` (None for 'none')."""
   if c.kind not in KINDS:
     raise ValueError(f"model.hga.kind={c.kind!r} is unknown; use one of {KINDS}")
-  for field in ("k_intra", "k_inter"):
-    if c[field] < 0:
-      raise ValueError(f"model.hga.{field}={c[field]} must be >= 0")
-  if not 0.0 <= c.cross_weight:
-    raise ValueError(f"model.hga.cross_weight={c.cross_weight} must be >= 0")
+  if c.k < 0:
+    raise ValueError(f"model.hga.k={c.k} must be >= 0")
+  if not 0.0 <= c.cross_weight <= 1.0:
+    raise ValueError(f"model.hga.cross_weight={c.cross_weight} must be in [0, 1] (the share of "
+                     "model.hga.k taken inside the own group)")
   if c.kind == "none":
     return None
-  return (ReferenceHGA if c.kind == "reference" else LearnedHGA)(width, c, rngs=rngs)
+  return ReferenceHGA(c) if c.kind == "reference" else LearnedHGA(width, c, rngs=rngs)

@@ -4,7 +4,9 @@ Hierarchical Group Attention over the connectors' tokens, and a decoder LM.
 `model(inputs, tokens) -> logits [B, L, V]`; `inputs` is the batch dict (`image [B, H, W, C]`,
 `features/<name> [B, T_i, D_i]` for precomputed encoders), `tokens [B, L]` the text.
 `model.encode(inputs) -> [B, P, H]` is the fused visual prefix (P = sum_i T_i) alone.
-Encoders run in the sorted order of their names; their token groups are concatenated in it.
+Encoders run in the order `model.encoder_order` (the order of the dict given to `mocha_config`;
+the reference's is SigLIP, ConvNeXt, CLIP, DINOv2); their token groups are concatenated in it,
+and HGA's group indices and the parameter paths `encoders/<i>`, `connectors/<i>` follow it.
 """
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ STAGES = {"stage1": ("connectors", "hga"), "stage2": ("connectors", "hga", "deco
 def mocha_config(decoder: ml_collections.ConfigDict,
                  encoder_configs: dict[str, ml_collections.ConfigDict], *, image_size: int,
                  channels: int) -> ml_collections.ConfigDict:
-  """The `model` node: encoders by name, the paper's connector and HGA, the given decoder."""
+  """The `model` node: encoders by name (run in the dict's order), the paper's connector and HGA,
+  the given decoder."""
   c = ml_collections.ConfigDict(dict(name="mocha", image_size=image_size, channels=channels))
   c.encoders = ml_collections.ConfigDict(encoder_configs)
+  c.encoder_order = tuple(encoder_configs)
   c.connector = connector.connector_config(decoder.width)
   c.hga = hga.hga_config()
   c.decoder = decoder
@@ -37,10 +41,19 @@ def trainable_pattern(config: ml_collections.ConfigDict, stage: str) -> str:
   trainable (in any stage)."""
   if stage not in STAGES:
     raise ValueError(f"stage={stage!r} is unknown; use one of {sorted(STAGES)}")
-  encoder_list = [config.encoders[n] for n in sorted(config.encoders)]
+  encoder_list = [config.encoders[n] for n in encoder_order(config)]
   groups = list(STAGES[stage]) + [f"encoders/{i}" for i, e in enumerate(encoder_list)
                                   if e.trainable and e.kind != "features"]
   return "^(" + "|".join(groups) + ")/"
+
+
+def encoder_order(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`config.encoder_order`, checked to name every encoder of `config.encoders` once."""
+  order = tuple(config.encoder_order)
+  if sorted(order) != sorted(config.encoders):
+    raise ValueError(f"model.encoder_order={order} must list each of model.encoders "
+                     f"{sorted(config.encoders)} exactly once")
+  return order
 
 
 DECODERS = Registry("model.decoder.name", {"transformer": "moe_jax.vlm.decoder:Decoder",
@@ -61,7 +74,7 @@ class MoCHA(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     if not config.encoders:
       raise ValueError("model.encoders is empty; MoCHA needs at least one encoder")
-    names = sorted(config.encoders)
+    names = encoder_order(config)
     width = config.decoder.width
     self.encoders = nnx.List([
         encoders.Encoder(n, config.encoders[n], image_size=config.image_size,

