@@ -56,7 +56,8 @@ def compiled_step(config):
                              s.sharding) for k, s in abstract.items()}
   with jax.set_mesh(mesh):
     step = step_lib.make_train_step(defs, tx, optim.schedule(config.optimizer, config.total_steps),
-                                    mesh, shardings, task.loss)
+                                    mesh, shardings, task.loss,
+                                    **step_lib.options(config.optimizer))
     compiled = step.lower(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                       sharding=x.sharding), state),
                           abstract).compile()

@@ -169,6 +169,7 @@ def restore(mgr: ocp.CheckpointManager, abstract: TrainState | dict
 
 
 def eval_abstract(abstract: TrainState) -> dict:
-  """The fields of `abstract` that evaluation restores."""
-  return {k: getattr(abstract, k) for k in EVAL_FIELDS}
+  """The fields of `abstract` that evaluation restores (with the EMA parameters if it has one)."""
+  fields = EVAL_FIELDS + (("ema",) if abstract.ema is not None else ())
+  return {k: getattr(abstract, k) for k in fields}
 
