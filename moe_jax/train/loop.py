@@ -177,6 +177,7 @@ class Trainer:
       for step in range(start + 1, c.total_steps + 1):
         batch = _global_batch(next(iterator), self.mesh)
         if self.profile_steps and step == self.profile_steps[0]:
+          jax.block_until_ready(state)  # the trace holds these steps only
           jax.profiler.start_trace(profile_dir(self.workdir))
           tracing = True
         state, step_metrics = compiled(state, batch)

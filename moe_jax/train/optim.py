@@ -142,11 +142,9 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
                       optax.sgd(lr, momentum=config.momentum))
   else:
     raise ValueError(f"optimizer.name={config.name!r} must be 'adamw' or 'sgd'")
-  # Clipping and the multipliers are always chained (inf = off and multipliers of 1 leave finite
-  # updates bit-identical; the scaling is stateless), so the optimizer state, and a checkpoint's
-  # tree, does not depend on them: a run can resume with them changed.
-  opt = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm or float("inf")), opt,
-                    scale_by_multipliers(lr_multipliers(config)))
+  # Always chained (inf = off leaves finite gradients bit-identical), so the optimizer state,
+  # and a checkpoint's tree, does not depend on clipping: a run can resume with it changed.
+  opt = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm or float("inf")), opt)
   if config.get("trainable"):
     try:
       re.compile(config.trainable)
@@ -154,7 +152,7 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
       raise ValueError(f"optimizer.trainable={config.trainable!r} is not a regex: {e}") from None
     opt = optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()},
                                 functools.partial(trainable_labels, config.trainable))
-  return opt
+  return with_multipliers(opt, lr_multipliers(config))
 
 
 def multipliers(patterns: list[tuple[re.Pattern, float]], params):
@@ -165,14 +163,17 @@ def multipliers(patterns: list[tuple[re.Pattern, float]], params):
   return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def scale_by_multipliers(patterns: list[tuple[re.Pattern, float]]) -> optax.GradientTransformation:
-  """Scales each parameter's update by its `multipliers` value (stateless)."""
-  def scale(updates, params=None):
-    del params
+def with_multipliers(inner: optax.GradientTransformation,
+                     patterns: list[tuple[re.Pattern, float]]) -> optax.GradientTransformation:
+  """`inner` with each parameter's update scaled by its `multipliers` value. The state is
+  `inner`'s own (not a chain's tuple), so checkpoints do not depend on the multipliers: a run
+  can resume with them changed, and checkpoints from before they existed restore."""
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
     factors = multipliers(patterns, updates)
     return jax.tree.map(lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype),
-                        updates, factors)
-  return optax.stateless(scale)
+                        updates, factors), state
+  return optax.GradientTransformation(inner.init, update)
 
 
 def trainable_labels(pattern: str, params):
