@@ -493,3 +493,42 @@ def test_bad_loop_fields_fail_before_compiling(tmp_path, tfds_dir, overrides, me
   c.update_from_flattened_dict(overrides)
   with pytest.raises(ValueError, match=message):
     loop.Trainer(c, str(tmp_path))
+
+
+def test_checkpoints_from_before_the_ema_field_restore_and_an_ema_one_needs_ema(tmp_path):
+  import ml_collections
+  import orbax.checkpoint as ocp
+  from flax import struct
+  from moe_jax.train import checkpoint
+  from moe_jax.train.state import TrainState
+
+  @struct.dataclass
+  class Before:  # TrainState as saved before it had `ema`
+    step: jax.Array
+    params: dict
+    rest: dict
+    opt_state: tuple
+
+  old = Before(step=jnp.ones((), jnp.int32), params={"w": jnp.ones(3)}, rest={"k": jnp.zeros(2)},
+               opt_state=(jnp.full(3, 2.0),))
+  mgr = checkpoint.manager(str(tmp_path))
+  mgr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(old),
+                                      checksums=ocp.args.JsonSave(checkpoint.checksums(old)),
+                                      data=ocp.args.JsonSave({})))
+  mgr.wait_until_finished()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract_of = lambda s: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), s)
+  state = TrainState(step=old.step, params=old.params, rest=old.rest, opt_state=old.opt_state)
+  restored, _ = checkpoint.restore(checkpoint.manager(str(tmp_path)), abstract_of(state))
+  assert restored.ema is None and int(restored.step) == 1
+  np.testing.assert_array_equal(restored.opt_state[0], old.opt_state[0])
+  with_ema = restored.replace(step=restored.step + 1, ema={"w": jnp.full(3, 7.0)})
+  mgr = checkpoint.manager(str(tmp_path))
+  checkpoint.save(mgr, with_ema, {}, ml_collections.ConfigDict())
+  mgr.wait_until_finished()
+  back, _ = checkpoint.restore(checkpoint.manager(str(tmp_path)), abstract_of(with_ema))
+  np.testing.assert_array_equal(back.ema["w"], 7.0)
+  with pytest.raises(checkpoint.CheckpointError, match=r"only in the checkpoint \(e.g. ema/w\)"):
+    checkpoint.restore(checkpoint.manager(str(tmp_path)), abstract_of(state))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]  # nothing moved aside
