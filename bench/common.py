@@ -82,7 +82,8 @@ class Compiled:
             "out_bytes": self.out_bytes, "flops": self.flops, "compile_s": self.compile_s}
 
 
-def _flops(compiled) -> float | None:
+def flops(compiled) -> float | None:
+  """XLA's FLOP estimate of a compiled computation (None where the backend has none)."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # noqa: BLE001  (not every backend implements it)
@@ -104,7 +105,7 @@ def compile_fn(fn: Callable[..., Any], *args: Any) -> Compiled:
   get = lambda name: None if mem is None else int(getattr(mem, name))
   return Compiled(call=lambda: compiled(*args), temp_bytes=get("temp_size_in_bytes"),
                   arg_bytes=get("argument_size_in_bytes"),
-                  out_bytes=get("output_size_in_bytes"), flops=_flops(compiled),
+                  out_bytes=get("output_size_in_bytes"), flops=flops(compiled),
                   compile_s=compile_s, hlo=compiled.as_text)
 
 
@@ -155,7 +156,7 @@ def compile_stats(jitted, *args) -> tuple[Callable, dict[str, Any]]:
   """(compiled function, {flops, temp_bytes, ...}) of a `jax.jit`-ed function at `args`."""
   compiled = jitted.lower(*args).compile()
   mem = compiled.memory_analysis()
-  return compiled, {"flops": _flops(compiled),
+  return compiled, {"flops": flops(compiled),
                     "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
                     "argument_bytes": getattr(mem, "argument_size_in_bytes", None)}
 

@@ -37,6 +37,7 @@ def get_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2000
+  c.profile_steps = ""  # e.g. "10,11": a jax.profiler trace of those steps in WORKDIR/profile
 
   c.data = data.default_config()
   c.data.name, c.data.eval_split = "imagenet2012", "validation"

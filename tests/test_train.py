@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -324,3 +325,210 @@ def test_config_errors_are_one_clean_line(args, message):
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-2000:]
   assert re.search(message, lines[0]) and "\\'" not in lines[0] and "\\n" not in lines[0], lines
+
+
+# --- Loop features: schedules, lr multipliers, gradient accumulation, EMA, profiler ------------
+
+def _schedule_config(kind, **kw):
+  from moe_jax.train import optim
+  c = optim.default_config()
+  c.update(dict(schedule=kind, learning_rate=1.0, warmup_steps=10, end_learning_rate=0.1,
+                rsqrt_timescale=25, cooldown_steps=20), **kw)
+  return c
+
+
+@pytest.mark.parametrize("kind,want", [
+    # steps 0, 5 (warmup), 10 (peak), 60 (half-way through the decay), 100 (cooldown half done)
+    ("cosine", [0.0, 0.5, 1.0, 0.55, 0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(0.9 * math.pi)))]),
+    ("linear", [0.0, 0.5, 1.0, 0.55, 0.5 * (0.1 + 0.9 * 0.1)]),
+    ("rsqrt", [0.0, 0.5, 1.0, 1 / math.sqrt(3.0), 0.5 / math.sqrt(1 + 90 / 25)]),
+    ("constant", [0.0, 0.5, 1.0, 1.0, 0.5]),
+])
+def test_schedules_match_the_big_vision_formulas(kind, want):
+  from moe_jax.train import optim
+  lr = optim.schedule(_schedule_config(kind), total_steps=110)
+  got = [float(lr(s)) for s in (0, 5, 10, 60, 100)]
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  assert float(lr(110)) == 0.0  # the cooldown ends at 0
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("schedule", "step", r"optimizer.schedule='step' must be one of"),
+    ("cooldown_steps", 200, r"optimizer.cooldown_steps=200 must be <= total_steps=110"),
+    ("warmup_steps", -1, r"optimizer.warmup_steps=-1 must be >= 0"),
+    ("rsqrt_timescale", 0, r"optimizer.rsqrt_timescale=0 must be > 0"),
+    ("lr_multipliers", (("a", -1.0),), r"lr_multipliers entry \('a', -1.0\) must be a pair"),
+    ("lr_multipliers", (("(", 0.1),), r"lr_multipliers regex '\(' is not a regex"),
+    ("ema_decay", 1.0, r"optimizer.ema_decay=1.0 must be in \[0, 1\)"),
+    ("grad_accum_steps", 0, r"optimizer.grad_accum_steps=0 must be an integer >= 1"),
+])
+def test_bad_optimizer_fields_are_one_line_errors(field, value, message):
+  from moe_jax.train import optim
+  c = _schedule_config("cosine")
+  c[field] = value
+  with pytest.raises(ValueError, match=message) as e:
+    optim.make_optimizer(c, 110)
+  assert "\n" not in str(e.value)
+
+
+def test_lr_multipliers_scale_each_group_and_zero_freezes_it():
+  import optax
+  from moe_jax.train import optim
+  params = {"trunk": {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}, "head": {"w": jnp.ones((4, 2))},
+            "frozen": {"w": jnp.ones((2, 2))}}
+
+  def deltas(multipliers):
+    c = optim.default_config()
+    c.update(name="sgd", momentum=0.9, weight_decay=0.0, warmup_steps=0, schedule="constant",
+             learning_rate=0.5, lr_multipliers=multipliers)
+    tx, p = optim.make_optimizer(c, 10), params
+    state = tx.init(p)
+    for i in range(3):  # momentum is linear: the scaling carries through every step
+      grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(i), x.shape), p)
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    return jax.tree.map(lambda a, b: np.asarray(a - b), p, params)
+
+  base = deltas(())
+  # First match wins: trunk/w gets 0.1 (not the later 0.5 of "trunk"), trunk/b gets 0.5.
+  got = deltas((("^trunk/w", 0.1), ("trunk", 0.5), ("^frozen/", 0.0)))
+  np.testing.assert_allclose(got["trunk"]["w"], 0.1 * base["trunk"]["w"], rtol=1e-5)
+  np.testing.assert_allclose(got["trunk"]["b"], 0.5 * base["trunk"]["b"], rtol=1e-5)
+  np.testing.assert_array_equal(got["head"]["w"], base["head"]["w"])
+  assert np.abs(base["frozen"]["w"]).min() > 0 and not np.any(got["frozen"]["w"])
+
+
+def _random_batch(abstract_batch, num_classes, seed=0):
+  rng = np.random.default_rng(seed)
+  return {k: jax.device_put(rng.integers(0, num_classes, s.shape).astype(s.dtype) if k == "label"
+                            else rng.standard_normal(s.shape).astype(s.dtype), s.sharding)
+          for k, s in abstract_batch.items()}
+
+
+def _one_step(c, batch=None):
+  """(state before as numpy, state after as numpy, metrics) of one train step of `c`."""
+  from moe_jax import tasks
+  from moe_jax.parallel import sharding
+  from moe_jax.train import optim, state as state_lib, step as step_lib
+  task, mesh = tasks.build_task(c), loop.build_mesh(c)
+  tx = optim.make_optimizer(c.optimizer, c.total_steps)
+  init = state_lib.StateInit(c, tx, mesh)
+  state = init.create()
+  before = jax.device_get(state)
+  if batch is None:
+    batch = _random_batch(task.abstract_batch(c.batch_size, sharding.batch_sharding(mesh), False),
+                          c.model.num_classes)
+  with jax.set_mesh(mesh):
+    step = step_lib.make_train_step(init.defs, tx, optim.schedule(c.optimizer, c.total_steps),
+                                    mesh, init.shardings, task.loss,
+                                    **step_lib.options(c.optimizer))
+    state, metrics = step(state, batch)
+  return before, jax.device_get(state), jax.device_get(metrics), batch
+
+
+@pytest.mark.parametrize("model", ["dense", "moe_nothing_dropped"])
+def test_gradient_accumulation_equals_the_big_batch(tfds_dir, model):
+  c = tiny_config(tfds_dir, total_steps=10, **{"optimizer.warmup_steps": 0,
+                                                "optimizer.name": "sgd",
+                                                "optimizer.momentum": 0.0})
+  if model == "dense":
+    c.model.name = "vit"
+  else:  # no router noise, each example its own routing group, capacity for every token
+    c.model.moe.router.noise_std = 0.0
+    c.model.moe.capacity_factor = float(c.model.moe.num_experts)
+  _, big, big_metrics, batch = _one_step(c)
+  c.optimizer.grad_accum_steps = 4  # 64 examples -> 4 micro-batches of 16 (2 per device)
+  before, acc, acc_metrics, _ = _one_step(c, batch)
+  assert acc_metrics["train/loss"] == pytest.approx(big_metrics["train/loss"], rel=1e-5)
+  assert acc_metrics["train/grad_norm"] == pytest.approx(big_metrics["train/grad_norm"], rel=1e-4)
+  assert acc_metrics["train/accuracy"] == pytest.approx(big_metrics["train/accuracy"], abs=1e-6)
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), big.params, before.params)
+  assert max(jax.tree.leaves(moved)) > 1e-4
+  for name, a, b in zip(*zip(*jax.tree_util.tree_leaves_with_path(acc.params)),
+                        jax.tree.leaves(big.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(name))
+  if model != "dense":
+    dropped = [v for k, v in acc_metrics.items() if k.endswith("dropped_fraction")]
+    assert dropped and max(dropped) == 0.0
+    assert acc_metrics["train/aux_loss"] == pytest.approx(big_metrics["train/aux_loss"], rel=1e-5)
+
+
+def test_ema_follows_its_formula(tfds_dir):
+  c = tiny_config(tfds_dir, total_steps=10, **{"optimizer.ema_decay": 0.75})
+  before, after, _, _ = _one_step(c)
+  leaves = lambda s: jax.tree.leaves(s)
+  for e0, e1, p1 in zip(leaves(before.ema), leaves(after.ema), leaves(after.params)):
+    np.testing.assert_allclose(e1, 0.75 * e0 + 0.25 * p1, rtol=1e-6, atol=1e-7)
+  for e0, p0 in zip(leaves(before.ema), leaves(before.params)):
+    np.testing.assert_array_equal(e0, p0)  # the average starts at the initial parameters
+
+
+def test_ema_accumulation_and_profile_end_to_end(tmp_path, tfds_dir):
+  """EMA evaluated and checkpointed, accumulated steps and a profiler trace, in one short run."""
+  c = tiny_config(tfds_dir, total_steps=4, eval_every_steps=2, checkpoint_every_steps=2,
+                  log_every_steps=1, profile_steps="2,3",
+                  **{"optimizer.ema_decay": 0.5, "optimizer.grad_accum_steps": 2,
+                     "optimizer.schedule": "rsqrt", "optimizer.cooldown_steps": 2,
+                     "optimizer.lr_multipliers": (("^blocks/0/", 0.1),)})
+  last = loop.train_and_evaluate(c, str(tmp_path))
+  assert 0 <= last["eval_ema/accuracy"] <= 1 and last["eval_ema/num_examples"] == 200
+  traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces
+  saved = loop.evaluate_checkpoint(c, str(tmp_path))  # restores the EMA from the checkpoint
+  assert saved["eval_ema/loss"] == pytest.approx(last["eval_ema/loss"], rel=1e-6)
+  assert saved["eval/loss"] == pytest.approx(last["eval/loss"], rel=1e-6)
+  assert saved["eval_ema/loss"] != saved["eval/loss"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"profile_steps": "3,5"}, r"profile_steps='3,5' must be consecutive steps in \[1, total"),
+    ({"profile_steps": "0"}, r"profile_steps='0' must be consecutive"),
+    ({"optimizer.grad_accum_steps": 3}, r"batch_size=64 must be a multiple of "
+                                        r"optimizer.grad_accum_steps=3"),
+    ({"optimizer.grad_accum_steps": 16},
+     r"batch_size/optimizer.grad_accum_steps \(64/16\)=4 must be a positive multiple of the 8"),
+])
+def test_bad_loop_fields_fail_before_compiling(tmp_path, tfds_dir, overrides, message):
+  c = tiny_config(tfds_dir, total_steps=4, profile_steps="")
+  c.update_from_flattened_dict(overrides)
+  with pytest.raises(ValueError, match=message):
+    loop.Trainer(c, str(tmp_path))
+
+
+def test_checkpoints_from_before_the_ema_field_restore_and_an_ema_one_needs_ema(tmp_path):
+  import ml_collections
+  import orbax.checkpoint as ocp
+  from flax import struct
+  from moe_jax.train import checkpoint
+  from moe_jax.train.state import TrainState
+
+  @struct.dataclass
+  class Before:  # TrainState as saved before it had `ema`
+    step: jax.Array
+    params: dict
+    rest: dict
+    opt_state: tuple
+
+  old = Before(step=jnp.ones((), jnp.int32), params={"w": jnp.ones(3)}, rest={"k": jnp.zeros(2)},
+               opt_state=(jnp.full(3, 2.0),))
+  mgr = checkpoint.manager(str(tmp_path))
+  mgr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(old),
+                                      checksums=ocp.args.JsonSave(checkpoint.checksums(old)),
+                                      data=ocp.args.JsonSave({})))
+  mgr.wait_until_finished()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract_of = lambda s: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), s)
+  state = TrainState(step=old.step, params=old.params, rest=old.rest, opt_state=old.opt_state)
+  restored, _ = checkpoint.restore(checkpoint.manager(str(tmp_path)), abstract_of(state))
+  assert restored.ema is None and int(restored.step) == 1
+  np.testing.assert_array_equal(restored.opt_state[0], old.opt_state[0])
+  with_ema = restored.replace(step=restored.step + 1, ema={"w": jnp.full(3, 7.0)})
+  mgr = checkpoint.manager(str(tmp_path))
+  checkpoint.save(mgr, with_ema, {}, ml_collections.ConfigDict())
+  mgr.wait_until_finished()
+  back, _ = checkpoint.restore(checkpoint.manager(str(tmp_path)), abstract_of(with_ema))
+  np.testing.assert_array_equal(back.ema["w"], 7.0)
+  with pytest.raises(checkpoint.CheckpointError, match=r"only in the checkpoint \(e.g. ema/w\)"):
+    checkpoint.restore(checkpoint.manager(str(tmp_path)), abstract_of(state))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]  # nothing moved aside

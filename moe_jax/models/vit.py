@@ -19,6 +19,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from moe_jax.models import remat
+
 # name -> (width, depth, mlp_dim, heads), as in big_vision.
 SIZES = {
     "Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6), "M": (512, 12, 2048, 8),
@@ -54,7 +56,8 @@ def vit_config(variant: str = "S/16", **overrides) -> ml_collections.ConfigDict:
       posemb="learned",  # 'learned' or 'sincos2d'
       dropout_rate=0.0, attention_dropout_rate=0.0, stochastic_depth=0.0,
       dtype="float32",  # compute dtype; params stay float32
-      head_zero_init=True, **BLOCK_VARIANTS, **EMBED_VARIANTS))
+      head_zero_init=True, **BLOCK_VARIANTS, **EMBED_VARIANTS,
+      remat_policy="none"))  # per block: moe_jax.models.remat.POLICIES (e.g. 'dots_saveable')
   return with_overrides(c, overrides, "vit_config")
 
 
@@ -78,6 +81,7 @@ def _validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.pool={c.pool!r} must be one of {POOLS}")
   if c.posemb not in ("learned", "sincos2d"):
     raise ValueError(f"model.posemb={c.posemb!r} must be 'learned' or 'sincos2d'")
+  remat.validate(c.remat_policy)
   if c.layer_scale < 0 or c.num_registers < 0 or c.layer_norm_eps <= 0:
     raise ValueError(f"model.layer_scale={c.layer_scale} and model.num_registers="
                      f"{c.num_registers} must be >= 0, model.layer_norm_eps={c.layer_norm_eps} > 0")
@@ -194,6 +198,7 @@ class ViT(nnx.Module):
     c = config
     self.dtype = jnp.dtype(c.dtype)
     self.pool = c.pool
+    self.remat_policy = c.remat_policy
     p, D = c.patch_size, c.width
     grid = c.image_size // p
     self.patch_embed = nnx.Conv(c.channels, D, (p, p), strides=(p, p), padding="VALID",
@@ -237,7 +242,7 @@ class ViT(nnx.Module):
     if self.pre_norm is not None:
       x = self.pre_norm(x)
     for i in range(layer % (depth + 1)):
-      x = self.blocks[i](x)
+      x = remat.call(self.blocks[i], self.remat_policy, x)
     return x
 
   def tokens(self, images: jax.Array) -> jax.Array:

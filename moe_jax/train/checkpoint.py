@@ -3,6 +3,7 @@ resharding on restore. A corrupt step (unreadable, or an array whose checksum di
 aside and the previous step used; a checkpoint of another config is an error naming the array."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -74,7 +75,7 @@ def save(mgr: ocp.CheckpointManager, state: TrainState, data_state: dict,
          config: ml_collections.ConfigDict) -> None:
   step = int(state.step)
   mgr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
+      state=ocp.args.StandardSave(_fields(state)),
       checksums=ocp.args.JsonSave(checksums(state)),
       data=ocp.args.JsonSave(data_state),
       config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
@@ -125,7 +126,7 @@ def _restore_step(mgr: ocp.CheckpointManager, abstract, step: int):
         "with another --workdir (to start a next stage from it: another --workdir and "
         f"--config.init_from.kind=run --config.init_from.path={os.path.dirname(mgr.directory)})")
   if isinstance(abstract, TrainState):
-    state_args = ocp.args.StandardRestore(abstract)
+    state_args = ocp.args.StandardRestore(_fields(abstract))
   else:
     state_args = ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
@@ -143,7 +144,15 @@ def _restore_step(mgr: ocp.CheckpointManager, abstract, step: int):
     bad = [k for k, v in got.items() if restored["checksums"].get(k) != v]
     if bad:
       raise _Corrupt(f"{len(bad)} arrays differ from their checksums (e.g. {bad[0]})")
-  return restored["state"], restored["data"]
+  state = restored["state"]
+  return (TrainState(**state) if isinstance(abstract, TrainState) else state), restored["data"]
+
+
+def _fields(state: TrainState) -> dict:
+  """`state`'s fields that are not None, by name: what is saved and restored, so a state
+  without EMA has the tree of checkpoints written before `TrainState.ema` existed."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if getattr(state, f.name) is not None}
 
 
 def restore(mgr: ocp.CheckpointManager, abstract: TrainState | dict
@@ -170,6 +179,7 @@ def restore(mgr: ocp.CheckpointManager, abstract: TrainState | dict
 
 
 def eval_abstract(abstract: TrainState) -> dict:
-  """The fields of `abstract` that evaluation restores."""
-  return {k: getattr(abstract, k) for k in EVAL_FIELDS}
+  """The fields of `abstract` that evaluation restores (with the EMA parameters if it has one)."""
+  fields = EVAL_FIELDS + (("ema",) if abstract.ema is not None else ())
+  return {k: getattr(abstract, k) for k in fields}
 

@@ -77,6 +77,14 @@ class Trainer:
     self.mesh = build_mesh(config)
     self.eval_batch_size = config.get("eval_batch_size", config.batch_size)
     check_batch_size(self.mesh, self.eval_batch_size, "eval_batch_size")
+    accum = config.optimizer.grad_accum_steps
+    if accum > 1 and config.batch_size % accum == 0:
+      check_batch_size(self.mesh, config.batch_size // accum,
+                       f"batch_size/optimizer.grad_accum_steps ({config.batch_size}/{accum})")
+    elif accum > 1:
+      raise ValueError(f"batch_size={config.batch_size} must be a multiple of "
+                       f"optimizer.grad_accum_steps={accum}")
+    self.profile_steps = profile_window(config)
     self.tx = optim.make_optimizer(config.optimizer, config.total_steps)
     self.schedule = optim.schedule(config.optimizer, config.total_steps)
     check_writable(workdir)
@@ -94,6 +102,9 @@ class Trainer:
     state = self.init.create()
     if self.config.get("init_from") and self.config.init_from.kind:
       state = init_from.apply(state, self.config, self.tx, self.shardings)
+      if self.shardings.ema is not None:  # the average starts at the imported weights
+        state = state.replace(ema=jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                                          out_shardings=self.shardings.ema)(state.params))
     return state, None
 
   def restore_for_eval(self) -> dict:
@@ -127,6 +138,17 @@ class Trainer:
                                  self._abstract_batch(self.eval_batch_size, True)).compile()
     return compiled, batches
 
+  def evaluate_with_ema(self, state) -> tuple[dict, dict]:
+    """`evaluate(state)`, plus when `state` has an EMA (optimizer.ema_decay > 0) the EMA
+    parameters' scalars as `eval_ema/...` (the extras are those of the raw parameters)."""
+    scalars, extras = self.evaluate(state)
+    ema = state.get("ema") if isinstance(state, dict) else state.ema
+    if ema is not None:
+      rest = state["rest"] if isinstance(state, dict) else state.rest
+      ema_scalars, _ = self.evaluate({"params": ema, "rest": rest})
+      scalars.update({"eval_ema/" + k.removeprefix("eval/"): v for k, v in ema_scalars.items()})
+    return scalars, extras
+
   def evaluate(self, state) -> tuple[dict, dict]:
     """Sharded evaluation on the eval split of `state` (a TrainState, or a dict with its
     `params` and `rest`): the task's (`eval/...` scalars, extras)."""
@@ -150,7 +172,8 @@ class Trainer:
       iterator.set_state(data_state)
     with jax.set_mesh(self.mesh):
       train_step = step_lib.make_train_step(self.defs, self.tx, self.schedule, self.mesh,
-                                            self.shardings, self.task.loss)
+                                            self.shardings, self.task.loss,
+                                            **step_lib.options(c.optimizer))
       compiled = train_step.lower(self.abstract, self._abstract_batch(c.batch_size, False)).compile()
     flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
     self.evaluator()
@@ -159,10 +182,19 @@ class Trainer:
     unchecked: list[tuple[int, jax.Array]] = []  # (step, its "train/finite") since the last check
     bar = metrics.progress_bar(start, c.total_steps)
     tick, tick_step = time.perf_counter(), start
+    tracing = False
     try:
       for step in range(start + 1, c.total_steps + 1):
         batch = _global_batch(next(iterator), self.mesh)
+        if self.profile_steps and step == self.profile_steps[0]:
+          jax.block_until_ready(state)  # the trace holds these steps only
+          jax.profiler.start_trace(profile_dir(self.workdir))
+          tracing = True
         state, step_metrics = compiled(state, batch)
+        if tracing and step == self.profile_steps[-1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+          tracing = False
         unchecked.append((step, step_metrics["train/finite"]))
         bar.update(1)
         is_last = step == c.total_steps
@@ -177,7 +209,7 @@ class Trainer:
           bar.set_postfix(loss=f"{last['train/loss']:.4f}")
           tick, tick_step = time.perf_counter(), step
         if (c.eval_every_steps and step % c.eval_every_steps == 0) or is_last:
-          scalars, _ = self.evaluate(state)
+          scalars, _ = self.evaluate_with_ema(state)
           writer.write(step, scalars)
           last.update(scalars)
           if jax.process_index() == 0:
@@ -187,9 +219,32 @@ class Trainer:
           checkpoint.save(self.ckpt, state, iterator.get_state(), c)
       self.ckpt.wait_until_finished()
     finally:
+      if tracing:
+        jax.profiler.stop_trace()
       bar.close()
       writer.close()
     return last
+
+
+def profile_window(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The steps of `config.profile_steps` ("10,11": consecutive steps whose `jax.profiler` trace
+  goes to `profile_dir(workdir)`; optional, "" or absent = none), ValueError when malformed."""
+  spec = config.get("profile_steps", "")
+  try:
+    steps = tuple(int(s) for s in spec.split(",")) if spec.strip() else ()
+  except ValueError:
+    steps = None
+  if steps is not None and (not steps or (
+      steps == tuple(range(steps[0], steps[0] + len(steps))) and 1 <= steps[0]
+      and steps[-1] <= config.total_steps)):
+    return steps
+  raise ValueError(f"profile_steps={spec!r} must be consecutive steps in [1, total_steps="
+                   f"{config.total_steps}] separated by commas, e.g. '10,11' ('' = no trace)")
+
+
+def profile_dir(workdir: str) -> str:
+  """Where the profiler trace goes (TensorBoard's profile plugin layout below it)."""
+  return os.path.join(workdir, "profile")
 
 
 def check_writable(workdir: str) -> None:
@@ -230,7 +285,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   scalars and report, e.g. classification's routing analysis)."""
   trainer = Trainer(config, workdir)
   state = trainer.restore_for_eval()
-  scalars, extras = trainer.evaluate(state)
+  scalars, extras = trainer.evaluate_with_ema(state)
   result = {"step": int(state["step"]), **scalars, **trainer.task.report(extras, workdir)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:

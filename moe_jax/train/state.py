@@ -18,6 +18,7 @@ class TrainState:
   params: nnx.State  # nnx.Param variables
   rest: nnx.State  # everything else: RNG keys/counters, router step counters, fixed buffers
   opt_state: optax.OptState
+  ema: nnx.State | None = None  # moving average of `params` (optimizer.ema_decay > 0), else None
 
 
 @struct.dataclass
@@ -37,8 +38,9 @@ def _init(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
   train_def, params, rest = nnx.split(model, nnx.Param, ...)
   model.eval()
   eval_def = nnx.split(model, nnx.Param, ...)[0]
+  ema = jax.tree.map(jnp.copy, params) if config.optimizer.ema_decay else None
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                     opt_state=tx.init(params))
+                     opt_state=tx.init(params), ema=ema)
   return state, ModelDefs(train=train_def, eval=eval_def)
 
 
@@ -48,7 +50,8 @@ def state_shardings(abstract: TrainState, tx: optax.GradientTransformation,
   return TrainState(
       step=sharding.replicated(mesh), params=params,
       rest=jax.tree.map(lambda _: sharding.replicated(mesh), abstract.rest),
-      opt_state=sharding.optimizer_shardings(tx, abstract.opt_state, params, mesh))
+      opt_state=sharding.optimizer_shardings(tx, abstract.opt_state, params, mesh),
+      ema=None if abstract.ema is None else params)
 
 
 class StateInit:

@@ -5,6 +5,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 
@@ -16,29 +17,81 @@ Batch = dict[str, jax.Array]
 
 def make_train_step(defs: ModelDefs, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: jax.sharding.Mesh, shardings: TrainState,
-                    task_loss: Callable[[nnx.Module, Batch], tuple[jax.Array, dict]]) -> Callable:
+                    task_loss: Callable[[nnx.Module, Batch], tuple[jax.Array, dict]], *,
+                    grad_accum_steps: int = 1, ema_decay: float = 0.0) -> Callable:
   """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
   `task_loss(model, batch) -> (loss, metrics)` (a `Task.loss`). `metrics["train/finite"]` is 1
-  when the loss, the gradient norm and every float array of the updated state are finite."""
+  when the loss, the gradient norm and every float array of the updated state are finite.
+
+  `grad_accum_steps` = A > 1: the batch `[B, ...]` is cut into A micro-batches `[B / A, ...]`
+  (micro-batch j = examples j, A + j, 2A + j, ..., so each stays spread over the same batch
+  shards without moving data) run one after another by a `lax.scan`; the gradient and every
+  metric are the means over the micro-batches, which for a per-example-mean loss is the big
+  batch's gradient (up to float rounding). The model's other state (RNG streams, router step
+  counters) advances once per micro-batch. For MoE models the routing differs from the big
+  batch: routing groups, expert capacity and the aux losses are per micro-batch, so the result
+  equals the big batch's only when nothing is dropped and the aux losses are linear in the
+  batch (mean over groups).
+
+  `ema_decay` = d > 0: `state.ema = d * state.ema + (1 - d) * params` after the update."""
+  def grads_of(params: nnx.State, rest: nnx.State, batch: Batch):
+    def loss_fn(params):
+      model = nnx.merge(defs.train, params, rest, copy=True)
+      loss, metrics = task_loss(model, batch)
+      return loss, (nnx.split(model, nnx.Param, ...)[2], metrics)
+
+    (loss, (rest, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, grads, rest, metrics
+
+  def accumulated(params: nnx.State, rest: nnx.State, batch: Batch):
+    micro = {k: micro_batches(x, grad_accum_steps, mesh) for k, x in batch.items()}
+
+    def body(carry, batch_j):
+      grad_sum, rest = carry
+      loss, grads, rest, metrics = grads_of(params, rest, batch_j)
+      return (jax.tree.map(jnp.add, grad_sum, grads), rest), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grad_sum, rest), (losses, metrics) = jax.lax.scan(body, (zeros, rest), micro)
+    return (jnp.mean(losses), jax.tree.map(lambda g: g / grad_accum_steps, grad_sum), rest,
+            jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
 
   def step(state: TrainState, batch: Batch):
-    def loss_fn(params):
-      model = nnx.merge(defs.train, params, state.rest, copy=True)
-      loss, metrics = task_loss(model, batch)
-      rest = nnx.split(model, nnx.Param, ...)[2]
-      return loss, (rest, metrics)
-
-    (loss, (rest, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, grads, rest, metrics = (accumulated if grad_accum_steps > 1 else grads_of)(
+        state.params, state.rest, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new = TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
+    ema = state.ema
+    if ema_decay:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+    new = TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state, ema=ema)
     metrics["train/learning_rate"] = schedule(state.step)
     metrics["train/grad_norm"] = optax.tree.norm(grads)
     metrics["train/finite"] = all_finite((loss, metrics["train/grad_norm"], new))
     return new, metrics
 
+  if bool(ema_decay) != (shardings.ema is not None):
+    raise ValueError(f"optimizer.ema_decay={ema_decay} but the train state "
+                     f"{'has no' if shardings.ema is None else 'has an'} EMA: build the state "
+                     "from the same optimizer config")
   return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def options(optimizer: ml_collections.ConfigDict) -> dict:
+  """The `make_train_step` keyword arguments that the `optimizer` config node sets."""
+  return dict(grad_accum_steps=optimizer.grad_accum_steps, ema_decay=optimizer.ema_decay)
+
+
+def micro_batches(x: jax.Array, count: int, mesh: jax.sharding.Mesh) -> jax.Array:
+  """`[B, ...]` -> `[count, B / count, ...]`, micro-batch j = rows j, count + j, 2 count + j, ...
+  (each micro-batch keeps the batch sharding of its rows: no data moves)."""
+  if x.shape[0] % count:
+    raise ValueError(f"batch of {x.shape[0]} does not split into optimizer.grad_accum_steps="
+                     f"{count} micro-batches")
+  x = jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+  spec = jax.sharding.PartitionSpec(None, sharding.batch_axes(mesh))
+  return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 def all_finite(tree) -> jax.Array:
