@@ -121,23 +121,33 @@ def test_groups_not_divisible_by_devices_is_a_clear_error():
     layer(jnp.ones((4, 6, 8)))
 
 
-def test_sharded_equals_unsharded_under_custom_param_rules():
-  """The tiny ViMoE with its parameters placed by a non-default rule set (multi-axis and
-  per-dimension specs, a replicated router) on mesh (data=1, fsdp=2, expert=4)."""
+CUSTOM_RULES = ((r"/router/", ()), (r"(^|/)experts/", (mesh_lib.EXPERT,)),
+                (r"mlp/fc\d/kernel", (None, (mesh_lib.FSDP, mesh_lib.EXPERT))),
+                (r"attn/\w+/kernel", (mesh_lib.FSDP,)), (r".*", mesh_lib.DATA))
+
+
+@pytest.mark.parametrize("mesh_shape,rules,want_specs", [
+    # A non-default rule set: multi-axis and per-dimension specs, a replicated router.
+    ((1, 2, 4, 1), CUSTOM_RULES, {"blocks/0/mlp/fc1/kernel": P(None, ("fsdp", "expert")),
+                                  "blocks/2/mlp/router/kernel": P()}),
+    # The defaults with fsdp alone: expert banks split over their hidden dimension.
+    ((1, 8, 1, 1), mesh_lib.PARAM_RULES, {"blocks/2/mlp/experts/fc1_kernel":
+                                          P("expert", None, "fsdp")}),
+    ((2, 2, 2, 1), mesh_lib.PARAM_RULES, {"blocks/2/mlp/experts/fc2_kernel": P("expert", "fsdp")}),
+])
+def test_sharded_equals_unsharded_under_param_rules(mesh_shape, rules, want_specs):
+  """The tiny ViMoE with its parameters placed by `rules` on a (data, fsdp, expert, model)
+  mesh: loss and gradients equal one device's."""
   model = build_model(vimoe_tiny_mnist.get_config().model, rngs=nnx.Rngs(0))
   model.eval()
   x = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
   want_loss, want_grads = loss_and_grads(model, x)
-  rules = ((r"/router/", ()), (r"(^|/)experts/", (mesh_lib.EXPERT,)),
-           (r"mlp/fc\d/kernel", (None, (mesh_lib.FSDP, mesh_lib.EXPERT))),
-           (r"attn/\w+/kernel", (mesh_lib.FSDP,)), (r".*", mesh_lib.DATA))
-  mesh = jax.make_mesh((1, 2, 4, 1), mesh_lib.AXES, axis_types=(AxisType.Auto,) * 4)
+  mesh = jax.make_mesh(mesh_shape, mesh_lib.AXES, axis_types=(AxisType.Auto,) * 4)
   params = nnx.state(model, nnx.Param)
   shardings = sharding.tree_shardings(params, mesh, rules)
   specs = {sharding.path_name(path): s.spec
            for path, s in jax.tree_util.tree_leaves_with_path(shardings)}
-  assert specs["blocks/0/mlp/fc1/kernel"] == P(None, ("fsdp", "expert"))
-  assert specs["blocks/2/mlp/router/kernel"] == P()
+  assert {k: specs[k] for k in want_specs} == want_specs
   nnx.update(model, jax.device_put(params, shardings))
   with jax.set_mesh(mesh):
     loss, grads = loss_and_grads(model, jax.device_put(x, sharding.batch_sharding(mesh)))
