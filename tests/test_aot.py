@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ def run_aot(tmp_path, topology: str, *overrides: str) -> tuple[str, dict]:
   """The command from another working directory, the config named relative to the repo."""
   out = tmp_path / "report.json"
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  env["PYTHONPATH"] = ROOT
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
   cmd = [sys.executable, "-m", "moe_jax.commands.aot", "--config=configs/vimoe_tiny_mnist.py",
          f"--topology={topology}", f"--json={out}", *overrides]
   proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
@@ -53,8 +54,9 @@ def test_collective_parsing():
   %ar = f32[4,2]{1,0} all-reduce(%i), channel_id=4, replica_groups={{0,4},{1,5}}, to_apply=%sum
   %noop = f32[64]{0} all-reduce(%j), channel_id=5, replica_groups={{0},{1}}, to_apply=%sum
   """
-  assert hlo.collective_counts(text) == {"all-to-all": 2, "all-gather": 1, "all-reduce": 2,
-                                         "reduce-scatter": 0, "collective-permute": 0}
+  assert hlo.collective_counts(text) == {"all-to-all": 2, "ragged-all-to-all": 0,
+                                         "all-gather": 1, "all-reduce": 2, "reduce-scatter": 0,
+                                         "collective-permute": 0}
   assert hlo.all_to_all_bytes(text) == 4 * 160 * 64 * 4 + 2 * 80 * 64 * 2
   # The all-reduce over single-member groups (a size-1 mesh axis) moves nothing: not counted.
   assert hlo.collective_bytes(text, "all-reduce") == 2 * 8 * 4 + 4 * 2 * 4
@@ -87,3 +89,22 @@ def test_v5p_topology_compiles(tmp_path):
   assert r["devices"] == r["chips"] == 4 and r["device_kind"].startswith("TPU v5")
   assert r["collectives"]["all-to-all"] > 0 and r["predicted_step_s"] > 0
   assert "predicted step time" in stdout and "HBM" in stdout
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
+def test_v5p_dropless_expert_parallel_compiles_to_ragged_all_to_all(tmp_path):
+  """Dropless under expert=4, compiled for TPU from this CPU host: the TPU kernels (ragged
+  all-to-all, ragged dot), not the CPU fallback (dense all-to-all of capacity buffers, the
+  blocked grouped matmul's loops)."""
+  _, r = run_aot(tmp_path, "v5p:2x2x1", "--config.mesh.expert=4", "--config.mesh.data=-1",
+                 "--config.batch_size=16", "--config.model.moe.dispatch=dropless",
+                 f"--dump_hlo={tmp_path / 'step.hlo'}")
+  text = (tmp_path / "step.hlo").read_text()
+  # 2 MoE layers x (out + back) x (forward + backward).
+  assert r["collectives"]["ragged-all-to-all"] == 8
+  assert "ragged-dot" in text
+  # The only loops: searchsorted's (rows -> expert); none of the blocked kernel's tile loops.
+  loops = re.findall(r" while\(.*?op_name=\"([^\"]*)\"", text)
+  assert loops and all("searchsorted" in name for name in loops), loops
+  # The remaining dense all-to-alls carry int32 offsets only (the transposed exchange's).
+  assert r["all_to_all_operand_bytes_per_device"] <= 1024

@@ -107,8 +107,8 @@ def test_compiled_layer_uses_all_to_all_and_never_gathers_expert_weights():
         params, x).compile().as_text()
   counts = {op: n for op, n in collective_counts(hlo).items() if op != "all-reduce"}
   # Golden counts per MoE layer forward: one all-to-all out to the experts, one back.
-  assert counts == {"all-to-all": 2, "all-gather": 0, "reduce-scatter": 0,
-                    "collective-permute": 0}, counts
+  assert counts == {"all-to-all": 2, "ragged-all-to-all": 0, "all-gather": 0,
+                    "reduce-scatter": 0, "collective-permute": 0}, counts
   expert_shapes = {str(list(a.shape)).replace(" ", "") for a in jax.tree.leaves(params)
                    if a.shape[0] == 8}
   gathered = re.findall(r"f32\[([\d,]+)\][^=]*all-gather", hlo)
@@ -154,3 +154,56 @@ def test_sharded_equals_unsharded_under_param_rules(mesh_shape, rules, want_spec
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads,
                want_grads)
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+  """`jax.lax.ragged_all_to_all` (as its docstring specifies it) from a dense all_to_all, for
+  XLA:CPU, which lacks the collective: every slice travels padded to the operand's rows."""
+  EMULATED_CALLS.append(axis_name)
+  n, rows = jax.lax.axis_size(axis_name), jnp.arange(operand.shape[0])
+  chunks = jnp.stack([jnp.where((rows < send_sizes[j])[:, None],
+                                jnp.take(operand, input_offsets[j] + rows, axis=0, mode="clip"), 0)
+                      for j in range(n)])  # [destination, rows, D]
+  got = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)  # [source, rows, D]
+  offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+  for s in range(n):
+    at = jnp.where(rows < recv_sizes[s], offsets[s] + rows, output.shape[0])
+    output = output.at[at].set(got[s], mode="drop")
+  return output
+
+
+EMULATED_CALLS = []
+
+
+@pytest.mark.parametrize("router,granularity,shape", [
+    ("top_k", "token", (2, 4)),
+    pytest.param("clusters", "token", (1, 8), marks=pytest.mark.slow),
+    pytest.param("top_k", "image", (1, 8), marks=pytest.mark.slow)])
+def test_ragged_dropless_equals_single_device_dropless(monkeypatch, router, granularity, shape):
+  """The TPU/GPU path (ragged all-to-all + grouped matmul) run on CPU through an emulated
+  collective: loss and gradients equal one device's dropless layer."""
+  image = dict(granularity="image", images_per_group=2) if granularity == "image" else {}
+  x = X_IMAGES if image else jax.random.normal(jax.random.key(1), (16, 6, 8))
+  layer = make_layer(router, "dropless", **image)
+  want_loss, want_grads = loss_and_grads(layer, x)
+  monkeypatch.setattr(moe.expert_parallel, "RAGGED_PLATFORMS", ("cpu",))
+  monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
+  EMULATED_CALLS.clear()
+  with jax.set_mesh(mesh_of(shape)):
+    loss, grads = loss_and_grads(layer, x)
+  assert EMULATED_CALLS and set(EMULATED_CALLS) == {mesh_lib.EXPERT}  # the ragged path ran
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads,
+               want_grads)
+
+
+def test_dropless_on_cpu_falls_back_to_capacity_buffers():
+  """XLA:CPU has no ragged-all-to-all: the compiled CPU program uses dense all-to-alls."""
+  layer = make_layer("top_k", "dropless")
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  with jax.set_mesh(mesh_of((2, 4))):
+    assert not moe.expert_parallel.ragged_dropless(jax.sharding.get_abstract_mesh())
+    hlo = jax.jit(lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x))).lower(
+        params, X_IMAGES).compile().as_text()
+  assert collective_counts(hlo)["all-to-all"] == 2 and "ragged-all-to-all" not in hlo

@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 import re
 
-COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+# ragged-all-to-all: its result is the whole receive buffer (what arrives is data-dependent).
+COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "all-reduce", "reduce-scatter",
+               "collective-permute")
 # Bytes per element, by HLO element type name.
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}

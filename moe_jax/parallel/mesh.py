@@ -46,6 +46,14 @@ def batch_shards(mesh: AbstractMesh | Mesh) -> int:
   return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
+def target_platform() -> str:
+  """The platform of the program being traced: the current mesh's devices' (`jax.set_mesh`;
+  "tpu" when AOT-compiling for a TPU topology from a CPU host), else the host's backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return jax.default_backend() if device is None else device.platform
+
+
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
   """Resolves -1 and checks that the axes cover exactly `num_devices`."""
   sizes = {a: int(config.get(a, 1)) for a in AXES}
