@@ -25,7 +25,7 @@ def run_aot(tmp_path, topology: str, *overrides: str) -> tuple[str, dict]:
   env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
   cmd = [sys.executable, "-m", "moe_jax.commands.aot", "--config=configs/vimoe_tiny_mnist.py",
          f"--topology={topology}", f"--json={out}", *overrides]
-  proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+  proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout, json.loads(out.read_text())
 
