@@ -28,7 +28,14 @@ Sections:
    and the collectives (not of an interconnect). Per device: XLA FLOPs, temp and argument memory,
    all-to-all bytes (vs the formula above, fwd+bwd = 4 (T/N) k D bytes (EC/kS) per layer) and
    all-reduce bytes (vs the bytes of the gradients that are replicated over a batch axis).
-3. ``pods``: the trainer's ViMoE step compiled ahead of time for TPU pod topologies
+3. ``dropless_ep``: one MoE layer's fwd+bwd (top-k, bf16 experts) on 8 chips of TPU v5p
+   (v5p:2x2x2, mesh expert=8), AOT-compiled from this host (needs libtpu): capacity cf=1.25
+   against dropless two ways, the CPU fallback (capacity buffers with room for every token,
+   cf = E/k) and the TPU path (ragged all-to-all + ragged dot). Per device: XLA FLOPs, temp,
+   dense all-to-all operand bytes, ragged-all-to-all buffer bytes (the receive buffers: an upper
+   bound, what arrives is data-dependent) and the rows a ragged exchange actually moves
+   (N k routed rows + at most E (block_size - 1) rows of block padding, each way, fwd and bwd).
+4. ``pods``: the trainer's ViMoE step compiled ahead of time for TPU pod topologies
    (`python -m moe_jax.commands.aot ... --json`, one subprocess each): per-chip memory, FLOPs
    and the step time at 100% MFU. Needs libtpu (`pip install -e '.[tpu]'`); skipped with a note
    otherwise.
@@ -44,7 +51,7 @@ import sys
 import tempfile
 
 DEVICES = 8
-SECTIONS = ("a2a", "devices", "pods")
+SECTIONS = ("a2a", "devices", "dropless_ep", "pods")
 # (config, topology, overrides): the AOT pod configurations of the `pods` section.
 PODS_QUICK = [("configs/vimoe_tiny_mnist.py", "v5p:2x2x1", ["--config.mesh.expert=4"])]
 PODS = [
@@ -292,11 +299,76 @@ def main() -> None:
               f"D={D}, F={F}, E={E}, k={k}, cf={cf}; simulated CPU devices sharing "
               f"{os.cpu_count()} cores (ideal t = n t1)")
 
+  def run_dropless_ep(args, records):
+    from moe_jax import aot
+
+    if importlib.util.find_spec("libtpu") is None:
+      note = "skipped: libtpu is not installed (pip install -e '.[tpu]')"
+      print(f"dropless_ep: {note}", flush=True)
+      records.append({"section": "dropless_ep", "skipped": note})
+      return
+    D, F, E, k, B, S = (256, 512, 8, 1, 16, 64) if args.quick else (768, 3072, 32, 1, 64, 197)
+    devices = aot.topology_devices(aot.parse_topology("v5p:2x2x2"))
+    mesh = jax.make_mesh((1, 8), (mesh_lib.DATA, mesh_lib.EXPERT), devices=devices,
+                         axis_types=(AxisType.Auto,) * 2)
+    abstract = lambda tree, shardings: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    N = B * S // 8  # tokens per device
+    rows = []
+    for name, dispatch, cf in [("capacity cf=1.25", "capacity", 1.25),
+                               ("dropless: CPU fallback (cf=E/k)", "capacity", E / k),
+                               ("dropless: ragged (TPU)", "dropless", 1.0)]:
+      c = layer_config(E, k, F, cf, "bfloat16")
+      c.dispatch = dispatch
+      layer = nnx.eval_shape(lambda: moe.MoELayer(D, c, rngs=nnx.Rngs(0)))
+      layer.eval()
+      graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+      params = abstract(params, sharding.tree_shardings(params, mesh))
+      rest = abstract(rest, jax.tree.map(lambda _: sharding.replicated(mesh), rest))
+      x = jax.ShapeDtypeStruct((B, S, D), jnp.float32, sharding=sharding.batch_sharding(mesh))
+
+      def loss(params, x):
+        y, aux = moe.capture_aux(nnx.merge(graphdef, params, rest))(x)
+        return jnp.mean(y.astype(jnp.float32) ** 2) + aux.total_loss
+
+      with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+      hlo, cost = compiled.as_text(), compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      ragged = dispatch == "dropless"
+      rec = {"section": "dropless_ep", "config": name, "D": D, "F": F, "E": E, "k": k,
+             "tokens_per_device": N, "cf": cf, "flops": float(cost["flops"]),
+             "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+             "n_all_to_all": collective_counts(hlo)["all-to-all"],
+             "n_ragged_all_to_all": collective_counts(hlo)["ragged-all-to-all"],
+             "a2a_bytes": all_to_all_bytes(hlo),
+             "ragged_buffer_bytes": collective_bytes(hlo, "ragged-all-to-all"),
+             # bf16 rows, out + back, forward + backward.
+             "ragged_moved_bytes_max": 4 * (N * k + E * (c.dropless.block_size - 1)) * D * 2
+             if ragged else 0,
+             # Expert FLOPs of the rows a grouped matmul must visit (2 matmuls, fwd + 2 bwd).
+             "routed_expert_flops_max": 12 * D * F * (N * k + E * (c.dropless.block_size - 1))
+             if ragged else None}
+      records.append(rec)
+      rows.append(rec)
+      print(f"  {name}: {rec['flops']:.3g} FLOPs, temp {rec['temp_bytes']:,} B", flush=True)
+    common.print_table(rows, [
+        ("config", "dispatch", ""), ("flops", "XLA FLOPs/device", ".3g"),
+        ("temp_bytes", "temp/device", "bytes"), ("n_all_to_all", "a2a", "d"),
+        ("a2a_bytes", "a2a B/device", ",d"), ("n_ragged_all_to_all", "ragged a2a", "d"),
+        ("ragged_buffer_bytes", "ragged buffers B/device", ",d"),
+        ("ragged_moved_bytes_max", "ragged rows moved B/device (max)", ",d"),
+        ("routed_expert_flops_max", "expert FLOPs of routed rows (max)", ".3g")],
+        title=f"dropless expert parallelism, one MoE layer fwd+bwd: D={D}, F={F}, E={E}, k={k}, "
+              f"{N} tokens per device, bf16, TPU v5p 2x2x2 (expert=8), AOT")
+
   records: list[dict] = []
   if "a2a" in args.sections:
     run_a2a(args, records)
   if "devices" in args.sections:
     run_devices(args, records)
+  if "dropless_ep" in args.sections:
+    run_dropless_ep(args, records)
   if "pods" in args.sections:
     run_pods(args, records)
   common.write_json(args.out, "scaling", args, records)

@@ -3,7 +3,10 @@ r"""Ahead-of-time compilation of a train step for a device topology, from this (
 The command is `python -m moe_jax.commands.aot` (see there). `compile_for_topology(config,
 topology)` reports per-device memory (`compiled.memory_analysis()`), FLOPs
 (`compiled.cost_analysis()`), the collectives of the compiled HLO (counts by op,
-`moe_jax.parallel.hlo`) and a predicted step time `flops / (chips * peak)`. Nothing is
+`moe_jax.parallel.hlo`), a predicted step time `flops / (chips * peak)`, and on TPU
+generations with documented bandwidths a roofline (`roofline`: compute, HBM traffic and each
+collective's bytes against the chip's peak, HBM and ICI bandwidth) plus the mesh axes that share
+a physical torus axis (`split_torus_axes`). Nothing is
 allocated: parameters, optimizer state and the batch are abstract (`jax.ShapeDtypeStruct` with
 `NamedSharding`s), so paper-size models compile here.
 
@@ -29,12 +32,18 @@ import os
 import re
 from typing import Any
 
-from moe_jax.parallel.hlo import all_to_all_bytes, collective_counts
+from moe_jax.parallel.hlo import all_to_all_bytes, collective_counts, collective_wire_bytes
 
 # Dense bf16 peak per chip, TFLOP/s, from the vendors' spec sheets (Google Cloud TPU system
 # architecture pages: v4 275, v5e 197, v5p 459, v6e Trillium 918). HBM per chip, GiB, same source.
 TPU_PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
 TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+# Per-chip bandwidths in GB/s (1e9 bytes/s), from the Cloud TPU system architecture pages
+# (cloud.google.com/tpu/docs/v5p: HBM 2765 GBps, bidirectional inter-chip interconnect 1200 GBps
+# per chip; cloud.google.com/tpu/docs/v5e: HBM 819 GBps, bidirectional ICI 400 GBps per chip).
+# Generations without a documented figure here get no roofline (no guessed numbers).
+TPU_HBM_GBPS = {"v5e": 819.0, "v5p": 2765.0}
+TPU_ICI_GBPS = {"v5e": 400.0, "v5p": 1200.0}  # bidirectional: half of it leaves the chip
 _TPU_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
 
 
@@ -165,7 +174,48 @@ def lower_train_step(config, devices):
   return lowered, mesh, info
 
 
-def analyze(compiled, devices, topology: Topology) -> dict[str, Any]:
+def split_torus_axes(mesh) -> dict[str, list[str]]:
+  """Physical torus axis ("x", "y", "z") -> the mesh axes (of size > 1) whose neighbours differ
+  along it, for each physical axis that more than one mesh axis shares (split between them).
+  Empty for devices without torus coordinates (CPU)."""
+  import numpy as np
+
+  devices = mesh.devices
+  if getattr(devices.flat[0], "coords", None) is None:
+    return {}
+  coords = np.array([d.coords for d in devices.flat]).reshape(devices.shape + (-1,))
+  along = {}
+  for i, name in enumerate(mesh.axis_names):
+    if devices.shape[i] > 1:
+      differs = np.diff(coords, axis=i) != 0
+      along[name] = np.any(differs.reshape(-1, coords.shape[-1]), axis=0)
+  split = {}
+  for dim in range(coords.shape[-1]):
+    names = [n for n, mask in along.items() if mask[dim]]
+    if len(names) > 1:
+      split["xyz"[dim] if dim < 3 else str(dim)] = names
+  return split
+
+
+def roofline(flops_per_device: float, bytes_accessed: float, wire_bytes: dict[str, float],
+             generation: str) -> dict[str, Any] | None:
+  """Lower-bound times per step on one chip of `generation`: compute at peak, HBM traffic
+  (XLA's bytes accessed) at HBM bandwidth, each collective's sent bytes at the chip's outgoing
+  ICI bandwidth (all links busy). `bound_s` is their max (perfect overlap), `serial_s` the sum
+  (none). None when the generation's bandwidths are not documented here."""
+  if generation not in TPU_HBM_GBPS:
+    return None
+  ici = TPU_ICI_GBPS[generation] * 1e9 / 2
+  times = {"compute_s": flops_per_device / (TPU_PEAK_TFLOPS[generation] * 1e12),
+           "hbm_s": bytes_accessed / (TPU_HBM_GBPS[generation] * 1e9)}
+  collectives = {op: b / ici for op, b in wire_bytes.items() if b}
+  parts = [times["compute_s"], times["hbm_s"], sum(collectives.values())]
+  return {**times, "collective_s": collectives, "bound_s": max(parts), "serial_s": sum(parts),
+          "bottleneck": ("compute", "hbm", "collectives")[parts.index(max(parts))],
+          "hbm_gbps": TPU_HBM_GBPS[generation], "ici_gbps": TPU_ICI_GBPS[generation]}
+
+
+def analyze(compiled, devices, topology: Topology, mesh=None) -> dict[str, Any]:
   """Memory, FLOPs, collectives and predicted step time of a compiled (SPMD) step."""
   mem = compiled.memory_analysis()
   memory = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
@@ -182,13 +232,17 @@ def analyze(compiled, devices, topology: Topology) -> dict[str, Any]:
          "flops_per_device": flops_per_device, "flops_total": flops_per_device * len(devices),
          "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
          "collectives": collective_counts(hlo),
-         "all_to_all_operand_bytes_per_device": all_to_all_bytes(hlo)}
+         "all_to_all_operand_bytes_per_device": all_to_all_bytes(hlo),
+         "collective_sent_bytes_per_device": collective_wire_bytes(hlo, len(devices)),
+         "split_torus_axes": {} if mesh is None else split_torus_axes(mesh)}
   if topology.platform == "tpu":
     peak = TPU_PEAK_TFLOPS[topology.generation] * 1e12
     out["peak_tflops_per_chip"] = TPU_PEAK_TFLOPS[topology.generation]
     out["predicted_step_s"] = out["flops_total"] / (chips * peak)
     out["hbm_gib_per_chip"] = TPU_HBM_GIB[topology.generation]
     out["memory_per_chip"] = memory["total"] * len(devices) // chips
+    out["roofline"] = roofline(flops_per_device, out["bytes_accessed_per_device"],
+                               out["collective_sent_bytes_per_device"], topology.generation)
   return out
 
 
@@ -198,13 +252,13 @@ def compile_for_topology(config, topology: str | Topology,
   writes the compiled HLO text to `hlo_path` if given)."""
   topology = parse_topology(topology) if isinstance(topology, str) else topology
   devices = topology_devices(topology)
-  lowered, _, info = lower_train_step(config, devices)
+  lowered, mesh, info = lower_train_step(config, devices)
   compiled = lowered.compile()
   if hlo_path:
     os.makedirs(os.path.dirname(hlo_path) or ".", exist_ok=True)
     with open(hlo_path, "w") as f:
       f.write(compiled.as_text())
-  return {**info, **analyze(compiled, devices, topology)}
+  return {**info, **analyze(compiled, devices, topology, mesh)}
 
 
 def _gib(n: float) -> str:
@@ -231,4 +285,21 @@ def format_report(r: dict[str, Any]) -> str:
                  "at 100% MFU")
   else:
     lines.append("predicted step time: none (no peak FLOP/s for CPU)")
+  sent = {op: b for op, b in r["collective_sent_bytes_per_device"].items() if b}
+  lines.append("collective bytes sent per device: " + (", ".join(
+      f"{op} {b / 2**20:.3f} MiB" for op, b in sent.items()) or "none"))
+  roof = r.get("roofline")
+  if roof:
+    per_op = ", ".join(f"{op} {t * 1e3:.3f}" for op, t in roof["collective_s"].items())
+    lines.append(
+        f"roofline per step (ms): compute {roof['compute_s'] * 1e3:.3f}, HBM "
+        f"{roof['hbm_s'] * 1e3:.3f} ({r['bytes_accessed_per_device'] / 2**30:.3f} GiB at "
+        f"{roof['hbm_gbps']:g} GB/s), collectives {per_op or 'none'} (at {roof['ici_gbps'] / 2:g} "
+        f"GB/s out of the chip); bound {roof['bound_s'] * 1e3:.3f} ({roof['bottleneck']}), "
+        f"serial {roof['serial_s'] * 1e3:.3f}")
+  elif "predicted_step_s" in r:
+    lines.append(f"roofline: none (no documented bandwidths for {r['topology']})")
+  if r["split_torus_axes"]:
+    lines.append("mesh axes sharing a physical torus axis: " + "; ".join(
+        f"{dim}: {', '.join(names)}" for dim, names in r["split_torus_axes"].items()))
   return "\n".join(lines)

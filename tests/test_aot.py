@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,10 +21,11 @@ def run_aot(tmp_path, topology: str, *overrides: str) -> tuple[str, dict]:
   """The command from another working directory, the config named relative to the repo."""
   out = tmp_path / "report.json"
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  env["PYTHONPATH"] = ROOT
+  env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # other libtpu processes on this host
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
   cmd = [sys.executable, "-m", "moe_jax.commands.aot", "--config=configs/vimoe_tiny_mnist.py",
          f"--topology={topology}", f"--json={out}", *overrides]
-  proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+  proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout, json.loads(out.read_text())
 
@@ -41,6 +43,55 @@ def test_cpu_topology_prints_memory_flops_and_all_to_all(tmp_path):
   assert r["collectives"]["all-to-all"] > 0 and r["collectives"]["all-to-all"] % 4 == 0
   assert r["collectives"]["all-gather"] == 0 and r["collectives"]["all-reduce"] > 0
   assert r["all_to_all_operand_bytes_per_device"] > 0
+  # Sent bytes: an all-to-all over the 4 devices of an expert group keeps 1/4 of its operand.
+  sent = r["collective_sent_bytes_per_device"]
+  assert sent["all-to-all"] == pytest.approx(r["all_to_all_operand_bytes_per_device"] * 3 / 4)
+  assert sent["all-reduce"] > 0 and sent["all-gather"] == 0
+  assert "roofline" not in r and r["split_torus_axes"] == {}  # no bandwidths, no torus on CPU
+  assert "collective bytes sent per device: all-to-all" in stdout
+
+
+def test_collective_sent_bytes():
+  text = """
+  %a = f32[4,160,64]{2,1,0} all-to-all(%x), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}
+  %b = bf16[1024]{0} all-reduce(%y), channel_id=2, replica_groups=[4,2]<=[8], to_apply=%sum
+  %c = f32[64]{0} all-gather(%z), channel_id=3, replica_groups=[1,8]<=[8], dimensions={0}
+  %d = f32[16]{0} reduce-scatter(%w), channel_id=4, dimensions={0}, to_apply=%sum
+  """
+  assert hlo.group_size(text.splitlines()[1], 8) == 4
+  assert hlo.group_size(text.splitlines()[2], 8) == 2
+  assert hlo.group_size(text.splitlines()[4], 8) == 8  # no replica_groups: every device
+  sent = hlo.collective_wire_bytes(text, 8)
+  assert sent["all-to-all"] == 4 * 160 * 64 * 4 * 3 / 4  # keeps 1 of 4 parts
+  assert sent["all-reduce"] == 1024 * 2 * 2 * 1 / 2  # 2 (n-1)/n of the buffer, n = 2
+  assert sent["all-gather"] == 64 * 4 * 7 / 8  # receives 7 of 8 parts; sends its own 7 times
+  assert sent["reduce-scatter"] == 16 * 4 * 7  # its operand is 8 results; keeps one
+  assert sent["collective-permute"] == 0
+
+
+def test_roofline_arithmetic():
+  r = aot.roofline(4.59e12, 2.765e9, {"all-reduce": 6e8, "all-to-all": 0.0}, "v5p")
+  assert r["compute_s"] == pytest.approx(0.01)  # 4.59e12 FLOPs at 459 TFLOP/s
+  assert r["hbm_s"] == pytest.approx(0.001)  # 2.765 GB at 2765 GB/s
+  assert r["collective_s"] == {"all-reduce": pytest.approx(0.001)}  # 0.6 GB at 1200/2 GB/s
+  assert r["bound_s"] == pytest.approx(0.01) and r["bottleneck"] == "compute"
+  assert r["serial_s"] == pytest.approx(0.012)
+  assert aot.roofline(1.0, 1.0, {}, "v4") is None  # no documented bandwidths: no guess
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
+def test_split_torus_axes_on_v5p_4x4x4(monkeypatch):
+  """64 chips, 4x4x4: mesh (8, 8) must split a physical axis between the two mesh axes;
+  (4, 16) maps onto whole physical axes."""
+  monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other libtpu processes on this host
+  import jax
+  from jax.experimental import mesh_utils
+
+  devices = aot.topology_devices(aot.parse_topology("v5p:4x4x4"))
+  grid = mesh_utils.create_device_mesh((8, 8), devices, allow_split_physical_axes=True)
+  split = aot.split_torus_axes(jax.sharding.Mesh(grid, ("data", "expert")))
+  assert list(split.values()) == [["data", "expert"]]
+  assert aot.split_torus_axes(jax.make_mesh((4, 16), ("data", "expert"), devices=devices)) == {}
 
 
 def test_collective_parsing():
@@ -53,8 +104,9 @@ def test_collective_parsing():
   %ar = f32[4,2]{1,0} all-reduce(%i), channel_id=4, replica_groups={{0,4},{1,5}}, to_apply=%sum
   %noop = f32[64]{0} all-reduce(%j), channel_id=5, replica_groups={{0},{1}}, to_apply=%sum
   """
-  assert hlo.collective_counts(text) == {"all-to-all": 2, "all-gather": 1, "all-reduce": 2,
-                                         "reduce-scatter": 0, "collective-permute": 0}
+  assert hlo.collective_counts(text) == {"all-to-all": 2, "ragged-all-to-all": 0,
+                                         "all-gather": 1, "all-reduce": 2, "reduce-scatter": 0,
+                                         "collective-permute": 0}
   assert hlo.all_to_all_bytes(text) == 4 * 160 * 64 * 4 + 2 * 80 * 64 * 2
   # The all-reduce over single-member groups (a size-1 mesh axis) moves nothing: not counted.
   assert hlo.collective_bytes(text, "all-reduce") == 2 * 8 * 4 + 4 * 2 * 4
@@ -87,3 +139,32 @@ def test_v5p_topology_compiles(tmp_path):
   assert r["devices"] == r["chips"] == 4 and r["device_kind"].startswith("TPU v5")
   assert r["collectives"]["all-to-all"] > 0 and r["predicted_step_s"] > 0
   assert "predicted step time" in stdout and "HBM" in stdout
+  # The roofline from this compile's own numbers and v5p's documented bandwidths.
+  roof, sent = r["roofline"], r["collective_sent_bytes_per_device"]
+  assert roof["compute_s"] == pytest.approx(r["flops_per_device"] / 459e12)
+  assert roof["hbm_s"] == pytest.approx(r["bytes_accessed_per_device"] / 2765e9)
+  assert roof["collective_s"] == {op: pytest.approx(b / 600e9) for op, b in sent.items() if b}
+  assert set(roof["collective_s"]) == {"all-to-all", "all-reduce"}
+  assert roof["bound_s"] == max(roof["compute_s"], roof["hbm_s"],
+                                sum(roof["collective_s"].values()))
+  assert r["split_torus_axes"] == {}  # expert=4 = the whole 2x2 torus
+  assert "roofline per step (ms): compute" in stdout
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
+def test_v5p_dropless_expert_parallel_compiles_to_ragged_all_to_all(tmp_path):
+  """Dropless under expert=4, compiled for TPU from this CPU host: the TPU kernels (ragged
+  all-to-all, ragged dot), not the CPU fallback (dense all-to-all of capacity buffers, the
+  blocked grouped matmul's loops)."""
+  _, r = run_aot(tmp_path, "v5p:2x2x1", "--config.mesh.expert=4", "--config.mesh.data=-1",
+                 "--config.batch_size=16", "--config.model.moe.dispatch=dropless",
+                 f"--dump_hlo={tmp_path / 'step.hlo'}")
+  text = (tmp_path / "step.hlo").read_text()
+  # 2 MoE layers x (out + back) x (forward + backward).
+  assert r["collectives"]["ragged-all-to-all"] == 8
+  assert "ragged-dot" in text
+  # The only loops: searchsorted's (rows -> expert); none of the blocked kernel's tile loops.
+  loops = re.findall(r" while\(.*?op_name=\"([^\"]*)\"", text)
+  assert loops and all("searchsorted" in name for name in loops), loops
+  # The remaining dense all-to-alls carry int32 offsets only (the transposed exchange's).
+  assert r["all_to_all_operand_bytes_per_device"] <= 1024

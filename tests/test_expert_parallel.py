@@ -107,8 +107,8 @@ def test_compiled_layer_uses_all_to_all_and_never_gathers_expert_weights():
         params, x).compile().as_text()
   counts = {op: n for op, n in collective_counts(hlo).items() if op != "all-reduce"}
   # Golden counts per MoE layer forward: one all-to-all out to the experts, one back.
-  assert counts == {"all-to-all": 2, "all-gather": 0, "reduce-scatter": 0,
-                    "collective-permute": 0}, counts
+  assert counts == {"all-to-all": 2, "ragged-all-to-all": 0, "all-gather": 0,
+                    "reduce-scatter": 0, "collective-permute": 0}, counts
   expert_shapes = {str(list(a.shape)).replace(" ", "") for a in jax.tree.leaves(params)
                    if a.shape[0] == 8}
   gathered = re.findall(r"f32\[([\d,]+)\][^=]*all-gather", hlo)
@@ -121,26 +121,89 @@ def test_groups_not_divisible_by_devices_is_a_clear_error():
     layer(jnp.ones((4, 6, 8)))
 
 
-def test_sharded_equals_unsharded_under_custom_param_rules():
-  """The tiny ViMoE with its parameters placed by a non-default rule set (multi-axis and
-  per-dimension specs, a replicated router) on mesh (data=1, fsdp=2, expert=4)."""
+CUSTOM_RULES = ((r"/router/", ()), (r"(^|/)experts/", (mesh_lib.EXPERT,)),
+                (r"mlp/fc\d/kernel", (None, (mesh_lib.FSDP, mesh_lib.EXPERT))),
+                (r"attn/\w+/kernel", (mesh_lib.FSDP,)), (r".*", mesh_lib.DATA))
+
+
+@pytest.mark.parametrize("mesh_shape,rules,want_specs", [
+    # A non-default rule set: multi-axis and per-dimension specs, a replicated router.
+    ((1, 2, 4, 1), CUSTOM_RULES, {"blocks/0/mlp/fc1/kernel": P(None, ("fsdp", "expert")),
+                                  "blocks/2/mlp/router/kernel": P()}),
+    # The defaults with fsdp alone: expert banks split over their hidden dimension.
+    ((1, 8, 1, 1), mesh_lib.PARAM_RULES, {"blocks/2/mlp/experts/fc1_kernel":
+                                          P("expert", None, "fsdp")}),
+    ((2, 2, 2, 1), mesh_lib.PARAM_RULES, {"blocks/2/mlp/experts/fc2_kernel": P("expert", "fsdp")}),
+])
+def test_sharded_equals_unsharded_under_param_rules(mesh_shape, rules, want_specs):
+  """The tiny ViMoE with its parameters placed by `rules` on a (data, fsdp, expert, model)
+  mesh: loss and gradients equal one device's."""
   model = build_model(vimoe_tiny_mnist.get_config().model, rngs=nnx.Rngs(0))
   model.eval()
   x = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
   want_loss, want_grads = loss_and_grads(model, x)
-  rules = ((r"/router/", ()), (r"(^|/)experts/", (mesh_lib.EXPERT,)),
-           (r"mlp/fc\d/kernel", (None, (mesh_lib.FSDP, mesh_lib.EXPERT))),
-           (r"attn/\w+/kernel", (mesh_lib.FSDP,)), (r".*", mesh_lib.DATA))
-  mesh = jax.make_mesh((1, 2, 4, 1), mesh_lib.AXES, axis_types=(AxisType.Auto,) * 4)
+  mesh = jax.make_mesh(mesh_shape, mesh_lib.AXES, axis_types=(AxisType.Auto,) * 4)
   params = nnx.state(model, nnx.Param)
   shardings = sharding.tree_shardings(params, mesh, rules)
   specs = {sharding.path_name(path): s.spec
            for path, s in jax.tree_util.tree_leaves_with_path(shardings)}
-  assert specs["blocks/0/mlp/fc1/kernel"] == P(None, ("fsdp", "expert"))
-  assert specs["blocks/2/mlp/router/kernel"] == P()
+  assert {k: specs[k] for k in want_specs} == want_specs
   nnx.update(model, jax.device_put(params, shardings))
   with jax.set_mesh(mesh):
     loss, grads = loss_and_grads(model, jax.device_put(x, sharding.batch_sharding(mesh)))
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads,
                want_grads)
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+  """`jax.lax.ragged_all_to_all` (as its docstring specifies it) from a dense all_to_all, for
+  XLA:CPU, which lacks the collective: every slice travels padded to the operand's rows."""
+  EMULATED_CALLS.append(axis_name)
+  n, rows = jax.lax.axis_size(axis_name), jnp.arange(operand.shape[0])
+  chunks = jnp.stack([jnp.where((rows < send_sizes[j])[:, None],
+                                jnp.take(operand, input_offsets[j] + rows, axis=0, mode="clip"), 0)
+                      for j in range(n)])  # [destination, rows, D]
+  got = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)  # [source, rows, D]
+  offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+  for s in range(n):
+    at = jnp.where(rows < recv_sizes[s], offsets[s] + rows, output.shape[0])
+    output = output.at[at].set(got[s], mode="drop")
+  return output
+
+
+EMULATED_CALLS = []
+
+
+@pytest.mark.parametrize("router,granularity,shape", [
+    ("top_k", "token", (2, 4)),
+    pytest.param("clusters", "token", (1, 8), marks=pytest.mark.slow),
+    pytest.param("top_k", "image", (1, 8), marks=pytest.mark.slow)])
+def test_ragged_dropless_equals_single_device_dropless(monkeypatch, router, granularity, shape):
+  """The TPU/GPU path (ragged all-to-all + grouped matmul) run on CPU through an emulated
+  collective: loss and gradients equal one device's dropless layer."""
+  image = dict(granularity="image", images_per_group=2) if granularity == "image" else {}
+  x = X_IMAGES if image else jax.random.normal(jax.random.key(1), (16, 6, 8))
+  layer = make_layer(router, "dropless", **image)
+  want_loss, want_grads = loss_and_grads(layer, x)
+  monkeypatch.setattr(moe.expert_parallel, "RAGGED_PLATFORMS", ("cpu",))
+  monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
+  EMULATED_CALLS.clear()
+  with jax.set_mesh(mesh_of(shape)):
+    loss, grads = loss_and_grads(layer, x)
+  assert EMULATED_CALLS and set(EMULATED_CALLS) == {mesh_lib.EXPERT}  # the ragged path ran
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads,
+               want_grads)
+
+
+def test_dropless_on_cpu_falls_back_to_capacity_buffers():
+  """XLA:CPU has no ragged-all-to-all: the compiled CPU program uses dense all-to-alls."""
+  layer = make_layer("top_k", "dropless")
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  with jax.set_mesh(mesh_of((2, 4))):
+    assert not moe.expert_parallel.ragged_dropless(jax.sharding.get_abstract_mesh())
+    hlo = jax.jit(lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x))).lower(
+        params, X_IMAGES).compile().as_text()
+  assert collective_counts(hlo)["all-to-all"] == 2 and "ragged-all-to-all" not in hlo

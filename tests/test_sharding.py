@@ -1,7 +1,9 @@
 """Parameter sharding rules (`mesh.param_rules`): the defaults, custom rules, one-line errors."""
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 
 import jax
@@ -17,7 +19,9 @@ import vimoe_tiny_mnist  # noqa: E402
 
 # Today's specs of the tiny ViMoE on mesh (data=1, fsdp=2, expert=4).
 DEFAULT_SPECS = {
-    "blocks/2/mlp/experts/fc1_kernel": P("expert"),  # [4, 64, 128]
+    "blocks/2/mlp/experts/fc1_kernel": P("expert", None, "fsdp"),  # [4, 64, 128]
+    "blocks/2/mlp/experts/fc1_bias": P("expert", "fsdp"),  # [4, 128]
+    "blocks/2/mlp/experts/fc2_kernel": P("expert", "fsdp"),  # [4, 128, 64]
     "blocks/3/mlp/experts/fc2_bias": P("expert"),  # [4, 64]
     "blocks/0/attn/query/kernel": P("fsdp", None, None),  # [64, 4, 16]
     "blocks/0/attn/query/bias": P(None, "fsdp"),  # [4, 16]
@@ -91,3 +95,34 @@ def test_a_bad_rule_is_a_one_line_error_naming_it(rule, error):
   with pytest.raises(ValueError, match=r"^mesh\.param_rules\[1\] = .*: " + error) as e:
     state_specs(config(rules))
   assert "\n" not in str(e.value)
+
+
+def test_fsdp_shards_expert_banks_and_the_compiled_arguments_follow():
+  """fsdp=8, expert=1: every expert bank's F is split 8 ways (no device holds a whole expert),
+  and the compiled train step's argument bytes per device are exactly the sum of the shards."""
+  from moe_jax import aot
+
+  c = config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, 8, 1
+  lowered, mesh, _ = aot.lower_train_step(c, jax.devices())
+  params, _ = state_specs(c)
+  assert params["blocks/2/mlp/experts/fc1_kernel"] == P("expert", None, "fsdp")  # [4, 64, 128]
+  assert params["blocks/2/mlp/experts/fc2_kernel"] == P("expert", "fsdp")  # [4, 128, 64]
+  tx = optim.make_optimizer(c.optimizer, c.total_steps)
+  abstract, _, _ = state_lib.abstract_state(c, tx, mesh)
+  experts = [x for path, x in jax.tree_util.tree_leaves_with_path(abstract.params)
+             if re.search(r"experts/(fc1_kernel|fc1_bias|fc2_kernel)$", sharding.path_name(path))]
+  assert len(experts) == 3 * 2  # 2 MoE layers
+  for x in experts:
+    assert math.prod(x.sharding.shard_shape(x.shape)) * 8 == math.prod(x.shape)
+  compiled = lowered.compile()
+  args = zip(jax.tree.leaves(lowered.args_info), jax.tree.leaves(compiled.input_shardings))
+  assert compiled.memory_analysis().argument_size_in_bytes == sum(
+      math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in args)
+
+
+def test_a_model_axis_is_refused_with_the_field_named():
+  c = config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.model = 1, 1, 4, 2
+  with pytest.raises(ValueError, match=r"^mesh\.model=2: tensor parallelism .* set mesh\.model=1"):
+    loop.build_mesh(c)

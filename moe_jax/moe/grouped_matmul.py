@@ -14,7 +14,8 @@ Backends:
   differentiated through the loops) is the same loop for `d_lhs = gmm(d_out, rhs^T)` and a
   per-group sum of `lhs_tile^T @ d_out_tile` for `d_rhs` ("tgmm", with tiles up to 1024 rows:
   each tile costs a `[K, N]` accumulation, added in place into `d_rhs[e]`).
-- ``auto``: ``ragged_dot`` on TPU, ``blocked`` elsewhere.
+- ``auto``: ``ragged_dot`` on TPU, ``blocked`` elsewhere: the platform compiled for
+  (`moe_jax.parallel.mesh.target_platform`, so an AOT compile for TPU gets ``ragged_dot``).
 
 Alternatives measured on CPU (bench/gmm.py, bench/RESULTS.md): one loop over blocks reading
 each block's weights by index (`lax.fori_loop` or `lax.scan` + `lax.cond`), a batched matmul over
@@ -27,6 +28,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from moe_jax.parallel.mesh import target_platform
 
 # Tile sizes in rows (powers of two times block_size, capped by the row count). A group's rows are
 # multiplied in full tiles — as many of the largest size as fit, then the binary decomposition of
@@ -199,7 +202,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
   tile, so groups padded to a multiple of it waste no work.
   """
   if backend == "auto":
-    backend = "ragged_dot" if jax.default_backend() == "tpu" else "blocked"
+    backend = "ragged_dot" if target_platform() == "tpu" else "blocked"
   if backend == "ragged_dot":
     return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
   if backend != "blocked":

@@ -117,22 +117,23 @@ class MoELayer(nnx.Module):
     plan = self.router(router_input)
     if plan.kind == "token_choice":
       mode, capacity_factor = c.dispatch, c.capacity_factor
-      if mode == "dropless" and expert_parallel.expert_shards(mesh) > 1:
-        # Buffers crossing devices need static shapes: give every expert room for all S tokens
-        # of a group (a token's K experts are distinct), so still no token is dropped.
-        mode, capacity_factor = "capacity", c.num_experts / plan.k
+      ragged = mode == "dropless" and expert_parallel.ragged_dropless(mesh)
+      if mode == "dropless" and expert_parallel.expert_shards(mesh) > 1 and not ragged:
+        mode, capacity_factor = expert_parallel.dropless_as_capacity(c.num_experts, plan.k)
       dispatch_fn = functools.partial(
           dispatch.token_choice, mode=mode, capacity_factor=capacity_factor,
           min_capacity=c.min_capacity, block_size=c.dropless.block_size,
           backend=c.dropless.backend,
           tokens_per_row=x.shape[1] if c.granularity == "image" else 1)
     else:
+      ragged = False
       dispatch_fn = functools.partial(getattr(dispatch, plan.kind),
                                       capacity_factor=c.capacity_factor)
     if mesh is None:
       y, metrics = dispatch_fn(plan, groups, self.experts)
     else:
-      y, metrics = expert_parallel.dispatch(dispatch_fn, plan, groups, self.experts, mesh)
+      y, metrics = expert_parallel.dispatch(dispatch_fn, plan, groups, self.experts, mesh,
+                                            ragged=ragged)
     y = y.reshape(*x.shape[:-1], -1).astype(x.dtype)
     if c.check_finite:
       jax.debug.callback(_raise_if_not_finite, jnp.isfinite(x).all(), jnp.isfinite(y).all())

@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 import re
 
-COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+# ragged-all-to-all: its result is the whole receive buffer (what arrives is data-dependent).
+COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "all-reduce", "reduce-scatter",
+               "collective-permute")
 # Bytes per element, by HLO element type name.
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
@@ -42,12 +44,44 @@ def _is_no_op(line: str) -> bool:
   return bool(groups) and all("," not in g for g in re.findall(r"\{([\d,]*)\}", groups.group(1)))
 
 
-def _collective_results(hlo: str, op: str) -> list[str]:
-  """Result shape text of each `op` (or async `op-start`) instruction of compiled HLO text,
-  no-op ones (single-member replica groups) left out."""
+def _collective_lines(hlo: str, op: str) -> list[tuple[str, str]]:
+  """(result shape text, whole line) of each `op` (or async `op-start`) instruction of compiled
+  HLO text, no-op ones (single-member replica groups) left out."""
   pattern = re.compile(rf"=\s*(.*?)\s{op}(-start)?\(")
-  return [m.group(1) for line in hlo.splitlines()
+  return [(m.group(1), line) for line in hlo.splitlines()
           if (m := pattern.search(line)) and not _is_no_op(line)]
+
+
+def _collective_results(hlo: str, op: str) -> list[str]:
+  return [shape for shape, _ in _collective_lines(hlo, op)]
+
+
+def group_size(line: str, num_devices: int) -> int:
+  """Devices per replica group of a collective instruction: `replica_groups={{0,1},{2,3}}`,
+  the iota form `replica_groups=[2,4]<=[8]` (2 groups of 4), or all devices when absent."""
+  listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+  if listed:
+    return len(listed.group(1).split(","))
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+  return int(iota.group(2)) if iota else num_devices
+
+
+# Bytes each device sends, per byte of the instruction's result, in a group of n devices
+# (bandwidth-optimal ring / pairwise algorithms): an all-reduce is a reduce-scatter then an
+# all-gather; an all-gather's result is n times what each device holds; a reduce-scatter's
+# operand is n times its result; an all-to-all keeps 1/n; a permute sends everything. A
+# ragged-all-to-all's result is its receive buffer, an upper bound on what arrives.
+_SENT_PER_RESULT_BYTE = {
+    "all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,
+    "reduce-scatter": lambda n: n - 1, "all-to-all": lambda n: (n - 1) / n,
+    "ragged-all-to-all": lambda n: (n - 1) / n, "collective-permute": lambda n: 1.0}
+
+
+def collective_wire_bytes(hlo: str, num_devices: int) -> dict[str, float]:
+  """Bytes each device sends per op (all its instructions of that op together), from the
+  result sizes and replica-group sizes of the compiled SPMD HLO (`_SENT_PER_RESULT_BYTE`)."""
+  return {op: sum(_shape_bytes(shape) * _SENT_PER_RESULT_BYTE[op](group_size(line, num_devices))
+                  for shape, line in _collective_lines(hlo, op)) for op in COLLECTIVES}
 
 
 def collective_counts(hlo: str) -> dict[str, int]:

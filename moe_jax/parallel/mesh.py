@@ -1,5 +1,13 @@
 """Device mesh from config, validated before anything compiles: the one home of the mesh axis
-names and of the rule that the batch is sharded over `data`, `fsdp` and `expert`, never `model`."""
+names and of the rule that the batch is sharded over `data`, `fsdp` and `expert`, never `model`.
+
+What each axis shards (defaults, `PARAM_RULES`): the batch and every routing group over
+`data` x `fsdp` x `expert`; an expert bank's experts E over `expert` and its hidden dimension F
+over `fsdp` (so with fsdp=8, expert=1 each device holds 1/8 of every expert, gathered where the
+layer runs); every other parameter's largest dimension that `fsdp` divides over `fsdp`. Optimizer
+moments follow their parameters. `model` (tensor parallelism) is not implemented: a mesh with
+model > 1 is refused.
+"""
 from __future__ import annotations
 
 import math
@@ -13,7 +21,11 @@ AXES = (DATA, FSDP, EXPERT, MODEL)
 BATCH_AXES = (DATA, FSDP, EXPERT)  # the batch and routing groups; `model` never splits them
 
 # Parameter sharding rules, (regex on the path "a/b/c", spec); see `moe_jax.parallel.sharding`.
-PARAM_RULES = ((r"(^|/)experts(/|$)", (EXPERT,)),  # expert banks [E, ...]: E over `expert`
+# Expert banks (`moe_jax.moe.experts.ExpertBank`): E over `expert`, the hidden dimension F over
+# `fsdp` (2-D: experts x hidden); fc2_bias `[E, D]` has no F.
+PARAM_RULES = ((r"(^|/)experts/fc1_kernel$", (EXPERT, None, FSDP)),  # [E, D, F]
+               (r"(^|/)experts/(fc1_bias|fc2_kernel)$", (EXPERT, FSDP)),  # [E, F], [E, F, D]
+               (r"(^|/)experts(/|$)", (EXPERT,)),  # fc2_bias [E, D]
                (r".*", FSDP))  # the rest: its largest dimension that `fsdp` divides
 
 
@@ -34,6 +46,14 @@ def batch_shards(mesh: AbstractMesh | Mesh) -> int:
   return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
+def target_platform() -> str:
+  """The platform of the program being traced: the current mesh's devices' (`jax.set_mesh`;
+  "tpu" when AOT-compiling for a TPU topology from a CPU host), else the host's backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return jax.default_backend() if device is None else device.platform
+
+
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
   """Resolves -1 and checks that the axes cover exactly `num_devices`."""
   sizes = {a: int(config.get(a, 1)) for a in AXES}
@@ -46,6 +66,9 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
       raise ValueError(f"mesh: {num_devices} devices cannot be split into {sizes}; make the "
                        f"fixed axes' product ({fixed}) divide the device count")
     sizes[free[0]] = num_devices // fixed
+  if sizes[MODEL] != 1:
+    raise ValueError(f"mesh.model={sizes[MODEL]}: tensor parallelism over `model` is not "
+                     "implemented; set mesh.model=1 (shard with mesh.fsdp / mesh.expert instead)")
   if math.prod(sizes.values()) != num_devices:
     raise ValueError(f"mesh: axes {sizes} cover {math.prod(sizes.values())} devices but there "
                      f"are {num_devices}; set one axis to -1 or fix the sizes")

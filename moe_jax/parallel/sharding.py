@@ -13,8 +13,8 @@ replicated. A spec is either
   < 2, an axis of size 1 or no divisible dimension leave the parameter replicated.
 
 Axis names are those of `moe_jax.parallel.mesh.AXES`; an axis the mesh lacks counts as size 1.
-The defaults shard expert banks (`.../experts/...`) over `expert` and everything else FSDP-style
-over `fsdp`. In a config file, e.g. to keep the routers replicated:
+The defaults shard expert banks (`.../experts/...`) over `expert` (experts E) and `fsdp`
+(hidden dimension F), and everything else FSDP-style over `fsdp`. In a config file, e.g. to keep the routers replicated:
 
     c.mesh.param_rules = ((r"/router/", ()),) + mesh.PARAM_RULES
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
+from moe_jax import paths
 from moe_jax.train.state import TrainState
 
 EVAL_FIELDS = ("step", "params", "rest")  # what evaluation restores (no optimizer state)
@@ -29,7 +30,7 @@ class _Corrupt(Exception):
 
 def manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      paths.workdir_path(workdir) / "checkpoints",
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
@@ -91,11 +92,11 @@ def _shape(x) -> tuple[int, ...]:
   return tuple(x.shape)
 
 
-def _mismatch(directory: str, abstract) -> str | None:
+def _mismatch(directory: epath.Path, abstract) -> str | None:
   """What differs between the arrays of checkpoint `directory`/state and `abstract`, else None
   (_Corrupt when the checkpoint's metadata cannot be read)."""
   try:
-    tree = ocp.PyTreeCheckpointer().metadata(os.path.join(directory, "state")).item_metadata.tree
+    tree = ocp.PyTreeCheckpointer().metadata(directory / "state").item_metadata.tree
   except Exception as e:  # orbax raises many types for truncated / foreign files
     raise _Corrupt(f"its metadata cannot be read ({_first_line(e)})") from None
   saved = {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -117,7 +118,7 @@ def _mismatch(directory: str, abstract) -> str | None:
 
 
 def _restore_step(mgr: ocp.CheckpointManager, abstract, step: int):
-  directory = os.path.join(mgr.directory, str(step))
+  directory = mgr.directory / str(step)
   mismatch = _mismatch(directory, abstract)
   if mismatch is not None:
     raise CheckpointError(
@@ -131,7 +132,7 @@ def _restore_step(mgr: ocp.CheckpointManager, abstract, step: int):
     state_args = ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True)
-  has_sums = os.path.isdir(os.path.join(directory, "checksums"))  # older checkpoints have none
+  has_sums = (directory / "checksums").is_dir()  # older checkpoints have none
   items = dict(state=state_args, data=ocp.args.JsonRestore())
   if has_sums:
     items["checksums"] = ocp.args.JsonRestore()
@@ -165,9 +166,9 @@ def restore(mgr: ocp.CheckpointManager, abstract: TrainState | dict
     try:
       return _restore_step(mgr, abstract, step)
     except _Corrupt as e:
-      aside = os.path.join(mgr.directory, f"{step}.corrupt")
+      aside = mgr.directory / f"{step}.corrupt"
       if jax.process_index() == 0:
-        os.replace(os.path.join(mgr.directory, str(step)), aside)
+        (mgr.directory / str(step)).replace(aside)
       mgr.reload()
       if not mgr.all_steps():
         raise CheckpointError(

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import jax
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moe_jax import tasks
+from moe_jax import paths, tasks
 from moe_jax.checkpoints import init_from
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import distributed, sharding
@@ -72,6 +71,7 @@ class Trainer:
     if config.get("init_from"):
       init_from.validate(config)
     self.config, self.workdir = config, workdir
+    paths.workdir_path(workdir)  # an unsupported scheme:// fails here, before any compile
     self.task = tasks.build_task(config)
     self.task.check()
     self.mesh = build_mesh(config)
@@ -249,15 +249,15 @@ def profile_dir(workdir: str) -> str:
 
 def check_writable(workdir: str) -> None:
   """ValueError naming the fix unless `workdir` can be created and written."""
-  probe = os.path.join(workdir, f".writable.{jax.process_index()}")
+  folder = paths.workdir_path(workdir)
+  probe = folder / f".writable.{jax.process_index()}"
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, "w"):
-      pass
-    os.remove(probe)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
   except OSError as e:
-    raise ValueError(f"--workdir {workdir} is not writable ({e.strerror}); pass a folder you "
-                     "can write") from None
+    raise ValueError(f"--workdir {workdir} is not writable ({e.strerror or e}); pass a folder "
+                     "you can write") from None
 
 
 def _check_finite(unchecked: list[tuple[int, jax.Array]], ckpt) -> None:
@@ -288,6 +288,5 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   scalars, extras = trainer.evaluate_with_ema(state)
   result = {"step": int(state["step"]), **scalars, **trainer.task.report(extras, workdir)}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(result, f, indent=1)
+    (paths.workdir_path(workdir) / "eval.json").write_text(json.dumps(result, indent=1))
   return result

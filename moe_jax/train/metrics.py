@@ -8,8 +8,11 @@ import time
 import jax
 import numpy as np
 import tqdm
+from etils import epath
 from tensorboardX import SummaryWriter
 from tensorboardX.proto import event_pb2
+
+from moe_jax import paths
 
 
 class MetricWriter:
@@ -22,11 +25,10 @@ class MetricWriter:
   def __init__(self, workdir: str, start_step: int = 0):
     self.enabled = jax.process_index() == 0
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, "metrics.jsonl")
-      _truncate_after(path, start_step)
-      self.jsonl = open(path, "a")
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      folder = paths.workdir_path(workdir)
+      folder.mkdir(parents=True, exist_ok=True)
+      self.jsonl = _JsonLines(folder / "metrics.jsonl", start_step)
+      self.tb = SummaryWriter(os.fspath(folder / "tensorboard"))
       if start_step:
         self.tb._get_file_writer().add_event(event_pb2.Event(
             wall_time=time.time(), step=start_step,
@@ -37,7 +39,6 @@ class MetricWriter:
       return
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
     self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self.jsonl.flush()
     for k, v in scalars.items():
       self.tb.add_scalar(k, v, step)
     self.tb.flush()
@@ -48,21 +49,41 @@ class MetricWriter:
       self.tb.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
-  """Drops the rows of `path` with "step" > `step` (and a torn last line), atomically."""
-  if not os.path.exists(path):
-    return
-  keep = []
-  with open(path) as f:
-    for line in f:
-      try:
-        if json.loads(line)["step"] <= step:
-          keep.append(line if line.endswith("\n") else line + "\n")
-      except (ValueError, KeyError, TypeError):
-        continue
-  with open(path + ".tmp", "w") as f:
-    f.writelines(keep)
-  os.replace(path + ".tmp", path)
+class _JsonLines:
+  """`path` (local or cloud) with its rows after `start_step` (and a torn last line) dropped,
+  then appended to line by line: in place locally (atomic truncation); in cloud storage, which
+  cannot append, the whole file is uploaded again after each line."""
+
+  def __init__(self, path: epath.Path, start_step: int):
+    self.path, self.cloud = path, paths.is_cloud(path)
+    keep = []
+    if path.exists():
+      for line in path.read_text().splitlines():
+        try:
+          if json.loads(line)["step"] <= start_step:
+            keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+          continue
+    self.text = "".join(keep)
+    if self.cloud:
+      path.write_text(self.text)
+    else:
+      tmp = path.with_name(path.name + ".tmp")
+      tmp.write_text(self.text)
+      tmp.replace(path)
+      self.file = path.open("a")
+
+  def write(self, line: str) -> None:
+    if self.cloud:
+      self.text += line
+      self.path.write_text(self.text)
+    else:
+      self.file.write(line)
+      self.file.flush()
+
+  def close(self) -> None:
+    if not self.cloud:
+      self.file.close()
 
 
 def progress_bar(start: int, total: int) -> tqdm.tqdm:
