@@ -244,7 +244,7 @@ def profile_window(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def profile_dir(workdir: str) -> str:
   """Where the profiler trace goes (TensorBoard's profile plugin layout below it)."""
-  return os.path.join(workdir, "profile")
+  return str(paths.workdir_path(workdir) / "profile")
 
 
 def check_writable(workdir: str) -> None:
