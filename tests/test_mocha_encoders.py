@@ -1,0 +1,101 @@
+"""MoCHA's four encoders with real-format checkpoints (tests/data, written by
+tools/make_parity_fixtures.py): the features equal those the reference code's encoders take
+(`mocha_encoders/reference.npz`), the trainer loads and keeps them frozen, and bad checkpoints
+are one-line errors."""
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax.checkpoints import importers, tree
+from moe_jax.train import loop
+from moe_jax.vlm import decoder, encoders, model, tokenizer
+
+from configs import mocha_tiny_digits_vqa  # noqa: I100
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+# Our encoder name (sorted = the reference's order: CLIP, SigLIP, DINOv2, ConvNeXt) -> (kind,
+# checkpoint directory).
+CHECKPOINTS = {"1_clip": ("clip", "hf_clip"), "2_siglip": ("siglip", "mocha_encoders/siglip"),
+               "3_dinov2": ("dinov2", "hf_dinov2"), "4_convnext": ("convnext", "timm_convnext")}
+
+
+def encoder_configs(**changes) -> dict[str, ml_collections.ConfigDict]:
+  """The four encoders, each with its fixture checkpoint and the backbone it holds."""
+  out = {}
+  for name, (kind, folder) in CHECKPOINTS.items():
+    path = os.path.join(DATA, folder)
+    backbone = importers.import_checkpoint(path)[0]
+    pool = backbone.widths[-1] // 3 if kind == "convnext" else 0  # the reference's AvgPool1d(3)
+    out[name] = encoders.encoder_config(kind, checkpoint=path, backbone=backbone,
+                                        pool_channels=pool, **changes.get(name, {}))
+  return out
+
+
+def tiny_config(**changes) -> ml_collections.ConfigDict:
+  c = mocha_tiny_digits_vqa.get_config("stage1")
+  c.batch_size = c.eval_batch_size = 8
+  c.data.channels = 3
+  lm = decoder.decoder_config(width=32, depth=1, mlp_dim=64, num_heads=2,
+                              vocab_size=len(tokenizer.VOCAB), max_len=64)
+  c.model = model.mocha_config(lm, encoder_configs(**changes), image_size=28, channels=3)
+  c.optimizer.trainable = model.trainable_pattern(c.model, "stage1")
+  return c
+
+
+def loaded_model(c: ml_collections.ConfigDict) -> model.MoCHA:
+  mocha = model.MoCHA(c.model, rngs=nnx.Rngs(0))
+  nnx.update(mocha, encoders.with_checkpoints(nnx.state(mocha, nnx.Param), c.model))
+  return mocha
+
+
+def test_encoders_from_checkpoints_give_the_reference_features():
+  c = tiny_config()
+  mocha = loaded_model(c)
+  ref = np.load(os.path.join(DATA, "mocha_encoders", "reference.npz"))
+  inputs = {"image": ref["pixel_values"].transpose(0, 2, 3, 1)}  # one image for all encoders
+  assert mocha.group_sizes == (16, 15, 16, 9)  # 4x4 patches (-CLS), 16 - first patch, 3x3 map
+  for name, encoder in zip(sorted(CHECKPOINTS), mocha.encoders):
+    ours = np.asarray(encoder(inputs))
+    expected = ref[CHECKPOINTS[name][0]]
+    assert ours.shape == expected.shape, name
+    assert np.abs(ours - expected).max() <= 1e-5, (name, np.abs(ours - expected).max())
+
+
+def test_trainer_loads_the_checkpoints_and_a_step_keeps_the_encoders_frozen(tmp_path):
+  c = tiny_config()
+  c.total_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 1, 1, 0, 1
+  c.data.eval_split, c.eval_batch_size = "test[:8]", 8
+  result = loop.train_and_evaluate(c, str(tmp_path))
+  assert np.isfinite(result["train/loss"])
+  state, _ = loop.Trainer(c, str(tmp_path)).restore_or_init()  # the checkpoint after step 1
+  assert int(state.step) == 1
+  params = tree.flatten(jax.device_get(nnx.to_pure_dict(state.params)))
+  loaded = encoders.checkpoint_params(c.model)
+  assert loaded and {k.split("/")[1] for k in loaded} == {"0", "1", "2", "3"}
+  for k, (_, value) in loaded.items():
+    np.testing.assert_array_equal(params[k], value, err_msg=k)
+
+
+def test_checkpoint_that_does_not_fit_the_encoder_is_one_line_error():
+  c = tiny_config(**{"1_clip": dict(quick_gelu=False)})
+  with pytest.raises(tree.CheckpointMismatch, match=r"^model.encoders.1_clip.checkpoint=.*hf_clip:"
+                     r" model.quick_gelu=False but the checkpoint needs True$"):
+    loaded_model(c)
+  c = tiny_config(**{"3_dinov2": dict(mlp_dim=128)})
+  with pytest.raises(tree.CheckpointMismatch, match=r"^model.encoders.3_dinov2.checkpoint=.*: "
+                     r"blocks/0/mlp/fc1/bias has shape \(64,\), the encoder's \(128,\) \(set the "
+                     r"encoder's backbone to the checkpoint's config\)$"):
+    loaded_model(c)
+  c = tiny_config()
+  c.model.image_size = 35
+  with pytest.raises(tree.CheckpointMismatch, match=r"posemb has shape \(1, 16, 32\), the "
+                     r"encoder's \(1, 25, 32\) .*and model.image_size to its image_size\)$"):
+    loaded_model(c)
+  with pytest.raises(ValueError, match=r"^encoder kind='siglip' needs backbone=<a 'vit' model "):
+    encoders.encoder_config("siglip", backbone=c.model.encoders["4_convnext"].backbone)
