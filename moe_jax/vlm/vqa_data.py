@@ -158,16 +158,17 @@ def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: in
   examples = Examples(config, config.train_split if train else config.eval_split)
   reader = readers.ArrayReader(examples.images, np.arange(len(examples)))  # label = row
   shard = pipeline._shard(len(reader), process_index, process_count)
+  stats = transforms.normalization_stats(config.normalization, 1)  # of the stored grey digits
   if train:
     if not 1 <= batch_size <= len(shard):
       raise ValueError(f"batch_size={batch_size} (per process) must be in [1, {len(shard)}]")
     padding = config.crop_padding if config.augment == "crop" else None
     batches = grain.MapDataset.range(sys.maxsize).map(
-        pipeline.TrainBatches(reader, shard, batch_size, seed, process_index, padding))
+        pipeline.TrainBatches(reader, shard, batch_size, seed, process_index, padding, stats))
   else:
     per_process = -(-len(reader) // process_count)
     batches = grain.MapDataset.range(-(-per_process // batch_size)).map(
-        pipeline.EvalBatches(reader, shard, batch_size))
+        pipeline.EvalBatches(reader, shard, batch_size, stats))
   ds = batches.map(examples.with_text).to_iter_dataset(
       grain.ReadOptions(num_threads=config.prefetch_threads,
                         prefetch_buffer_size=config.prefetch_buffer))
