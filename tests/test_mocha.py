@@ -312,17 +312,18 @@ def test_sharded_forward_equals_single_device():
 
 def test_configs_shapes_and_stages():
   c = mocha_paper.get_config("stage2")
-  for e in c.model.encoders.values():  # one block per stage: shapes, not depth, are checked
-    if e.kind == "vit":
-      e.vit.depth = 1
+  for e in c.model.encoders.values():  # few blocks per stage: shapes, not depth, are checked
+    if e.backbone.name == "vit":
+      e.backbone.depth = 2  # SigLIP's features are hidden_states[-3]
     else:
-      e.convnet.depths = (1, 1, 1, 1)
+      e.backbone.depths = (1, 1, 1, 1)
   c.model.decoder.depth = 1
   abstract = nnx.eval_shape(lambda: model.MoCHA(c.model, rngs=nnx.Rngs(0)))
-  assert abstract.group_sizes == (576, 100, 576, 441)
+  # The reference's order and tokens: CLIP, SigLIP (first patch dropped), DINOv2, ConvNeXt.
+  assert abstract.group_sizes == (576, 440, 576, 100)
   assert [e.dim for e in abstract.encoders] == [1024] * 4  # ConvNeXt-XXL 3072 pooled to 1024
-  assert abstract.connectors[1].proj.kernel.shape == (1024, 2560)
-  assert abstract.connectors[1].moe.experts.fc1_kernel.shape == (4, 2560, 2560)
+  assert abstract.connectors[3].proj.kernel.shape == (1024, 2560)
+  assert abstract.connectors[3].moe.experts.fc1_kernel.shape == (4, 2560, 2560)
   assert abstract.decoder.embed.embedding.shape == (51200, 2560)
   assert c.optimizer.learning_rate == 2e-5 and c.optimizer.schedule == "cosine"
   assert c.optimizer.warmup_steps == int(0.03 * c.total_steps)

@@ -105,3 +105,17 @@ def test_checkpoint_that_does_not_fit_the_encoder_is_one_line_error():
     loaded_model(c)
   with pytest.raises(ValueError, match=r"^encoder kind='siglip' needs backbone=<a 'vit' model "):
     encoders.encoder_config("siglip", backbone=c.model.encoders["4_convnext"].backbone)
+
+
+def test_paper_config_names_the_four_checkpoints_in_the_reference_order():
+  from configs import mocha_paper
+  c = mocha_paper.get_config("stage1")
+  encoder_list = [c.model.encoders[n] for n in sorted(c.model.encoders)]
+  assert [(e.kind, e.checkpoint) for e in encoder_list] == [
+      ("clip", "./models/openai-clip-vit-large-patch14-336"),
+      ("siglip", "./models/google-siglip-large-patch16-384"),
+      ("dinov2", "./models/facebook-dinov2-large"),
+      ("convnext", "./models/timm-convnext_xxlarge.clip_laion2b_soup_ft_in1k")]
+  assert c.data.normalization == "clip" and c.model.image_size == 336
+  assert not any(e.trainable for e in c.model.encoders.values())
+  assert c.optimizer.trainable == "^(connectors|hga)/"

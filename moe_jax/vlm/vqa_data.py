@@ -105,7 +105,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 class Examples:
-  """A split in host memory: images uint8 `[N, 28, 28, 1]` and tokenised text, by row."""
+  """A split in host memory: images uint8 `[N, 28, 28, C]` (grey repeated to data.channels) and
+  tokenised text, by row."""
 
   def __init__(self, config: ml_collections.ConfigDict, split: str):
     builder = sources.prepared_builder(config.name, config.data_dir)
@@ -116,8 +117,8 @@ class Examples:
       rows = [r for r in rows if r["qtype"] in keep]
     tokenizer = tok.Tokenizer()
     L = config.text_len
-    self.images = np.stack([r["image"] for r in rows])
-    self.image_size, self.channels = config.image_size, config.channels
+    self.images = np.repeat(np.stack([r["image"] for r in rows]), config.channels, axis=-1)
+    self.image_size = config.image_size
     self.text = {k: np.zeros((len(rows), L) if k == "tokens" else len(rows), np.int32)
                  for k in TEXT_FIELDS}
     for n, r in enumerate(rows):
@@ -137,9 +138,8 @@ class Examples:
 
   def with_text(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """An image batch whose `label` holds row numbers -> the full VQA batch (images resized to
-    data.image_size, grey repeated to data.channels)."""
-    batch["image"] = np.repeat(transforms.resize_nearest(batch["image"], self.image_size),
-                               self.channels, axis=-1)
+    data.image_size)."""
+    batch["image"] = transforms.resize_nearest(batch["image"], self.image_size)
     rows = batch.pop("label")
     batch.update({k: v[rows] for k, v in self.text.items()})
     ids = batch["image_id"]
@@ -158,7 +158,7 @@ def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: in
   examples = Examples(config, config.train_split if train else config.eval_split)
   reader = readers.ArrayReader(examples.images, np.arange(len(examples)))  # label = row
   shard = pipeline._shard(len(reader), process_index, process_count)
-  stats = transforms.normalization_stats(config.normalization, 1)  # of the stored grey digits
+  stats = transforms.normalization_stats(config.normalization, config.channels)
   if train:
     if not 1 <= batch_size <= len(shard):
       raise ValueError(f"batch_size={batch_size} (per process) must be in [1, {len(shard)}]")
