@@ -17,9 +17,8 @@ reference: one image from CLIP's image processor):
 
 Set the four paths with `--config.model.encoders.<name>.checkpoint=/path` (default: ./models/
 <repo name>, as the reference's ./models/ folder). A checkpoint that does not fit the backbone is
-a one-line error when the run starts. NOT yet supported: SigLIP-384's and DINOv2-518's position
-embeddings at 336 px (the reference interpolates them bicubically; here that is a one-line
-error naming model.image_size). One MoE connector each (4 experts, top-2, balance 0.1, z-loss
+a one-line error when the run starts. SigLIP-384's and DINOv2-518's position embeddings are
+resized to the 336 px grids (21x21, 24x24) by torch's bicubic rule, as the reference does. One MoE connector each (4 experts, top-2, balance 0.1, z-loss
 0.01) into the LM width 2560, reference HGA, Phi-2-sized decoder (32 blocks, width 2560, ~2.8B
 parameters; the real Phi-2 weights are not loaded here). Stage 1: connectors (+ HGA) at lr 1e-3;
 stage 2: connectors + LM at lr 2e-5, cosine, 3% warmup.

@@ -125,3 +125,29 @@ def test_paper_config_names_the_four_checkpoints_in_the_reference_order():
   assert c.data.normalization == "clip" and c.model.image_size == 336
   assert not any(e.trainable for e in c.model.encoders.values())
   assert c.optimizer.trainable == "^(connectors|hga)/"
+
+
+@pytest.mark.parametrize("side", [3, 6])
+def test_posemb_resize_equals_torch_bicubic_as_the_reference_calls_it(side):
+  ref = np.load(os.path.join(DATA, "mocha_posemb", "posemb_resize.npz"))
+  grid = ref["grid"][0].transpose(1, 2, 0)  # [D, 4, 4] -> [4, 4, D]
+  for mode, offset in (("size", encoders.POSEMB_OFFSET["siglip"]),
+                       ("offset", encoders.POSEMB_OFFSET["dinov2"])):
+    ours = encoders.resize_posemb_bicubic(grid.reshape(1, 16, -1), side, offset)
+    expected = ref[f"{mode}_{side}"][0].transpose(1, 2, 0).reshape(1, side * side, -1)
+    assert np.abs(ours - expected).max() <= 1e-5, mode
+
+
+def test_siglip_and_dinov2_checkpoints_load_at_another_image_size():
+  c = tiny_config()
+  del c.model.encoders["1_clip"]  # the reference never interpolates CLIP's
+  c.model.image_size = 42  # 6x6 patches instead of the checkpoints' 4x4
+  mocha = loaded_model(c)
+  params = tree.flatten(nnx.to_pure_dict(nnx.state(mocha, nnx.Param)))
+  for i, name in enumerate(sorted(c.model.encoders)):
+    if name in ("2_siglip", "3_dinov2"):
+      source = encoders.checkpoint_params(c.model)[f"encoders/{i}/backbone/posemb"][1]
+      np.testing.assert_allclose(
+          params[f"encoders/{i}/backbone/posemb"],
+          encoders.resize_posemb_bicubic(source, 6, encoders.POSEMB_OFFSET[name[2:]]))
+  assert mocha.group_sizes == (35, 36, 25)  # SigLIP 36 - first patch, DINOv2 36, ConvNeXt 5x5

@@ -217,12 +217,28 @@ def mocha_encoders_fixture(folder: str) -> None:
   np.savez(os.path.join(folder, "reference.npz"), **arrays)
 
 
+def posemb_resize_fixture(folder: str) -> None:
+  """`posemb_resize.npz`: a random 4x4 position-embedding grid [1, D, 4, 4] resized by torch's
+  bicubic `interpolate` as MoCHA's encoders do it: SigLIP `size=(n, n)`, DINOv2 (torch hub)
+  `scale_factor=(n + 0.1) / 4`; both align_corners=False, no antialias; n = 3 and 6."""
+  os.makedirs(folder)
+  grid = torch.from_numpy(np.random.default_rng(2).normal(0, 1, (1, 5, 4, 4)).astype(np.float32))
+  arrays = dict(grid=grid.numpy())
+  for n in (3, 6):
+    size = torch.nn.functional.interpolate(grid, size=(n, n), mode="bicubic", align_corners=False)
+    offset = torch.nn.functional.interpolate(grid, scale_factor=((n + 0.1) / 4, (n + 0.1) / 4),
+                                             mode="bicubic", antialias=False)
+    arrays.update({f"size_{n}": size.numpy(), f"offset_{n}": offset.numpy()})
+  np.savez(os.path.join(folder, "posemb_resize.npz"), **arrays)
+
+
 def main(names: list[str]) -> None:
   builders = {name: lambda folder, n=name, m=m, k=k: hf_fixture(n, m, k, folder)
               for name, (m, k) in HF_MODELS.items()}
   builders.update({f"big_vision_{layout}": lambda folder, l=layout: npz_fixture(l, folder)
                    for layout in ("augreg", "siglip")})
-  builders.update(timm_convnext=timm_convnext_fixture, mocha_encoders=mocha_encoders_fixture)
+  builders.update(timm_convnext=timm_convnext_fixture, mocha_encoders=mocha_encoders_fixture,
+                  mocha_posemb=posemb_resize_fixture)
   unknown = sorted(set(names) - set(builders))
   if unknown:
     raise SystemExit(f"unknown fixture {unknown[0]!r}; known: {sorted(builders)}")

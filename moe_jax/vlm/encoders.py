@@ -29,7 +29,9 @@ Every encoder may be frozen (`trainable=False`: its output is a `stop_gradient`,
 optimizer mask leaves its weights alone) and may pool channels (`pool_channels`: average adjacent
 channels). Checkpoints are loaded into an initialised model by `with_checkpoints` (the trainer
 does it for a fresh run); a checkpoint that does not fit its encoder's `backbone` or
-`model.image_size` is a one-line CheckpointMismatch naming the field.
+`model.image_size` is a one-line CheckpointMismatch naming the field; SigLIP's and DINOv2's
+position embeddings are resized to `model.image_size`'s patch grid as the reference does
+(`resize_posemb_bicubic`), CLIP's never (the reference runs it at its native 336 px).
 """
 from __future__ import annotations
 
@@ -62,6 +64,10 @@ REFERENCE_FEATURES = {
 # reference feeds them all CLIP-normalised 336 px images instead).
 TRAINED_WITH = {"clip": ("clip", 336), "siglip": ("minus_one_one", 384),
                 "dinov2": ("imagenet", 518), "convnext": ("clip", 256)}
+# kind -> the reference's position-embedding interpolation for another patch grid: the offset
+# added to the new side in torch's bicubic `scale_factor` (DINOv2's torch-hub 0.1; SigLIP 0:
+# `size=`). CLIP (native 336 px) is never interpolated by the reference.
+POSEMB_OFFSET = {"siglip": 0.0, "dinov2": 0.1}
 KINDS = (*REFERENCE_FEATURES, "vit", "convnet", "features")
 # name -> (widths per stage, blocks per stage), as in ConvNeXt (Liu et al. 2022).
 CONVNET_SIZES = {
@@ -262,6 +268,10 @@ def with_checkpoints(params: nnx.State, model_config: ml_collections.ConfigDict)
           f"{'the checkpoint' if differ[0] in theirs else 'the backbone'} only (set the "
           "encoder's backbone to the checkpoint's config)")
   for k, (source, value) in sorted(loaded.items()):
+    kind = model_config.encoders[sorted(model_config.encoders)[int(k.split("/")[1])]].kind
+    if k.endswith("/backbone/posemb") and value.shape != flat[k].shape and kind in POSEMB_OFFSET:
+      value = resize_posemb_bicubic(value, int(round(flat[k].shape[1] ** 0.5)),
+                                    POSEMB_OFFSET[kind])
     if value.shape != flat[k].shape:
       raise CheckpointMismatch(
           f"{source}: {k.split('/backbone/')[1]} has shape {value.shape}, the encoder's "
@@ -271,6 +281,34 @@ def with_checkpoints(params: nnx.State, model_config: ml_collections.ConfigDict)
   out = jax.tree.map(lambda x: x, params)
   nnx.replace_by_pure_dict(out, tree.unflatten(flat))
   return out
+
+
+def _bicubic_matrix(n_in: int, n_out: int, scale: float) -> np.ndarray:
+  """`[n_out, n_in]` weights of torch's 1-D bicubic resampling (A = -0.75, align_corners=False,
+  no antialias, edge taps clamped); source x = scale * (dst + 0.5) - 0.5."""
+  A = -0.75
+  x = scale * (np.arange(n_out) + 0.5) - 0.5
+  base = np.floor(x)
+  t = x - base
+  w0 = ((A * (t + 1) - 5 * A) * (t + 1) + 8 * A) * (t + 1) - 4 * A
+  w1 = ((A + 2) * t - (A + 3)) * t * t + 1
+  w2 = ((A + 2) * (1 - t) - (A + 3)) * (1 - t) * (1 - t) + 1
+  weights = np.stack([w0, w1, w2, 1 - w0 - w1 - w2], axis=1)
+  out = np.zeros((n_out, n_in))
+  for tap in range(4):
+    np.add.at(out, (np.arange(n_out), np.clip(base + tap - 1, 0, n_in - 1).astype(int)),
+              weights[:, tap])
+  return out
+
+
+def resize_posemb_bicubic(posemb: np.ndarray, side: int, offset: float) -> np.ndarray:
+  """`[1, g*g, D] -> [1, side*side, D]` as torch `interpolate(mode="bicubic")` on the g x g grid:
+  `size=(side, side)` for offset 0 (SigLIP), `scale_factor=(side + offset) / g` otherwise
+  (DINOv2's torch hub, offset 0.1)."""
+  g = int(round(posemb.shape[1] ** 0.5))
+  m = _bicubic_matrix(g, side, g / (side + offset))
+  grid = posemb.reshape(g, g, -1).astype(np.float64)
+  return np.einsum("ai,bj,ijd->abd", m, m, grid).reshape(1, side * side, -1).astype(np.float32)
 
 
 def pool_channels(x: jax.Array, out: int) -> jax.Array:
