@@ -13,14 +13,16 @@ reference: one image from CLIP's image processor):
   2_siglip_vit_l16_384 google/siglip-large-patch16-384 (HF dir)         440 tokens x 1024
   3_dinov2_vit_l14     facebook/dinov2-large (HF dir)                    576 tokens x 1024
   4_convnext_xxl       timm/convnext_xxlarge.clip_laion2b_soup_ft_in1k   100 tokens x 3072 -> 1024
-                       (timm hub dir; or the open_clip laion CLIP-convnext_xxlarge dir)
+                       (timm hub dir; an open_clip dir imports too, but holds other weights
+                       and no classifier: set that backbone's num_classes=0)
 
 Set the four paths with `--config.model.encoders.<name>.checkpoint=/path` (default: ./models/
 <repo name>, as the reference's ./models/ folder). A checkpoint that does not fit the backbone is
 a one-line error when the run starts. SigLIP-384's and DINOv2-518's position embeddings are
-resized to the 336 px grids (21x21, 24x24) by torch's bicubic rule, as the reference does. One MoE connector each (4 experts, top-2, balance 0.1, z-loss
-0.01) into the LM width 2560, reference HGA, Phi-2-sized decoder (32 blocks, width 2560, ~2.8B
-parameters; the real Phi-2 weights are not loaded here). Stage 1: connectors (+ HGA) at lr 1e-3;
+resized to the 336 px grids (21x21, 24x24) by torch's bicubic rule, as the reference does.
+One MoE connector each (4 experts, top-2, balance 0.1, z-loss 0.01) into the LM width 2560,
+reference HGA, Phi-2-sized decoder (32 blocks, width 2560, ~2.8B parameters; the real Phi-2
+weights are not loaded here). Stage 1: connectors (+ HGA) at lr 1e-3;
 stage 2: connectors + LM at lr 2e-5, cosine, 3% warmup.
 
 The data here is the embedded digit-VQA set resized to 336 px (grey repeated to RGB) — the config

@@ -1,6 +1,7 @@
 """Pretrained weights: every importer (HF ViT, DINOv2, CLIP, SigLIP, ConvNeXt; big_vision /
-vit_jax npz; timm hub / open_clip ConvNeXt) against reference outputs (tests/data, written by tools/make_parity_fixtures.py
-with torch / timm; read here without torch), their errors, and `config.init_from`."""
+vit_jax npz; timm hub / open_clip ConvNeXt) against reference outputs (tests/data, written by
+tools/make_parity_fixtures.py with torch / timm; read here without torch), their errors, and
+`config.init_from`."""
 from __future__ import annotations
 
 import json
@@ -272,8 +273,8 @@ def _open_clip_copy(tmp_path, edit=lambda t: None) -> str:
   """The timm fixture as open_clip saves a CLIP-ConvNeXt: the trunk under `visual.trunk.`, a
   joint-embedding projection and a text tower."""
   from safetensors.numpy import save_file
-  tensors = {f"visual.trunk.{k}": v for k, v in
-             hf.read_safetensors(fixture_path("timm_convnext")).items() if not k.startswith("head.fc")}
+  timm_tensors = hf.read_safetensors(fixture_path("timm_convnext"))
+  tensors = {f"visual.trunk.{k}": v for k, v in timm_tensors.items() if not k.startswith("head.fc")}
   tensors.update({"visual.head.proj.weight": np.ones((4, 24), np.float32),
                   "text.token_embedding.weight": np.ones((10, 4), np.float32),
                   "logit_scale": np.ones((), np.float32)})

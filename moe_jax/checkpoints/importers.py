@@ -1,6 +1,7 @@
 """One entry point for every pretrained-checkpoint format: `import_checkpoint(path)` picks the
 importer from the checkpoint itself (an HF directory's `config.json` `model_type`, a timm hub /
-open_clip ConvNeXt directory, or a big_vision / vit_jax `.npz`) and returns (our model config, flat float32 parameters, report).
+open_clip ConvNeXt directory, or a big_vision / vit_jax `.npz`) and returns (our model config,
+flat float32 parameters, report).
 
 The report also names the `data.normalization` preset the checkpoint expects: for HF, the one
 whose mean / std equal `preprocessor_config.json`'s `image_mean` / `image_std` (None when that
@@ -42,7 +43,8 @@ def checkpoint_kind(path: str) -> str:
   if os.path.isfile(path) and path.endswith(".npz"):
     return "big_vision"
   raise CheckpointMismatch(f"{path} is neither an HF checkpoint directory (config.json + "
-                           "safetensors) a timm / open_clip directory nor a big_vision / vit_jax .npz file")
+                           "safetensors), a timm / open_clip directory nor a big_vision / vit_jax "
+                           ".npz file")
 
 
 def import_checkpoint(path: str, kind: str | None = None) -> Imported:
