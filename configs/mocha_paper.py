@@ -27,8 +27,9 @@ a one-line error when the run starts. SigLIP-384's and DINOv2-518's position emb
 resized to the 336 px grids (21x21, 24x24) by torch's bicubic rule, as the reference does.
 One MoE connector each (router on the encoder tokens, 4 experts Linear(1024 -> 2560)-GELU-
 Linear(2560 -> 2560), top-2, balance 0.1, z-loss 0.01) into the LM width 2560, the reference
-HGA (`model.hga.kind='reference'`: k=10 split 7 intra / 3 inter, parameter-free), Phi-2-sized decoder (32 blocks, width 2560, ~2.8B parameters; the real Phi-2
-weights are not loaded here). Stage 1: connectors (+ HGA) at lr 1e-3;
+HGA (`model.hga.kind='reference'`: k=10 split 7 intra / 3 inter, parameter-free), a
+Phi-2-sized decoder (32 blocks, width 2560, ~2.8B parameters; the real Phi-2 weights are not
+loaded here). Stage 1: connectors (+ HGA) at lr 1e-3;
 stage 2: connectors + LM at lr 2e-5, cosine, 3% warmup.
 
 The data here is the embedded digit-VQA set resized to 336 px (grey repeated to RGB) — the config

@@ -116,12 +116,12 @@ def test_checkpoint_that_does_not_fit_the_encoder_is_one_line_error():
 def test_paper_config_names_the_four_checkpoints_in_the_reference_order():
   from configs import mocha_paper
   c = mocha_paper.get_config("stage1")
-  encoder_list = [c.model.encoders[n] for n in sorted(c.model.encoders)]
-  assert [(e.kind, e.checkpoint) for e in encoder_list] == [
-      ("clip", "./models/openai-clip-vit-large-patch14-336"),
+  encoder_list = [c.model.encoders[n] for n in encoders.encoder_order(c.model)]
+  assert [(e.kind, e.checkpoint) for e in encoder_list] == [  # the reference's HGA order
       ("siglip", "./models/google-siglip-large-patch16-384"),
-      ("dinov2", "./models/facebook-dinov2-large"),
-      ("convnext", "./models/timm-convnext_xxlarge.clip_laion2b_soup_ft_in1k")]
+      ("convnext", "./models/timm-convnext_xxlarge.clip_laion2b_soup_ft_in1k"),
+      ("clip", "./models/openai-clip-vit-large-patch14-336"),
+      ("dinov2", "./models/facebook-dinov2-large")]
   assert c.data.normalization == "clip" and c.model.image_size == 336
   assert not any(e.trainable for e in c.model.encoders.values())
   assert c.optimizer.trainable == "^(connectors|hga)/"
@@ -141,10 +141,11 @@ def test_posemb_resize_equals_torch_bicubic_as_the_reference_calls_it(side):
 def test_siglip_and_dinov2_checkpoints_load_at_another_image_size():
   c = tiny_config()
   del c.model.encoders["1_clip"]  # the reference never interpolates CLIP's
+  c.model.encoder_order = ("2_siglip", "3_dinov2", "4_convnext")
   c.model.image_size = 42  # 6x6 patches instead of the checkpoints' 4x4
   mocha = loaded_model(c)
   params = tree.flatten(nnx.to_pure_dict(nnx.state(mocha, nnx.Param)))
-  for i, name in enumerate(sorted(c.model.encoders)):
+  for i, name in enumerate(c.model.encoder_order):
     if name in ("2_siglip", "3_dinov2"):
       source = encoders.checkpoint_params(c.model)[f"encoders/{i}/backbone/posemb"][1]
       np.testing.assert_allclose(
