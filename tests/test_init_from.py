@@ -186,7 +186,7 @@ def config_with(model: str = "vimoe", **init):
 
 @pytest.mark.parametrize("init,model,message", [
     (dict(kind="npz"), "vimoe", "init_from.kind='npz' must be one of ('', 'hf', 'big_vision', "
-     "'run')"),
+     "'timm', 'run')"),
     (dict(kind="run"), "vimoe", "init_from.path is empty: set it to the 'run' source (or "
      "init_from.kind='' to start from scratch)"),
     (dict(kind="hf", path="{tmp}/missing"), "vimoe", "init_from.path='{tmp}/missing' does not "

@@ -51,7 +51,7 @@ RESIZE_METHODS = ("bilinear", "bicubic", "none")
 def default_config() -> ml_collections.ConfigDict:
   """The `config.init_from` node; `kind=""` starts from scratch."""
   return ml_collections.ConfigDict(dict(
-      kind="",  # "" (from scratch), "hf" (HF directory), "big_vision" (.npz), "run" (a workdir)
+      kind="",  # "" (scratch), "hf" (HF dir), "big_vision" (.npz), "timm" (timm/open_clip), "run"
       path="",
       reinit="",  # comma-separated regexes of our parameter paths left at init, e.g. "head/.*"
       resize_posemb="bilinear",  # posemb of another grid: "bilinear", "bicubic" or "none" (error)
