@@ -117,8 +117,10 @@ class DenseFFN(nnx.Module):
 def identity_experts():
   """Experts replaced by the identity: what is left is routing + dispatch + combine."""
   call, grouped = ExpertBank.__call__, ExpertBank.grouped
-  ExpertBank.__call__ = lambda self, x: x.astype(self.dtype)
-  ExpertBank.grouped = lambda self, x, group_sizes, backend, block_size: x.astype(self.dtype)
+  scaled = lambda self, x, w: x.astype(self.dtype) * (1 if w is None else w[..., None])
+  ExpertBank.__call__ = lambda self, x, row_weights=None: scaled(self, x, row_weights)
+  ExpertBank.grouped = lambda self, x, group_sizes, backend, block_size, row_weights=None: (
+      scaled(self, x, row_weights))
   try:
     yield
   finally:

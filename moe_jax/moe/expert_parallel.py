@@ -37,9 +37,11 @@ class ExpertsOverAllToAll:
     self.local = local
     self.dtype = local.dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = jax.lax.all_to_all(x, EXPERT, split_axis=0, concat_axis=1, tiled=True)
-    y = self.local(x)  # [E / EP, EP * N, D]
+  def __call__(self, x: jax.Array, row_weights: jax.Array | None = None) -> jax.Array:
+    """`x [E, N, D]` (and `row_weights [E, N]`, see `ExpertBank.__call__`) -> `[E, N, D]`; the
+    local experts see `[E / EP, EP * N, D]`."""
+    to_experts = lambda a: jax.lax.all_to_all(a, EXPERT, split_axis=0, concat_axis=1, tiled=True)
+    y = self.local(to_experts(x), None if row_weights is None else to_experts(row_weights))
     return jax.lax.all_to_all(y, EXPERT, split_axis=1, concat_axis=0, tiled=True)
 
 
