@@ -43,6 +43,7 @@ from flax import nnx
 
 from bench import common
 from moe_jax import moe
+from moe_jax.moe import experts as experts_module
 from moe_jax.moe.experts import ExpertBank
 from moe_jax.routing import ROUTERS
 
@@ -261,6 +262,7 @@ class Variant:
   aux_loss: bool = False  # aux.total_loss added to the loss (capture_aux)
   metrics: bool = False  # routing metrics and example loads returned (capture_aux)
   squared: bool = False  # loss sum(layer(x)^2) / 2: the output is read, as in a train step
+  autodiff_fc2: bool = False  # the code before issue 22's fix (see `autodiff_weighted_fc2`)
 
 
 FULL = dict(train=True, aux_loss=True, metrics=True)
@@ -273,7 +275,23 @@ VARIANTS = (
     Variant("full - aux losses", **{**FULL, "aux_loss": False}),
     Variant("full - metrics", **{**FULL, "metrics": False}),
     Variant("layer (eval), sum(layer(x)^2) / 2", squared=True),
+    Variant("before: layer (eval), autodiff fc2", autodiff_fc2=True),
+    Variant("before: layer (eval), autodiff fc2, sum(layer(x)^2) / 2", squared=True,
+            autodiff_fc2=True),
 )
+
+
+@contextlib.contextmanager
+def autodiff_weighted_fc2():
+  """The expert bank's weighted fc2 differentiated by autodiff, as before issue 22's fix: the
+  combine weights' gradient `<dL/dy, h W2 + b2>` reads the forward fc2 output."""
+  custom = experts_module.weighted_linear
+  experts_module.weighted_linear = lambda grouping, h, kernel, bias, w, group_sizes: (
+      w[..., None] * (experts_module._matmul(grouping, h, kernel, group_sizes) + bias))
+  try:
+    yield
+  finally:
+    experts_module.weighted_linear = custom
 
 
 def _loss(squared: bool):
@@ -312,7 +330,8 @@ def build_variant(v: Variant, T: int, E: int, seq: int):
 
     return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
 
-  return common.compile_fn(fn, params, rest, x)
+  with autodiff_weighted_fc2() if v.autodiff_fc2 else contextlib.nullcontext():
+    return common.compile_fn(fn, params, rest, x)
 
 
 def run_default(args, records, seq, reps, budget_s):
@@ -355,9 +374,7 @@ def run_default(args, records, seq, reps, budget_s):
 def _expert_buffers(T: int, E: int):
   """Capacity buffers of the default layer (one group per image of 256, cf 1): `[E, T/E, D]`."""
   x = jax.random.normal(jax.random.key(1), (E, T // E, D), jnp.float32)
-  bank = ExpertBank(E, D, F, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(bank)
-  return x, graphdef, params
+  return x, *nnx.split(ExpertBank(E, D, F, rngs=nnx.Rngs(0)), nnx.Param, ...)
 
 
 def build_ops(T: int, E: int, seq: int) -> dict[str, common.Compiled]:
@@ -365,11 +382,11 @@ def build_ops(T: int, E: int, seq: int) -> dict[str, common.Compiled]:
   shapes the layer gives it: routing + dispatch + combine (identity experts), the expert bank
   alone on its `[E, T/E, D]` buffers (with row weights), its GEMMs, and the cost of E-sized
   fresh gradient buffers; next to the plain dense FFN and its GEMMs."""
-  x, graphdef, params = _expert_buffers(T, E)
+  x, graphdef, params, rest = _expert_buffers(T, E)
   w = jnp.full(x.shape[:2], 0.5)
 
   def bank_grad(params, x, w):
-    loss = lambda params, x, w: jnp.sum(nnx.merge(graphdef, params)(x, w))
+    loss = lambda params, x, w: jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x, w))
     return jax.grad(loss, argnums=(0, 1, 2))(params, x, w)
 
   k = iter(jax.random.split(jax.random.key(3), 8))
