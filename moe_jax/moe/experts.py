@@ -108,8 +108,10 @@ def _weighted_linear_bwd(grouping, residuals, dy):
   d_weights = (jnp.sum(dh_unweighted * h, axis=-1) + jnp.sum(dy * bias, axis=-1))
   broadcast = tuple(i for i, n in enumerate(bias.shape) if n == 1 and dy.shape[i] != 1)
   d_bias = jnp.sum(w_dy, axis=broadcast, keepdims=True)
-  return (w * dh_unweighted, d_kernel, d_bias.astype(bias.dtype),
-          d_weights.astype(row_weights.dtype), None)
+  grads = (w * dh_unweighted, d_kernel, d_bias.astype(bias.dtype),
+           d_weights.astype(row_weights.dtype))
+  primals = (h, kernel, bias, row_weights)
+  return (*(grouped_matmul.sum_to_primal_type(g, p) for g, p in zip(grads, primals)), None)
 
 
 _weighted_linear.defvjp(_weighted_linear_fwd, _weighted_linear_bwd)
