@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -39,9 +40,14 @@ class ExpertsOverAllToAll:
 
   def __call__(self, x: jax.Array, row_weights: jax.Array | None = None) -> jax.Array:
     """`x [E, N, D]` (and `row_weights [E, N]`, see `ExpertBank.__call__`) -> `[E, N, D]`; the
-    local experts see `[E / EP, EP * N, D]`."""
-    to_experts = lambda a: jax.lax.all_to_all(a, EXPERT, split_axis=0, concat_axis=1, tiled=True)
-    y = self.local(to_experts(x), None if row_weights is None else to_experts(row_weights))
+    local experts see `[E / EP, EP * N, D]`. The weights travel as an extra last column of the
+    rows, so one all-to-all goes out and one comes back (and their two transposes)."""
+    if row_weights is not None:
+      x = jnp.concatenate([x, row_weights[..., None].astype(x.dtype)], axis=-1)
+    x = jax.lax.all_to_all(x, EXPERT, split_axis=0, concat_axis=1, tiled=True)
+    if row_weights is not None:
+      x, row_weights = x[..., :-1], x[..., -1]
+    y = self.local(x, row_weights)
     return jax.lax.all_to_all(y, EXPERT, split_axis=1, concat_axis=0, tiled=True)
 
 
