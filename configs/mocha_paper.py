@@ -8,19 +8,34 @@ Stage 2 starts from stage 1's latest checkpoint (`init_from.kind='run'`: every p
 the trained connectors and the untouched encoders and LM) with a fresh optimizer at step 0; it
 needs its own workdir (the stage-1 workdir holds another optimizer tree: a one-line error).
 
-Encoders (in the reference's order, at 336 px, frozen): SigLIP ViT-L/16 (441 tokens),
-ConvNeXt-XXL (10x10 tokens, 3072 channels pooled to 1024), CLIP ViT-L/14 (576), DINOv2 ViT-L/14
-(576); ~1.75B parameters together. One MoE connector each (router on the encoder tokens, 4
-experts Linear(1024 -> 2560)-GELU-Linear(2560 -> 2560), top-2, balance 0.1, z-loss 0.01) into
-the LM width 2560, the reference HGA (`model.hga.kind='reference'`: k=10 split 7 intra / 3
-inter, parameter-free), Phi-2-sized decoder (32 blocks, width 2560, ~2.8B parameters;
-the real Phi-2 weights are not loaded here). Stage 1: connectors (+ HGA) at lr 1e-3; stage 2:
-connectors + LM at lr 2e-5, cosine, 3% warmup.
+Encoders, frozen, each the library ViT / ConvNeXt holding its pretrained checkpoint
+(`model.encoders.<name>.checkpoint`, read by `moe_jax.checkpoints.importers`), features as the
+reference takes them (`moe_jax.vlm.encoders`), at 336 px with CLIP normalisation for all (as the
+reference: one image from CLIP's image processor). `model.encoder_order` is the reference's HGA
+order (its `torch.cat` of SigLIP, ConvNeXt, CLIP, DINOv2 before `build_innovative_graph_v3`):
 
-Here the encoders start from random weights and the data is the embedded digit-VQA set resized
-to 336 px (grey repeated to RGB) — the config fixes shapes and the recipe; for the paper's
-results use pretrained encoders (or their precomputed features: `encoder_config("features",
-tokens=T, dim=D)` + `data.features`) and the paper's instruction data in the same batch format.
+  siglip_vit_l16_384   google/siglip-large-patch16-384 (HF dir)         440 tokens x 1024
+  convnext_xxl         timm/convnext_xxlarge.clip_laion2b_soup_ft_in1k   100 tokens x 3072 -> 1024
+                       (timm hub dir; an open_clip dir imports too, but holds other weights
+                       and no classifier: set that backbone's num_classes=0)
+  clip_vit_l14_336     openai/clip-vit-large-patch14-336 (HF dir)       576 tokens x 1024
+  dinov2_vit_l14       facebook/dinov2-large (HF dir)                    576 tokens x 1024
+
+Set the four paths with `--config.model.encoders.<name>.checkpoint=/path` (default: ./models/
+<repo name>, as the reference's ./models/ folder). A checkpoint that does not fit the backbone is
+a one-line error when the run starts. SigLIP-384's and DINOv2-518's position embeddings are
+resized to the 336 px grids (21x21, 24x24) by torch's bicubic rule, as the reference does.
+One MoE connector each (router on the encoder tokens, 4 experts Linear(1024 -> 2560)-GELU-
+Linear(2560 -> 2560), top-2, balance 0.1, z-loss 0.01) into the LM width 2560, the reference
+HGA (`model.hga.kind='reference'`: k=10 split 7 intra / 3 inter, parameter-free), a
+Phi-2-sized decoder (32 blocks, width 2560, ~2.8B parameters; the real Phi-2 weights are not
+loaded here). Stage 1: connectors (+ HGA) at lr 1e-3;
+stage 2: connectors + LM at lr 2e-5, cosine, 3% warmup.
+
+The data here is the embedded digit-VQA set resized to 336 px (grey repeated to RGB) — the config
+fixes shapes and the recipe; for the paper's results use the paper's instruction data in the same
+batch format (or precomputed features: `encoder_config("features", tokens=T, dim=D)` +
+`data.features`).
 Expected result: not measured (needs accelerators).
 """
 from __future__ import annotations
@@ -28,12 +43,26 @@ from __future__ import annotations
 import ml_collections
 
 from configs import check_variant
-from moe_jax.checkpoints import init_from
+from moe_jax.checkpoints import hf, init_from
+from moe_jax.models import convnext
 from moe_jax.parallel import mesh
 from moe_jax.train import optim
 from moe_jax.vlm import decoder, encoders, model, vqa_data
 
 VARIANTS = ("stage2", "stage1")
+# The published checkpoints' config.json (image tower) values -> our backbone configs.
+CLIP_L14_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                    num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
+                    hidden_act="quick_gelu", layer_norm_eps=1e-5)
+SIGLIP_L16_384 = dict(model_type="siglip_vision_model", hidden_size=1024, intermediate_size=4096,
+                      num_hidden_layers=24, num_attention_heads=16, image_size=384,
+                      patch_size=16)
+DINOV2_L14 = dict(model_type="dinov2", hidden_size=1024, num_hidden_layers=24,
+                  num_attention_heads=16, mlp_ratio=4, image_size=518, patch_size=14,
+                  num_channels=3, hidden_act="gelu", layer_norm_eps=1e-6, layerscale_value=1.0)
+# timm convnext_xxlarge: norm_eps 1e-5 everywhere, LayerScale, the ft_in1k classifier head.
+CONVNEXT_XXL = dict(layer_norm_eps=1e-5, head_norm_eps=1e-5, layer_scale=1e-6, num_classes=1000,
+                    head_zero_init=False)
 
 
 def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
@@ -50,14 +79,21 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
 
   c.data = vqa_data.default_config()
   c.data.image_size, c.data.channels, c.data.pp_train = 336, 3, "resize|normalize"
+  c.data.normalization = "clip"  # every encoder gets CLIP's preprocessing, as in the reference
 
-  vit_l = dict(trainable=False, dtype="bfloat16")
+  frozen = dict(trainable=False, dtype="bfloat16")
+  pretrained = lambda kind, hub, backbone, **kw: encoders.encoder_config(
+      kind, checkpoint=f"./models/{hub}", backbone=backbone, **frozen, **kw)
   c.model = model.mocha_config(decoder.decoder_config(max_len=2048), {  # the reference's order
-      "siglip_vit_l16": encoders.encoder_config("vit", vit_variant="L/16", **vit_l),
-      "convnext_xxl": encoders.encoder_config("convnet", convnet_size="XXL", pool_channels=1024,
-                                              trainable=False, dtype="bfloat16"),
-      "clip_vit_l14": encoders.encoder_config("vit", vit_variant="L/14", **vit_l),
-      "dinov2_vit_l14": encoders.encoder_config("vit", vit_variant="L/14", **vit_l),
+      "siglip_vit_l16_384": pretrained("siglip", "google-siglip-large-patch16-384",
+                                       hf.vit_config_from_hf(SIGLIP_L16_384)),
+      "convnext_xxl": pretrained("convnext", "timm-convnext_xxlarge.clip_laion2b_soup_ft_in1k",
+                                 convnext.convnext_config("XXL", **CONVNEXT_XXL),
+                                 pool_channels=1024),
+      "clip_vit_l14_336": pretrained("clip", "openai-clip-vit-large-patch14-336",
+                                     hf.vit_config_from_hf(CLIP_L14_336)),
+      "dinov2_vit_l14": pretrained("dinov2", "facebook-dinov2-large",
+                                   hf.vit_config_from_hf(DINOV2_L14)),
   }, image_size=c.data.get_ref("image_size"), channels=c.data.get_ref("channels"))
   c.model.decoder.dtype = c.model.connector.dtype = "bfloat16"
   c.model.decoder.vocab_size = 51200  # Phi-2's; the digit task uses ids < 33 of it

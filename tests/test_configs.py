@@ -38,6 +38,10 @@ def one_block_per_stage(model: ml_collections.ConfigDict) -> ml_collections.Conf
       e.vit.depth = 1
     elif e.kind == "convnet":
       e.convnet.depths = (1,) * len(e.convnet.depths)
+    elif e.backbone.name == "convnext":  # a pretrained encoder's library model
+      e.backbone.depths = (1,) * len(e.backbone.depths)
+    elif "backbone" in e:
+      e.backbone.depth = 2  # SigLIP's features are hidden_states[-3]
   model.decoder.depth = 1
   return model
 

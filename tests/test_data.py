@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from moe_jax import data
-from moe_jax.data import builders, sources
+from moe_jax.data import builders
 
 
 @pytest.fixture(scope="module")

@@ -348,14 +348,16 @@ def test_sharded_forward_equals_single_device():
 
 def test_configs_shapes_and_stages():
   c = mocha_paper.get_config("stage2")
-  for e in c.model.encoders.values():  # one block per stage: shapes, not depth, are checked
-    if e.kind == "vit":
-      e.vit.depth = 1
+  for e in c.model.encoders.values():  # few blocks per stage: shapes, not depth, are checked
+    if e.backbone.name == "vit":
+      e.backbone.depth = 2  # SigLIP's features are hidden_states[-3]
     else:
-      e.convnet.depths = (1, 1, 1, 1)
+      e.backbone.depths = (1, 1, 1, 1)
   c.model.decoder.depth = 1
   abstract = nnx.eval_shape(lambda: model.MoCHA(c.model, rngs=nnx.Rngs(0)))
-  assert abstract.group_sizes == (441, 100, 576, 576)  # SigLIP, ConvNeXt, CLIP, DINOv2
+  # The reference's HGA order: SigLIP (its first patch dropped, as the reference), ConvNeXt,
+  # CLIP, DINOv2.
+  assert abstract.group_sizes == (440, 100, 576, 576)
   assert [e.dim for e in abstract.encoders] == [1024] * 4  # ConvNeXt-XXL 3072 pooled to 1024
   bank = abstract.connectors[1].moe.experts  # as the reference: no projection in front
   assert bank.fc1_kernel.shape == (4, 1024, 2560) and bank.fc2_kernel.shape == (4, 2560, 2560)

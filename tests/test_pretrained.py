@@ -1,6 +1,7 @@
 """Pretrained weights: every importer (HF ViT, DINOv2, CLIP, SigLIP, ConvNeXt; big_vision /
-vit_jax npz) against reference outputs (tests/data, written by tools/make_parity_fixtures.py
-with torch / timm; read here without torch), their errors, and `config.init_from`."""
+vit_jax npz; timm hub / open_clip ConvNeXt) against reference outputs (tests/data, written by
+tools/make_parity_fixtures.py with torch / timm; read here without torch), their errors, and
+`config.init_from`."""
 from __future__ import annotations
 
 import json
@@ -35,6 +36,9 @@ OUTPUTS = {
                           "logits": lambda m, x: m(x)},
     "big_vision_siglip": {"tokens": last_norm_tokens, "pre_logits": pooled,
                           "logits": lambda m, x: m(x)},
+    # timm's ConvNeXt (MoCHA's ConvNeXt-XXL layout): last-stage tokens, pre_logits, logits.
+    "timm_convnext": {"tokens": last_norm_tokens, "pre_logits": pooled,
+                      "logits": lambda m, x: m(x)},
 }
 
 
@@ -255,6 +259,58 @@ def test_convnext_unused_key_and_wrong_kind_are_one_line_errors(tmp_path):
   with pytest.raises(tree.CheckpointMismatch, match=r"^init_from.kind='hf' but .*checkpoint.npz "
                      r"is a 'big_vision' checkpoint \(set init_from.kind='big_vision'\)$"):
     importers.import_checkpoint(npz, "hf")
+
+
+def test_timm_checkpoint_reads_eps_and_normalization_from_its_config():
+  config, _, report = importers.import_checkpoint(fixture_path("timm_convnext"), "timm")
+  assert (config.widths, config.depths, config.patch_size, config.num_classes) == (
+      (8, 8, 16, 24), (1, 1, 2, 1), 1, 5)
+  assert config.layer_norm_eps == config.head_norm_eps == 1e-5  # timm's convnext_xxlarge
+  assert report.normalization == "clip" and not report.ignored
+
+
+def _open_clip_copy(tmp_path, edit=lambda t: None) -> str:
+  """The timm fixture as open_clip saves a CLIP-ConvNeXt: the trunk under `visual.trunk.`, a
+  joint-embedding projection and a text tower."""
+  from safetensors.numpy import save_file
+  timm_tensors = hf.read_safetensors(fixture_path("timm_convnext"))
+  tensors = {f"visual.trunk.{k}": v for k, v in timm_tensors.items() if not k.startswith("head.fc")}
+  tensors.update({"visual.head.proj.weight": np.ones((4, 24), np.float32),
+                  "text.token_embedding.weight": np.ones((10, 4), np.float32),
+                  "logit_scale": np.ones((), np.float32)})
+  edit(tensors)
+  save_file(tensors, str(tmp_path / "open_clip_model.safetensors"))
+  with open(tmp_path / "open_clip_config.json", "w") as f:
+    json.dump({"model_cfg": {"vision_cfg": {"timm_model_name": "convnext_xxlarge"}},
+               "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                  "std": [0.26862954, 0.26130258, 0.27577711]}}, f)
+  return str(tmp_path)
+
+
+def test_open_clip_convnext_trunk_equals_the_timm_one(tmp_path):
+  path = _open_clip_copy(tmp_path)
+  config, params, report = importers.import_checkpoint(path, "timm")
+  timm_config, timm_params, _ = importers.import_checkpoint(fixture_path("timm_convnext"))
+  assert config.num_classes == 0 and timm_config.num_classes == 5
+  assert sorted(params) == sorted(k for k in timm_params if not k.startswith("head/"))
+  assert all(np.array_equal(params[k], timm_params[k]) for k in params)
+  assert sorted(report.ignored) == ["logit_scale", "text.token_embedding.weight",
+                                    "visual.head.proj.weight"]
+  assert report.normalization == "clip"
+
+
+def test_timm_convnext_bad_key_or_architecture_is_one_line_error(tmp_path):
+  path = _open_clip_copy(tmp_path, lambda t: t.update(
+      {"visual.trunk.stages.0.blocks.0.mlp.grn.weight": np.ones(32, np.float32)}))
+  with pytest.raises(tree.CheckpointMismatch) as e:
+    importers.import_checkpoint(path)
+  assert str(e.value) == (f"{path}: key 'stages.0.blocks.0.mlp.grn.weight' maps onto no "
+                          "parameter of our model (1 such keys)")
+  with open(tmp_path / "open_clip_config.json", "w") as f:
+    json.dump({"model_cfg": {"vision_cfg": {"timm_model_name": "vit_large_patch14"}}}, f)
+  with pytest.raises(tree.CheckpointMismatch, match=r"^timm architecture='vit_large_patch14': "
+                     r"only ConvNeXt is supported$"):
+    importers.import_checkpoint(path)
 
 
 def test_init_from_big_vision_checks_the_architecture():

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import moe
-from moe_jax.models import build_model, remat, vimoe
+from moe_jax.models import build_model, vimoe
 
 
 def _config(name: str, policy: str):

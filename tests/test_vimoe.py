@@ -15,7 +15,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from moe_jax import moe
-from moe_jax.models import build_model, vit, vimoe
+from moe_jax.models import build_model, vimoe
 
 
 def tiny(router="top_k", **kw):

@@ -5,21 +5,28 @@ HF fixtures are what `save_pretrained` writes (`config.json` + `model.safetensor
 (vit_jax) and big_vision SigLIP image-tower layouts, loaded into timm's `VisionTransformer` by
 timm's own npz loader (`timm.models.vision_transformer._load_weights`), so the reference is not
 our code. Each fixture has `reference.npz`: fixed `pixel_values [B, C, H, W]` and the reference's
-outputs on them in float32 (names below). The tests read these with `moe_jax.checkpoints` and no
-torch.
+outputs on them in float32 (names below). `timm_convnext` is a timm ConvNeXt saved by timm's
+`save_for_hf` (the timm hub layout of MoCHA's ConvNeXt-XXL); `mocha_encoders` holds the features
+MoCHA's four encoders take (its `*_encoder.py` `feature_select`, on one shared image) from the
+CLIP, DINOv2 and timm ConvNeXt fixtures and a 4-layer SigLIP. The tests read these with
+`moe_jax.checkpoints` and no torch.
 
   python -m venv /work/venv-convert && /work/venv-convert/bin/pip install -e '.[convert]'
-  HF_HUB_OFFLINE=1 /work/venv-convert/bin/python tools/make_parity_fixtures.py
+  HF_HUB_OFFLINE=1 /work/venv-convert/bin/python tools/make_parity_fixtures.py [NAME ...]
 """
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import numpy as np
+import safetensors.torch
 import timm
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 import torch
 import transformers as tf
+from timm.models._hub import save_for_hf
 from timm.models.vision_transformer import _load_weights
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
@@ -162,14 +169,105 @@ def npz_fixture(layout: str) -> str:
   return folder
 
 
-def main() -> None:
-  folders = [hf_fixture(name, make, kwargs) for name, (make, kwargs) in HF_MODELS.items()]
-  folders += [npz_fixture(layout) for layout in ("augreg", "siglip")]
-  for folder in folders:
-    name = os.path.basename(folder)
+# A timm ConvNeXt small enough for a fixture: 4 stages (timm has 4), stem 1 (28 px -> 3x3 tokens),
+# timm's convnext_xxlarge norm_eps, LayerScale.
+TIMM_CONVNEXT_ARGS = dict(depths=(1, 1, 2, 1), dims=(8, 8, 16, 24), patch_size=1, norm_eps=1e-5,
+                          ls_init_value=0.5, num_classes=5)
+CONVNEXT_POOL = 3  # MoCHA's nn.AvgPool1d(kernel_size=3, stride=3) over channels (3072 -> 1024)
+
+
+def timm_convnext_model() -> torch.nn.Module:
+  return perturbed(timm.models.convnext.ConvNeXt(**TIMM_CONVNEXT_ARGS))
+
+
+def mocha_convnext_tokens(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+  """MoCHA's `ConvNextVisionTower.forward_features`: stem, stages, the last map as [B, h*w, C]."""
+  x = model.stem(x)
+  for stage in model.stages:
+    x = stage(x)
+  b, c = x.shape[:2]
+  return x.view(b, c, -1).transpose(1, 2)
+
+
+def timm_convnext_fixture(folder: str) -> None:
+  """`save_for_hf` (config.json with architecture + model_args, model.safetensors) + `tokens`
+  (last stage, no norm, as MoCHA takes them), `pre_logits` and `logits`."""
+  model = timm_convnext_model()
+  os.makedirs(folder)
+  # What timm.create_model("convnext_xxlarge.clip_laion2b_soup_ft_in1k") sets (CLIP mean / std).
+  model.pretrained_cfg = dict(architecture="convnext_xxlarge", mean=OPENAI_CLIP_MEAN,
+                              std=OPENAI_CLIP_STD, input_size=(3, 28, 28))
+  save_for_hf(model, folder, model_args=TIMM_CONVNEXT_ARGS, safe_serialization=True)
+  x = torch.from_numpy(pixels())
+  with torch.no_grad():
+    features = model.forward_features(x)
+    arrays = dict(pixel_values=x.numpy(), tokens=mocha_convnext_tokens(model, x).numpy(),
+                  pre_logits=model.forward_head(features, pre_logits=True).numpy(),
+                  logits=model(x).numpy())
+  np.savez(os.path.join(folder, "reference.npz"), **arrays)
+
+
+def mocha_encoders_fixture(folder: str) -> None:
+  """A 4-layer SigLIP (`siglip/`) and `reference.npz`: one `pixel_values` batch and each encoder's
+  features as MoCHA takes them: CLIP hidden_states[-2][:, 1:]; SigLIP with its last layer
+  deleted, hidden_states[-2][:, 1:]; DINOv2 x_prenorm (= HF hidden_states[-1])[:, 1:]; ConvNeXt
+  last-stage tokens, channels average-pooled by 3. Needs the hf_clip, hf_dinov2 and
+  timm_convnext fixtures."""
+  siglip = perturbed(tf.SiglipVisionModel(tf.SiglipVisionConfig(
+      intermediate_size=64, **{**TINY, "num_hidden_layers": 4})))
+  siglip.save_pretrained(os.path.join(folder, "siglip"))
+  del siglip.encoder.layers[-1:]  # as MoCHA's SigLipVisionModel.__init__ (its vision_model)
+  x = torch.from_numpy(pixels())
+  clip = tf.CLIPVisionModel.from_pretrained(os.path.join(OUT, "hf_clip")).eval()
+  dinov2 = tf.Dinov2Model.from_pretrained(os.path.join(OUT, "hf_dinov2")).eval()
+  convnext = timm.models.convnext.ConvNeXt(**TIMM_CONVNEXT_ARGS).eval()
+  convnext.load_state_dict(safetensors.torch.load_file(
+      os.path.join(OUT, "timm_convnext", "model.safetensors")))
+  with torch.no_grad():
+    hidden = lambda m: m(pixel_values=x, output_hidden_states=True).hidden_states
+    arrays = dict(pixel_values=x.numpy(), clip=hidden(clip)[-2][:, 1:].numpy(),
+                  siglip=hidden(siglip)[-2][:, 1:].numpy(),
+                  dinov2=hidden(dinov2)[-1][:, 1:].numpy(),
+                  convnext=torch.nn.AvgPool1d(CONVNEXT_POOL, CONVNEXT_POOL)(
+                      mocha_convnext_tokens(convnext, x)).numpy())
+  np.savez(os.path.join(folder, "reference.npz"), **arrays)
+
+
+def posemb_resize_fixture(folder: str) -> None:
+  """`posemb_resize.npz`: a random 4x4 position-embedding grid [1, D, 4, 4] resized by torch's
+  bicubic `interpolate` as MoCHA's encoders do it: SigLIP `size=(n, n)`, DINOv2 (torch hub)
+  `scale_factor=(n + 0.1) / 4`; both align_corners=False, no antialias; n = 3 and 6."""
+  os.makedirs(folder)
+  grid = torch.from_numpy(np.random.default_rng(2).normal(0, 1, (1, 5, 4, 4)).astype(np.float32))
+  arrays = dict(grid=grid.numpy())
+  for n in (3, 6):
+    size = torch.nn.functional.interpolate(grid, size=(n, n), mode="bicubic", align_corners=False)
+    offset = torch.nn.functional.interpolate(grid, scale_factor=((n + 0.1) / 4, (n + 0.1) / 4),
+                                             mode="bicubic", antialias=False)
+    arrays.update({f"size_{n}": size.numpy(), f"offset_{n}": offset.numpy()})
+  np.savez(os.path.join(folder, "posemb_resize.npz"), **arrays)
+
+
+def main(names: list[str]) -> None:
+  builders = {name: lambda folder, n=name, m=m, k=k: hf_fixture(n, m, k)
+              for name, (m, k) in HF_MODELS.items()}
+  builders.update({f"big_vision_{layout}": lambda folder, l=layout: npz_fixture(l)
+                   for layout in ("augreg", "siglip")})
+  builders.update(timm_convnext=timm_convnext_fixture, mocha_encoders=mocha_encoders_fixture,
+                  mocha_posemb=posemb_resize_fixture)
+  unknown = sorted(set(names) - set(builders))
+  if unknown:
+    raise SystemExit(f"unknown fixture {unknown[0]!r}; known: {sorted(builders)}")
+  for name, build in builders.items():
+    if names and name not in names:
+      continue
+    torch.manual_seed(0)
+    folder = os.path.join(OUT, name)
+    shutil.rmtree(folder, ignore_errors=True)
+    build(folder)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
     print(f"{name}: {sorted(os.listdir(folder))}, {size / 1024:.0f} KB")
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

@@ -40,23 +40,25 @@ def convnext_config_from_hf(hf_config: dict, num_classes: int = 0) -> ml_collect
       layer_scale=float(h["layer_scale_init_value"]), head_zero_init=False)
 
 
-def _conv(target: str, key: str) -> list[Rule]:
+def conv_rules(target: str, key: str) -> list[Rule]:
+  """Our Conv `target` (kernel `[k, k, in/groups, out]`, bias) from torch Conv2d `key`."""
   return [Rule(f"{target}/kernel", (f"{key}.weight",), lambda s: ((s[3], s[2], s[0], s[1]),),
                lambda w: w.transpose(2, 3, 1, 0)),
           copied(f"{target}/bias", f"{key}.bias")]
 
 
 def _rules(c: ml_collections.ConfigDict, shapes: dict) -> list[Rule]:
-  rules = [*_conv("stem", "embeddings.patch_embeddings"),
+  rules = [*conv_rules("stem", "embeddings.patch_embeddings"),
            *torch_norm("stem_norm", "embeddings.layernorm"), *torch_norm("norm", "layernorm")]
   for s, depth in enumerate(c.depths):
     ours, theirs = f"stages/{s}", f"encoder.stages.{s}"
     if s:
       rules += [*torch_norm(f"{ours}/downsample_norm", f"{theirs}.downsampling_layer.0"),
-                *_conv(f"{ours}/downsample", f"{theirs}.downsampling_layer.1")]
+                *conv_rules(f"{ours}/downsample", f"{theirs}.downsampling_layer.1")]
     for j in range(depth):
       o, t = f"{ours}/blocks/{j}", f"{theirs}.layers.{j}"
-      rules += [*_conv(f"{o}/dwconv", f"{t}.dwconv"), *torch_norm(f"{o}/norm", f"{t}.layernorm"),
+      rules += [*conv_rules(f"{o}/dwconv", f"{t}.dwconv"),
+                *torch_norm(f"{o}/norm", f"{t}.layernorm"),
                 *torch_linear(f"{o}/fc1", f"{t}.pwconv1", shapes),
                 *torch_linear(f"{o}/fc2", f"{t}.pwconv2", shapes)]
       if c.layer_scale:

@@ -4,7 +4,7 @@ and `moe_jax.vlm.llama.Llama`.
 `config.json` gives the config (both the transformers 5 `rope_parameters` dict and the older
 top-level `rope_theta` / `partial_rotary_factor`); the safetensors (one file or a sharded index)
 give every parameter, torch linear `[out, in]` -> our kernel `[in, out]`. Every checkpoint key
-must fill one parameter and every parameter must come from a key (`hf.apply_rules`: a one-line
+must fill one parameter and every parameter must come from a key (`rules.apply_rules`: a one-line
 CheckpointMismatch otherwise). A tied LLaMA head has no `lm_head.weight`; ours then reuses the
 embedding. The imported config is dense (`moe_layers=''`): MoE MLPs from dense ones are
 upcycling (`moe_jax.checkpoints.init_from`).
@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.checkpoints import tree
-from moe_jax.checkpoints.hf import ImportReport, Rule, Shape, apply_rules, read_safetensors
+from moe_jax.checkpoints.hf import read_safetensors
+from moe_jax.checkpoints.rules import ImportReport, Rule, Shape, apply_rules
 from moe_jax.checkpoints.tree import CheckpointMismatch
 from moe_jax.vlm import llama, lm, model, phi
 

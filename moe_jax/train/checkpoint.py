@@ -125,7 +125,7 @@ def _restore_step(mgr: ocp.CheckpointManager, abstract, step: int):
         f"checkpoint step {step} in {mgr.directory} was saved with a different config: "
         f"{mismatch}; pass the model and optimizer flags it was trained with, or start fresh "
         "with another --workdir (to start a next stage from it: another --workdir and "
-        f"--config.init_from.kind=run --config.init_from.path={os.path.dirname(mgr.directory)})")
+        f"--config.init_from.kind=run --config.init_from.path={mgr.directory.parent})")
   if isinstance(abstract, TrainState):
     state_args = ocp.args.StandardRestore(_fields(abstract))
   else:

@@ -15,6 +15,7 @@ from moe_jax.checkpoints import init_from
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import distributed, sharding
 from moe_jax.train import checkpoint, metrics, optim, state as state_lib, step as step_lib
+from moe_jax.vlm import encoders
 
 REQUIRED = ("seed", "batch_size", "total_steps", "log_every_steps", "eval_every_steps",
             "checkpoint_every_steps", "model", "data", "optimizer", "mesh")
@@ -95,16 +96,22 @@ class Trainer:
 
   def restore_or_init(self):
     """(state, data-iterator state or None): the latest checkpoint, else a fresh state
-    (initialised by `config.init_from` when that names a source)."""
+    (initialised by `config.init_from` when that names a source; MoCHA's encoders from their
+    checkpoints)."""
     restored = checkpoint.restore(self.ckpt, self.abstract)
     if restored is not None:
       return restored
     state = self.init.create()
     if self.config.get("init_from") and self.config.init_from.kind:
       state = init_from.apply(state, self.config, self.tx, self.shardings)
-      if self.shardings.ema is not None:  # the average starts at the imported weights
-        state = state.replace(ema=jax.jit(lambda p: jax.tree.map(jnp.copy, p),
-                                          out_shardings=self.shardings.ema)(state.params))
+    elif self.config.model.get("name") == "mocha":  # (a next stage has them from its source)
+      params = encoders.with_checkpoints(state.params, self.config.model)
+      state = state.replace(params=jax.device_put(params, self.shardings.params))
+    else:
+      return state, None
+    if self.shardings.ema is not None:  # the average starts at the imported weights
+      state = state.replace(ema=jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                                        out_shardings=self.shardings.ema)(state.params))
     return state, None
 
   def restore_for_eval(self) -> dict:
@@ -244,7 +251,7 @@ def profile_window(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def profile_dir(workdir: str) -> str:
   """Where the profiler trace goes (TensorBoard's profile plugin layout below it)."""
-  return os.path.join(workdir, "profile")
+  return str(paths.workdir_path(workdir) / "profile")
 
 
 def check_writable(workdir: str) -> None:

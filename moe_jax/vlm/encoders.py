@@ -1,25 +1,74 @@
 """MoCHA's vision encoders: each maps the batch to visual tokens `[B, T_i, D_i]`.
 
 Kinds (`encoder.kind`):
-- `vit`: `moe_jax.models.vit.ViT` patch tokens (a stand-in for CLIP / SigLIP / DINOv2);
-- `convnet`: a ConvNeXt-style network (stand-in for ConvNeXt); tokens = its final feature map;
+- `clip`, `siglip`, `dinov2`, `convnext`: the library's ViT / ConvNeXt (`backbone`: its model
+  config, e.g. `importers.import_checkpoint(path)[0]`) holding the pretrained weights of
+  `checkpoint` (any format `importers.import_checkpoint` reads), features taken as the reference
+  code takes them (Pbhgit/MoCHA, llava/model/multimodal_encoder/*_encoder.py, `feature_select`;
+  `REFERENCE_FEATURES`):
+  - clip (`CLIPVisionTower`, ViT-L/14-336): `hidden_states[-2][:, 1:]`, the penultimate block's
+    tokens without the class token;
+  - siglip (`SigLipVisionTower`, SigLIP-L/16-384): the reference deletes the last block, then
+    takes `hidden_states[-2][:, 1:]`: the tokens after block L-2 of L (our layer -3), without the
+    first token; SigLIP has no class token, so that is the first patch (reference behaviour);
+  - dinov2 (`DINOVisionTower`, torch-hub dinov2_vitl14): `x_prenorm[:, 1:]`, the last block's
+    tokens before the final norm, without the class token;
+  - convnext (`ConvNextVisionTower`, timm convnext_xxlarge.clip_laion2b_soup_ft_in1k): the last
+    stage's map as tokens, no norm; `pool_channels=1024` is the reference's
+    `nn.AvgPool1d(kernel_size=3, stride=3)` over channels (3072 -> 1024).
+  Images: the reference feeds every encoder the same tensor, the CLIP tower's image processor's
+  output (336 px, CLIP mean / std, `data_args.image_processor = vision_tower.image_processor`),
+  whatever each encoder was trained with (`TRAINED_WITH`); so does MoCHA here (`model.image_size`,
+  one `image`).
+- `vit`: a `moe_jax.models.vit.ViT` from scratch (its patch tokens after the final norm);
+- `convnet`: a small ConvNeXt-style network from scratch; tokens = its final feature map;
 - `features`: precomputed features `batch["features/<name>"]` of shape `[B, tokens, dim]`, for
-  real encoders run elsewhere.
+  encoders run elsewhere.
 
 Every encoder may be frozen (`trainable=False`: its output is a `stop_gradient`, and the stage's
 optimizer mask leaves its weights alone) and may pool channels (`pool_channels`: average adjacent
-channels, ConvNeXt-XXL's 3072 -> 1024 in the paper).
+channels). Checkpoints are loaded into an initialised model by `with_checkpoints` (the trainer
+does it for a fresh run); a checkpoint that does not fit its encoder's `backbone` or
+`model.image_size` is a one-line CheckpointMismatch naming the field; SigLIP's and DINOv2's
+position embeddings are resized to `model.image_size`'s patch grid as the reference does
+(`resize_posemb_bicubic`), CLIP's never (the reference runs it at its native 336 px).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
-from moe_jax.models import vit
+from moe_jax.checkpoints import importers, tree
+from moe_jax.checkpoints.tree import CheckpointMismatch
+from moe_jax.models import convnext, vit
 
-KINDS = ("vit", "convnet", "features")
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceFeatures:
+  """How the reference takes an encoder's tokens: our `backbone.name`, the ViT `hidden_states`
+  layer (None: ConvNeXt `tokens`), and how many leading tokens it drops."""
+  model: str
+  layer: int | None
+  drop_first: int
+
+
+REFERENCE_FEATURES = {
+    "clip": ReferenceFeatures("vit", -2, 1), "siglip": ReferenceFeatures("vit", -3, 1),
+    "dinov2": ReferenceFeatures("vit", -1, 1), "convnext": ReferenceFeatures("convnext", None, 0)}
+# kind -> (`data.normalization` preset, resolution) the paper's checkpoint was trained with (the
+# reference feeds them all CLIP-normalised 336 px images instead).
+TRAINED_WITH = {"clip": ("clip", 336), "siglip": ("minus_one_one", 384),
+                "dinov2": ("imagenet", 518), "convnext": ("clip", 256)}
+# kind -> the reference's position-embedding interpolation for another patch grid: the offset
+# added to the new side in torch's bicubic `scale_factor` (DINOv2's torch-hub 0.1; SigLIP 0:
+# `size=`). CLIP (native 336 px) is never interpolated by the reference.
+POSEMB_OFFSET = {"siglip": 0.0, "dinov2": 0.1}
+KINDS = (*REFERENCE_FEATURES, "vit", "convnet", "features")
 # name -> (widths per stage, blocks per stage), as in ConvNeXt (Liu et al. 2022).
 CONVNET_SIZES = {
     "T": ((96, 192, 384, 768), (3, 3, 9, 3)), "S": ((96, 192, 384, 768), (3, 3, 27, 3)),
@@ -44,11 +93,22 @@ def convnet_config(size: str = "T", **overrides) -> ml_collections.ConfigDict:
 
 def encoder_config(kind: str, *, trainable: bool = False, pool_channels: int = 0,
                    vit_variant: str = "L/14", convnet_size: str = "XXL", tokens: int = 0,
-                   dim: int = 0, **overrides) -> ml_collections.ConfigDict:
-  """One encoder's node. `overrides` go to the backbone's config (`vit` or `convnet`)."""
+                   dim: int = 0, checkpoint: str = "",
+                   backbone: ml_collections.ConfigDict | None = None,
+                   **overrides) -> ml_collections.ConfigDict:
+  """One encoder's node. Pretrained kinds (`REFERENCE_FEATURES`) need `backbone` (the library
+  model config the `checkpoint` fills; "" = random init); `overrides` go to the backbone's
+  config (`vit`, `convnet` or `backbone`)."""
   c = ml_collections.ConfigDict(dict(kind=kind, trainable=trainable, pool_channels=pool_channels,
                                      tokens=tokens, dim=dim))
-  if kind == "vit":
+  if kind in REFERENCE_FEATURES:
+    if backbone is None or backbone.get("name") != REFERENCE_FEATURES[kind].model:
+      raise ValueError(f"encoder kind={kind!r} needs backbone=<a {REFERENCE_FEATURES[kind].model!r}"
+                       " model config>, e.g. importers.import_checkpoint(path)[0]")
+    c.checkpoint = checkpoint
+    c.backbone = vit.with_overrides(ml_collections.ConfigDict(backbone), overrides,
+                                    f"encoder_config({kind!r})")
+  elif kind == "vit":
     c.vit = vit.vit_config(vit_variant, **{"num_classes": 0, "pool": "gap", **overrides})
   elif kind == "convnet":
     c.convnet = convnet_config(convnet_size, **overrides)
@@ -110,8 +170,10 @@ class Encoder(nnx.Module):
   def __init__(self, name: str, c: ml_collections.ConfigDict, *, image_size: int, channels: int,
                rngs: nnx.Rngs):
     field = f"model.encoders.{name}"
-    self.name, self.trainable = name, c.trainable
-    if c.kind == "vit":
+    self.name, self.trainable, self.reference = name, c.trainable, REFERENCE_FEATURES.get(c.kind)
+    if self.reference is not None:
+      self.backbone, tokens, dim = _pretrained_backbone(field, c, image_size, channels, rngs)
+    elif c.kind == "vit":
       v = ml_collections.ConfigDict(c.vit)
       v.image_size, v.channels = image_size, channels
       self.backbone = vit.ViT(v, rngs=rngs)
@@ -141,6 +203,10 @@ class Encoder(nnx.Module):
     """The backbone's tokens `[B, num_tokens, D_i]` before pooling."""
     if self.backbone is None:
       return inputs[f"features/{self.name}"]
+    if self.reference is not None:
+      x = (self.backbone.tokens(inputs["image"]) if self.reference.layer is None else
+           self.backbone.hidden_states(inputs["image"], self.reference.layer))
+      return x[:, self.reference.drop_first:]
     if isinstance(self.backbone, vit.ViT):
       return self.backbone.tokens(inputs["image"])
     return self.backbone(inputs["image"])
@@ -150,6 +216,108 @@ class Encoder(nnx.Module):
     if self.pool_channels:
       x = pool_channels(x, self.pool_channels)
     return x if self.trainable else jax.lax.stop_gradient(x)
+
+
+def _pretrained_backbone(field: str, c: ml_collections.ConfigDict, image_size: int, channels: int,
+                         rngs: nnx.Rngs) -> tuple[nnx.Module, int, int]:
+  """(backbone at `image_size`, tokens the reference takes, their width) of pretrained kind c."""
+  b = ml_collections.ConfigDict(c.backbone)
+  b.image_size, b.channels = image_size, channels
+  ref = REFERENCE_FEATURES[c.kind]
+  if ref.model == "convnext":
+    side = image_size // b.patch_size // 2 ** (len(b.widths) - 1)
+    if side < 1:
+      raise ValueError(f"{field}.backbone: model.image_size={image_size} is too small for its "
+                       "patch_size and stages")
+    return convnext.ConvNeXt(b, rngs=rngs), side * side, b.widths[-1]
+  if not -b.depth - 1 <= ref.layer <= b.depth:
+    raise ValueError(f"{field}.backbone.depth={b.depth} has no hidden_states[{ref.layer}]")
+  tokens = (image_size // b.patch_size) ** 2 + (b.pool == "cls") + b.num_registers
+  return vit.ViT(b, rngs=rngs), tokens - ref.drop_first, b.width
+
+
+def encoder_order(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`config.encoder_order`, checked to name every encoder of `config.encoders` once."""
+  order = tuple(config.encoder_order)
+  if sorted(order) != sorted(config.encoders):
+    raise ValueError(f"model.encoder_order={order} must list each of model.encoders "
+                     f"{sorted(config.encoders)} exactly once")
+  return order
+
+
+def checkpoint_params(model_config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """Flat `encoders/{i}/backbone/...` float32 parameters of every encoder with a `checkpoint`
+  (i: the encoder's position in sorted name order, as in `MoCHA`); CheckpointMismatch if a
+  checkpoint computes another function than its encoder's `backbone`."""
+  out = {}
+  for i, name in enumerate(encoder_order(model_config)):
+    c = model_config.encoders[name]
+    if c.kind in REFERENCE_FEATURES and c.checkpoint:
+      source = f"model.encoders.{name}.checkpoint={c.checkpoint}"
+      config, params, _ = importers.import_checkpoint(c.checkpoint)
+      importers.check_architecture(c.backbone, config, source)
+      out.update({f"encoders/{i}/backbone/{k}": (source, v) for k, v in params.items()})
+  return out
+
+
+def with_checkpoints(params: nnx.State, model_config: ml_collections.ConfigDict) -> nnx.State:
+  """MoCHA's parameter state `params` with each encoder's backbone from its checkpoint; every
+  checkpoint parameter must be one of the backbone's with the same shape, and vice versa."""
+  loaded = checkpoint_params(model_config)
+  if not loaded:
+    return params
+  flat = tree.flatten(nnx.to_pure_dict(params))
+  for i, name in enumerate(encoder_order(model_config)):
+    prefix = f"encoders/{i}/backbone/"
+    theirs = {k for k in loaded if k.startswith(prefix)}
+    differ = sorted(theirs ^ {k for k in flat if k.startswith(prefix)}) if theirs else []
+    if differ:
+      raise CheckpointMismatch(
+          f"model.encoders.{name}: parameter {differ[0].removeprefix(prefix)} is in "
+          f"{'the checkpoint' if differ[0] in theirs else 'the backbone'} only (set the "
+          "encoder's backbone to the checkpoint's config)")
+  for k, (source, value) in sorted(loaded.items()):
+    kind = model_config.encoders[encoder_order(model_config)[int(k.split("/")[1])]].kind
+    if k.endswith("/backbone/posemb") and value.shape != flat[k].shape and kind in POSEMB_OFFSET:
+      value = resize_posemb_bicubic(value, int(round(flat[k].shape[1] ** 0.5)),
+                                    POSEMB_OFFSET[kind])
+    if value.shape != flat[k].shape:
+      raise CheckpointMismatch(
+          f"{source}: {k.split('/backbone/')[1]} has shape {value.shape}, the encoder's "
+          f"{tuple(flat[k].shape)} (set the encoder's backbone to the checkpoint's config"
+          f"{' and model.image_size to its image_size' if k.endswith('posemb') else ''})")
+    flat[k] = jnp.asarray(value, flat[k].dtype)
+  out = jax.tree.map(lambda x: x, params)
+  nnx.replace_by_pure_dict(out, tree.unflatten(flat))
+  return out
+
+
+def _bicubic_matrix(n_in: int, n_out: int, scale: float) -> np.ndarray:
+  """`[n_out, n_in]` weights of torch's 1-D bicubic resampling (A = -0.75, align_corners=False,
+  no antialias, edge taps clamped); source x = scale * (dst + 0.5) - 0.5."""
+  A = -0.75
+  x = scale * (np.arange(n_out) + 0.5) - 0.5
+  base = np.floor(x)
+  t = x - base
+  w0 = ((A * (t + 1) - 5 * A) * (t + 1) + 8 * A) * (t + 1) - 4 * A
+  w1 = ((A + 2) * t - (A + 3)) * t * t + 1
+  w2 = ((A + 2) * (1 - t) - (A + 3)) * (1 - t) * (1 - t) + 1
+  weights = np.stack([w0, w1, w2, 1 - w0 - w1 - w2], axis=1)
+  out = np.zeros((n_out, n_in))
+  for tap in range(4):
+    np.add.at(out, (np.arange(n_out), np.clip(base + tap - 1, 0, n_in - 1).astype(int)),
+              weights[:, tap])
+  return out
+
+
+def resize_posemb_bicubic(posemb: np.ndarray, side: int, offset: float) -> np.ndarray:
+  """`[1, g*g, D] -> [1, side*side, D]` as torch `interpolate(mode="bicubic")` on the g x g grid:
+  `size=(side, side)` for offset 0 (SigLIP), `scale_factor=(side + offset) / g` otherwise
+  (DINOv2's torch hub, offset 0.1)."""
+  g = int(round(posemb.shape[1] ** 0.5))
+  m = _bicubic_matrix(g, side, g / (side + offset))
+  grid = posemb.reshape(g, g, -1).astype(np.float64)
+  return np.einsum("ai,bj,ijd->abd", m, m, grid).reshape(1, side * side, -1).astype(np.float32)
 
 
 def pool_channels(x: jax.Array, out: int) -> jax.Array:

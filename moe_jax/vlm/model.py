@@ -41,19 +41,10 @@ def trainable_pattern(config: ml_collections.ConfigDict, stage: str) -> str:
   trainable (in any stage)."""
   if stage not in STAGES:
     raise ValueError(f"stage={stage!r} is unknown; use one of {sorted(STAGES)}")
-  encoder_list = [config.encoders[n] for n in encoder_order(config)]
+  encoder_list = [config.encoders[n] for n in encoders.encoder_order(config)]
   groups = list(STAGES[stage]) + [f"encoders/{i}" for i, e in enumerate(encoder_list)
                                   if e.trainable and e.kind != "features"]
   return "^(" + "|".join(groups) + ")/"
-
-
-def encoder_order(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """`config.encoder_order`, checked to name every encoder of `config.encoders` once."""
-  order = tuple(config.encoder_order)
-  if sorted(order) != sorted(config.encoders):
-    raise ValueError(f"model.encoder_order={order} must list each of model.encoders "
-                     f"{sorted(config.encoders)} exactly once")
-  return order
 
 
 DECODERS = Registry("model.decoder.name", {"transformer": "moe_jax.vlm.decoder:Decoder",
@@ -74,7 +65,7 @@ class MoCHA(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     if not config.encoders:
       raise ValueError("model.encoders is empty; MoCHA needs at least one encoder")
-    names = encoder_order(config)
+    names = encoders.encoder_order(config)
     width = config.decoder.width
     self.encoders = nnx.List([
         encoders.Encoder(n, config.encoders[n], image_size=config.image_size,

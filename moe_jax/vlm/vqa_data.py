@@ -105,7 +105,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 class Examples:
-  """A split in host memory: images uint8 `[N, 28, 28, 1]` and tokenised text, by row."""
+  """A split in host memory: images uint8 `[N, 28, 28, C]` (grey repeated to data.channels) and
+  tokenised text, by row."""
 
   def __init__(self, config: ml_collections.ConfigDict, split: str):
     builder = sources.prepared_builder(config.name, config.data_dir)

@@ -1,0 +1,154 @@
+"""MoCHA's four encoders with real-format checkpoints (tests/data, written by
+tools/make_parity_fixtures.py): the features equal those the reference code's encoders take
+(`mocha_encoders/reference.npz`), the trainer loads and keeps them frozen, and bad checkpoints
+are one-line errors."""
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax.checkpoints import importers, tree
+from moe_jax.train import loop, step as step_lib
+from moe_jax.vlm import decoder, encoders, model, tokenizer, vqa_data
+
+from configs import mocha_tiny_digits_vqa  # noqa: I100
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+# Our encoder name (sorted = the reference's order: CLIP, SigLIP, DINOv2, ConvNeXt) -> (kind,
+# checkpoint directory).
+CHECKPOINTS = {"1_clip": ("clip", "hf_clip"), "2_siglip": ("siglip", "mocha_encoders/siglip"),
+               "3_dinov2": ("dinov2", "hf_dinov2"), "4_convnext": ("convnext", "timm_convnext")}
+
+
+def encoder_configs(**changes) -> dict[str, ml_collections.ConfigDict]:
+  """The four encoders, each with its fixture checkpoint and the backbone it holds."""
+  out = {}
+  for name, (kind, folder) in CHECKPOINTS.items():
+    path = os.path.join(DATA, folder)
+    backbone = importers.import_checkpoint(path)[0]
+    pool = backbone.widths[-1] // 3 if kind == "convnext" else 0  # the reference's AvgPool1d(3)
+    out[name] = encoders.encoder_config(kind, checkpoint=path, backbone=backbone,
+                                        pool_channels=pool, **changes.get(name, {}))
+  return out
+
+
+def tiny_config(**changes) -> ml_collections.ConfigDict:
+  c = mocha_tiny_digits_vqa.get_config("stage1")
+  c.batch_size = c.eval_batch_size = 8
+  c.data.channels = 3
+  lm = decoder.decoder_config(width=32, depth=1, mlp_dim=64, num_heads=2,
+                              vocab_size=len(tokenizer.VOCAB), max_len=80)  # 56 visual + 12 text
+  c.model = model.mocha_config(lm, encoder_configs(**changes), image_size=28, channels=3)
+  c.optimizer.trainable = model.trainable_pattern(c.model, "stage1")
+  return c
+
+
+def loaded_model(c: ml_collections.ConfigDict) -> model.MoCHA:
+  mocha = model.MoCHA(c.model, rngs=nnx.Rngs(0))
+  nnx.update(mocha, encoders.with_checkpoints(nnx.state(mocha, nnx.Param), c.model))
+  return mocha
+
+
+def feature_diffs() -> dict[str, float]:
+  """Max |ours - reference| of each encoder's features (one image batch for all four)."""
+  mocha = loaded_model(tiny_config())
+  ref = np.load(os.path.join(DATA, "mocha_encoders", "reference.npz"))
+  inputs = {"image": ref["pixel_values"].transpose(0, 2, 3, 1)}
+  assert mocha.group_sizes == (16, 15, 16, 9)  # 4x4 patches (-CLS), 16 - first patch, 3x3 map
+  out = {}
+  for name, encoder in zip(sorted(CHECKPOINTS), mocha.encoders):
+    ours, expected = np.asarray(encoder(inputs)), ref[CHECKPOINTS[name][0]]
+    assert ours.shape == expected.shape, name
+    out[name] = float(np.abs(ours - expected).max())
+  return out
+
+
+def test_encoders_from_checkpoints_give_the_reference_features():
+  diffs = feature_diffs()
+  assert max(diffs.values()) <= 1e-5, diffs
+
+
+def test_trainer_loads_the_checkpoints_and_a_digit_vqa_step_keeps_them_frozen(tmp_path):
+  c = tiny_config()
+  c.optimizer.warmup_steps = 0
+  trainer = loop.Trainer(c, str(tmp_path))
+  state, _ = trainer.restore_or_init()  # a fresh run: encoders from their checkpoints
+  loaded = encoders.checkpoint_params(c.model)
+  assert {k.split("/")[1] for k in loaded} == {"0", "1", "2", "3"}
+  batch = next(vqa_data.train_dataset(c.data, batch_size=c.batch_size))
+  with jax.set_mesh(trainer.mesh):
+    train_step = step_lib.make_train_step(trainer.defs, trainer.tx, trainer.schedule,
+                                          trainer.mesh, trainer.shardings, trainer.task.loss)
+    before = tree.flatten(jax.device_get(nnx.to_pure_dict(state.params)))
+    state, metrics = train_step(state, batch)
+  after = tree.flatten(jax.device_get(nnx.to_pure_dict(state.params)))
+  assert np.isfinite(float(metrics["train/loss"]))
+  for k, (_, value) in loaded.items():  # loaded, and frozen by the stage-1 mask
+    np.testing.assert_array_equal(before[k], value, err_msg=k)
+    np.testing.assert_array_equal(after[k], value, err_msg=k)
+  assert any(not np.array_equal(before[k], after[k]) for k in after if k.startswith("connectors"))
+
+
+def test_checkpoint_that_does_not_fit_the_encoder_is_one_line_error():
+  c = tiny_config(**{"1_clip": dict(quick_gelu=False)})
+  with pytest.raises(tree.CheckpointMismatch, match=r"^model.encoders.1_clip.checkpoint=.*hf_clip:"
+                     r" model.quick_gelu=False but the checkpoint needs True$"):
+    loaded_model(c)
+  c = tiny_config(**{"3_dinov2": dict(mlp_dim=128)})
+  with pytest.raises(tree.CheckpointMismatch, match=r"^model.encoders.3_dinov2.checkpoint=.*: "
+                     r"blocks/0/mlp/fc1/bias has shape \(64,\), the encoder's \(128,\) \(set the "
+                     r"encoder's backbone to the checkpoint's config\)$"):
+    loaded_model(c)
+  c = tiny_config()
+  c.model.image_size = 35
+  with pytest.raises(tree.CheckpointMismatch, match=r"posemb has shape \(1, 16, 32\), the "
+                     r"encoder's \(1, 25, 32\) .*and model.image_size to its image_size\)$"):
+    loaded_model(c)
+  with pytest.raises(ValueError, match=r"^encoder kind='siglip' needs backbone=<a 'vit' model "):
+    encoders.encoder_config("siglip", backbone=c.model.encoders["4_convnext"].backbone)
+
+
+def test_paper_config_names_the_four_checkpoints_in_the_reference_order():
+  from configs import mocha_paper
+  c = mocha_paper.get_config("stage1")
+  encoder_list = [c.model.encoders[n] for n in encoders.encoder_order(c.model)]
+  assert [(e.kind, e.checkpoint) for e in encoder_list] == [  # the reference's HGA order
+      ("siglip", "./models/google-siglip-large-patch16-384"),
+      ("convnext", "./models/timm-convnext_xxlarge.clip_laion2b_soup_ft_in1k"),
+      ("clip", "./models/openai-clip-vit-large-patch14-336"),
+      ("dinov2", "./models/facebook-dinov2-large")]
+  assert c.data.normalization == "clip" and c.model.image_size == 336
+  assert not any(e.trainable for e in c.model.encoders.values())
+  assert c.optimizer.trainable == "^(connectors|hga)/"
+
+
+@pytest.mark.parametrize("side", [3, 6])
+def test_posemb_resize_equals_torch_bicubic_as_the_reference_calls_it(side):
+  ref = np.load(os.path.join(DATA, "mocha_posemb", "posemb_resize.npz"))
+  grid = ref["grid"][0].transpose(1, 2, 0)  # [D, 4, 4] -> [4, 4, D]
+  for mode, offset in (("size", encoders.POSEMB_OFFSET["siglip"]),
+                       ("offset", encoders.POSEMB_OFFSET["dinov2"])):
+    ours = encoders.resize_posemb_bicubic(grid.reshape(1, 16, -1), side, offset)
+    expected = ref[f"{mode}_{side}"][0].transpose(1, 2, 0).reshape(1, side * side, -1)
+    assert np.abs(ours - expected).max() <= 1e-5, mode
+
+
+def test_siglip_and_dinov2_checkpoints_load_at_another_image_size():
+  c = tiny_config()
+  del c.model.encoders["1_clip"]  # the reference never interpolates CLIP's
+  c.model.encoder_order = ("2_siglip", "3_dinov2", "4_convnext")
+  c.model.image_size = 42  # 6x6 patches instead of the checkpoints' 4x4
+  mocha = loaded_model(c)
+  params = tree.flatten(nnx.to_pure_dict(nnx.state(mocha, nnx.Param)))
+  for i, name in enumerate(c.model.encoder_order):
+    if name in ("2_siglip", "3_dinov2"):
+      source = encoders.checkpoint_params(c.model)[f"encoders/{i}/backbone/posemb"][1]
+      np.testing.assert_allclose(
+          params[f"encoders/{i}/backbone/posemb"],
+          encoders.resize_posemb_bicubic(source, 6, encoders.POSEMB_OFFSET[name[2:]]))
+  assert mocha.group_sizes == (35, 36, 25)  # SigLIP 36 - first patch, DINOv2 36, ConvNeXt 5x5
