@@ -21,7 +21,12 @@ Sections:
   `sum(gelu(x @ W1) @ W2)` on `x [T, D]` (grads of x, W1, W2), the same on `x [T/seq, seq, D]`,
   and the `ratios` section's `DenseFFN`; then the "full" layer (train-mode router noise, aux
   losses in the loss, metrics returned) with each of BPR, noise, aux losses and metrics switched
-  off one at a time. All in the same interleaved rounds; ratios per round to the plain dense FFN.
+  off one at a time; and the layer and the plain dense FFN under `sum(f(x)^2) / 2` (the output is
+  read, as in a train step; a loss linear in the output never reads it). All in the same interleaved rounds;
+  ratios per round to the plain dense FFN under the same loss.
+- ops: the default layer's parts compiled and timed apart (routing + dispatch with identity
+  experts, the expert bank on its buffers, dense vs batched GEMMs, fresh E-sized gradient
+  buffers), to say where its time goes.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from flax import nnx
 
 from bench import common
 from moe_jax import moe
+from moe_jax.moe import experts as experts_module
 from moe_jax.moe.experts import ExpertBank
 from moe_jax.routing import ROUTERS
 
@@ -117,8 +123,10 @@ class DenseFFN(nnx.Module):
 def identity_experts():
   """Experts replaced by the identity: what is left is routing + dispatch + combine."""
   call, grouped = ExpertBank.__call__, ExpertBank.grouped
-  ExpertBank.__call__ = lambda self, x: x.astype(self.dtype)
-  ExpertBank.grouped = lambda self, x, group_sizes, backend, block_size: x.astype(self.dtype)
+  scaled = lambda self, x, w: x.astype(self.dtype) * (1 if w is None else w[..., None])
+  ExpertBank.__call__ = lambda self, x, row_weights=None: scaled(self, x, row_weights)
+  ExpertBank.grouped = lambda self, x, group_sizes, backend, block_size, row_weights=None: (
+      scaled(self, x, row_weights))
   try:
     yield
   finally:
@@ -253,6 +261,8 @@ class Variant:
   train: bool = False  # router noise
   aux_loss: bool = False  # aux.total_loss added to the loss (capture_aux)
   metrics: bool = False  # routing metrics and example loads returned (capture_aux)
+  squared: bool = False  # loss sum(layer(x)^2) / 2: the output is read, as in a train step
+  autodiff_fc2: bool = False  # the code before issue 22's fix (see `autodiff_weighted_fc2`)
 
 
 FULL = dict(train=True, aux_loss=True, metrics=True)
@@ -264,15 +274,40 @@ VARIANTS = (
     Variant("full - noise (eval)", **{**FULL, "train": False}),
     Variant("full - aux losses", **{**FULL, "aux_loss": False}),
     Variant("full - metrics", **{**FULL, "metrics": False}),
+    Variant("layer (eval), sum(layer(x)^2) / 2", squared=True),
+    Variant("before: layer (eval), autodiff fc2", autodiff_fc2=True),
+    Variant("before: layer (eval), autodiff fc2, sum(layer(x)^2) / 2", squared=True,
+            autodiff_fc2=True),
 )
 
 
-def build_plain_dense(T: int, seq: int | None):
-  """`jax.grad` of `sum(gelu(x @ W1) @ W2)` w.r.t. x, W1, W2; x `[T, D]` (or `[T/seq, seq, D]`)."""
+@contextlib.contextmanager
+def autodiff_weighted_fc2():
+  """The expert bank's weighted fc2 differentiated by autodiff, as before issue 22's fix: the
+  combine weights' gradient `<dL/dy, h W2 + b2>` reads the forward fc2 output."""
+  custom = experts_module.weighted_linear
+  experts_module.weighted_linear = lambda grouping, h, kernel, bias, w, group_sizes: (
+      w[..., None] * (experts_module._matmul(grouping, h, kernel, group_sizes) + bias))
+  try:
+    yield
+  finally:
+    experts_module.weighted_linear = custom
+
+
+def _loss(squared: bool):
+  """`sum(y)`, or `sum(y^2) / 2`, which reads y (a loss linear in y, as `sum(ct * y)`, does not:
+  XLA then drops the forward of the last GEMM)."""
+  return (lambda y: 0.5 * jnp.sum(y * y)) if squared else jnp.sum
+
+
+def build_plain_dense(T: int, seq: int | None, squared: bool = False):
+  """`jax.grad` of `sum(gelu(x @ W1) @ W2)` (or of `_loss(squared)` of it) w.r.t. x, W1, W2;
+  x `[T, D]` (or `[T/seq, seq, D]`)."""
   x = jax.random.normal(jax.random.key(1), (T, D) if seq is None else (T // seq, seq, D))
   w1 = jax.random.normal(jax.random.key(2), (D, F)) * D**-0.5
   w2 = jax.random.normal(jax.random.key(3), (F, D)) * F**-0.5
-  fn = jax.grad(lambda x, w1, w2: jnp.sum(nnx.gelu(x @ w1) @ w2), argnums=(0, 1, 2))
+  loss = _loss(squared)
+  fn = jax.grad(lambda x, w1, w2: loss(nnx.gelu(x @ w1) @ w2), argnums=(0, 1, 2))
   return common.compile_fn(fn, x, w1, w2)
 
 
@@ -282,36 +317,40 @@ def build_variant(v: Variant, T: int, E: int, seq: int):
   model.train() if v.train else model.eval()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   x = jax.random.normal(jax.random.key(1), (T // seq, seq, D), jnp.float32)
+  output_loss = _loss(v.squared)
 
   def fn(params, rest, x):
     def loss(params, x):
       m = nnx.merge(graphdef, params, rest, copy=True)  # rest (router key) is not differentiated
       if not (v.aux_loss or v.metrics):
-        return jnp.sum(m(x)), {}
+        return output_loss(m(x)), {}
       y, aux = moe.capture_aux(m)(x)
       metrics = {name: (a.metrics, a.example_load) for name, a in aux.layers.items()}
       return jnp.sum(y) + (aux.total_loss if v.aux_loss else 0.0), metrics if v.metrics else {}
 
     return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
 
-  return common.compile_fn(fn, params, rest, x)
+  with autodiff_weighted_fc2() if v.autodiff_fc2 else contextlib.nullcontext():
+    return common.compile_fn(fn, params, rest, x)
 
 
 def run_default(args, records, seq, reps, budget_s):
-  """The default-config layer, its parts one at a time, and three dense baselines."""
+  """The default-config layer, its parts one at a time, and four dense baselines."""
+  sum_dense, squared_dense = ("dense: sum(gelu(x @ W1) @ W2), x [T, D]",
+                              "dense: sum((gelu(x @ W1) @ W2)^2) / 2, x [T, D]")
   for T, E in itertools.product(sorted(args.tokens), args.experts):
-    compiled = {"dense: sum(gelu(x @ W1) @ W2), x [T, D]": build_plain_dense(T, None),
+    compiled = {sum_dense: build_plain_dense(T, None),
                 f"dense: same, x [T/{seq}, {seq}, D]": build_plain_dense(T, seq),
-                "dense: DenseFFN (ratios section)": build(None, T, E, 1, seq, dtype=args.dtype)}
+                "dense: DenseFFN (ratios section)": build(None, T, E, 1, seq, dtype=args.dtype),
+                squared_dense: build_plain_dense(T, None, squared=True)}
     for v in VARIANTS:
       compiled[v.name] = build_variant(v, T, E, seq)
     t0 = time.perf_counter()
     timings = common.time_interleaved({n: c.call for n, c in compiled.items()}, reps=reps,
                                       budget_s=budget_s)
-    base = timings[next(iter(compiled))]
     rows = []
     for name, c in compiled.items():
-      t = timings[name]
+      t, base = timings[name], timings[squared_dense if "^2" in name else sum_dense]
       per_round = [a / b for a, b in zip(t.times, base.times)]
       rec = {"section": "default", "T": T, "E": E, "k": 1, "D": D, "F": F, "seq": seq,
              "path": name, "ratio_vs_dense": t.median / base.median,
@@ -323,10 +362,83 @@ def run_default(args, records, seq, reps, budget_s):
     common.print_table(rows, [
         ("path", "path", ""), ("median_s", "median s", ".3f"), ("min_s", "min", ".3f"),
         ("max_s", "max", ".3f"), ("n", "n", "d"), ("ratio_vs_dense", "x dense", ".2f"),
+        ("round_ratio_median", "per-round median", ".2f"),
         ("round_ratio_min", "per-round min", ".2f"),
-        ("round_ratio_max", "per-round max", ".2f"), ("temp_bytes", "temp", "bytes")],
+        ("round_ratio_max", "per-round max", ".2f"), ("flops", "XLA flops", ".3g"),
+        ("temp_bytes", "temp", "bytes")],
         title=f"default config, T={T} E={E} k=1 D={D} F={F}, x dense = median / median of the "
-              f"first row (timed {time.perf_counter() - t0:.0f}s)")
+              f"plain dense FFN under the same loss (sum, or sum(.^2) / 2 for the rows saying ^2) "
+              f"(timed {time.perf_counter() - t0:.0f}s)")
+
+
+def _expert_buffers(T: int, E: int):
+  """Capacity buffers of the default layer (one group per image of 256, cf 1): `[E, T/E, D]`."""
+  x = jax.random.normal(jax.random.key(1), (E, T // E, D), jnp.float32)
+  return x, *nnx.split(ExpertBank(E, D, F, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+
+def build_ops(T: int, E: int, seq: int) -> dict[str, common.Compiled]:
+  """The default layer's fwd+bwd (sum loss) cut into separately compiled parts, each with the
+  shapes the layer gives it: routing + dispatch + combine (identity experts), the expert bank
+  alone on its `[E, T/E, D]` buffers (with row weights), its GEMMs, and the cost of E-sized
+  fresh gradient buffers; next to the plain dense FFN and its GEMMs."""
+  x, graphdef, params, rest = _expert_buffers(T, E)
+  w = jnp.full(x.shape[:2], 0.5)
+
+  def bank_grad(params, x, w):
+    loss = lambda params, x, w: jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x, w))
+    return jax.grad(loss, argnums=(0, 1, 2))(params, x, w)
+
+  k = iter(jax.random.split(jax.random.key(3), 8))
+  r = lambda *shape: jax.random.normal(next(k), shape, jnp.float32)
+  xd, w1, hd = r(T, D), r(D, F), r(T, F)
+  xe, w1e, he = r(E, T // E, D), r(E, D, F), r(E, T // E, F)
+  zeros = lambda n: common.compile_fn(
+      lambda s: (jnp.full((n, D, F), s), jnp.full((n, F, D), s)), jnp.float32(0))
+  return {
+      "dense FFN: sum loss, grads of x, W1, W2": build_plain_dense(T, None),
+      "layer: sum loss, grads of params and x": build_variant(VARIANTS[0], T, E, seq),
+      "layer, identity experts (routing, dispatch, combine)": build(
+          Path("top_k"), T, E, 1, seq, identity=True),
+      f"expert bank alone on [E, {T // E}, D] buffers": common.compile_fn(bank_grad, params, x, w),
+      "GEMM dense [T, D] x [D, F]": common.compile_fn(jnp.matmul, xd, w1),
+      f"GEMM batched [E, {T // E}, D] x [E, D, F]": common.compile_fn(
+          lambda a, b: jnp.einsum("ecd,edf->ecf", a, b), xe, w1e),
+      "weight-grad GEMM dense [T, D]^T [T, F]": common.compile_fn(
+          lambda a, b: jnp.einsum("td,tf->df", a, b), xd, hd),
+      f"weight-grad GEMM batched -> [E, D, F]": common.compile_fn(
+          lambda a, b: jnp.einsum("ecd,ecf->edf", a, b), xe, he),
+      "fresh W1 + W2 sized outputs (fill), dense": zeros(1),
+      "fresh W1 + W2 sized outputs (fill), E experts": zeros(E),
+  }
+
+
+def run_ops(args, records, seq, reps, budget_s):
+  """Times `build_ops`'s parts in interleaved rounds; ratios per round to the dense FFN."""
+  for T, E in itertools.product(sorted(args.tokens), args.experts):
+    compiled = build_ops(T, E, seq)
+    t0 = time.perf_counter()
+    timings = common.time_interleaved({n: c.call for n, c in compiled.items()}, reps=reps,
+                                      budget_s=budget_s)
+    base = timings[next(iter(compiled))]
+    rows = []
+    for name, c in compiled.items():
+      t = timings[name]
+      per_round = [a / b for a, b in zip(t.times, base.times)]
+      rec = {"section": "ops", "T": T, "E": E, "k": 1, "D": D, "F": F, "seq": seq,
+             "path": name, "round_ratio_median": float(np.median(per_round)),
+             "round_ratio_min": min(per_round), "round_ratio_max": max(per_round),
+             **t.summary(), **c.stats()}
+      records.append(rec)
+      rows.append(rec)
+    common.print_table(rows, [
+        ("path", "part", ""), ("median_s", "median s", ".3f"), ("min_s", "min", ".3f"),
+        ("max_s", "max", ".3f"), ("n", "n", "d"),
+        ("round_ratio_median", "x dense FFN (per-round median)", ".2f"),
+        ("round_ratio_min", "min", ".2f"), ("round_ratio_max", "max", ".2f"),
+        ("flops", "XLA flops", ".3g"), ("out_bytes", "output", "bytes")],
+        title=f"default layer cut into parts, T={T} E={E} k=1 D={D} F={F} "
+              f"(timed {time.perf_counter() - t0:.0f}s)")
 
 
 def main():
@@ -342,7 +454,7 @@ def main():
   p.add_argument("--seq", type=int, default=256, help="tokens per image (group_size=0 group)")
   p.add_argument("--budget", type=float, default=None, help="seconds of timed rounds per config")
   p.add_argument("--sections", nargs="+", default=["ratios", "memory"],
-                 choices=["ratios", "memory", "default"])
+                 choices=["ratios", "memory", "default", "ops"])
   p.add_argument("--no-overhead", dest="overhead", action="store_false")
   args = common.parse(p)
   if args.quick:
@@ -367,6 +479,8 @@ def main():
     run_ratios(args, records, configs, args.seq, reps, budget)
   if "default" in args.sections:
     run_default(args, records, args.seq, reps, budget)
+  if "ops" in args.sections:
+    run_ops(args, records, args.seq, reps, budget)
   if "memory" in args.sections:
     memory_configs = [c for c in configs if c[0] == min(args.tokens)]
     run_memory(args, records, memory_configs[-1:] if args.quick else memory_configs, args.seq)

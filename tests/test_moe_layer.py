@@ -369,3 +369,50 @@ def test_check_finite_raises_on_a_nan_input():
 def test_dropless_dropped_fraction_is_exactly_zero():
   _, aux = _layer_with_nan_token("top_k", "dropless")
   assert float(aux.metrics["dropped_fraction"]) == 0.0
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_weighted_fc2_forward_unchanged_and_gradient_matches_autodiff(grouped):
+  # The custom VJP of `w * (h W + b)` (no forward product in the weights' gradient) against
+  # autodiff of the same formula; a zero weight (an empty capacity row) and, grouped, rows past
+  # the groups' total (zero bias there, as the bank's take fills) included.
+  from moe_jax.moe.experts import _matmul, weighted_linear
+  keys = jax.random.split(jax.random.key(0), 5)
+  E, F, D = 3, 16, 8
+  kernel = jax.random.normal(keys[0], (E, F, D))
+  if grouped:
+    grouping, group_sizes, rows = ("blocked", 2), jnp.array([4, 0, 6], jnp.int32), (12,)
+    bias = jax.random.normal(keys[1], (12, D)).at[10:].set(0.0)
+  else:
+    grouping, group_sizes, rows = None, None, (E, 5)
+    bias = jax.random.normal(keys[1], (E, 1, D))
+  h = jax.random.normal(keys[2], (*rows, F))
+  w = jax.random.uniform(keys[3], rows).reshape(-1).at[1].set(0.0).reshape(rows)
+  ct = jax.random.normal(keys[4], (*rows, D))
+  ours = lambda h, k, b, w: weighted_linear(grouping, h, k, b, w, group_sizes)
+  autodiff = lambda h, k, b, w: w[..., None] * (_matmul(grouping, h, k, group_sizes) + b)
+  np.testing.assert_array_equal(ours(h, kernel, bias, w), autodiff(h, kernel, bias, w))
+  for loss in (lambda y: jnp.sum(ct * y), jnp.sum):
+    got, want = (jax.grad(lambda *a, f=f: loss(f(*a)), argnums=(0, 1, 2, 3))(h, kernel, bias, w)
+                 for f in (ours, autodiff))
+    for g, r in zip(got, want):
+      np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def _gemm_flops(loss):
+  """XLA flops of fwd+bwd of `loss(layer(x))`, in units of one expert GEMM over all rows."""
+  E, D, F, B, S = 4, 128, 256, 2, 128
+  layer = make_layer(dim=D, E=E, F=F)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(0), (B, S, D))
+  grad = jax.grad(lambda p, x: loss(nnx.merge(graphdef, p, rest)(x)), argnums=(0, 1))
+  flops = jax.jit(grad).lower(params, x).compile().cost_analysis()["flops"]
+  rows = E * B * dispatch.capacity(1, S, E, 1.0)
+  return flops / (2 * rows * D * F)
+
+
+def test_sum_loss_gradient_runs_five_expert_gemms_like_a_dense_ffn():
+  # sum(layer(x)) (any loss linear in the output) never reads the output, so its forward fc2
+  # GEMM is dead code (issue 22); a loss that reads it needs all six (two forward, four backward).
+  assert 4.9 < _gemm_flops(jnp.sum) < 5.3
+  assert 5.9 < _gemm_flops(lambda y: jnp.sum(y**2)) < 6.3

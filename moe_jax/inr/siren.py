@@ -7,7 +7,8 @@ variance whatever w0 is (inputs `sin(.)` have variance 1/2), and w0 scales the g
 how fast a member moves towards high frequencies. An optional linear head has the same bound.
 
 The bank follows the core `ExpertBank` protocol (`__call__` on `[E, N, D]` buffers for capacity
-dispatch, `grouped` on expert-sorted rows for dropless dispatch, `dtype`), so MoE dispatch runs it.
+dispatch, `grouped` on expert-sorted rows for dropless dispatch, both with optional per-row
+combine weights, `dtype`), so MoE dispatch runs it.
 """
 from __future__ import annotations
 
@@ -66,16 +67,20 @@ class SirenBank(nnx.Module):
         h = jnp.sin(take(jnp.asarray(self.w0, dt)[:, None]) * h)
     return h
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Batched members: `x [E, N, D_in] -> [E, N, D_out]`, member e applied to `x[e]`."""
-    return self._layers(x.astype(self.dtype), lambda h, k: jnp.einsum("enc,ecd->end", h, k),
-                        lambda a: a[:, None])
+  def __call__(self, x: jax.Array, row_weights: jax.Array | None = None) -> jax.Array:
+    """Batched members: `x [E, N, D_in] -> [E, N, D_out]`, member e applied to `x[e]`, its row
+    n times `row_weights [E, N]` if given."""
+    y = self._layers(x.astype(self.dtype), lambda h, k: jnp.einsum("enc,ecd->end", h, k),
+                     lambda a: a[:, None])
+    return y if row_weights is None else row_weights[..., None].astype(y.dtype) * y
 
-  def grouped(self, x: jax.Array, group_sizes: jax.Array, backend: str,
-              block_size: int) -> jax.Array:
-    """Expert-sorted rows (core dropless dispatch): `x [P, D_in]`, `group_sizes [E]` -> `[P, D_out]`."""
+  def grouped(self, x: jax.Array, group_sizes: jax.Array, backend: str, block_size: int,
+              row_weights: jax.Array | None = None) -> jax.Array:
+    """Expert-sorted rows (core dropless dispatch): `x [P, D_in]`, `group_sizes [E]` -> `[P, D_out]`,
+    row p times `row_weights [P]` if given."""
     row_member = grouped_matmul.row_groups(group_sizes, x.shape[0])
     matmul = lambda h, k: grouped_matmul.gmm(h, k, group_sizes, backend=backend,
                                              block_size=block_size)
     take = lambda a: jnp.take(a, row_member, axis=0, mode="fill", fill_value=0)
-    return self._layers(x.astype(self.dtype), matmul, take)
+    y = self._layers(x.astype(self.dtype), matmul, take)
+    return y if row_weights is None else row_weights[:, None].astype(y.dtype) * y

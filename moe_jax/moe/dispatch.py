@@ -74,20 +74,23 @@ def dropless_rows(plan: RoutingPlan, block_size: int) -> tuple[jax.Array, jax.Ar
 
 
 def _route_rows(x: jax.Array, rows: jax.Array, weights: jax.Array, num_rows: int,
-                experts_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
-  """Tokens `x [N, D]` -> expert rows -> `experts_fn` -> weighted sum back: `[N, D_out]`.
+                experts_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+  """Tokens `x [N, D]` -> expert rows -> `experts_fn` -> sum back: `[N, D_out]`.
 
   rows / weights: `[N, K]`; a row >= num_rows means the pair is dropped (contributes zero).
+  `experts_fn(rows [num_rows, D], row weights [num_rows])` returns each row's expert output
+  times its combine weight (0 for an empty row), so a token's output is the sum of its rows.
   """
   N, K = rows.shape
   pair_of_row = jnp.full((num_rows,), N * K, jnp.int32).at[rows.reshape(-1)].set(
       jnp.arange(N * K, dtype=jnp.int32), mode="drop")
   token_of_row = jnp.where(pair_of_row < N * K, pair_of_row // K, N)
   expert_in = permute.gather_rows(x, token_of_row, rows)  # [num_rows, D]
-  expert_out = experts_fn(expert_in)
+  row_weights = permute.gather_rows(weights.reshape(N * K, 1).astype(x.dtype), pair_of_row,
+                                    rows.reshape(N * K, 1))[:, 0]
+  expert_out = experts_fn(expert_in, row_weights)
   per_pair = permute.gather_rows(expert_out, rows.reshape(-1), pair_of_row[:, None])
-  per_pair = per_pair.reshape(N, K, -1)
-  return jnp.einsum("nk,nkd->nd", weights.astype(per_pair.dtype), per_pair)
+  return jnp.sum(per_pair.reshape(N, K, -1), axis=1)
 
 
 def token_choice(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *, mode: str,
@@ -105,11 +108,13 @@ def token_choice(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *, mode: 
   if mode == "capacity":
     C = capacity(K, S, E, capacity_factor, min_capacity)
     rows, num_rows = capacity_rows(plan, C), E * G * C
-    experts_fn = lambda r: experts(r.reshape(E, G * C * R, D)).reshape(E * G * C, -1)
+    experts_fn = lambda r, w: experts(r.reshape(E, G * C * R, D), jnp.repeat(w, R).reshape(
+        E, G * C * R)).reshape(E * G * C, -1)
   else:
     rows, group_sizes, num_rows = dropless_rows(plan, block_size)
-    experts_fn = lambda r: experts.grouped(r.reshape(num_rows * R, D), group_sizes * R, backend,
-                                           block_size).reshape(num_rows, -1)
+    experts_fn = lambda r, w: experts.grouped(r.reshape(num_rows * R, D), group_sizes * R,
+                                              backend, block_size, jnp.repeat(w, R)).reshape(
+                                                  num_rows, -1)
   kept = rows < num_rows
   y = _route_rows(x.reshape(G * S, W).astype(experts.dtype), rows.reshape(G * S, K),
                   plan.combine_weights.reshape(G * S, K), num_rows, experts_fn)
@@ -131,9 +136,10 @@ def expert_choice(plan: RoutingPlan, x: jax.Array, experts: ExpertBank, *,
   rows = (jnp.arange(G, dtype=jnp.int32)[:, None, None] * S + plan.token_index)
   rows = rows.transpose(1, 0, 2).reshape(-1)  # [E*G*C], expert-major
   tokens = x.reshape(G * S, D).astype(experts.dtype)
-  out = experts(jnp.take(tokens, rows, axis=0).reshape(E, G * C, D)).reshape(E * G * C, -1)
-  weights = plan.combine_weights.transpose(1, 0, 2).reshape(-1, 1).astype(out.dtype)
-  y = jnp.zeros((G * S, out.shape[-1]), out.dtype).at[rows].add(weights * out)
+  weights = plan.combine_weights.transpose(1, 0, 2).reshape(E, G * C)
+  out = experts(jnp.take(tokens, rows, axis=0).reshape(E, G * C, D), weights)
+  out = out.reshape(E * G * C, -1)
+  y = jnp.zeros((G * S, out.shape[-1]), out.dtype).at[rows].add(out)
   chosen = jnp.zeros((G * S,), jnp.float32).at[rows].add(1.0)
   return y.reshape(G, S, -1), {"dropped_fraction": jnp.mean((chosen == 0).astype(jnp.float32))}
 

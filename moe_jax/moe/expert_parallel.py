@@ -22,10 +22,9 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-
-import jax.numpy as jnp
 
 from moe_jax.moe import grouped_matmul
 from moe_jax.moe.experts import ExpertBank
@@ -48,9 +47,16 @@ class ExpertsOverAllToAll:
     self.local = local
     self.dtype = local.dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, row_weights: jax.Array | None = None) -> jax.Array:
+    """`x [E, N, D]` (and `row_weights [E, N]`, see `ExpertBank.__call__`) -> `[E, N, D]`; the
+    local experts see `[E / EP, EP * N, D]`. The weights travel as an extra last column of the
+    rows, so one all-to-all goes out and one comes back (and their two transposes)."""
+    if row_weights is not None:
+      x = jnp.concatenate([x, row_weights[..., None].astype(x.dtype)], axis=-1)
     x = jax.lax.all_to_all(x, EXPERT, split_axis=0, concat_axis=1, tiled=True)
-    y = self.local(x)  # [E / EP, EP * N, D]
+    if row_weights is not None:
+      x, row_weights = x[..., :-1], x[..., -1]
+    y = self.local(x, row_weights)
     return jax.lax.all_to_all(y, EXPERT, split_axis=1, concat_axis=0, tiled=True)
 
 
@@ -69,8 +75,12 @@ class ExpertsOverRaggedAllToAll:
     self.local = local
     self.dtype = local.dtype
 
-  def grouped(self, x: jax.Array, group_sizes: jax.Array, backend: str,
-              block_size: int) -> jax.Array:
+  def grouped(self, x: jax.Array, group_sizes: jax.Array, backend: str, block_size: int,
+              row_weights: jax.Array | None = None) -> jax.Array:
+    """`row_weights [P]` (see `ExpertBank.grouped`) travel as an extra last column of the rows."""
+    width = x.shape[-1]
+    if row_weights is not None:
+      x = jnp.concatenate([x, row_weights[:, None].astype(x.dtype)], axis=-1)
     ep, me = jax.lax.axis_size(EXPERT), jax.lax.axis_index(EXPERT)
     local_experts = group_sizes.shape[0] // ep
     sizes = group_sizes.astype(jnp.int32).reshape(ep, local_experts)  # [destination, E_l]
@@ -91,11 +101,13 @@ class ExpertsOverRaggedAllToAll:
     segment = grouped_matmul.row_groups(from_source.reshape(-1), rows)  # ep*E_l past the end
     expert = jnp.where(segment < ep * local_experts, segment % local_experts, local_experts)
     order = jnp.argsort(expert, stable=True)
-    y = self.local.grouped(received[order], from_source.sum(0), backend, block_size)
+    received = received[order]
+    weights = None if row_weights is None else received[:, width]
+    y = self.local.grouped(received[:, :width], from_source.sum(0), backend, block_size, weights)
     y = y[jnp.argsort(order)]
     back_offsets = jax.lax.all_gather(send_offsets, EXPERT)[:, me]  # [source]
-    return jax.lax.ragged_all_to_all(y, jnp.zeros_like(x), recv_offsets, recv, back_offsets,
-                                     send, axis_name=EXPERT)
+    return jax.lax.ragged_all_to_all(y, jnp.zeros((x.shape[0], y.shape[-1]), y.dtype),
+                                     recv_offsets, recv, back_offsets, send, axis_name=EXPERT)
 
 
 # Platforms whose XLA implements ragged-all-to-all (XLA:CPU does not: UNIMPLEMENTED at run time).

@@ -38,29 +38,86 @@ class ExpertBank(nnx.Module):
   def num_experts(self) -> int:
     return self.fc1_kernel.shape[0]
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Batched experts: `x [E, N, D] -> [E, N, D_out]`, expert e applied to `x[e]`."""
+  def __call__(self, x: jax.Array, row_weights: jax.Array | None = None) -> jax.Array:
+    """Batched experts: `x [E, N, D] -> [E, N, D_out]`, expert e applied to `x[e]`, its row n times
+    `row_weights [E, N]` if given (see `weighted_linear`)."""
     dt = self.dtype
     h = jnp.einsum("end,edf->enf", x.astype(dt), self.fc1_kernel[...].astype(dt))
     h = self.dropout(self.activation(h + self.fc1_bias[...][:, None].astype(dt)))
-    y = jnp.einsum("enf,efd->end", h, self.fc2_kernel[...].astype(dt))
-    return y + self.fc2_bias[...][:, None].astype(dt)
+    return weighted_linear(None, h, self.fc2_kernel[...].astype(dt),
+                           self.fc2_bias[...][:, None].astype(dt), row_weights, None)
 
-  def grouped(self, x: jax.Array, group_sizes: jax.Array, backend: str,
-              block_size: int) -> jax.Array:
-    """Grouped experts over expert-sorted rows: `x [P, D]`, `group_sizes [E]` -> `[P, D_out]`.
+  def grouped(self, x: jax.Array, group_sizes: jax.Array, backend: str, block_size: int,
+              row_weights: jax.Array | None = None) -> jax.Array:
+    """Grouped experts over expert-sorted rows: `x [P, D]`, `group_sizes [E]` -> `[P, D_out]`, row p
+    times `row_weights [P]` if given (see `weighted_linear`).
 
     Rows `[sum(group_sizes[:e]), sum(group_sizes[:e+1]))` belong to expert e; rows past the total
     are padding and come back as zeros.
     """
     dt = self.dtype
-    gmm = lambda lhs, rhs: grouped_matmul.gmm(lhs, rhs, group_sizes, backend=backend,
-                                              block_size=block_size)
     row_expert = grouped_matmul.row_groups(group_sizes, x.shape[0])
-    h = gmm(x.astype(dt), self.fc1_kernel[...].astype(dt))
-    h = h + jnp.take(self.fc1_bias[...].astype(dt), row_expert, axis=0, mode="fill",
-                     fill_value=0)
-    h = self.dropout(self.activation(h))
-    y = gmm(h, self.fc2_kernel[...].astype(dt))
-    return y + jnp.take(self.fc2_bias[...].astype(dt), row_expert, axis=0, mode="fill",
-                        fill_value=0)
+    take = lambda bias: jnp.take(bias.astype(dt), row_expert, axis=0, mode="fill", fill_value=0)
+    h = _matmul((backend, block_size), x.astype(dt), self.fc1_kernel[...].astype(dt), group_sizes)
+    h = self.dropout(self.activation(h + take(self.fc1_bias[...])))
+    return weighted_linear((backend, block_size), h, self.fc2_kernel[...].astype(dt),
+                           take(self.fc2_bias[...]), row_weights, group_sizes)
+
+
+Grouping = tuple[str, int] | None  # None: batched `[E, N, .]`; (backend, block_size): grouped rows
+
+
+def _matmul(grouping: Grouping, h: jax.Array, kernel: jax.Array,
+            group_sizes: jax.Array | None) -> jax.Array:
+  """Per-expert `h @ kernel[e]`: batched `[E, N, F] x [E, F, D]`, or grouped rows `[P, F]`."""
+  if grouping is None:
+    return jnp.einsum("enf,efd->end", h, kernel)
+  backend, block_size = grouping
+  return grouped_matmul.gmm(h, kernel, group_sizes, backend=backend, block_size=block_size)
+
+
+def weighted_linear(grouping: Grouping, h: jax.Array, kernel: jax.Array, bias: jax.Array,
+                    row_weights: jax.Array | None, group_sizes: jax.Array | None) -> jax.Array:
+  """`w * (h @ kernel[e] + bias)` per row, `w = row_weights` (`h`'s shape without its last axis);
+  without weights the plain product.
+
+  The custom gradient never reads the output `h W + b`: `dL/dw = <dL/dy W^T, h> + <dL/dy, b>`,
+  from `dL/dy W^T`, which `dL/dh = w dL/dy W^T` needs anyway, and `dL/dW = h^T (w dL/dy)`.
+  Autodiff of the forward would take `dL/dw = <dL/dy, h W + b>`, so a loss that does not read
+  the output (`sum(layer(x))`: a constant cotangent) still ran the forward GEMM; now it is dead
+  code, as in a dense FFN under the same loss (issue 22). The forward is the same formula as
+  before; `dL/dh` is `w (dL/dy W^T)` instead of `(w dL/dy) W^T`: equal up to float rounding.
+  """
+  if row_weights is None:
+    return _matmul(grouping, h, kernel, group_sizes) + bias
+  return _weighted_linear(grouping, h, kernel, bias, row_weights, group_sizes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _weighted_linear(grouping, h, kernel, bias, row_weights, group_sizes):
+  w = row_weights[..., None].astype(h.dtype)
+  return w * (_matmul(grouping, h, kernel, group_sizes) + bias)
+
+
+def _weighted_linear_fwd(grouping, h, kernel, bias, row_weights, group_sizes):
+  y = _weighted_linear(grouping, h, kernel, bias, row_weights, group_sizes)
+  return y, (h, kernel, bias, row_weights, group_sizes)
+
+
+def _weighted_linear_bwd(grouping, residuals, dy):
+  h, kernel, bias, row_weights, group_sizes = residuals
+  w = row_weights[..., None].astype(dy.dtype)
+  _, matmul_vjp = jax.vjp(lambda h, k: _matmul(grouping, h, k, group_sizes), h, kernel)
+  dh_unweighted = matmul_vjp(dy)[0]  # dy W^T; the kernel half of this call is dead code
+  w_dy = w * dy
+  d_kernel = matmul_vjp(w_dy)[1]  # h^T (w dy); the input half is dead code
+  d_weights = (jnp.sum(dh_unweighted * h, axis=-1) + jnp.sum(dy * bias, axis=-1))
+  broadcast = tuple(i for i, n in enumerate(bias.shape) if n == 1 and dy.shape[i] != 1)
+  d_bias = jnp.sum(w_dy, axis=broadcast, keepdims=True)
+  grads = (w * dh_unweighted, d_kernel, d_bias.astype(bias.dtype),
+           d_weights.astype(row_weights.dtype))
+  primals = (h, kernel, bias, row_weights)
+  return (*(grouped_matmul.sum_to_primal_type(g, p) for g, p in zip(grads, primals)), None)
+
+
+_weighted_linear.defvjp(_weighted_linear_fwd, _weighted_linear_bwd)

@@ -93,6 +93,14 @@ def _varying(x: jax.Array) -> frozenset:
   return jax.typeof(x).manual_axis_type.varying
 
 
+def sum_to_primal_type(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+  """A custom VJP's cotangent for `primal`, inside `shard_map`: a primal replicated over mesh
+  axes the cotangent varies over (weights over the axes the rows are split over) gets the sum of
+  the per-device cotangents, which has the primal's type."""
+  summed_axes = tuple(sorted(_varying(cotangent) - _varying(primal)))
+  return jax.lax.psum(cotangent, summed_axes) if summed_axes else cotangent
+
+
 def _opaque(trip_count):
   return jax.lax.optimization_barrier(trip_count)
 
@@ -182,12 +190,7 @@ def _blocked_bwd(block, residuals, d_out):
   lhs, rhs, group_sizes = residuals
   d_lhs = _gmm_loop(d_out, rhs, group_sizes, block, transpose_rhs=True)
   d_rhs = _tgmm_loop(lhs, d_out, group_sizes, block, rhs.shape[0], rhs.dtype)
-  # Inside shard_map, weights replicated over axes the rows are split over get the sum of the
-  # per-device gradients (the cotangent must have the weights' type).
-  summed_axes = tuple(sorted(_varying(d_rhs) - _varying(rhs)))
-  if summed_axes:
-    d_rhs = jax.lax.psum(d_rhs, summed_axes)
-  return d_lhs.astype(lhs.dtype), d_rhs, None
+  return d_lhs.astype(lhs.dtype), sum_to_primal_type(d_rhs, rhs), None
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
