@@ -41,7 +41,7 @@ def get_config(variant: str = "digits") -> ml_collections.ConfigDict:
   else:
     c = vimoe_tiny_mnist.get_config("vimoe")
     c.data.name, c.data.image_size = "sklearn_digits", 21
-    c.data.crop_padding = 1
+    c.data.pp_train = "resize|pad_crop(1)|normalize"
     c.total_steps, c.eval_every_steps, c.checkpoint_every_steps = 300, 100, 300
     c.log_every_steps = 50
     c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-3, 30

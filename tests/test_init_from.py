@@ -368,3 +368,37 @@ def test_trainer_upcycles_a_dense_run_exactly(tmp_path):
   dense_model = load(build_model(dense.model, rngs=nnx.Rngs(6)),
                      init_from.run_params(str(tmp_path / "dense")))
   np.testing.assert_allclose(sparse_model(images), dense_model(images), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_finetune_from_a_mnist_run_to_1000_classes_at_35px_trains(tmp_path):
+  """An MNIST run (10 classes, grey 28x28) -> the generated imagenet2012-format dataset (1000
+  classes, RGB JPEGs at 35x35 = a 5x5 grid): the head (new class count) and the patch embedding
+  (new channel count) are re-initialised, the blocks come from the source, and the training loss
+  falls (the 48 images are learned; their labels are random, so only memorisation is asked)."""
+  from test_train import losses, tiny_config
+  from moe_jax.data import synthetic
+  from moe_jax.train import loop
+  tfds_dir = str(tmp_path / "tfds")
+  source = tiny_config(tfds_dir, total_steps=10, eval_every_steps=0)
+  source.init_from = init_from.default_config()
+  loop.Trainer(source, str(tmp_path / "mnist")).train()
+  synthetic.write_imagenet2012(tfds_dir, num_train=48, num_validation=16)
+  c = tiny_config(tfds_dir, total_steps=40, eval_every_steps=40, log_every_steps=1)
+  c.data.update(dict(name="imagenet2012", image_size=35, channels=3, num_classes=1000,
+                     eval_split="validation", pp_train="decode|resize|normalize",
+                     pp_eval="decode|resize|normalize"))
+  c.batch_size = c.eval_batch_size = 16
+  c.optimizer.learning_rate = 3e-3
+  c.init_from = init_from.from_source("run", str(tmp_path / "mnist"), reinit="head/.*,patch_embed/.*",
+                                      resize_posemb="bicubic", upcycle=False)
+  trainer = loop.Trainer(c, str(tmp_path / "imagenet"))
+  state, _ = trainer.restore_or_init()
+  params = tree.flatten(jax.device_get(nnx.to_pure_dict(state.params)))
+  mnist = init_from.run_params(str(tmp_path / "mnist"))
+  assert params["head/kernel"].shape == (32, 1000) != mnist["head/kernel"].shape
+  np.testing.assert_array_equal(params["blocks/1/mlp/experts/fc1_kernel"],
+                                mnist["blocks/1/mlp/experts/fc1_kernel"])
+  trainer.train()
+  run = losses(str(tmp_path / "imagenet"))
+  assert np.mean([run[s] for s in range(31, 41)]) < run[1] - 0.5, run
