@@ -14,7 +14,7 @@ from flax import nnx
 
 from moe_jax.checkpoints import importers, tree
 from moe_jax.train import loop, step as step_lib
-from moe_jax.vlm import decoder, encoders, model, tokenizer, vqa_data
+from moe_jax.vlm import decoder, encoders, model, pretrained, tokenizer, vqa_data
 
 from configs import mocha_tiny_digits_vqa  # noqa: I100
 
@@ -50,7 +50,7 @@ def tiny_config(**changes) -> ml_collections.ConfigDict:
 
 def loaded_model(c: ml_collections.ConfigDict) -> model.MoCHA:
   mocha = model.MoCHA(c.model, rngs=nnx.Rngs(0))
-  nnx.update(mocha, encoders.with_checkpoints(nnx.state(mocha, nnx.Param), c.model))
+  nnx.update(mocha, pretrained.with_checkpoints(nnx.state(mocha, nnx.Param), c.model))
   return mocha
 
 
@@ -78,7 +78,7 @@ def test_trainer_loads_the_checkpoints_and_a_digit_vqa_step_keeps_them_frozen(tm
   c.optimizer.warmup_steps = 0
   trainer = loop.Trainer(c, str(tmp_path))
   state, _ = trainer.restore_or_init()  # a fresh run: encoders from their checkpoints
-  loaded = encoders.checkpoint_params(c.model)
+  loaded = pretrained.checkpoint_params(c.model)
   assert {k.split("/")[1] for k in loaded} == {"0", "1", "2", "3"}
   batch = next(vqa_data.train_dataset(c.data, batch_size=c.batch_size))
   with jax.set_mesh(trainer.mesh):
@@ -147,7 +147,7 @@ def test_siglip_and_dinov2_checkpoints_load_at_another_image_size():
   params = tree.flatten(nnx.to_pure_dict(nnx.state(mocha, nnx.Param)))
   for i, name in enumerate(c.model.encoder_order):
     if name in ("2_siglip", "3_dinov2"):
-      source = encoders.checkpoint_params(c.model)[f"encoders/{i}/backbone/posemb"][1]
+      source = pretrained.checkpoint_params(c.model)[f"encoders/{i}/backbone/posemb"][1]
       np.testing.assert_allclose(
           params[f"encoders/{i}/backbone/posemb"],
           encoders.resize_posemb_bicubic(source, 6, encoders.POSEMB_OFFSET[name[2:]]))
