@@ -1,12 +1,13 @@
-r"""MoCHA at paper size (Pang et al. 2025): four ViT-L-class encoders, Phi-2-width LM.
+r"""MoCHA at paper size (Pang et al. 2025): four ViT-L-class encoders and Phi-2, all pretrained.
 
     python train.py --config configs/mocha_paper.py:stage1 --workdir gs://.../mocha_s1
     python train.py --config configs/mocha_paper.py:stage2 --workdir gs://.../mocha_s2 \
         --config.init_from.path=gs://.../mocha_s1
 
 Stage 2 starts from stage 1's latest checkpoint (`init_from.kind='run'`: every parameter, so
-the trained connectors and the untouched encoders and LM) with a fresh optimizer at step 0; it
-needs its own workdir (the stage-1 workdir holds another optimizer tree: a one-line error).
+the trained connectors and the untouched encoders and Phi-2; no checkpoint is read again) with
+a fresh optimizer at step 0; it needs its own workdir (the stage-1 workdir holds another
+optimizer tree: a one-line error).
 
 Encoders, frozen, each the library ViT / ConvNeXt holding its pretrained checkpoint
 (`model.encoders.<name>.checkpoint`, read by `moe_jax.checkpoints.importers`), features as the
@@ -28,9 +29,13 @@ resized to the 336 px grids (21x21, 24x24) by torch's bicubic rule, as the refer
 One MoE connector each (router on the encoder tokens, 4 experts Linear(1024 -> 2560)-GELU-
 Linear(2560 -> 2560), top-2, balance 0.1, z-loss 0.01) into the LM width 2560, the reference
 HGA (`model.hga.kind='reference'`: k=10 split 7 intra / 3 inter, parameter-free), a
-Phi-2-sized decoder (32 blocks, width 2560, ~2.8B parameters; the real Phi-2 weights are not
-loaded here). Stage 1: connectors (+ HGA) at lr 1e-3;
-stage 2: connectors + LM at lr 2e-5, cosine, 3% warmup.
+Phi-2 decoder (`moe_jax.vlm.phi`, microsoft/phi-2's config.json `PHI_2`: 32 parallel blocks,
+width 2560, 32 heads, rotary on 40% of each head's dims, vocab 51200, gelu_new, LayerNorm eps
+1e-5, rope theta 1e4; ~2.8B parameters) holding Phi-2's weights from `model.decoder.checkpoint`
+(the HF directory, default ./models/microsoft-phi-2, set with
+`--config.model.decoder.checkpoint=/path`; read by `moe_jax.checkpoints.hf_decoders` when stage
+1 starts; a checkpoint that does not fit `model.decoder` is a one-line error).
+Stage 1: connectors (+ HGA) at lr 1e-3; stage 2: connectors + LM at lr 2e-5, cosine, 3% warmup.
 
 The data here is the embedded digit-VQA set resized to 336 px (grey repeated to RGB) — the config
 fixes shapes and the recipe; for the paper's results use the paper's instruction data in the same
@@ -43,11 +48,11 @@ from __future__ import annotations
 import ml_collections
 
 from configs import check_variant
-from moe_jax.checkpoints import hf, init_from
+from moe_jax.checkpoints import hf, hf_decoders, init_from
 from moe_jax.models import convnext
 from moe_jax.parallel import mesh
 from moe_jax.train import optim
-from moe_jax.vlm import decoder, encoders, model, vqa_data
+from moe_jax.vlm import encoders, model, vqa_data
 
 VARIANTS = ("stage2", "stage1")
 # The published checkpoints' config.json (image tower) values -> our backbone configs.
@@ -60,6 +65,12 @@ SIGLIP_L16_384 = dict(model_type="siglip_vision_model", hidden_size=1024, interm
 DINOV2_L14 = dict(model_type="dinov2", hidden_size=1024, num_hidden_layers=24,
                   num_attention_heads=16, mlp_ratio=4, image_size=518, patch_size=14,
                   num_channels=3, hidden_act="gelu", layer_norm_eps=1e-6, layerscale_value=1.0)
+# microsoft/phi-2's config.json -> our decoder config.
+PHI_2 = dict(model_type="phi", hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.4,
+             vocab_size=51200, max_position_embeddings=2048, hidden_act="gelu_new",
+             layer_norm_eps=1e-5, rope_theta=10000.0, qk_layernorm=False,
+             tie_word_embeddings=False)
 # timm convnext_xxlarge: norm_eps 1e-5 everywhere, LayerScale, the ft_in1k classifier head.
 CONVNEXT_XXL = dict(layer_norm_eps=1e-5, head_norm_eps=1e-5, layer_scale=1e-6, num_classes=1000,
                     head_zero_init=False)
@@ -84,7 +95,9 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
   frozen = dict(trainable=False, dtype="bfloat16")
   pretrained = lambda kind, hub, backbone, **kw: encoders.encoder_config(
       kind, checkpoint=f"./models/{hub}", backbone=backbone, **frozen, **kw)
-  c.model = model.mocha_config(decoder.decoder_config(max_len=2048), {  # the reference's order
+  phi_2 = hf_decoders.decoder_config_from_hf(PHI_2)
+  phi_2.checkpoint = "./models/microsoft-phi-2"
+  c.model = model.mocha_config(phi_2, {  # the reference's order
       "siglip_vit_l16_384": pretrained("siglip", "google-siglip-large-patch16-384",
                                        hf.vit_config_from_hf(SIGLIP_L16_384)),
       "convnext_xxl": pretrained("convnext", "timm-convnext_xxlarge.clip_laion2b_soup_ft_in1k",
@@ -96,7 +109,7 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
                                    hf.vit_config_from_hf(DINOV2_L14)),
   }, image_size=c.data.get_ref("image_size"), channels=c.data.get_ref("channels"))
   c.model.decoder.dtype = c.model.connector.dtype = "bfloat16"
-  c.model.decoder.vocab_size = 51200  # Phi-2's; the digit task uses ids < 33 of it
+  # (the digit task's tokenizer uses ids < 33 of Phi-2's 51200; the paper's data: Phi-2's)
 
   c.optimizer = optim.default_config()
   c.optimizer.warmup_steps = int(0.03 * c.total_steps)

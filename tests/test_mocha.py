@@ -15,7 +15,7 @@ from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import sharding
 from moe_jax.tasks import vqa as vqa_task
 from moe_jax.train import checkpoint, loop, optim, state as state_lib, step as step_lib
-from moe_jax.vlm import connector, decoder, encoders, hga, model, tokenizer
+from moe_jax.vlm import connector, decoder, encoders, hga, model, phi, tokenizer
 from moe_jax.data import transforms
 from moe_jax.vlm import vqa_data
 
@@ -362,7 +362,12 @@ def test_configs_shapes_and_stages():
   bank = abstract.connectors[1].moe.experts  # as the reference: no projection in front
   assert bank.fc1_kernel.shape == (4, 1024, 2560) and bank.fc2_kernel.shape == (4, 2560, 2560)
   assert abstract.connectors[1].moe.router.kernel.shape == (1024, 4)
-  assert abstract.decoder.embed.embedding.shape == (51200, 2560)
+  assert abstract.decoder.embed.embedding.shape == (51200, 2560)  # Phi-2's
+  assert isinstance(abstract.decoder, phi.Phi) and abstract.decoder.head.bias.shape == (51200,)
+  d = mocha_paper.get_config("stage2").model.decoder  # microsoft/phi-2's config.json
+  assert (d.depth, d.width, d.num_heads, d.mlp_dim, d.rotary_fraction, d.norm_eps,
+          d.rope_theta, d.checkpoint) == (32, 2560, 32, 10240, 0.4, 1e-5, 10_000.0,
+                                          "./models/microsoft-phi-2")
   assert c.optimizer.learning_rate == 2e-5 and c.optimizer.schedule == "cosine"
   assert c.optimizer.warmup_steps == int(0.03 * c.total_steps)
   assert mocha_paper.get_config("stage1").optimizer.learning_rate == 1e-3

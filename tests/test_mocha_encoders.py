@@ -1,20 +1,21 @@
-"""MoCHA's four encoders with real-format checkpoints (tests/data, written by
+"""MoCHA's four encoders and its Phi decoder with real-format checkpoints (tests/data, written by
 tools/make_parity_fixtures.py): the features equal those the reference code's encoders take
-(`mocha_encoders/reference.npz`), the trainer loads and keeps them frozen, and bad checkpoints
-are one-line errors."""
+(`mocha_encoders/reference.npz`), the decoder's logits those of HF's PhiForCausalLM
+(`hf_phi/reference.npz`), the trainer loads them, and bad checkpoints are one-line errors."""
 from __future__ import annotations
 
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.checkpoints import importers, tree
+from moe_jax.checkpoints import hf_decoders, importers, tree
 from moe_jax.train import loop, step as step_lib
-from moe_jax.vlm import decoder, encoders, model, tokenizer, vqa_data
+from moe_jax.vlm import decoder, encoders, model, pretrained, tokenizer, vqa_data
 
 from configs import mocha_tiny_digits_vqa  # noqa: I100
 
@@ -50,7 +51,7 @@ def tiny_config(**changes) -> ml_collections.ConfigDict:
 
 def loaded_model(c: ml_collections.ConfigDict) -> model.MoCHA:
   mocha = model.MoCHA(c.model, rngs=nnx.Rngs(0))
-  nnx.update(mocha, encoders.with_checkpoints(nnx.state(mocha, nnx.Param), c.model))
+  nnx.update(mocha, pretrained.with_checkpoints(nnx.state(mocha, nnx.Param), c.model))
   return mocha
 
 
@@ -78,7 +79,7 @@ def test_trainer_loads_the_checkpoints_and_a_digit_vqa_step_keeps_them_frozen(tm
   c.optimizer.warmup_steps = 0
   trainer = loop.Trainer(c, str(tmp_path))
   state, _ = trainer.restore_or_init()  # a fresh run: encoders from their checkpoints
-  loaded = encoders.checkpoint_params(c.model)
+  loaded = pretrained.checkpoint_params(c.model)
   assert {k.split("/")[1] for k in loaded} == {"0", "1", "2", "3"}
   batch = next(vqa_data.train_dataset(c.data, batch_size=c.batch_size))
   with jax.set_mesh(trainer.mesh):
@@ -147,8 +148,62 @@ def test_siglip_and_dinov2_checkpoints_load_at_another_image_size():
   params = tree.flatten(nnx.to_pure_dict(nnx.state(mocha, nnx.Param)))
   for i, name in enumerate(c.model.encoder_order):
     if name in ("2_siglip", "3_dinov2"):
-      source = encoders.checkpoint_params(c.model)[f"encoders/{i}/backbone/posemb"][1]
+      source = pretrained.checkpoint_params(c.model)[f"encoders/{i}/backbone/posemb"][1]
       np.testing.assert_allclose(
           params[f"encoders/{i}/backbone/posemb"],
           encoders.resize_posemb_bicubic(source, 6, encoders.POSEMB_OFFSET[name[2:]]))
   assert mocha.group_sizes == (35, 36, 25)  # SigLIP 36 - first patch, DINOv2 36, ConvNeXt 5x5
+
+
+def phi_mocha_config(**decoder_changes) -> ml_collections.ConfigDict:
+  """The tiny digit-VQA MoCHA (stage 2) whose decoder is the hf_phi fixture's Phi."""
+  c = mocha_tiny_digits_vqa.get_config("stage2")
+  c.batch_size = c.eval_batch_size = 8
+  c.optimizer.warmup_steps = 0
+  path = os.path.join(DATA, "hf_phi")
+  phi = hf_decoders.import_hf_decoder(path)[0]
+  phi.checkpoint, phi.max_len = path, 80  # 25 visual + 12 text tokens > the fixture's 64: rope
+  phi.update(decoder_changes)
+  c.model = model.mocha_config(phi, {n: c.model.encoders[n] for n in c.model.encoder_order},
+                               image_size=28, channels=1)
+  c.optimizer.trainable = model.trainable_pattern(c.model, "stage2")
+  return c
+
+
+def test_trainer_loads_the_phi_checkpoint_with_its_logits_and_a_digit_vqa_step_runs(tmp_path):
+  c = phi_mocha_config()
+  trainer = loop.Trainer(c, str(tmp_path))
+  state, _ = trainer.restore_or_init()  # a fresh run: the decoder from its checkpoint
+  flat = tree.flatten(jax.device_get(nnx.to_pure_dict(state.params)))
+  decoder_lm = model.build_decoder(c.model.decoder, rngs=nnx.Rngs(1))
+  params = nnx.state(decoder_lm, nnx.Param)
+  nnx.replace_by_pure_dict(params, tree.unflatten(
+      {k.removeprefix("decoder/"): v for k, v in flat.items() if k.startswith("decoder/")}))
+  nnx.update(decoder_lm, params)
+  ref = np.load(os.path.join(DATA, "hf_phi", "reference.npz"))
+  ids = jnp.asarray(ref["input_ids"])
+  logits = decoder_lm(jnp.zeros((ids.shape[0], 0, c.model.decoder.width)), ids)
+  assert np.abs(np.asarray(logits) - ref["logits"]).max() <= 1e-5
+  batch = next(vqa_data.train_dataset(c.data, batch_size=c.batch_size))
+  with jax.set_mesh(trainer.mesh):
+    train_step = step_lib.make_train_step(trainer.defs, trainer.tx, trainer.schedule,
+                                          trainer.mesh, trainer.shardings, trainer.task.loss)
+    state, metrics = train_step(state, batch)
+  after = tree.flatten(jax.device_get(nnx.to_pure_dict(state.params)))
+  assert np.isfinite(float(metrics["train/loss"]))
+  assert not np.array_equal(flat["decoder/head/kernel"], after["decoder/head/kernel"])
+
+
+def test_decoder_checkpoint_that_does_not_fit_model_decoder_is_one_line_error():
+  mocha = lambda c: model.MoCHA(c.model, rngs=nnx.Rngs(0))
+  load = lambda c: pretrained.with_checkpoints(nnx.state(mocha(c), nnx.Param), c.model)
+  with pytest.raises(tree.CheckpointMismatch, match=r"^model.decoder.checkpoint=.*hf_phi: "
+                     r"model.decoder.num_heads=2 but the checkpoint needs 4$"):
+    load(phi_mocha_config(num_heads=2, num_kv_heads=2))  # same shapes
+  with pytest.raises(tree.CheckpointMismatch, match=r"^model.decoder.checkpoint=.*hf_phi: "
+                     r"blocks/0/mlp/fc1/bias has shape \(48,\), the decoder's \(64,\) \(set "
+                     r"model.decoder to the checkpoint's config: "):
+    load(phi_mocha_config(mlp_dim=64))
+  with pytest.raises(tree.CheckpointMismatch, match=r"^model.decoder: parameter blocks/1/.* is in"
+                     r" the checkpoint only \(set model.decoder to the checkpoint's config"):
+    load(phi_mocha_config(depth=1))

@@ -15,7 +15,7 @@ from moe_jax.checkpoints import init_from
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import distributed, sharding
 from moe_jax.train import checkpoint, metrics, optim, state as state_lib, step as step_lib
-from moe_jax.vlm import encoders
+from moe_jax.vlm import pretrained
 
 REQUIRED = ("seed", "batch_size", "total_steps", "log_every_steps", "eval_every_steps",
             "checkpoint_every_steps", "model", "data", "optimizer", "mesh")
@@ -96,8 +96,8 @@ class Trainer:
 
   def restore_or_init(self):
     """(state, data-iterator state or None): the latest checkpoint, else a fresh state
-    (initialised by `config.init_from` when that names a source; MoCHA's encoders from their
-    checkpoints)."""
+    (initialised by `config.init_from` when that names a source; MoCHA's encoders and decoder
+    from their checkpoints)."""
     restored = checkpoint.restore(self.ckpt, self.abstract)
     if restored is not None:
       return restored
@@ -105,7 +105,7 @@ class Trainer:
     if self.config.get("init_from") and self.config.init_from.kind:
       state = init_from.apply(state, self.config, self.tx, self.shardings)
     elif self.config.model.get("name") == "mocha":  # (a next stage has them from its source)
-      params = encoders.with_checkpoints(state.params, self.config.model)
+      params = pretrained.with_checkpoints(state.params, self.config.model)
       state = state.replace(params=jax.device_put(params, self.shardings.params))
     else:
       return state, None

@@ -27,11 +27,10 @@ Kinds (`encoder.kind`):
 
 Every encoder may be frozen (`trainable=False`: its output is a `stop_gradient`, and the stage's
 optimizer mask leaves its weights alone) and may pool channels (`pool_channels`: average adjacent
-channels). Checkpoints are loaded into an initialised model by `with_checkpoints` (the trainer
-does it for a fresh run); a checkpoint that does not fit its encoder's `backbone` or
-`model.image_size` is a one-line CheckpointMismatch naming the field; SigLIP's and DINOv2's
-position embeddings are resized to `model.image_size`'s patch grid as the reference does
-(`resize_posemb_bicubic`), CLIP's never (the reference runs it at its native 336 px).
+channels). Checkpoints are loaded into an initialised model by `moe_jax.vlm.pretrained` (the
+trainer does it for a fresh run); SigLIP's and DINOv2's position embeddings are resized to
+`model.image_size`'s patch grid as the reference does (`resize_posemb_bicubic`, offsets
+`POSEMB_OFFSET`), CLIP's never (the reference runs it at its native 336 px).
 """
 from __future__ import annotations
 
@@ -43,8 +42,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moe_jax.checkpoints import importers, tree
-from moe_jax.checkpoints.tree import CheckpointMismatch
 from moe_jax.models import convnext, vit
 
 
@@ -243,53 +240,6 @@ def encoder_order(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     raise ValueError(f"model.encoder_order={order} must list each of model.encoders "
                      f"{sorted(config.encoders)} exactly once")
   return order
-
-
-def checkpoint_params(model_config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """Flat `encoders/{i}/backbone/...` float32 parameters of every encoder with a `checkpoint`
-  (i: the encoder's position in sorted name order, as in `MoCHA`); CheckpointMismatch if a
-  checkpoint computes another function than its encoder's `backbone`."""
-  out = {}
-  for i, name in enumerate(encoder_order(model_config)):
-    c = model_config.encoders[name]
-    if c.kind in REFERENCE_FEATURES and c.checkpoint:
-      source = f"model.encoders.{name}.checkpoint={c.checkpoint}"
-      config, params, _ = importers.import_checkpoint(c.checkpoint)
-      importers.check_architecture(c.backbone, config, source)
-      out.update({f"encoders/{i}/backbone/{k}": (source, v) for k, v in params.items()})
-  return out
-
-
-def with_checkpoints(params: nnx.State, model_config: ml_collections.ConfigDict) -> nnx.State:
-  """MoCHA's parameter state `params` with each encoder's backbone from its checkpoint; every
-  checkpoint parameter must be one of the backbone's with the same shape, and vice versa."""
-  loaded = checkpoint_params(model_config)
-  if not loaded:
-    return params
-  flat = tree.flatten(nnx.to_pure_dict(params))
-  for i, name in enumerate(encoder_order(model_config)):
-    prefix = f"encoders/{i}/backbone/"
-    theirs = {k for k in loaded if k.startswith(prefix)}
-    differ = sorted(theirs ^ {k for k in flat if k.startswith(prefix)}) if theirs else []
-    if differ:
-      raise CheckpointMismatch(
-          f"model.encoders.{name}: parameter {differ[0].removeprefix(prefix)} is in "
-          f"{'the checkpoint' if differ[0] in theirs else 'the backbone'} only (set the "
-          "encoder's backbone to the checkpoint's config)")
-  for k, (source, value) in sorted(loaded.items()):
-    kind = model_config.encoders[encoder_order(model_config)[int(k.split("/")[1])]].kind
-    if k.endswith("/backbone/posemb") and value.shape != flat[k].shape and kind in POSEMB_OFFSET:
-      value = resize_posemb_bicubic(value, int(round(flat[k].shape[1] ** 0.5)),
-                                    POSEMB_OFFSET[kind])
-    if value.shape != flat[k].shape:
-      raise CheckpointMismatch(
-          f"{source}: {k.split('/backbone/')[1]} has shape {value.shape}, the encoder's "
-          f"{tuple(flat[k].shape)} (set the encoder's backbone to the checkpoint's config"
-          f"{' and model.image_size to its image_size' if k.endswith('posemb') else ''})")
-    flat[k] = jnp.asarray(value, flat[k].dtype)
-  out = jax.tree.map(lambda x: x, params)
-  nnx.replace_by_pure_dict(out, tree.unflatten(flat))
-  return out
 
 
 def _bicubic_matrix(n_in: int, n_out: int, scale: float) -> np.ndarray:

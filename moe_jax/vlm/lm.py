@@ -33,9 +33,11 @@ def moe_node(mlp_dim: int, dtype_ref) -> ml_collections.ConfigDict:
 def lm_config(name: str, *, width: int, depth: int, mlp_dim: int, num_heads: int,
               num_kv_heads: int, vocab_size: int, max_len: int, rotary_fraction: float,
               rope_theta: float, norm_eps: float, tie_embeddings: bool, head_dim: int = 0,
-              moe_layers: str = "") -> ml_collections.ConfigDict:
+              moe_layers: str = "", checkpoint: str = "") -> ml_collections.ConfigDict:
   """The decoder node of a pretrained-LM family `name` ('phi', 'llama').
 
+  `checkpoint`: an HF directory whose weights a fresh MoCHA run loads (`moe_jax.vlm.pretrained`;
+  "" = random init);
   `head_dim` 0 = width / num_heads; `rotary_fraction` of each head's dims carry the rotary
   embedding (HF `partial_rotary_factor`); `max_len` = HF `max_position_embeddings`;
   `dtype` computes, `param_dtype` stores the weights ('float32' or 'bfloat16').
@@ -45,7 +47,7 @@ def lm_config(name: str, *, width: int, depth: int, mlp_dim: int, num_heads: int
       num_kv_heads=num_kv_heads, head_dim=head_dim, vocab_size=vocab_size, max_len=max_len,
       rotary_fraction=rotary_fraction, rope_theta=rope_theta, norm_eps=norm_eps,
       tie_embeddings=tie_embeddings, dtype="float32", param_dtype="float32",
-      moe_layers=moe_layers))
+      moe_layers=moe_layers, checkpoint=checkpoint))
   c.moe = moe_node(mlp_dim, c.get_ref("dtype"))
   return c
 
