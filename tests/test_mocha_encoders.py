@@ -57,12 +57,13 @@ def loaded_model(c: ml_collections.ConfigDict) -> model.MoCHA:
 
 def feature_diffs() -> dict[str, float]:
   """Max |ours - reference| of each encoder's features (one image batch for all four)."""
-  mocha = loaded_model(tiny_config())
+  c = tiny_config()
+  mocha = loaded_model(c)
   ref = np.load(os.path.join(DATA, "mocha_encoders", "reference.npz"))
   inputs = {"image": ref["pixel_values"].transpose(0, 2, 3, 1)}
   assert mocha.group_sizes == (16, 15, 16, 9)  # 4x4 patches (-CLS), 16 - first patch, 3x3 map
   out = {}
-  for name, encoder in zip(sorted(CHECKPOINTS), mocha.encoders):
+  for name, encoder in zip(encoders.encoder_order(c.model), mocha.encoders):
     ours, expected = np.asarray(encoder(inputs)), ref[CHECKPOINTS[name][0]]
     assert ours.shape == expected.shape, name
     out[name] = float(np.abs(ours - expected).max())
