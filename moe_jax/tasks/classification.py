@@ -72,6 +72,9 @@ class ClassificationTask(Task):
     check_model_matches_data(self.config)
     data.config.validate(self.config.data)
 
+  def check_eval(self, source):
+    data.pipeline.check_eval_source(self.config.data, source)
+
   def batch_shapes(self, batch_size, eval_):
     d = self.config.data
     batch = {"image": jax.ShapeDtypeStruct((batch_size, d.image_size, d.image_size, d.channels),
@@ -79,7 +82,7 @@ class ClassificationTask(Task):
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
     if eval_:
       batch["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
-    elif data.preprocess.pipelines(d)[0].soft_labels:
+    elif data.preprocess.train_pipeline(d).soft_labels:
       batch["soft_label"] = jax.ShapeDtypeStruct((batch_size, d.num_classes), jnp.float32)
     return batch
 
