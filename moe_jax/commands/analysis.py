@@ -1,4 +1,4 @@
-"""Routing analysis on its own: `python -m moe_jax.commands.analysis DIR/eval.json
+"""Routing analysis on its own: `python -m moe_jax.commands.analysis DIR/eval_<name>.json
 [--out DIR/analysis]`.
 
 Reads the routing report that eval wrote, prints one line per MoE layer and the layers
@@ -17,8 +17,8 @@ from moe_jax.analysis import plots, routing
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m moe_jax.commands.analysis",
                                    description=__doc__)
-  parser.add_argument("eval_json", help="eval.json written by eval.py")
-  parser.add_argument("--out", default=None, help="plot folder (default: next to eval.json)")
+  parser.add_argument("eval_json", help="eval_<name>.json written by eval.py")
+  parser.add_argument("--out", default=None, help="plot folder (default: next to the eval file)")
   args = parser.parse_args(argv)
   if not os.path.exists(args.eval_json):
     sys.exit(f"error: {args.eval_json} does not exist; run eval.py --workdir DIR first")

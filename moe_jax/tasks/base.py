@@ -74,7 +74,7 @@ class Task:
     raise NotImplementedError
 
   def report(self, extras: dict, workdir: str | None) -> dict:
-    """What `eval.json` holds beside the scalars (e.g. the routing report); {} by default."""
+    """What `eval_<name>.json` holds beside the scalars (e.g. the routing report); {} by default."""
     del extras, workdir
     return {}
 

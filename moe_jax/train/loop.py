@@ -248,9 +248,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   """Evaluates the latest checkpoint with every `config.evals` entry (or the one named `only`);
   writes `workdir/eval_<name>.json` per entry (its scalars and report, e.g. classification's
   routing analysis) and returns {name: that result}."""
-  trainer = Trainer(config, workdir)
-  if not config.evals:
+  if not config.get("evals"):
     raise ValueError("config.evals is empty: add an entry (moe_jax.train.evaluators) to evaluate")
+  if only is not None and only not in config.evals:
+    raise ValueError(f"--only={only!r}: config.evals has no such entry; it has "
+                     f"{list(config.evals)}")
+  trainer = Trainer(config, workdir)
   state = trainer.restore_for_eval()
   results = {}
   for name, evaluator in trainer.evaluators(only).items():
