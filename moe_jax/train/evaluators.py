@@ -148,13 +148,25 @@ def due(entry: ml_collections.ConfigDict, step: int, total_steps: int) -> bool:
 
 
 class Context(NamedTuple):
-  """What every evaluator needs of the trainer: the task, the mesh, the model's structure and
-  the state's abstract values (shapes + shardings) and shardings."""
+  """What every evaluator needs of the trainer: the task, the mesh, the model's structure, the
+  state's abstract values (shapes + shardings) and shardings, and `compiled`: steps compiled
+  so far, by (kind, batch size), shared by the evaluators of one `build`."""
   task: Task
   mesh: jax.sharding.Mesh
   defs: ModelDefs
   abstract: TrainState
   shardings: TrainState
+  compiled: dict
+
+  def compile_once(self, kind: str, batch_size: int, make_step, abstract_batch):
+    """`make_step(defs, mesh, shardings)` lowered for (params, rest, `abstract_batch`) and
+    compiled, once per (kind, batch size)."""
+    key = (kind, batch_size)
+    if key not in self.compiled:
+      with jax.set_mesh(self.mesh):
+        self.compiled[key] = make_step(self.defs, self.mesh, self.shardings).lower(
+            self.abstract.params, self.abstract.rest, abstract_batch).compile()
+    return self.compiled[key]
 
 
 def _batches(ctx: Context, src: EvalSource, batch_size: int, own_data: bool):
@@ -177,10 +189,11 @@ class TaskEvaluator:
                             own_data=True)
     abstract_batch = ctx.task.abstract_batch(entry.batch_size,
                                              sharding.batch_sharding(ctx.mesh), True)
-    with jax.set_mesh(ctx.mesh):
-      self.step = step_lib.make_eval_step(ctx.defs, ctx.mesh, ctx.shardings,
-                                          ctx.task.eval_sums).lower(
-          ctx.abstract.params, ctx.abstract.rest, abstract_batch).compile()
+    self.step = ctx.compile_once(
+        "task", entry.batch_size,
+        lambda defs, mesh, shardings: step_lib.make_eval_step(defs, mesh, shardings,
+                                                              ctx.task.eval_sums),
+        abstract_batch)
 
   def run(self, params, rest) -> tuple[dict[str, float], dict]:
     """(`<name>/...` scalars, the task's extras, e.g. routing statistics)."""
@@ -218,9 +231,7 @@ class FewShotEvaluator:
                                       sharding=batch_sharding),
         "label": jax.ShapeDtypeStruct((B,), jnp.int32, sharding=batch_sharding),
         "mask": jax.ShapeDtypeStruct((B,), jnp.float32, sharding=batch_sharding)}
-    with jax.set_mesh(ctx.mesh):
-      self.step = step_lib.make_features_step(ctx.defs, ctx.mesh, ctx.shardings).lower(
-          ctx.abstract.params, ctx.abstract.rest, abstract_batch).compile()
+    self.step = ctx.compile_once("features", B, step_lib.make_features_step, abstract_batch)
 
   def features(self, params, rest, batches) -> tuple[np.ndarray, np.ndarray]:
     """(features float32 `[N, D]`, labels `[N]`) of the real examples of `batches`."""

@@ -118,7 +118,7 @@ class Trainer:
     step 1, so a bad eval fails before training); `only`: just that entry (built anew)."""
     if only is None and self._evaluators is not None:
       return self._evaluators
-    ctx = evaluators.Context(self.task, self.mesh, self.defs, self.abstract, self.shardings)
+    ctx = evaluators.Context(self.task, self.mesh, self.defs, self.abstract, self.shardings, {})
     built = evaluators.build(self.config, ctx, only)
     if only is None:
       self._evaluators = built
