@@ -46,26 +46,42 @@ def losses(workdir):
 
 
 def test_end_to_end_writes_metrics_checkpoint_and_eval(tmp_path, tfds_dir):
+  """Two evaluations on two datasets (`test`: mnist test[:200]; `digits`: the sklearn digits'
+  359 test images, every 5 steps), each under its own keys and in its own eval_<name>.json."""
+  from moe_jax.train import evaluators
   c = tiny_config(tfds_dir, total_steps=10)
+  with c.unlocked():
+    c.evals.digits = evaluators.task_eval("classification", dataset="sklearn_digits",
+                                          split="test", pp="resize|normalize", batch_size=64,
+                                          every_steps=5)
   last = loop.train_and_evaluate(c, str(tmp_path))
   assert np.isfinite(last["train/loss"]) and 0 <= last["test/accuracy"] <= 1
+  assert last["test/num_examples"] == 200 and last["digits/num_examples"] == 359
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   keys = set().union(*records)
   for k in ("train/loss", "train/learning_rate", "train/steps_per_sec", "test/accuracy",
-            "train/aux_loss", "train/examples_per_sec"):
+            "digits/accuracy", "train/aux_loss", "train/examples_per_sec"):
     assert k in keys, k
+  assert [r["step"] for r in records if "digits/loss" in r] == [5, 10]
+  assert [r["step"] for r in records if "test/loss" in r] == [10]
   assert any(k.startswith("train/moe/") for k in keys)
   assert os.path.isdir(tmp_path / "checkpoints" / "10")
   assert os.listdir(tmp_path / "tensorboard")
-  result = loop.evaluate_checkpoint(c, str(tmp_path))["test"]
+  results = loop.evaluate_checkpoint(c, str(tmp_path))
+  assert sorted(results) == ["digits", "test"] and not os.path.exists(tmp_path / "eval.json")
+  for name in results:
+    saved = json.load(open(tmp_path / f"eval_{name}.json"))
+    assert {k.split("/")[0] for k in saved} == {"step", name, "routing"}
+    assert saved[f"{name}/accuracy"] == pytest.approx(last[f"{name}/accuracy"], abs=1e-9)
   saved = json.load(open(tmp_path / "eval_test.json"))
   assert saved["step"] == 10 and saved["test/num_examples"] == 200
-  assert abs(saved["test/accuracy"] - result["test/accuracy"]) < 1e-9
+  assert abs(saved["test/accuracy"] - results["test"]["test/accuracy"]) < 1e-9
   layer = saved["routing"]["layers"]["blocks/1/mlp"]
   assert "dropped_fraction" in layer and "normalized_mi" in layer
   matrix = np.asarray(layer["class_expert"])
   assert matrix.shape == (10, 8) and np.isclose(matrix.sum(), 200)  # each real example once
-  assert os.path.exists(tmp_path / "analysis" / "heatmaps.png")
+  for name in results:  # each eval's plots in its own folder
+    assert os.path.exists(tmp_path / "analysis" / name / "heatmaps.png")
 
 
 def run_cli(args, timeout=300, **kw):

@@ -73,9 +73,10 @@ class Task:
     """(`eval/...` scalars, extras such as per-layer routing statistics) of the summed tree."""
     raise NotImplementedError
 
-  def report(self, extras: dict, workdir: str | None) -> dict:
-    """What `eval_<name>.json` holds beside the scalars (e.g. the routing report); {} by default."""
-    del extras, workdir
+  def report(self, extras: dict, plot_dir: str | None) -> dict:
+    """What `eval_<name>.json` holds beside the scalars (e.g. the routing report, its plots
+    drawn into `plot_dir` unless None); {} by default."""
+    del extras, plot_dir
     return {}
 
   def abstract_batch(self, batch_size: int, sharding: jax.sharding.Sharding,

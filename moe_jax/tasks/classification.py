@@ -6,8 +6,6 @@ when data.pp_train has label ops; + `mask float32 [B]` in eval), from
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,16 +119,16 @@ class ClassificationTask(Task):
                for layer, r in routing.items()}
     return scalars, {"routing": routing}
 
-  def report(self, extras, workdir):
-    return {"routing": routing_report(extras["routing"], workdir)}
+  def report(self, extras, plot_dir):
+    return {"routing": routing_report(extras["routing"], plot_dir)}
 
 
-def routing_report(routing: dict, workdir: str | None = None) -> dict:
-  """The routing analysis of an evaluation (and its PNG plots under `workdir/analysis`)."""
+def routing_report(routing: dict, plot_dir: str | None = None) -> dict:
+  """The routing analysis of an evaluation (and its PNG plots in `plot_dir`)."""
   report = analysis.layer_report({k: r["class_expert"] for k, r in routing.items()},
                                  {k: r["metrics"] for k, r in routing.items()},
                                  class_token_expert={k: r["class_token_expert"]
                                                      for k, r in routing.items()})
-  if workdir is not None and routing and jax.process_index() == 0:
-    report["plots"] = plots.plot_report(report, os.path.join(workdir, "analysis"))
+  if plot_dir is not None and routing and jax.process_index() == 0:
+    report["plots"] = plots.plot_report(report, plot_dir)
   return report

@@ -205,8 +205,9 @@ class TaskEvaluator:
     scalars, extras = self.ctx.task.eval_results(jax.device_get(totals))
     return {f"{self.name}/" + k.removeprefix("eval/"): v for k, v in scalars.items()}, extras
 
-  def report(self, extras: dict, workdir: str | None) -> dict:
-    return self.ctx.task.report(extras, workdir)
+  def report(self, extras: dict, workdir: str) -> dict:
+    """The task's report (e.g. routing), its plots in `workdir/analysis/<name>`."""
+    return self.ctx.task.report(extras, str(paths.workdir_path(workdir) / "analysis" / self.name))
 
 
 class FewShotEvaluator:
@@ -258,7 +259,7 @@ class FewShotEvaluator:
     scalars[f"{self.name}/l2_reg"] = float(l2)
     return scalars, {}
 
-  def report(self, extras: dict, workdir: str | None) -> dict:
+  def report(self, extras: dict, workdir: str) -> dict:
     del extras, workdir
     return {}
 
