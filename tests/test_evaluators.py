@@ -85,7 +85,7 @@ def test_fewshot_probe_on_random_features_of_the_digits_beats_chance(tmp_path, t
     ({"evals.fs.shots": (0, 5)}, r"evals.fs.shots=\(0, 5\) must be distinct integers >= 1"),
     ({"evals.fs.select_l2_shots": 3}, r"evals.fs.select_l2_shots=3 must be one of"),
     ({"evals.fs.l2_regs": ()}, r"evals.fs.l2_regs=\(\) must be a non-empty list"),
-    ({"evals.fs.train_split": "train[5000:]"}, r"evals.fs.train.split='train\[5000:\]'"),
+    ({"evals.fs.train_split": "train[5000:]"}, r"evals.fs.train_split='train\[5000:\]'"),
 ])
 def test_bad_evals_entries_are_one_line_errors_naming_the_field(tmp_path, tfds_dir, overrides,
                                                                message):

@@ -97,20 +97,23 @@ class EvalBatches:
 class EvalSource(NamedTuple):
   """What one evaluation reads: tfds `dataset` (e.g. `data.name`), its `split` (tfds split
   syntax, e.g. 'test[:200]'), the deterministic pp string `pp`, and `field`, the config node
-  named in errors (e.g. 'evals.val'). `num_classes`: the class count the dataset must have
-  (the model's head), or None for any (few-shot probes read it from the dataset)."""
+  named in errors (e.g. 'evals.val'; the split is `field.split_key`). `num_classes`: the class
+  count the dataset must have (the model's head), or None for any (few-shot probes read it from
+  the dataset)."""
   dataset: str
   split: str
   pp: str
   field: str
   num_classes: int | None
+  split_key: str = "split"
 
 
 def _checked_builder(config: ml_collections.ConfigDict, dataset: str, split: str,
-                     pp: preprocess.Pipeline, num_classes: int | None, field: str):
+                     pp: preprocess.Pipeline, num_classes: int | None, field: str,
+                     split_field: str):
   """(builder, encoded, stored (H, W) or None) of `dataset` after checking it against the data
   node `config` (channels; `num_classes` unless None), `split` and `pp`; `field` names the
-  config node in errors."""
+  config node in errors, `split_field` the split's field."""
   builder = sources.prepared_builder(dataset, config.data_dir)
   feature = builder.info.features["image"]
   shape = tuple(feature.shape)
@@ -121,7 +124,7 @@ def _checked_builder(config: ml_collections.ConfigDict, dataset: str, split: str
   if num_classes is not None and classes != num_classes:
     raise ValueError(f"data.num_classes={num_classes}, but {dataset} ({field}) has {classes} "
                      f"classes")
-  sources.check_split(builder, split, f"{field}.split")
+  sources.check_split(builder, split, split_field)
   encoded = isinstance(feature, tfds.features.Image)
   stored = None if None in shape[:2] else shape[:2]
   pp.check_source(stored, encoded, dataset)
@@ -129,9 +132,10 @@ def _checked_builder(config: ml_collections.ConfigDict, dataset: str, split: str
 
 
 def _reader(config: ml_collections.ConfigDict, dataset: str, split: str, pp: preprocess.Pipeline,
-            num_classes: int | None, field: str = "data") -> readers.Reader:
+            num_classes: int | None, field: str, split_field: str) -> readers.Reader:
   """A reader of `split` of `dataset`, checked as by `_checked_builder`."""
-  builder, encoded, stored = _checked_builder(config, dataset, split, pp, num_classes, field)
+  builder, encoded, stored = _checked_builder(config, dataset, split, pp, num_classes, field,
+                                              split_field)
   if encoded:
     source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
     return readers.StreamReader(source)
@@ -143,7 +147,8 @@ def check_eval_source(config: ml_collections.ConfigDict, source: EvalSource) -> 
   unless `eval_dataset(config, source)` can read it; reads no example."""
   pp = preprocess.eval_pipeline(source.pp, f"{source.field}.pp", config)
   try:
-    _checked_builder(config, source.dataset, source.split, pp, source.num_classes, source.field)
+    _checked_builder(config, source.dataset, source.split, pp, source.num_classes, source.field,
+                     f"{source.field}.{source.split_key}")
   except sources.DatasetNotPreparedError as e:
     raise sources.DatasetNotPreparedError(
         f"{source.field}.dataset={source.dataset!r}: {e}") from None
@@ -222,7 +227,7 @@ def make_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: i
                         process_index=process_index, process_count=process_count)
   config_lib.validate(config)
   pp = preprocess.train_pipeline(config)
-  reader = _reader(config, config.name, split, pp, config.num_classes)
+  reader = _reader(config, config.name, split, pp, config.num_classes, "data", "data.train_split")
   batches = train_batches(reader, pp, batch_size=batch_size, seed=seed,
                           process_index=process_index, process_count=process_count,
                           what=f"{config.name}:{split}")
@@ -244,6 +249,7 @@ def eval_dataset(config: ml_collections.ConfigDict, source: EvalSource, *, batch
   normalization and read-ahead."""
   config_lib.validate(config)
   pp = preprocess.eval_pipeline(source.pp, f"{source.field}.pp", config)
-  reader = _reader(config, source.dataset, source.split, pp, source.num_classes, source.field)
+  reader = _reader(config, source.dataset, source.split, pp, source.num_classes, source.field,
+                   f"{source.field}.{source.split_key}")
   return read_ahead(eval_batches(reader, pp, batch_size=batch_size, process_index=process_index,
                                  process_count=process_count), config)

@@ -80,10 +80,11 @@ def check_replaced_fields(config: ml_collections.ConfigDict) -> None:
 
 
 def source(name: str, entry: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
-           split: str | None = None) -> EvalSource:
-  """What entry `name` reads (its `split`, or `split` if given: a few-shot `train_split`)."""
-  return EvalSource(entry.dataset, entry.split if split is None else split, entry.pp,
-                    f"evals.{name}", None if entry.type == FEWSHOT else data_config.num_classes)
+           train: bool = False) -> EvalSource:
+  """What entry `name` reads: its `split`, or its few-shot `train_split` (`train=True`)."""
+  return EvalSource(entry.dataset, entry.train_split if train else entry.split, entry.pp,
+                    f"evals.{name}", None if entry.type == FEWSHOT else data_config.num_classes,
+                    "train_split" if train else "split")
 
 
 def _field(name: str, key: str) -> str:
@@ -135,9 +136,8 @@ def validate(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.M
         raise ValueError(f"{_field(name, 'type')}='fewshot' needs a model with pre-logits "
                          f"features (model.name vit, vimoe or convnext), not "
                          f"{config.model.name!r}")
-      train = source(name, entry, config.data, entry.train_split)
-      data.pipeline.check_eval_source(config.data, train._replace(field=f"evals.{name}.train"))
-      data.pipeline.check_eval_source(config.data, source(name, entry, config.data))
+      for train in (True, False):
+        data.pipeline.check_eval_source(config.data, source(name, entry, config.data, train))
     else:
       task.check_eval(source(name, entry, config.data))
 
@@ -219,7 +219,7 @@ class FewShotEvaluator:
   def __init__(self, name: str, entry: ml_collections.ConfigDict, ctx: Context):
     self.name, self.entry, self.ctx = name, entry, ctx
     config = ctx.task.config.data
-    self.train_batches = _batches(ctx, source(name, entry, config, entry.train_split),
+    self.train_batches = _batches(ctx, source(name, entry, config, train=True),
                                   entry.batch_size, own_data=False)
     self.test_batches = _batches(ctx, source(name, entry, config), entry.batch_size,
                                  own_data=False)
