@@ -397,7 +397,7 @@ def _run_one_step(c, workdir) -> state_lib.TrainState:
   with jax.set_mesh(trainer.mesh):
     step = step_lib.make_train_step(trainer.defs, trainer.tx, trainer.schedule, trainer.mesh,
                                     trainer.shardings, trainer.task.loss)
-    state, _ = step(state, loop._global_batch(_random_batch(c), trainer.mesh))
+    state, _ = step(state, step_lib.global_batch(_random_batch(c), trainer.mesh))
   checkpoint.save(trainer.ckpt, state, {}, c)
   trainer.ckpt.wait_until_finished()
   return state
@@ -455,7 +455,7 @@ def test_expert_parallel_train_step_equals_single_device():
     with jax.set_mesh(mesh):
       train_step = step_lib.make_train_step(defs, tx, schedule, mesh, shardings,
                                             task_loss=vqa_task.vqa_loss)
-      state, metrics = train_step(state, loop._global_batch(batch, mesh))
+      state, metrics = train_step(state, step_lib.global_batch(batch, mesh))
     results.append(jax.device_get((state.params, metrics["train/loss"])))
     assert all(_changed(before, results[-1][0])[f"connectors/{i}/moe/experts/{name}"]
                for i in (0, 1) for name in ("fc1_kernel", "fc2_kernel"))

@@ -66,8 +66,9 @@ class Trainer:
                         hasattr(models.MODELS.get(config.model.name), "features"))
     accum = config.optimizer.grad_accum_steps
     if accum > 1 and config.batch_size % accum == 0:
-      step_lib.check_batch_size(self.mesh, config.batch_size // accum,
-                       f"batch_size/optimizer.grad_accum_steps ({config.batch_size}/{accum})")
+      step_lib.check_batch_size(
+          self.mesh, config.batch_size // accum,
+          f"batch_size/optimizer.grad_accum_steps ({config.batch_size}/{accum})")
     elif accum > 1:
       raise ValueError(f"batch_size={config.batch_size} must be a multiple of "
                        f"optimizer.grad_accum_steps={accum}")
