@@ -14,7 +14,8 @@ from moe_jax import aot, moe, tasks
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import sharding
 from moe_jax.tasks import vqa as vqa_task
-from moe_jax.train import checkpoint, loop, optim, state as state_lib, step as step_lib
+from moe_jax.train import checkpoint, evaluators, loop, optim, state as state_lib
+from moe_jax.train import step as step_lib
 from moe_jax.vlm import connector, decoder, encoders, hga, model, phi, tokenizer
 from moe_jax.data import transforms
 from moe_jax.vlm import vqa_data
