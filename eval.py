@@ -1,7 +1,9 @@
-"""Evaluate the latest checkpoint: `python eval.py --config configs/X.py --workdir DIR`.
+"""Evaluate the latest checkpoint: `python eval.py --config configs/X.py --workdir DIR
+[--only NAME]`.
 
-Writes DIR/eval.json: top-1/top-5 accuracy, loss, and every MoE layer's routing statistics. The
-command is `moe_jax.commands.eval`.
+Runs every entry of `config.evals` (or only `--only`) and writes DIR/eval_<name>.json for each
+(accuracy, loss and routing statistics; or few-shot probe accuracies). The command is
+`moe_jax.commands.eval`.
 """
 from __future__ import annotations
 

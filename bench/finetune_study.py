@@ -26,10 +26,10 @@ VARIANTS = ("digits", "scratch")  # fine-tuned, from scratch
 
 
 def eval_accuracies(workdir: str) -> dict[int, float]:
-  """{step: eval/accuracy} of a finished run's metrics.jsonl."""
+  """{step: test/accuracy} (the config's `test` eval) of a finished run's metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
-  return {r["step"]: r["eval/accuracy"] for r in records if "eval/accuracy" in r}
+  return {r["step"]: r["test/accuracy"] for r in records if "test/accuracy" in r}
 
 
 def run(variant: str, seed: int, source: str, steps: int, root: str) -> dict:

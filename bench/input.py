@@ -48,18 +48,18 @@ def imagenet_config(data_dir: str, pp: str, split: str, workers: int = 0):
   c = data.default_config()
   c.name, c.data_dir, c.image_size, c.channels, c.num_classes = (
       "imagenet2012", data_dir, 224, 3, 1000)
-  c.eval_split, c.normalization = "validation", "imagenet"
+  c.normalization = "imagenet"
   c.pp_train = pp if split == "train" else "decode|inception_crop|normalize"
-  c.pp_eval = pp if split != "train" else "decode|resize_small(256)|central_crop|normalize"
   c.prefetch_threads, c.num_workers = (0, workers)
   return c
 
 
-def endless(config, split: str):
-  """An iterator of batches of `split`: train batches, or eval passes one after another."""
+def endless(config, split: str, pp: str):
+  """An iterator of batches of `split`: train batches (`data.pp_train`), or eval passes (`pp`)
+  one after another."""
   if split == "train":
     yield from data.make_dataset(config, split, batch_size=BATCH, seed=0, train=True)
-  ds = data.make_dataset(config, split, batch_size=BATCH, train=False)
+  ds = data.make_dataset(config, split, batch_size=BATCH, train=False, eval_pp=pp)
   while True:
     yield from ds
 
@@ -78,7 +78,7 @@ def main() -> None:
   sample = [source[i] for i in range(64)]
   jpeg_kb = float(np.mean([len(e["image"]) for e in sample]) / 1e3)
 
-  iterators = {name: endless(imagenet_config(args.data_dir, pp, split), split)
+  iterators = {name: endless(imagenet_config(args.data_dir, pp, split), split, pp)
                for name, (split, pp) in PIPELINES.items()}
   for it in iterators.values():
     next(it)  # warm-up: readers open, first epoch's permutation
@@ -99,7 +99,7 @@ def main() -> None:
                     "img_per_cpu_s": float(np.median(cpu[name]))})
 
   name, (split, pp) = next(iter(PIPELINES.items()))
-  it = endless(imagenet_config(args.data_dir, pp, split, workers=args.workers), split)
+  it = endless(imagenet_config(args.data_dir, pp, split, workers=args.workers), split, pp)
   for _ in range(args.workers * 2):  # workers started and their first batches out
     next(it)
   rates = []

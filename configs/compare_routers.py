@@ -43,7 +43,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   c = vimoe_tiny_mnist.get_config("vimoe")
   c.total_steps = {"full": 800, "quick": 30, "experts": 300}[variant]
   c.log_every_steps = 10 if variant == "quick" else 100
-  c.eval_every_steps = 0  # evaluated once, at the end
+  c.evals.test.every_steps = 0  # evaluated once, at the end
+  del c.evals.fewshot  # the table compares the test accuracy and routing only
   c.checkpoint_every_steps = 0
   c.only = ",".join(ORDER)  # the strategies to run, in table order
   c.train = True  # False: only rebuild the table from finished runs in --workdir

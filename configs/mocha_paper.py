@@ -51,7 +51,7 @@ from configs import check_variant
 from moe_jax.checkpoints import hf, hf_decoders, init_from
 from moe_jax.models import convnext
 from moe_jax.parallel import mesh
-from moe_jax.train import optim
+from moe_jax.train import evaluators, optim
 from moe_jax.vlm import encoders, model, vqa_data
 
 VARIANTS = ("stage2", "stage1")
@@ -82,13 +82,14 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
   c.task = "vqa"
   c.seed = 0
   c.batch_size = 256 if variant == "stage1" else 128
-  c.eval_batch_size = 256
   c.total_steps = 5000
   c.log_every_steps = 50
-  c.eval_every_steps = 1000
   c.checkpoint_every_steps = 1000
+  c.evals = ml_collections.ConfigDict()
 
   c.data = vqa_data.default_config()
+  c.evals.test = evaluators.task_eval("vqa", dataset=c.data.get_ref("name"), split="test",
+                                      pp="resize|normalize", batch_size=256, every_steps=1000)
   c.data.image_size, c.data.channels, c.data.pp_train = 336, 3, "resize|normalize"
   c.data.normalization = "clip"  # every encoder gets CLIP's preprocessing, as in the reference
 

@@ -35,7 +35,7 @@ import ml_collections
 from configs import check_variant
 from moe_jax.checkpoints import init_from
 from moe_jax.parallel import mesh
-from moe_jax.train import optim
+from moe_jax.train import evaluators, optim
 from moe_jax.vlm import decoder, encoders, model, tokenizer, vqa_data
 
 VARIANTS = ("stage2", "stage1", "quick")
@@ -47,13 +47,14 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
   c.task = "vqa"
   c.seed = 0
   c.batch_size = 64
-  c.eval_batch_size = 500
   c.total_steps = 2000
   c.log_every_steps = 100
-  c.eval_every_steps = 1000
   c.checkpoint_every_steps = 1000
+  c.evals = ml_collections.ConfigDict()
 
-  c.data = vqa_data.default_config()  # 28x28 digits, random crop with 2 px padding
+  c.data = vqa_data.default_config()
+  c.evals.test = evaluators.task_eval("vqa", dataset=c.data.get_ref("name"), split="test",
+                                      pp="resize|normalize", batch_size=500, every_steps=1000)  # 28x28 digits, random crop with 2 px padding
 
   lm = decoder.decoder_config(width=64, depth=2, mlp_dim=128, num_heads=4,
                               vocab_size=len(tokenizer.VOCAB), max_len=64)
@@ -78,7 +79,6 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
     c.optimizer.trainable = model.trainable_pattern(c.model, "stage1")
   elif variant == "quick":
     c.total_steps, c.log_every_steps = 20, 5
-    c.eval_every_steps = c.checkpoint_every_steps = 10
-    c.data.eval_split = "test[:200]"
-    c.eval_batch_size = 100
+    c.evals.test.every_steps = c.checkpoint_every_steps = 10
+    c.evals.test.split, c.evals.test.batch_size = "test[:200]", 100
   return c

@@ -33,8 +33,9 @@ def get_config(variant: str = "digits") -> ml_collections.ConfigDict:
   if variant == "imagenet384":
     c = vimoe_imagenet.get_config("B/16")
     c.data.image_size = 384  # the model's image_size follows (a reference)
-    c.batch_size = c.eval_batch_size = 512
-    c.total_steps, c.eval_every_steps, c.checkpoint_every_steps = 10_000, 1_000, 1_000
+    c.batch_size = c.evals.val.batch_size = c.evals.fewshot.batch_size = 512
+    c.total_steps, c.evals.val.every_steps, c.checkpoint_every_steps = 10_000, 1_000, 1_000
+    c.evals.fewshot.every_steps = 5_000
     c.optimizer.learning_rate, c.optimizer.warmup_steps = 3e-5, 500
     c.optimizer.weight_decay = 0.0
     source, reinit = "workdirs/vimoe_b16", ""
@@ -42,7 +43,8 @@ def get_config(variant: str = "digits") -> ml_collections.ConfigDict:
     c = vimoe_tiny_mnist.get_config("vimoe")
     c.data.name, c.data.image_size = "sklearn_digits", 21
     c.data.pp_train = "resize|pad_crop(1)|normalize"
-    c.total_steps, c.eval_every_steps, c.checkpoint_every_steps = 300, 100, 300
+    c.total_steps, c.evals.test.every_steps, c.checkpoint_every_steps = 300, 100, 300
+    del c.evals.fewshot  # a short fine-tune: the test accuracy only
     c.log_every_steps = 50
     c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-3, 30
     source, reinit = "workdirs/vimoe_tiny_mnist", "head/.*"

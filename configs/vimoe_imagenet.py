@@ -18,7 +18,7 @@ from configs import check_variant
 from moe_jax import data
 from moe_jax.models import vimoe
 from moe_jax.parallel import mesh
-from moe_jax.train import optim
+from moe_jax.train import evaluators, optim
 
 IMAGES_PER_EPOCH = 1_281_167
 VARIANTS = ("B/16", "S/16", "L/16", "dense-S/16", "dense-B/16", "dense-L/16")
@@ -31,22 +31,29 @@ def get_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 4096
-  c.eval_batch_size = 4096
   epochs = 200
   c.total_steps = epochs * IMAGES_PER_EPOCH // c.batch_size
   c.log_every_steps = 100
-  c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2000
   c.profile_steps = ""  # e.g. "10,11": a jax.profiler trace of those steps in WORKDIR/profile
 
   c.data = data.default_config()
-  c.data.name, c.data.eval_split = "imagenet2012", "validation"
+  c.data.name = "imagenet2012"
   c.data.image_size, c.data.channels, c.data.num_classes = 224, 3, 1000
   # Inception crop + flip + RandAugment + mixup + label smoothing (DeiT-style); eval: the short
   # side to 256, central 224 (ratio 0.875).
   c.data.pp_train = ("decode|inception_crop|flip_lr|randaug(2, 9)|normalize|mixup(0.8)"
                      "|label_smoothing(0.1)")
-  c.data.pp_eval = "decode|resize_small(256)|central_crop|normalize"
+  pp_eval = "decode|resize_small(256)|central_crop|normalize"
+  # The validation set, and big_vision's ImageNet few-shot probe: shots from the first 10% of
+  # the train split (>= 25 per class), tested on the validation set.
+  c.evals = ml_collections.ConfigDict(dict(
+      val=evaluators.task_eval("classification", dataset=c.data.get_ref("name"),
+                               split="validation", pp=pp_eval, batch_size=4096,
+                               every_steps=5000),
+      fewshot=evaluators.fewshot_eval(dataset=c.data.get_ref("name"), train_split="train[:10%]",
+                                      split="validation", pp=pp_eval, batch_size=4096,
+                                      every_steps=10_000)))
 
   c.model = vimoe.vimoe_config(size, moe_layers="last:4", router="top_k", dtype="bfloat16",
                                stochastic_depth=0.1, **data.model_refs(c.data))

@@ -142,8 +142,8 @@ def test_quick_comparison_writes_table_json_and_plot(tmp_path):
   config = common.load_config(QUICK)
   config.only = "dense,top2"
   config.total_steps, config.log_every_steps = 4, 2
-  config.batch_size, config.eval_batch_size = 64, 200
-  config.data.eval_split = "test[:200]"
+  config.batch_size, config.evals.test.batch_size = 64, 200
+  config.evals.test.split = "test[:200]"
   config.data.data_dir = str(tmp_path / "tfds")
   rows = compare.compare_all(config, str(tmp_path))
   assert [r["strategy"] for r in rows] == ["dense", "top2"]
@@ -166,8 +166,9 @@ def test_analysis_command_replots_an_eval_file(tmp_path):
   rng = np.random.default_rng(1)
   matrices = {"blocks/3/mlp": rng.random((10, 4))}
   report = analysis.layer_report(matrices, {"blocks/3/mlp": {"load": np.full(4, 0.25)}})
-  (tmp_path / "eval.json").write_text(json.dumps({"step": 1, "routing": report}))
-  proc = subprocess.run([sys.executable, "-m", "moe_jax.commands.analysis", str(tmp_path / "eval.json"),
+  (tmp_path / "eval_test.json").write_text(json.dumps({"step": 1, "routing": report}))
+  proc = subprocess.run([sys.executable, "-m", "moe_jax.commands.analysis",
+                         str(tmp_path / "eval_test.json"),
                          "--out", str(tmp_path / "plots")], capture_output=True, text=True,
                         timeout=120, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr
@@ -186,7 +187,7 @@ def test_unknown_strategy_is_an_error_naming_the_choices():
 
 def write_run(folder, strategy: str, seed: int | None, accuracy: float, spec: tuple[float, ...],
               recommend: tuple[str, ...] = ()) -> None:
-  """A finished run folder by hand: strategy.json, eval.json (one layer per `spec` value, none
+  """A finished run folder by hand: strategy.json, eval_test.json (one layer per `spec` value, none
   for dense) and metrics.jsonl (steps/s 10 and 20: median step 66.7 ms)."""
   os.makedirs(folder)
   info = {"strategy": strategy, "flops_per_token": 2e5}
@@ -195,9 +196,9 @@ def write_run(folder, strategy: str, seed: int | None, accuracy: float, spec: tu
   json.dump(info, open(os.path.join(folder, "strategy.json"), "w"))
   layers = {f"blocks/{i}/mlp": {"normalized_mi": s, "load_cv": 0.1, "router_entropy": 1.0,
                                 "dropped_fraction": 0.0} for i, s in enumerate(spec)}
-  json.dump({"eval/accuracy": accuracy, "eval/loss": 1 - accuracy, "step": 8,
+  json.dump({"test/accuracy": accuracy, "test/loss": 1 - accuracy, "step": 8,
              "routing": {"layers": layers, "recommend_dense": list(recommend)}},
-            open(os.path.join(folder, "eval.json"), "w"))
+            open(os.path.join(folder, "eval_test.json"), "w"))
   with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
     f.write("\n".join(json.dumps({"train/steps_per_sec": r}) for r in (10.0, 20.0)) + "\n")
 

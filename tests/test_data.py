@@ -138,7 +138,8 @@ def test_process_slices_make_the_one_process_batch(config, pp):
 def test_eval_pads_and_counts_every_example_once(config, process_count, batch_size):
   images, labels = split_arrays(config, "test")
   per_process = [list(data.make_dataset(config, "test", batch_size=batch_size, process_index=p,
-                                        process_count=process_count, train=False))
+                                        process_count=process_count, train=False,
+                                        eval_pp="resize|normalize"))
                  for p in range(process_count)]
   assert len({len(batches) for batches in per_process}) == 1  # same step count everywhere
   real = [(b["image"][b["mask"] == 1], b["label"][b["mask"] == 1])
@@ -180,7 +181,7 @@ def test_default_data_dir_is_tfds_data_dir(monkeypatch, tmp_path):
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
   c = with_(data.default_config(), name="sklearn_digits", image_size=8)
   assert c.data_dir is None
-  next(iter(data.make_dataset(c, "test", batch_size=8, train=False)))
+  next(iter(data.make_dataset(c, "test", batch_size=8, train=False, eval_pp="resize|normalize")))
   assert (tmp_path / "sklearn_digits").is_dir()
 
 

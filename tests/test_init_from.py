@@ -257,7 +257,7 @@ from flax import nnx
 from moe_jax.checkpoints import init_from, tree
 from moe_jax.train import loop
 from test_train import tiny_config
-c = tiny_config(sys.argv[3], total_steps=2, batch_size=8, eval_batch_size=8)
+c = tiny_config(sys.argv[3], total_steps=2, batch_size=8, **{"evals.test.batch_size": 8})
 c.init_from = init_from.default_config()
 c.init_from.update(dict(kind="run", path=sys.argv[1]))
 state, _ = loop.Trainer(c, sys.argv[2]).restore_or_init()
@@ -273,7 +273,7 @@ def test_run_saved_on_8_devices_initialises_a_run_on_2(tmp_path):
   from test_train import tiny_config
   from moe_jax.train import checkpoint, loop
   tfds_dir = str(tmp_path / "tfds")
-  source = tiny_config(tfds_dir, total_steps=2, batch_size=8, eval_batch_size=8)
+  source = tiny_config(tfds_dir, total_steps=2, batch_size=8, **{"evals.test.batch_size": 8})
   source.init_from = init_from.default_config()
   source.mesh.data, source.mesh.expert = 2, 4  # 8 devices, the expert bank sharded 4 ways
   trainer = loop.Trainer(source, str(tmp_path / "a"))
@@ -324,12 +324,13 @@ def test_finetune_config_from_a_mnist_run_to_digits_at_21px_trains(tmp_path):
   from moe_jax.commands import common
   from moe_jax.train import loop
   tfds_dir = str(tmp_path / "tfds")
-  source = tiny_config(tfds_dir, total_steps=10, eval_every_steps=0)
+  source = tiny_config(tfds_dir, total_steps=10)
   source.init_from = init_from.default_config()
   loop.Trainer(source, str(tmp_path / "mnist")).train()
   c = common.load_config("configs/vimoe_finetune.py", [
       f"init_from.path={tmp_path / 'mnist'}", f"data.data_dir={tfds_dir}", "total_steps=60",
-      "log_every_steps=1", "eval_every_steps=60", "batch_size=64", "eval_batch_size=64",
+      "log_every_steps=1", "evals.test.every_steps=60", "batch_size=64",
+      "evals.test.batch_size=64",
       *(f"model.{k}={source.model[k]}" for k in ("depth", "width", "mlp_dim", "num_heads",
                                                   "moe_layers")),
       f"model.moe.hidden_dim={source.model.moe.hidden_dim}",
@@ -352,7 +353,7 @@ def test_trainer_upcycles_a_dense_run_exactly(tmp_path):
   from test_train import tiny_config
   from moe_jax.train import loop
   tfds_dir = str(tmp_path / "tfds")
-  dense = tiny_config(tfds_dir, total_steps=5, eval_every_steps=0, **{"model.name": "vit"})
+  dense = tiny_config(tfds_dir, total_steps=5, **{"model.name": "vit"})
   dense.init_from = init_from.default_config()
   dense_trainer = loop.Trainer(dense, str(tmp_path / "dense"))
   dense_trainer.train()
@@ -380,15 +381,15 @@ def test_finetune_from_a_mnist_run_to_1000_classes_at_35px_trains(tmp_path):
   from moe_jax.data import synthetic
   from moe_jax.train import loop
   tfds_dir = str(tmp_path / "tfds")
-  source = tiny_config(tfds_dir, total_steps=10, eval_every_steps=0)
+  source = tiny_config(tfds_dir, total_steps=10)
   source.init_from = init_from.default_config()
   loop.Trainer(source, str(tmp_path / "mnist")).train()
   synthetic.write_imagenet2012(tfds_dir, num_train=48, num_validation=16)
-  c = tiny_config(tfds_dir, total_steps=40, eval_every_steps=40, log_every_steps=1)
+  c = tiny_config(tfds_dir, total_steps=40, log_every_steps=1, **{"evals.test.every_steps": 40})
   c.data.update(dict(name="imagenet2012", image_size=35, channels=3, num_classes=1000,
-                     eval_split="validation", pp_train="decode|resize|normalize",
-                     pp_eval="decode|resize|normalize"))
-  c.batch_size = c.eval_batch_size = 16
+                     pp_train="decode|resize|normalize"))
+  c.evals.test.update(dict(split="validation", pp="decode|resize|normalize"))
+  c.batch_size = c.evals.test.batch_size = 16
   c.optimizer.learning_rate = 3e-3
   c.init_from = init_from.from_source("run", str(tmp_path / "mnist"), reinit="head/.*,patch_embed/.*",
                                       resize_posemb="bicubic", upcycle=False)

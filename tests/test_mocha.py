@@ -14,7 +14,8 @@ from moe_jax import aot, moe, tasks
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import sharding
 from moe_jax.tasks import vqa as vqa_task
-from moe_jax.train import checkpoint, loop, optim, state as state_lib, step as step_lib
+from moe_jax.train import checkpoint, evaluators, loop, optim, state as state_lib
+from moe_jax.train import step as step_lib
 from moe_jax.vlm import connector, decoder, encoders, hga, model, phi, tokenizer
 from moe_jax.data import transforms
 from moe_jax.vlm import vqa_data
@@ -257,7 +258,7 @@ def test_exact_match_and_answer_mask():
 def _tiny_config(variant: str, batch_size: int = 8) -> ml_collections.ConfigDict:
   """The tiny config's recipe with a still smaller model (one block each, width 32)."""
   c = mocha_tiny_digits_vqa.get_config(variant)
-  c.batch_size = c.eval_batch_size = batch_size
+  c.batch_size = c.evals.test.batch_size = batch_size
   lm = decoder.decoder_config(width=32, depth=1, mlp_dim=64, num_heads=2,
                               vocab_size=len(tokenizer.VOCAB), max_len=64)
   trainable = variant != "stage1"
@@ -381,13 +382,13 @@ def test_tiny_vlm_learns_to_name_held_out_digits(tmp_path):
   # The full task (>= 90% exact match) is measured in configs/mocha_tiny_digits_vqa.py; here
   # a short run on the "which digit" questions checks that answers come from the image.
   c = _tiny_config("stage2", batch_size=32)
-  c.total_steps, c.eval_every_steps, c.checkpoint_every_steps = 300, 0, 0
+  c.total_steps, c.evals.test.every_steps, c.checkpoint_every_steps = 300, 0, 0
   c.optimizer.warmup_steps = 20
   c.data.question_types = "which"
-  c.eval_batch_size = 200
+  c.evals.test.batch_size = 200
   result = loop.train_and_evaluate(c, str(tmp_path))
-  assert result["eval/num_examples"] == 1000  # the held-out images
-  assert result["eval/exact_match/which"] > 0.3, result  # chance: 0.1
+  assert result["test/num_examples"] == 1000  # the held-out images
+  assert result["test/exact_match/which"] > 0.3, result  # chance: 0.1
 
 
 def _run_one_step(c, workdir) -> state_lib.TrainState:
@@ -397,7 +398,7 @@ def _run_one_step(c, workdir) -> state_lib.TrainState:
   with jax.set_mesh(trainer.mesh):
     step = step_lib.make_train_step(trainer.defs, trainer.tx, trainer.schedule, trainer.mesh,
                                     trainer.shardings, trainer.task.loss)
-    state, _ = step(state, loop._global_batch(_random_batch(c), trainer.mesh))
+    state, _ = step(state, step_lib.global_batch(_random_batch(c), trainer.mesh))
   checkpoint.save(trainer.ckpt, state, {}, c)
   trainer.ckpt.wait_until_finished()
   return state
@@ -455,7 +456,7 @@ def test_expert_parallel_train_step_equals_single_device():
     with jax.set_mesh(mesh):
       train_step = step_lib.make_train_step(defs, tx, schedule, mesh, shardings,
                                             task_loss=vqa_task.vqa_loss)
-      state, metrics = train_step(state, loop._global_batch(batch, mesh))
+      state, metrics = train_step(state, step_lib.global_batch(batch, mesh))
     results.append(jax.device_get((state.params, metrics["train/loss"])))
     assert all(_changed(before, results[-1][0])[f"connectors/{i}/moe/experts/{name}"]
                for i in (0, 1) for name in ("fc1_kernel", "fc2_kernel"))
@@ -488,7 +489,8 @@ def test_paper_config_compiles_for_a_v5p_pod():
 
 
 def test_digit_vqa_pipeline_normalises_and_repeats_grey_to_rgb():
-  c = mocha_tiny_digits_vqa.get_config("quick").data
+  config = mocha_tiny_digits_vqa.get_config("quick")
+  c = config.data
   c.train_split, c.channels, c.normalization = "test[:40]", 3, "clip"
   c.pp_train = "normalize"  # no random crop: the background stays black
   batch = next(vqa_data.make_dataset(c, batch_size=4, train=True))
@@ -498,5 +500,6 @@ def test_digit_vqa_pipeline_normalises_and_repeats_grey_to_rgb():
                              rtol=1e-6)  # black background, each channel by its own statistics
   grey = batch["image"] * std + mean  # back to [0, 1]: the same grey in every channel
   np.testing.assert_allclose(grey[..., 0], grey[..., 2], atol=1e-6)
-  eval_batch = next(iter(vqa_data.make_dataset(c, batch_size=4, train=False)))
+  source = evaluators.source("test", config.evals.test, c)
+  eval_batch = next(iter(vqa_data.make_dataset(c, source, batch_size=4, train=False)))
   assert eval_batch["image"].shape == (4, 28, 28, 3) and eval_batch["mask"].shape == (4,)

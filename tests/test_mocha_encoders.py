@@ -40,7 +40,7 @@ def encoder_configs(**changes) -> dict[str, ml_collections.ConfigDict]:
 
 def tiny_config(**changes) -> ml_collections.ConfigDict:
   c = mocha_tiny_digits_vqa.get_config("stage1")
-  c.batch_size = c.eval_batch_size = 8
+  c.batch_size = c.evals.test.batch_size = 8
   c.data.channels = 3
   lm = decoder.decoder_config(width=32, depth=1, mlp_dim=64, num_heads=2,
                               vocab_size=len(tokenizer.VOCAB), max_len=80)  # 56 visual + 12 text
@@ -159,7 +159,7 @@ def test_siglip_and_dinov2_checkpoints_load_at_another_image_size():
 def phi_mocha_config(**decoder_changes) -> ml_collections.ConfigDict:
   """The tiny digit-VQA MoCHA (stage 2) whose decoder is the hf_phi fixture's Phi."""
   c = mocha_tiny_digits_vqa.get_config("stage2")
-  c.batch_size = c.eval_batch_size = 8
+  c.batch_size = c.evals.test.batch_size = 8
   c.optimizer.warmup_steps = 0
   path = os.path.join(DATA, "hf_phi")
   phi = hf_decoders.import_hf_decoder(path)[0]

@@ -192,7 +192,6 @@ def test_decode_jpeg_gray_to_rgb_and_draft_decoding_stays_close():
     ("resize|decode|normalize", "data.pp_train", "decode must be the first op"),
     ("resize(|normalize", "data.pp_train", "not an op"),
     ("inception_crop(28, (0.5, 0.2))|normalize", "data.pp_train", "scale=(0.5, 0.2)"),
-    ("resize|flip_lr|normalize", "data.pp_eval", "random ops"),
 ])
 def test_bad_pp_strings_are_one_line_errors_naming_the_op(spec, field, message):
   c = data_config(**{field.split(".")[1]: spec})
@@ -211,10 +210,13 @@ def imagenet_dir(tmp_path_factory):
 
 def imagenet_config(data_dir, size=32):
   c = data_config(name="imagenet2012", data_dir=data_dir, image_size=size, channels=3,
-                  num_classes=1000, eval_split="validation", normalization="imagenet")
+                  num_classes=1000, normalization="imagenet")
   c.pp_train = "decode|inception_crop|flip_lr|randaug(2, 15)|normalize|mixup(0.2)"
-  c.pp_eval = f"decode|resize_small({size * 8 // 7})|central_crop|normalize"
   return c
+
+
+def imagenet_eval_pp(size=32):
+  return f"decode|resize_small({size * 8 // 7})|central_crop|normalize"
 
 
 def test_generated_imagenet2012_reads_like_the_real_format(imagenet_dir):
@@ -223,7 +225,8 @@ def test_generated_imagenet2012_reads_like_the_real_format(imagenet_dir):
   c = imagenet_config(imagenet_dir)
   batch = next(data.make_dataset(c, "train", batch_size=8, seed=0, train=True))
   assert batch["image"].shape == (8, 32, 32, 3) and batch["soft_label"].shape == (8, 1000)
-  evaluation = list(data.make_dataset(c, "validation", batch_size=6, train=False))
+  evaluation = list(data.make_dataset(c, "validation", batch_size=6, train=False,
+                                      eval_pp=imagenet_eval_pp()))
   assert sum(b["mask"].sum() for b in evaluation) == 16 and len(evaluation) == 3
   c.pp_train = "inception_crop|normalize"
   with pytest.raises(ValueError, match="stores encoded images; start with decode"):
@@ -233,7 +236,7 @@ def test_generated_imagenet2012_reads_like_the_real_format(imagenet_dir):
     data.make_dataset(c, "train", batch_size=8, seed=0, train=True)
   c.image_size = 48  # the eval string was written for 32: caught before any image is read
   with pytest.raises(ValueError, match=r"central_crop\(48\) of images whose shorter side is 36"):
-    data.make_dataset(c, "validation", batch_size=8, train=False)
+    data.make_dataset(c, "validation", batch_size=8, train=False, eval_pp=imagenet_eval_pp())
 
 
 def test_generated_imagenet2012_trains_5_steps_through_the_trainer(imagenet_dir, tmp_path):
@@ -244,10 +247,12 @@ def test_generated_imagenet2012_trains_5_steps_through_the_trainer(imagenet_dir,
   c.model.image_size, c.model.channels, c.model.num_classes = 32, 3, 1000
   c.model.depth, c.model.width, c.model.mlp_dim, c.model.num_heads = 1, 32, 64, 2
   c.model.moe.hidden_dim, c.model.moe_layers, c.model.patch_size = 64, "last:1", 8
-  c.batch_size = c.eval_batch_size = 16
-  c.total_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 5, 1, 5, 5
+  c.evals.test.update(dict(dataset="imagenet2012", split="validation", pp=imagenet_eval_pp(),
+                           batch_size=16, every_steps=5))
+  c.batch_size = 16
+  c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 5, 1, 5
   last = loop.train_and_evaluate(c, str(tmp_path))
-  assert np.isfinite(last["train/loss"]) and last["eval/num_examples"] == 16
+  assert np.isfinite(last["train/loss"]) and last["test/num_examples"] == 16
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     steps = [r["step"] for r in map(json.loads, f) if "train/loss" in r]
   assert steps == [1, 2, 3, 4, 5]

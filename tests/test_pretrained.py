@@ -360,7 +360,7 @@ def test_run_initialised_from_another_run_at_other_image_size_trains(tmp_path):
   from moe_jax.train import loop
   tfds_dir = str(tmp_path / "tfds")
   dense = dict(total_steps=10, **{"model.name": "vit", "model.posemb": "learned",
-                                  "model.pool": "cls", "eval_every_steps": 0})
+                                  "model.pool": "cls", "evals.test.every_steps": 0})
   source = tiny_config(tfds_dir, **dense, **{"data.image_size": 14})  # a 2x2 patch grid
   source.init_from = init_from.default_config()
   loop.Trainer(source, str(tmp_path / "a")).train()

@@ -20,9 +20,9 @@ import vimoe_tiny_mnist  # noqa: E402
 def tiny_classification(tfds_dir: str, **overrides):
   c = vimoe_tiny_mnist.get_config("quick")
   c.update_from_flattened_dict({
-      "data.data_dir": tfds_dir, "data.eval_split": "test[:64]", "model.depth": 2,
+      "data.data_dir": tfds_dir, "evals.test.split": "test[:64]", "model.depth": 2,
       "model.width": 32, "model.mlp_dim": 64, "model.num_heads": 2, "model.moe.hidden_dim": 64,
-      "model.moe_layers": "last:1", "batch_size": 32, "eval_batch_size": 32,
+      "model.moe_layers": "last:1", "batch_size": 32, "evals.test.batch_size": 32,
       "optimizer.warmup_steps": 1, **overrides})
   return c
 
@@ -37,19 +37,20 @@ def test_model_built_once_and_eval_step_compiled_once(tmp_path, monkeypatch):
                       lambda self, *a: eval_traces.append(1) or eval_sums(self, *a))
   eval_batches = classification.ClassificationTask.eval_batches
   monkeypatch.setattr(classification.ClassificationTask, "eval_batches",
-                      lambda self, **k: eval_sources.append(1) or eval_batches(self, **k))
-  c = tiny_classification(str(tmp_path / "tfds"), total_steps=6, eval_every_steps=2,
-                          checkpoint_every_steps=0)
+                      lambda self, *a, **k: eval_sources.append(1) or eval_batches(self, *a, **k))
+  c = tiny_classification(str(tmp_path / "tfds"), total_steps=6, checkpoint_every_steps=0,
+                          **{"evals.test.every_steps": 2})
   last = loop.train_and_evaluate(c, str(tmp_path / "run"))
-  assert last["eval/num_examples"] == 64
+  assert last["test/num_examples"] == 64
   # Three evaluations (steps 2, 4, 6) from one traced eval step over one eval source, and one
   # model build for the state's structure, its shardings and the fresh state.
   assert (len(builds), len(eval_traces), len(eval_sources)) == (1, 1, 1)
 
 
 def test_eval_batch_size_checked_before_the_first_step(tmp_path):
-  c = tiny_classification(str(tmp_path / "tfds"), eval_batch_size=204)
-  with pytest.raises(ValueError, match=r"eval_batch_size=204 must be a positive multiple of the 8"):
+  c = tiny_classification(str(tmp_path / "tfds"), **{"evals.test.batch_size": 204})
+  with pytest.raises(ValueError,
+                     match=r"evals.test.batch_size=204 must be a positive multiple of the 8"):
     loop.Trainer(c, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 

@@ -28,8 +28,8 @@ def tiny_config(tfds_dir: str, **overrides):
   c.model.moe.hidden_dim = 64
   c.model.moe_layers = "last:1"
   c.model.moe.num_experts = 8
-  c.batch_size = c.eval_batch_size = 64
-  c.data.eval_split = "test[:200]"
+  c.batch_size = c.evals.test.batch_size = 64
+  c.evals.test.split = "test[:200]"
   c.optimizer.warmup_steps = 2
   c.update_from_flattened_dict(overrides)
   return c
@@ -46,26 +46,42 @@ def losses(workdir):
 
 
 def test_end_to_end_writes_metrics_checkpoint_and_eval(tmp_path, tfds_dir):
+  """Two evaluations on two datasets (`test`: mnist test[:200]; `digits`: the sklearn digits'
+  359 test images, every 5 steps), each under its own keys and in its own eval_<name>.json."""
+  from moe_jax.train import evaluators
   c = tiny_config(tfds_dir, total_steps=10)
+  with c.unlocked():
+    c.evals.digits = evaluators.task_eval("classification", dataset="sklearn_digits",
+                                          split="test", pp="resize|normalize", batch_size=64,
+                                          every_steps=5)
   last = loop.train_and_evaluate(c, str(tmp_path))
-  assert np.isfinite(last["train/loss"]) and 0 <= last["eval/accuracy"] <= 1
+  assert np.isfinite(last["train/loss"]) and 0 <= last["test/accuracy"] <= 1
+  assert last["test/num_examples"] == 200 and last["digits/num_examples"] == 359
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   keys = set().union(*records)
-  for k in ("train/loss", "train/learning_rate", "train/steps_per_sec", "eval/accuracy",
-            "train/aux_loss", "train/examples_per_sec"):
+  for k in ("train/loss", "train/learning_rate", "train/steps_per_sec", "test/accuracy",
+            "digits/accuracy", "train/aux_loss", "train/examples_per_sec"):
     assert k in keys, k
+  assert [r["step"] for r in records if "digits/loss" in r] == [5, 10]
+  assert [r["step"] for r in records if "test/loss" in r] == [10]
   assert any(k.startswith("train/moe/") for k in keys)
   assert os.path.isdir(tmp_path / "checkpoints" / "10")
   assert os.listdir(tmp_path / "tensorboard")
-  result = loop.evaluate_checkpoint(c, str(tmp_path))
-  saved = json.load(open(tmp_path / "eval.json"))
-  assert saved["step"] == 10 and saved["eval/num_examples"] == 200
-  assert abs(saved["eval/accuracy"] - result["eval/accuracy"]) < 1e-9
+  results = loop.evaluate_checkpoint(c, str(tmp_path))
+  assert sorted(results) == ["digits", "test"] and not os.path.exists(tmp_path / "eval.json")
+  for name in results:
+    saved = json.load(open(tmp_path / f"eval_{name}.json"))
+    assert {k.split("/")[0] for k in saved} == {"step", name, "routing"}
+    assert saved[f"{name}/accuracy"] == pytest.approx(last[f"{name}/accuracy"], abs=1e-9)
+  saved = json.load(open(tmp_path / "eval_test.json"))
+  assert saved["step"] == 10 and saved["test/num_examples"] == 200
+  assert abs(saved["test/accuracy"] - results["test"]["test/accuracy"]) < 1e-9
   layer = saved["routing"]["layers"]["blocks/1/mlp"]
   assert "dropped_fraction" in layer and "normalized_mi" in layer
   matrix = np.asarray(layer["class_expert"])
   assert matrix.shape == (10, 8) and np.isclose(matrix.sum(), 200)  # each real example once
-  assert os.path.exists(tmp_path / "analysis" / "heatmaps.png")
+  for name in results:  # each eval's plots in its own folder
+    assert os.path.exists(tmp_path / "analysis" / name / "heatmaps.png")
 
 
 def run_cli(args, timeout=300, **kw):
@@ -77,7 +93,7 @@ def run_cli(args, timeout=300, **kw):
 def cli_args(workdir, tfds_dir, steps, ckpt_every):
   return [f"--config={ROOT}/configs/vimoe_tiny_mnist.py:quick", f"--workdir={workdir}",
           f"--config.data.data_dir={tfds_dir}", f"--config.total_steps={steps}",
-          f"--config.checkpoint_every_steps={ckpt_every}", "--config.eval_every_steps=0",
+          f"--config.checkpoint_every_steps={ckpt_every}", "--config.evals.test.every_steps=0",
           "--config.log_every_steps=1", "--config.model.depth=2", "--config.model.width=32",
           "--config.model.num_heads=2", "--config.model.mlp_dim=64",
           "--config.model.moe.hidden_dim=64", "--config.batch_size=32"]
@@ -109,10 +125,10 @@ def test_restore_onto_a_different_mesh_gives_identical_eval(tmp_path, tfds_dir):
   c = tiny_config(tfds_dir, total_steps=4)
   c.mesh.data, c.mesh.expert = 8, 1
   loop.train_and_evaluate(c, str(tmp_path))
-  on_8x1 = loop.evaluate_checkpoint(c, str(tmp_path))
+  on_8x1 = loop.evaluate_checkpoint(c, str(tmp_path))["test"]
   c.mesh.data, c.mesh.expert = 2, 4
-  on_2x4 = loop.evaluate_checkpoint(c, str(tmp_path))
-  for k in ("eval/loss", "eval/accuracy", "eval/top5_accuracy"):
+  on_2x4 = loop.evaluate_checkpoint(c, str(tmp_path))["test"]
+  for k in ("test/loss", "test/accuracy", "test/top5_accuracy"):
     np.testing.assert_allclose(on_2x4[k], on_8x1[k], rtol=1e-5, err_msg=k)
   # Routing statistics are reduced over all devices: the same report on either mesh.
   want, got = on_8x1["routing"]["layers"], on_2x4["routing"]["layers"]
@@ -150,7 +166,7 @@ def test_eval_without_checkpoint_and_with_a_corrupt_one(tmp_path, tfds_dir):
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   proc = evaluate()  # step 2 is garbage: one warning, and step 1 is evaluated
-  assert proc.returncode == 0 and json.loads(proc.stdout)["step"] == 1, proc.stderr[-2000:]
+  assert proc.returncode == 0 and json.loads(proc.stdout)["test"]["step"] == 1, proc.stderr[-2000:]
   assert re.search(r"step 2 is corrupt .*fell back to step 1", proc.stderr), proc.stderr[-2000:]
 
 
@@ -158,7 +174,7 @@ def test_same_losses_on_data_parallel_and_fsdp_expert_parallel_meshes(tmp_path, 
   runs = {}
   for name, shape in {"dp": dict(data=8, fsdp=1, expert=1),
                       "fsdp_ep": dict(data=2, fsdp=2, expert=2)}.items():
-    c = tiny_config(tfds_dir, total_steps=3, log_every_steps=1, eval_every_steps=0)
+    c = tiny_config(tfds_dir, total_steps=3, log_every_steps=1)
     for axis, size in shape.items():
       c.mesh[axis] = size
     loop.train_and_evaluate(c, str(tmp_path / name))
@@ -186,7 +202,7 @@ def test_fsdp_shards_dense_weights_and_expert_axis_shards_experts(tfds_dir):
 def test_nan_after_the_update_is_never_saved_and_a_resume_may_change_clipping(tmp_path, tfds_dir):
   from moe_jax.train import checkpoint
   run = lambda steps, lr, clip: loop.train_and_evaluate(tiny_config(
-      tfds_dir, total_steps=steps, checkpoint_every_steps=1, log_every_steps=100, eval_every_steps=0,
+      tfds_dir, total_steps=steps, checkpoint_every_steps=1, log_every_steps=100,
       **{"optimizer.learning_rate": lr, "optimizer.grad_clip_norm": clip}), str(tmp_path))
   run(2, 1e-3, 0.0)  # steps 1-2 ... then a rate that is inf in float32: the loss of step 3 (from
   with pytest.raises(FloatingPointError,  # the weights before its update) is still finite
@@ -224,7 +240,7 @@ def _overwrite_array_bytes(step_dir, n=64):
 
 
 def test_a_corrupt_array_falls_back_to_the_previous_step(tmp_path, tfds_dir):
-  c = tiny_config(tfds_dir, total_steps=4, checkpoint_every_steps=2, eval_every_steps=0)
+  c = tiny_config(tfds_dir, total_steps=4, checkpoint_every_steps=2)
   loop.train_and_evaluate(c, str(tmp_path))
   _overwrite_array_bytes(tmp_path / "checkpoints" / "4")
   state, _ = loop.Trainer(c, str(tmp_path)).restore_or_init()
@@ -232,7 +248,7 @@ def test_a_corrupt_array_falls_back_to_the_previous_step(tmp_path, tfds_dir):
 
 
 def test_a_changed_checksum_is_detected(tmp_path, tfds_dir):
-  c = tiny_config(tfds_dir, total_steps=4, checkpoint_every_steps=2, eval_every_steps=0)
+  c = tiny_config(tfds_dir, total_steps=4, checkpoint_every_steps=2)
   loop.train_and_evaluate(c, str(tmp_path))
   sums_dir = tmp_path / "checkpoints" / "4" / "checksums"
   path = os.path.join(sums_dir, os.listdir(sums_dir)[0])
@@ -247,7 +263,7 @@ def test_a_changed_checksum_is_detected(tmp_path, tfds_dir):
 def test_a_checkpoint_of_another_config_names_the_array_and_eval_ignores_the_optimizer(
     tmp_path, tfds_dir):
   from moe_jax.train import checkpoint
-  c = tiny_config(tfds_dir, total_steps=2, eval_every_steps=0)
+  c = tiny_config(tfds_dir, total_steps=2)
   loop.train_and_evaluate(c, str(tmp_path))
   wide = tiny_config(tfds_dir, total_steps=4, **{"model.moe.hidden_dim": 128})
   with pytest.raises(checkpoint.CheckpointError,
@@ -257,12 +273,12 @@ def test_a_checkpoint_of_another_config_names_the_array_and_eval_ignores_the_opt
   with pytest.raises(checkpoint.CheckpointError, match=r"different config: .*opt_state/"):
     loop.train_and_evaluate(sgd, str(tmp_path))
   sgd.optimizer.grad_clip_norm, sgd.optimizer.learning_rate = 0.0, 5.0
-  assert loop.evaluate_checkpoint(sgd, str(tmp_path))["step"] == 2  # params only
+  assert loop.evaluate_checkpoint(sgd, str(tmp_path))["test"]["step"] == 2  # params only
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # nothing deleted or moved
 
 
 def test_bad_eval_split_and_unwritable_workdir_fail_before_step_1(tmp_path, tfds_dir):
-  c = tiny_config(tfds_dir, total_steps=4, **{"data.eval_split": "nope"})
+  c = tiny_config(tfds_dir, total_steps=4, **{"evals.test.split": "nope"})
   with pytest.raises(Exception, match="nope"):
     loop.train_and_evaluate(c, str(tmp_path / "a"))
   assert not os.path.exists(tmp_path / "a" / "metrics.jsonl")
@@ -273,8 +289,7 @@ def test_bad_eval_split_and_unwritable_workdir_fail_before_step_1(tmp_path, tfds
 
 def test_metrics_rows_after_the_restored_step_are_dropped(tmp_path, tfds_dir):
   import shutil
-  c = tiny_config(tfds_dir, total_steps=4, checkpoint_every_steps=2, log_every_steps=1,
-                  eval_every_steps=0)
+  c = tiny_config(tfds_dir, total_steps=4, checkpoint_every_steps=2, log_every_steps=1)
   loop.train_and_evaluate(c, str(tmp_path))
   shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if killed after logging steps 3 and 4
   loop.train_and_evaluate(c, str(tmp_path))
@@ -290,8 +305,7 @@ def test_metrics_rows_after_the_restored_step_are_dropped(tmp_path, tfds_dir):
 def test_a_save_cut_off_by_a_kill_is_ignored_on_resume(tmp_path, tfds_dir):
   """What a kill during a save leaves (orbax's unfinished `<step>.orbax-checkpoint-tmp-*`
   folder) is never restored: the rerun resumes from the last finished step, same losses."""
-  c = tiny_config(tfds_dir, total_steps=6, checkpoint_every_steps=2, log_every_steps=1,
-                  eval_every_steps=0)
+  c = tiny_config(tfds_dir, total_steps=6, checkpoint_every_steps=2, log_every_steps=1)
   loop.train_and_evaluate(c, str(tmp_path / "straight"))
   cut = tmp_path / "cut"
   loop.train_and_evaluate(c, str(cut))
@@ -465,19 +479,20 @@ def test_ema_follows_its_formula(tfds_dir):
 
 def test_ema_accumulation_and_profile_end_to_end(tmp_path, tfds_dir):
   """EMA evaluated and checkpointed, accumulated steps and a profiler trace, in one short run."""
-  c = tiny_config(tfds_dir, total_steps=4, eval_every_steps=2, checkpoint_every_steps=2,
+  c = tiny_config(tfds_dir, total_steps=4, checkpoint_every_steps=2,
                   log_every_steps=1, profile_steps="2,3",
-                  **{"optimizer.ema_decay": 0.5, "optimizer.grad_accum_steps": 2,
+                  **{"evals.test.every_steps": 2, "optimizer.ema_decay": 0.5,
+                     "optimizer.grad_accum_steps": 2,
                      "optimizer.schedule": "rsqrt", "optimizer.cooldown_steps": 2,
                      "optimizer.lr_multipliers": (("^blocks/0/", 0.1),)})
   last = loop.train_and_evaluate(c, str(tmp_path))
-  assert 0 <= last["eval_ema/accuracy"] <= 1 and last["eval_ema/num_examples"] == 200
+  assert 0 <= last["test_ema/accuracy"] <= 1 and last["test_ema/num_examples"] == 200
   traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
   assert any(f.endswith(".xplane.pb") for f in traces), traces
-  saved = loop.evaluate_checkpoint(c, str(tmp_path))  # restores the EMA from the checkpoint
-  assert saved["eval_ema/loss"] == pytest.approx(last["eval_ema/loss"], rel=1e-6)
-  assert saved["eval/loss"] == pytest.approx(last["eval/loss"], rel=1e-6)
-  assert saved["eval_ema/loss"] != saved["eval/loss"]
+  saved = loop.evaluate_checkpoint(c, str(tmp_path))["test"]  # restores the EMA
+  assert saved["test_ema/loss"] == pytest.approx(last["test_ema/loss"], rel=1e-6)
+  assert saved["test/loss"] == pytest.approx(last["test/loss"], rel=1e-6)
+  assert saved["test_ema/loss"] != saved["test/loss"]
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -13,8 +13,8 @@ layer's specialisation. `config.train=False` only rebuilds the tables (e.g. afte
 strategy).
 
 A run folder (one strategy and seed) holds `strategy.json` (written before training: row name,
-seed, forward FLOPs per token), `metrics.jsonl` and `eval.json` (written by the trainer and
-`evaluate_checkpoint`). Rows can therefore be rebuilt at any time from whatever runs have
+seed, forward FLOPs per token), `metrics.jsonl` and `eval_<name>.json` (written by the trainer
+and `evaluate_checkpoint`; `<name>` the config's single `config.evals` entry, e.g. `test`). Rows can therefore be rebuilt at any time from whatever runs have
 finished, e.g. when each strategy ran as its own job on a pod.
 """
 from __future__ import annotations
@@ -73,14 +73,25 @@ def _mean_over_layers(layers: dict, key: str) -> float | None:
   return float(np.mean(values)) if values else None
 
 
-def summarise_run(workdir: str) -> dict | None:
-  """The comparison row of one finished run, or None if it has not finished (no eval.json).
+def comparison_eval(config: ml_collections.ConfigDict) -> str:
+  """The name of the one `config.evals` entry the rows are built from; ValueError unless there
+  is exactly one."""
+  if len(config.evals) != 1:
+    raise ValueError(f"config.evals has {list(config.evals)}: the comparison needs exactly one "
+                     f"evaluation (its accuracy and routing make the rows)")
+  return next(iter(config.evals))
+
+
+def summarise_run(workdir: str, eval_name: str) -> dict | None:
+  """The comparison row of one finished run from its `eval_<eval_name>.json`, or None if it
+  has not finished (no such file).
   `seed` is None for a run written before seeds were recorded.
 
   Routing columns average the MoE layers; None where they do not apply (dense; no drops under
   Soft MoE / expert choice, whose layers report no `dropped_fraction`)."""
   paths = {k: os.path.join(workdir, f) for k, f in
-           (("strategy", STRATEGY_FILE), ("eval", "eval.json"), ("metrics", "metrics.jsonl"))}
+           (("strategy", STRATEGY_FILE), ("eval", f"eval_{eval_name}.json"),
+            ("metrics", "metrics.jsonl"))}
   if not all(os.path.exists(p) for p in paths.values()):
     return None
   with open(paths["strategy"]) as f:
@@ -91,8 +102,8 @@ def summarise_run(workdir: str) -> dict | None:
     rates = [r["train/steps_per_sec"] for r in map(json.loads, f) if "train/steps_per_sec" in r]
   layers = result["routing"]["layers"]
   return {"strategy": strategy["strategy"], "seed": strategy.get("seed"),
-          "accuracy": result["eval/accuracy"],
-          "loss": result["eval/loss"], "step": result["step"],
+          "accuracy": result[f"{eval_name}/accuracy"],
+          "loss": result[f"{eval_name}/loss"], "step": result["step"],
           "step_ms": 1e3 / float(np.median(rates)) if rates else None,
           "mflops_per_token": strategy["flops_per_token"] / 1e6,
           "dropped_fraction": _mean_over_layers(layers, "dropped_fraction"),
@@ -274,11 +285,13 @@ def compare_all(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   every finished run in `workdir`: the rows aggregated over seeds, also printed as a table (and
   the per-layer table if `config.per_layer`), written to compare.json and plotted."""
   models_by_row, seeds = strategy_models(config), seed_list(config)
+  eval_name = comparison_eval(config)
   if config.train:
     for name, model in models_by_row.items():
       for seed in seeds:
         run_strategy(config, name, model, seed, run_dir(workdir, name, seed))
-  rows = aggregate([r for r in map(summarise_run, find_runs(workdir)) if r is not None])
+  rows = aggregate([r for r in (summarise_run(run, eval_name) for run in find_runs(workdir))
+                    if r is not None])
   order = {n: i for i, n in enumerate(models_by_row)}
   rows.sort(key=lambda r: (order.get(r["strategy"], len(order)), r["strategy"]))
   if not rows:

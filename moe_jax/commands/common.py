@@ -66,6 +66,12 @@ def _message(e: BaseException) -> str:
 def _flag_error(e: Exception, hint: str) -> str:
   """One line saying what is wrong with a config (file, variant or override) and the fix."""
   text = _message(e).strip()
+  from moe_jax.train.evaluators import REPLACED  # (imports jax: only once a config is bad)
+  key = text.splitlines()[0].strip("'\"") if text else ""
+  for old, field in REPLACED.items():
+    if isinstance(e, (KeyError, AttributeError)) and key == old.rpartition(".")[2]:
+      return (f"config.{old} is gone: each evaluation is an entry of config.evals (set "
+              f"--config.evals.<name>.{field})")
   if "Traceback" in text:  # config_flags appends get_config's traceback: its last line says it
     return text.splitlines()[-1].split(": ", 1)[-1]
   if isinstance(e, (KeyError, AttributeError)) and text.isidentifier():  # an unknown key

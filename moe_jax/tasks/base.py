@@ -26,8 +26,8 @@ class Task:
 
   name: str = ""
   # The task's input pipeline: a module with `train_dataset(data_config, *, batch_size, seed,
-  # process_index, process_count)` and `eval_dataset(data_config, *, batch_size, process_index,
-  # process_count)` (e.g. `moe_jax.data`).
+  # process_index, process_count)` and `eval_dataset(data_config, source, *, batch_size,
+  # process_index, process_count)` (e.g. `moe_jax.data`; `source`: a `moe_jax.data.EvalSource`).
   data_module: Any = None
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -45,11 +45,17 @@ class Task:
                                           process_index=process_index,
                                           process_count=process_count)
 
-  def eval_batches(self, *, batch_size: int, process_index: int,
+  def eval_batches(self, source, *, batch_size: int, process_index: int,
                    process_count: int) -> Iterable[HostBatch]:
-    """Re-iterable single pass over the eval split; batches carry `mask [B]` (1 = real)."""
-    return self.data_module.eval_dataset(self.config.data, batch_size=batch_size,
+    """Re-iterable single pass over one evaluation's data (`source`: a `moe_jax.data.EvalSource`,
+    from a `config.evals` entry); batches carry `mask [B]` (1 = real)."""
+    return self.data_module.eval_dataset(self.config.data, source, batch_size=batch_size,
                                          process_index=process_index, process_count=process_count)
+
+  def check_eval(self, source) -> None:
+    """Start-up checks of one evaluation's data (`source`: a `moe_jax.data.EvalSource`): dataset,
+    split and pp string; ValueError naming `source.field` and the fix."""
+    raise NotImplementedError
 
   def batch_shapes(self, batch_size: int, eval_: bool) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of a global batch of `batch_size` (eval batches include `mask`)."""
@@ -67,9 +73,10 @@ class Task:
     """(`eval/...` scalars, extras such as per-layer routing statistics) of the summed tree."""
     raise NotImplementedError
 
-  def report(self, extras: dict, workdir: str | None) -> dict:
-    """What `eval.json` holds beside the scalars (e.g. the routing report); {} by default."""
-    del extras, workdir
+  def report(self, extras: dict, plot_dir: str | None) -> dict:
+    """What `eval_<name>.json` holds beside the scalars (e.g. the routing report, its plots
+    drawn into `plot_dir` unless None); {} by default."""
+    del extras, plot_dir
     return {}
 
   def abstract_batch(self, batch_size: int, sharding: jax.sharding.Sharding,

@@ -6,8 +6,6 @@ when data.pp_train has label ops; + `mask float32 [B]` in eval), from
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +70,9 @@ class ClassificationTask(Task):
     check_model_matches_data(self.config)
     data.config.validate(self.config.data)
 
+  def check_eval(self, source):
+    data.pipeline.check_eval_source(self.config.data, source)
+
   def batch_shapes(self, batch_size, eval_):
     d = self.config.data
     batch = {"image": jax.ShapeDtypeStruct((batch_size, d.image_size, d.image_size, d.channels),
@@ -79,7 +80,7 @@ class ClassificationTask(Task):
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
     if eval_:
       batch["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
-    elif data.preprocess.pipelines(d)[0].soft_labels:
+    elif data.preprocess.train_pipeline(d).soft_labels:
       batch["soft_label"] = jax.ShapeDtypeStruct((batch_size, d.num_classes), jnp.float32)
     return batch
 
@@ -118,16 +119,16 @@ class ClassificationTask(Task):
                for layer, r in routing.items()}
     return scalars, {"routing": routing}
 
-  def report(self, extras, workdir):
-    return {"routing": routing_report(extras["routing"], workdir)}
+  def report(self, extras, plot_dir):
+    return {"routing": routing_report(extras["routing"], plot_dir)}
 
 
-def routing_report(routing: dict, workdir: str | None = None) -> dict:
-  """The routing analysis of an evaluation (and its PNG plots under `workdir/analysis`)."""
+def routing_report(routing: dict, plot_dir: str | None = None) -> dict:
+  """The routing analysis of an evaluation (and its PNG plots in `plot_dir`)."""
   report = analysis.layer_report({k: r["class_expert"] for k, r in routing.items()},
                                  {k: r["metrics"] for k, r in routing.items()},
                                  class_token_expert={k: r["class_token_expert"]
                                                      for k, r in routing.items()})
-  if workdir is not None and routing and jax.process_index() == 0:
-    report["plots"] = plots.plot_report(report, os.path.join(workdir, "analysis"))
+  if plot_dir is not None and routing and jax.process_index() == 0:
+    report["plots"] = plots.plot_report(report, plot_dir)
   return report

@@ -71,6 +71,9 @@ class VqaTask(Task):
     check_model_matches_data(self.config)
     vqa_data.validate(self.config.data)
 
+  def check_eval(self, source):
+    vqa_data.check_eval_source(self.config.data, source)
+
   def batch_shapes(self, batch_size, eval_):
     return vqa_data.batch_shapes(self.config, batch_size, eval_)
 

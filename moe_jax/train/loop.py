@@ -1,7 +1,6 @@
 """The training loop and sharded evaluation of any `moe_jax.tasks.Task`, driven by one config."""
 from __future__ import annotations
 
-import json
 import math
 import time
 
@@ -10,18 +9,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moe_jax import paths, tasks
+from moe_jax import models, paths, tasks
 from moe_jax.checkpoints import init_from
 from moe_jax.parallel import mesh as mesh_lib
-from moe_jax.parallel import distributed, sharding
-from moe_jax.train import checkpoint, metrics, optim, state as state_lib, step as step_lib
+from moe_jax.parallel import sharding
+from moe_jax.train import checkpoint, evaluators, metrics, optim, state as state_lib
+from moe_jax.train import step as step_lib
 from moe_jax.vlm import pretrained
 
-REQUIRED = ("seed", "batch_size", "total_steps", "log_every_steps", "eval_every_steps",
+REQUIRED = ("seed", "batch_size", "total_steps", "log_every_steps", "evals",
             "checkpoint_every_steps", "model", "data", "optimizer", "mesh")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
+  evaluators.check_replaced_fields(config)
   missing = [k for k in REQUIRED if k not in config]
   if missing:
     raise ValueError(f"config is missing {missing}; every training config needs {REQUIRED}")
@@ -47,25 +48,10 @@ def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
                              global_batch=config.batch_size)
 
 
-def _global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """This process's part of the batch -> global arrays sharded over the batch axes."""
-  return distributed.global_batch(local, sharding.batch_sharding(mesh))
-
-
-def check_batch_size(mesh: jax.sharding.Mesh, size: int, field: str) -> None:
-  """ValueError naming `field` unless a global batch of `size` splits over the mesh's batch
-  axes and the processes."""
-  axes = sharding.batch_sharding(mesh).spec[0]
-  shards = math.prod(mesh.shape[a] for a in axes)
-  if size < 1 or size % shards or size % jax.process_count():
-    raise ValueError(f"{field}={size} must be a positive multiple of the {shards} batch shards "
-                     f"(mesh axes {'*'.join(axes)} = {'*'.join(str(mesh.shape[a]) for a in axes)})"
-                     f" and of the {jax.process_count()} processes")
-
-
 class Trainer:
   """Everything one run needs, built once: task, mesh, optimizer, state structure (one model
-  build), checkpoints, compiled train step and (at the first evaluation) eval step + eval data."""
+  build), checkpoints, compiled train step and the evaluators of `config.evals` (built by
+  `evaluators()` before the first train step: data opened, steps compiled)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     validate_config(config)
@@ -76,12 +62,13 @@ class Trainer:
     self.task = tasks.build_task(config)
     self.task.check()
     self.mesh = build_mesh(config)
-    self.eval_batch_size = config.get("eval_batch_size", config.batch_size)
-    check_batch_size(self.mesh, self.eval_batch_size, "eval_batch_size")
+    evaluators.validate(config, self.task, self.mesh,
+                        hasattr(models.MODELS.get(config.model.name), "features"))
     accum = config.optimizer.grad_accum_steps
     if accum > 1 and config.batch_size % accum == 0:
-      check_batch_size(self.mesh, config.batch_size // accum,
-                       f"batch_size/optimizer.grad_accum_steps ({config.batch_size}/{accum})")
+      step_lib.check_batch_size(
+          self.mesh, config.batch_size // accum,
+          f"batch_size/optimizer.grad_accum_steps ({config.batch_size}/{accum})")
     elif accum > 1:
       raise ValueError(f"batch_size={config.batch_size} must be a multiple of "
                        f"optimizer.grad_accum_steps={accum}")
@@ -92,7 +79,7 @@ class Trainer:
     self.init = state_lib.StateInit(config, self.tx, self.mesh)
     self.abstract, self.shardings, self.defs = self.init.abstract, self.init.shardings, self.init.defs
     self.ckpt = checkpoint.manager(workdir)
-    self._evaluator = None  # (compiled eval step, eval batches), built by `evaluator()`
+    self._evaluators = None  # name -> evaluator, built by `evaluators()`
 
   def restore_or_init(self):
     """(state, data-iterator state or None): the latest checkpoint, else a fresh state
@@ -127,47 +114,16 @@ class Trainer:
   def _abstract_batch(self, batch_size: int, eval_: bool):
     return self.task.abstract_batch(batch_size, sharding.batch_sharding(self.mesh), eval_)
 
-  def evaluator(self):
-    """(compiled eval step, eval batches), built once: the eval data opened and the step
-    compiled (what `train` does before step 1, so a bad eval split fails before training)."""
-    if self._evaluator is None:
-      self._evaluator = self._build_evaluator()
-    return self._evaluator
-
-  def _build_evaluator(self):
-    pc, pi = jax.process_count(), jax.process_index()
-    batches = self.task.eval_batches(batch_size=self.eval_batch_size // pc, process_index=pi,
-                                     process_count=pc)
-    with jax.set_mesh(self.mesh):
-      eval_step = step_lib.make_eval_step(self.defs, self.mesh, self.shardings,
-                                          self.task.eval_sums)
-      compiled = eval_step.lower(self.abstract.params, self.abstract.rest,
-                                 self._abstract_batch(self.eval_batch_size, True)).compile()
-    return compiled, batches
-
-  def evaluate_with_ema(self, state) -> tuple[dict, dict]:
-    """`evaluate(state)`, plus when `state` has an EMA (optimizer.ema_decay > 0) the EMA
-    parameters' scalars as `eval_ema/...` (the extras are those of the raw parameters)."""
-    scalars, extras = self.evaluate(state)
-    ema = state.get("ema") if isinstance(state, dict) else state.ema
-    if ema is not None:
-      rest = state["rest"] if isinstance(state, dict) else state.rest
-      ema_scalars, _ = self.evaluate({"params": ema, "rest": rest})
-      scalars.update({"eval_ema/" + k.removeprefix("eval/"): v for k, v in ema_scalars.items()})
-    return scalars, extras
-
-  def evaluate(self, state) -> tuple[dict, dict]:
-    """Sharded evaluation on the eval split of `state` (a TrainState, or a dict with its
-    `params` and `rest`): the task's (`eval/...` scalars, extras)."""
-    params, rest = (state["params"], state["rest"]) if isinstance(state, dict) else (
-        state.params, state.rest)
-    eval_step, batches = self.evaluator()
-    totals = None
-    with jax.set_mesh(self.mesh):
-      for local in batches:
-        out = eval_step(params, rest, _global_batch(local, self.mesh))
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    return self.task.eval_results(jax.device_get(totals))
+  def evaluators(self, only: str | None = None) -> dict:
+    """name -> evaluator of every `config.evals` entry, built once (what `train` does before
+    step 1, so a bad eval fails before training); `only`: just that entry (built anew)."""
+    if only is None and self._evaluators is not None:
+      return self._evaluators
+    ctx = evaluators.Context(self.task, self.mesh, self.defs, self.abstract, self.shardings, {})
+    built = evaluators.build(self.config, ctx, only)
+    if only is None:
+      self._evaluators = built
+    return built
 
   def train(self) -> dict:
     c = self.config
@@ -183,7 +139,7 @@ class Trainer:
                                             **step_lib.options(c.optimizer))
       compiled = train_step.lower(self.abstract, self._abstract_batch(c.batch_size, False)).compile()
     flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
-    self.evaluator()
+    self.evaluators()
     start, last = int(state.step), {}
     writer = metrics.MetricWriter(self.workdir, start)
     unchecked: list[tuple[int, jax.Array]] = []  # (step, its "train/finite") since the last check
@@ -192,7 +148,7 @@ class Trainer:
     tracing = False
     try:
       for step in range(start + 1, c.total_steps + 1):
-        batch = _global_batch(next(iterator), self.mesh)
+        batch = step_lib.global_batch(next(iterator), self.mesh)
         if self.profile_steps and step == self.profile_steps[0]:
           jax.block_until_ready(state)  # the trace holds these steps only
           jax.profiler.start_trace(profile_dir(self.workdir))
@@ -215,12 +171,13 @@ class Trainer:
           writer.write(step, last)
           bar.set_postfix(loss=f"{last['train/loss']:.4f}")
           tick, tick_step = time.perf_counter(), step
-        if (c.eval_every_steps and step % c.eval_every_steps == 0) or is_last:
-          scalars, _ = self.evaluate_with_ema(state)
-          writer.write(step, scalars)
-          last.update(scalars)
-          if jax.process_index() == 0:
-            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
+        for name, evaluator in self.evaluators().items():
+          if evaluators.due(c.evals[name], step, c.total_steps):
+            scalars, _ = evaluators.run_with_ema(evaluator, state)
+            writer.write(step, scalars)
+            last.update(scalars)
+            if jax.process_index() == 0:
+              bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
         if (c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0) or is_last:
           _check_finite(unchecked, self.ckpt)
           checkpoint.save(self.ckpt, state, iterator.get_state(), c)
@@ -287,13 +244,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return Trainer(config, workdir).train()
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Evaluates the latest checkpoint; writes and returns `workdir/eval.json` (the task's
-  scalars and report, e.g. classification's routing analysis)."""
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        only: str | None = None) -> dict[str, dict]:
+  """Evaluates the latest checkpoint with every `config.evals` entry (or the one named `only`);
+  writes `workdir/eval_<name>.json` per entry (its scalars and report, e.g. classification's
+  routing analysis) and returns {name: that result}."""
+  if not config.get("evals"):
+    raise ValueError("config.evals is empty: add an entry (moe_jax.train.evaluators) to evaluate")
+  if only is not None and only not in config.evals:
+    raise ValueError(f"--only={only!r}: config.evals has no such entry; it has "
+                     f"{list(config.evals)}")
   trainer = Trainer(config, workdir)
   state = trainer.restore_for_eval()
-  scalars, extras = trainer.evaluate_with_ema(state)
-  result = {"step": int(state["step"]), **scalars, **trainer.task.report(extras, workdir)}
-  if jax.process_index() == 0:
-    (paths.workdir_path(workdir) / "eval.json").write_text(json.dumps(result, indent=1))
-  return result
+  results = {}
+  for name, evaluator in trainer.evaluators(only).items():
+    scalars, extras = evaluators.run_with_ema(evaluator, state)
+    results[name] = {"step": int(state["step"]), **scalars, **evaluator.report(extras, workdir)}
+    evaluators.write_result(workdir, name, results[name])
+  return results

@@ -41,7 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
       # the micro-batches' (batch_size / grad_accum_steps examples each). 1 = off.
       grad_accum_steps=1,
       # Exponential moving average of the parameters, updated every step and evaluated as
-      # `eval_ema/...`: ema = ema_decay * ema + (1 - ema_decay) * params. 0 = off (no copy).
+      # `<eval name>_ema/...`: ema = ema_decay * ema + (1 - ema_decay) * params. 0 = off (no copy).
       ema_decay=0.0,
   ))
 

@@ -1,18 +1,36 @@
 """Jitted train and eval steps with explicit in/out shardings, for any task's loss / eval sums."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
-from moe_jax.parallel import sharding
+from moe_jax.parallel import distributed, sharding
 from moe_jax.train.state import ModelDefs, TrainState
 
 Batch = dict[str, jax.Array]
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """This process's part of the batch -> global arrays sharded over the batch axes."""
+  return distributed.global_batch(local, sharding.batch_sharding(mesh))
+
+
+def check_batch_size(mesh: jax.sharding.Mesh, size: int, field: str) -> None:
+  """ValueError naming `field` unless a global batch of `size` splits over the mesh's batch
+  axes and the processes."""
+  axes = sharding.batch_sharding(mesh).spec[0]
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if size < 1 or size % shards or size % jax.process_count():
+    raise ValueError(f"{field}={size} must be a positive multiple of the {shards} batch shards "
+                     f"(mesh axes {'*'.join(axes)} = {'*'.join(str(mesh.shape[a]) for a in axes)})"
+                     f" and of the {jax.process_count()} processes")
 
 
 def make_train_step(defs: ModelDefs, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -109,5 +127,20 @@ def make_eval_step(defs: ModelDefs, mesh: jax.sharding.Mesh, shardings: TrainSta
     return eval_sums(nnx.merge(defs.eval, params, rest, copy=True), batch)
 
   return jax.jit(eval_step,
+                 in_shardings=(shardings.params, shardings.rest, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def make_features_step(defs: ModelDefs, mesh: jax.sharding.Mesh,
+                       shardings: TrainState) -> Callable:
+  """`features_step(params, rest, batch) -> (features float32 [B, D], label [B], mask [B])`:
+  the eval-mode model's pre-logits representation (`model.features`: ViT / ViMoE pooled tokens,
+  ConvNeXt pooled map) of `batch["image"]`, with the batch's labels and mask, replicated."""
+
+  def features_step(params: nnx.State, rest: nnx.State, batch: Batch):
+    model = nnx.merge(defs.eval, params, rest, copy=True)
+    return (model.features(batch["image"]).astype(jnp.float32), batch["label"], batch["mask"])
+
+  return jax.jit(features_step,
                  in_shardings=(shardings.params, shardings.rest, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))

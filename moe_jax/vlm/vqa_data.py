@@ -145,16 +145,32 @@ class Examples:
     return batch
 
 
-def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1,
+def check_eval_source(config: ml_collections.ConfigDict,
+                      source: pipeline.EvalSource) -> preprocess.Pipeline:
+  """The eval pipeline of `source` (one `config.evals` entry) after checking its pp string,
+  dataset (the questions are made from `data.name`) and split; ValueError naming the field."""
+  pp = preprocess.eval_pipeline(source.pp, f"{source.field}.pp", config)
+  if source.dataset != config.name:
+    raise ValueError(f"{source.field}.dataset={source.dataset!r}: VQA questions are made from "
+                     f"data.name={config.name!r}; set the same dataset")
+  sources.check_split(sources.prepared_builder(config.name, config.data_dir), source.split,
+                      f"{source.field}.split")
+  return pp
+
+
+def make_dataset(config: ml_collections.ConfigDict, source: pipeline.EvalSource | None = None, *,
+                 batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1,
                  train: bool) -> grain.DatasetIterator | grain.IterDataset:
-  """`data.train_split` (train=True: an iterator) or `data.eval_split` (a re-iterable dataset)
-  like `moe_jax.data.make_dataset` (same batching, shuffling, pp ops, padding, resumption), with
-  the VQA fields above."""
+  """`data.train_split` (train=True: an iterator) or the split and pp string of `source` (one
+  `config.evals` entry; a re-iterable dataset) like `moe_jax.data.make_dataset` (same batching,
+  shuffling, pp ops, padding, resumption), with the VQA fields above."""
   validate(config)
-  examples = Examples(config, config.train_split if train else config.eval_split)
+  if train:
+    pp, split = preprocess.train_pipeline(config), config.train_split
+  else:
+    pp, split = check_eval_source(config, source), source.split
+  examples = Examples(config, split)
   reader = readers.ArrayReader(examples.images, np.arange(len(examples)))  # label = row
-  pp = preprocess.pipelines(config)[0 if train else 1]
   pp.check_source(examples.images.shape[1:3], False, NAME)
   if train:
     batches = pipeline.train_batches(reader, pp, batch_size=batch_size, seed=seed,
