@@ -262,20 +262,19 @@ def test_a_changed_checksum_is_detected(tmp_path, tfds_dir, four_step_run):
 
 
 def test_a_checkpoint_of_another_config_names_the_array_and_eval_ignores_the_optimizer(
-    tmp_path, tfds_dir):
+    tmp_path, tfds_dir, four_step_run):
   from moe_jax.train import checkpoint
-  c = tiny_config(tfds_dir, total_steps=2, eval_every_steps=0)
-  loop.train_and_evaluate(c, str(tmp_path))
-  wide = tiny_config(tfds_dir, total_steps=4, **{"model.moe.hidden_dim": 128})
+  workdir = copy_of(four_step_run, tmp_path)
+  wide = tiny_config(tfds_dir, total_steps=8, **{"model.moe.hidden_dim": 128})
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"different config: params/\S+ has shape .*another --workdir"):
-    loop.train_and_evaluate(wide, str(tmp_path))
-  sgd = tiny_config(tfds_dir, total_steps=4, **{"optimizer.name": "sgd"})
+    loop.train_and_evaluate(wide, str(workdir))
+  sgd = tiny_config(tfds_dir, total_steps=8, **{"optimizer.name": "sgd"})
   with pytest.raises(checkpoint.CheckpointError, match=r"different config: .*opt_state/"):
-    loop.train_and_evaluate(sgd, str(tmp_path))
+    loop.train_and_evaluate(sgd, str(workdir))
   sgd.optimizer.grad_clip_norm, sgd.optimizer.learning_rate = 0.0, 5.0
-  assert loop.evaluate_checkpoint(sgd, str(tmp_path))["step"] == 2  # params only
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # nothing deleted or moved
+  assert loop.evaluate_checkpoint(sgd, str(workdir))["step"] == 4  # params only
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # nothing deleted or moved
 
 
 def test_bad_eval_split_and_unwritable_workdir_fail_before_step_1(tmp_path, tfds_dir):
