@@ -291,22 +291,11 @@ def _changed(before: nnx.State, after: nnx.State) -> dict[str, bool]:
           for p, v in nnx.to_flat_state(before)}
 
 
-def test_stage1_train_step_updates_only_the_connectors():
-  c = _tiny_config("stage1")
-  c.optimizer.warmup_steps = 0
-  mesh = mesh_lib.build_mesh(c.mesh, devices=jax.devices()[:1])
-  tx = optim.make_optimizer(c.optimizer, c.total_steps)
-  schedule = optim.schedule(c.optimizer, c.total_steps)
-  state, shardings, defs = state_lib.create_state(c, tx, mesh)
-  before = jax.device_get(state.params)
-  with jax.set_mesh(mesh):
-    train_step = step_lib.make_train_step(defs, tx, schedule, mesh, shardings,
-                                          task_loss=vqa_task.vqa_loss)
-    state, metrics = train_step(state, _random_batch(c))
-  changed = _changed(before, jax.device_get(state.params))
+def test_stage1_train_step_updates_only_the_connectors(stage1_run):
+  _, before, after = stage1_run
+  changed = _changed(before.params, after.params)
   assert {k.split("/")[0] for k, v in changed.items() if v} == {"connectors"}  # HGA: no params
   assert all(v for k, v in changed.items() if k.startswith("connectors") and "kernel" in k)
-  assert np.isfinite(float(metrics["train/loss"]))
 
 
 def test_stage2_mask_updates_connectors_and_lm_not_frozen_encoders():
@@ -314,7 +303,9 @@ def test_stage2_mask_updates_connectors_and_lm_not_frozen_encoders():
   c.model.encoders.vit.trainable = False
   c.optimizer.trainable = model.trainable_pattern(c.model, "stage2")
   c.optimizer.warmup_steps = 0
-  params = jax.jit(lambda: nnx.state(model.MoCHA(c.model, rngs=nnx.Rngs(0)), nnx.Param))()
+  # the mask alone decides which leaves move: zeros of the parameters' shapes, no init compiled
+  abstract = nnx.state(nnx.eval_shape(lambda: model.MoCHA(c.model, rngs=nnx.Rngs(0))), nnx.Param)
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
   tx = optim.make_optimizer(c.optimizer, c.total_steps)
 
   @jax.jit
@@ -391,25 +382,30 @@ def test_tiny_vlm_learns_to_name_held_out_digits(tmp_path):
   assert result["test/exact_match/which"] > 0.3, result  # chance: 0.1
 
 
-def _run_one_step(c, workdir) -> state_lib.TrainState:
-  """One train step of `c` from its initial state (init_from applied), saved in `workdir`."""
-  trainer = loop.Trainer(c, str(workdir))
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory) -> tuple[str, state_lib.TrainState, state_lib.TrainState]:
+  """(workdir, state before, state after) of one stage-1 train step on all 8 devices from the
+  trainer's initial state, saved in workdir; the three stage-1 tests share this one compile."""
+  c = _tiny_config("stage1")
+  c.optimizer.warmup_steps = 0
+  workdir = str(tmp_path_factory.mktemp("stage1"))
+  trainer = loop.Trainer(c, workdir)
   state, _ = trainer.restore_or_init()
+  before = jax.device_get(state)
   with jax.set_mesh(trainer.mesh):
     step = step_lib.make_train_step(trainer.defs, trainer.tx, trainer.schedule, trainer.mesh,
                                     trainer.shardings, trainer.task.loss)
-    state, _ = step(state, step_lib.global_batch(_random_batch(c), trainer.mesh))
+    state, metrics = step(state, step_lib.global_batch(_random_batch(c), trainer.mesh))
+  assert np.isfinite(float(metrics["train/loss"]))
   checkpoint.save(trainer.ckpt, state, {}, c)
   trainer.ckpt.wait_until_finished()
-  return state
+  return workdir, before, jax.device_get(state)
 
 
-def test_stage2_starts_from_stage1_connectors_with_a_fresh_optimizer(tmp_path):
-  stage1 = _tiny_config("stage1")
-  stage1.optimizer.warmup_steps = 0
-  after_stage1 = jax.device_get(_run_one_step(stage1, tmp_path / "s1"))
+def test_stage2_starts_from_stage1_connectors_with_a_fresh_optimizer(tmp_path, stage1_run):
+  stage1_dir, _, after_stage1 = stage1_run
   stage2 = _tiny_config("stage2")
-  stage2.init_from.kind, stage2.init_from.path = "run", str(tmp_path / "s1")
+  stage2.init_from.kind, stage2.init_from.path = "run", stage1_dir
   trainer = loop.Trainer(stage2, str(tmp_path / "s2"))
   state, data_state = jax.device_get(trainer.restore_or_init())
   assert int(state.step) == 0 and data_state is None
@@ -426,10 +422,9 @@ def test_stage2_starts_from_stage1_connectors_with_a_fresh_optimizer(tmp_path):
              if np.asarray(m).ndim)  # stage 1's moments were not zero: they were not carried
 
 
-def test_stage2_config_in_the_stage1_workdir_is_a_one_line_error(tmp_path):
-  stage1 = _tiny_config("stage1")
-  _run_one_step(stage1, tmp_path)
-  trainer = loop.Trainer(_tiny_config("stage2"), str(tmp_path))
+def test_stage2_config_in_the_stage1_workdir_is_a_one_line_error(stage1_run):
+  stage1_dir = stage1_run[0]
+  trainer = loop.Trainer(_tiny_config("stage2"), stage1_dir)
   with pytest.raises(checkpoint.CheckpointError, match=r"arrays only in this config's state "
                      r"\(e\.g\. opt_state/.*init_from\.kind=run") as err:
     trainer.restore_or_init()

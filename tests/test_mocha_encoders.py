@@ -38,12 +38,16 @@ def encoder_configs(**changes) -> dict[str, ml_collections.ConfigDict]:
   return out
 
 
-def tiny_config(**changes) -> ml_collections.ConfigDict:
+def tiny_config(lm: ml_collections.ConfigDict | None = None,
+                **changes) -> ml_collections.ConfigDict:
+  """Stage 1 of the tiny digit VQA with the four fixture encoders and decoder `lm` (default: a
+  one-block transformer)."""
   c = mocha_tiny_digits_vqa.get_config("stage1")
   c.batch_size = c.evals.test.batch_size = 8
   c.data.channels = 3
-  lm = decoder.decoder_config(width=32, depth=1, mlp_dim=64, num_heads=2,
-                              vocab_size=len(tokenizer.VOCAB), max_len=80)  # 56 visual + 12 text
+  if lm is None:
+    lm = decoder.decoder_config(width=32, depth=1, mlp_dim=64, num_heads=2,
+                                vocab_size=len(tokenizer.VOCAB), max_len=80)  # 56 visual + 12 text
   c.model = model.mocha_config(lm, encoder_configs(**changes), image_size=28, channels=3)
   c.optimizer.trainable = model.trainable_pattern(c.model, "stage1")
   return c
@@ -73,27 +77,6 @@ def feature_diffs() -> dict[str, float]:
 def test_encoders_from_checkpoints_give_the_reference_features():
   diffs = feature_diffs()
   assert max(diffs.values()) <= 1e-5, diffs
-
-
-def test_trainer_loads_the_checkpoints_and_a_digit_vqa_step_keeps_them_frozen(tmp_path):
-  c = tiny_config()
-  c.optimizer.warmup_steps = 0
-  trainer = loop.Trainer(c, str(tmp_path))
-  state, _ = trainer.restore_or_init()  # a fresh run: encoders from their checkpoints
-  loaded = pretrained.checkpoint_params(c.model)
-  assert {k.split("/")[1] for k in loaded} == {"0", "1", "2", "3"}
-  batch = next(vqa_data.train_dataset(c.data, batch_size=c.batch_size))
-  with jax.set_mesh(trainer.mesh):
-    train_step = step_lib.make_train_step(trainer.defs, trainer.tx, trainer.schedule,
-                                          trainer.mesh, trainer.shardings, trainer.task.loss)
-    before = tree.flatten(jax.device_get(nnx.to_pure_dict(state.params)))
-    state, metrics = train_step(state, batch)
-  after = tree.flatten(jax.device_get(nnx.to_pure_dict(state.params)))
-  assert np.isfinite(float(metrics["train/loss"]))
-  for k, (_, value) in loaded.items():  # loaded, and frozen by the stage-1 mask
-    np.testing.assert_array_equal(before[k], value, err_msg=k)
-    np.testing.assert_array_equal(after[k], value, err_msg=k)
-  assert any(not np.array_equal(before[k], after[k]) for k in after if k.startswith("connectors"))
 
 
 def test_checkpoint_that_does_not_fit_the_encoder_is_one_line_error():
@@ -156,30 +139,46 @@ def test_siglip_and_dinov2_checkpoints_load_at_another_image_size():
   assert mocha.group_sizes == (35, 36, 25)  # SigLIP 36 - first patch, DINOv2 36, ConvNeXt 5x5
 
 
+def phi_config(**changes) -> ml_collections.ConfigDict:
+  """The hf_phi fixture's Phi as `model.decoder`, its checkpoint set, with `changes`."""
+  path = os.path.join(DATA, "hf_phi")
+  phi = hf_decoders.import_hf_decoder(path)[0]
+  phi.checkpoint, phi.max_len = path, 80  # up to 56 visual + 12 text > the fixture's 64: rope
+  phi.update(changes)
+  return phi
+
+
 def phi_mocha_config(**decoder_changes) -> ml_collections.ConfigDict:
   """The tiny digit-VQA MoCHA (stage 2) whose decoder is the hf_phi fixture's Phi."""
   c = mocha_tiny_digits_vqa.get_config("stage2")
   c.batch_size = c.evals.test.batch_size = 8
   c.optimizer.warmup_steps = 0
-  path = os.path.join(DATA, "hf_phi")
-  phi = hf_decoders.import_hf_decoder(path)[0]
-  phi.checkpoint, phi.max_len = path, 80  # 25 visual + 12 text tokens > the fixture's 64: rope
-  phi.update(decoder_changes)
-  c.model = model.mocha_config(phi, {n: c.model.encoders[n] for n in c.model.encoder_order},
+  c.model = model.mocha_config(phi_config(**decoder_changes),
+                               {n: c.model.encoders[n] for n in c.model.encoder_order},
                                image_size=28, channels=1)
   c.optimizer.trainable = model.trainable_pattern(c.model, "stage2")
   return c
 
 
-def test_trainer_loads_the_phi_checkpoint_with_its_logits_and_a_digit_vqa_step_runs(tmp_path):
-  c = phi_mocha_config()
+def test_trainer_loads_encoder_and_phi_checkpoints_and_a_vqa_step_keeps_the_encoders_frozen(
+    tmp_path):
+  """One trainer (one compile) for both kinds of checkpoint: the four encoders' and the Phi
+  decoder's, whose logits equal HF's; a stage-2 step trains connectors and decoder only."""
+  c = tiny_config(phi_config())
+  c.optimizer.warmup_steps = 0
+  c.optimizer.trainable = model.trainable_pattern(c.model, "stage2")
+  assert c.optimizer.trainable == "^(connectors|hga|decoder)/"  # pretrained encoders: frozen
   trainer = loop.Trainer(c, str(tmp_path))
-  state, _ = trainer.restore_or_init()  # a fresh run: the decoder from its checkpoint
-  flat = tree.flatten(jax.device_get(nnx.to_pure_dict(state.params)))
+  state, _ = trainer.restore_or_init()  # a fresh run: encoders and decoder from checkpoints
+  loaded = pretrained.checkpoint_params(c.model)
+  assert {k.split("/")[1] for k in loaded if k.startswith("encoders/")} == {"0", "1", "2", "3"}
+  before = tree.flatten(jax.device_get(nnx.to_pure_dict(state.params)))
+  for k, (_, value) in loaded.items():
+    np.testing.assert_array_equal(before[k], value, err_msg=k)
   decoder_lm = model.build_decoder(c.model.decoder, rngs=nnx.Rngs(1))
   params = nnx.state(decoder_lm, nnx.Param)
   nnx.replace_by_pure_dict(params, tree.unflatten(
-      {k.removeprefix("decoder/"): v for k, v in flat.items() if k.startswith("decoder/")}))
+      {k.removeprefix("decoder/"): v for k, v in before.items() if k.startswith("decoder/")}))
   nnx.update(decoder_lm, params)
   ref = np.load(os.path.join(DATA, "hf_phi", "reference.npz"))
   ids = jnp.asarray(ref["input_ids"])
@@ -192,19 +191,29 @@ def test_trainer_loads_the_phi_checkpoint_with_its_logits_and_a_digit_vqa_step_r
     state, metrics = train_step(state, batch)
   after = tree.flatten(jax.device_get(nnx.to_pure_dict(state.params)))
   assert np.isfinite(float(metrics["train/loss"]))
-  assert not np.array_equal(flat["decoder/head/kernel"], after["decoder/head/kernel"])
+  for k, (_, value) in loaded.items():
+    if k.startswith("encoders/"):  # loaded, and frozen by the stage-2 mask
+      np.testing.assert_array_equal(after[k], value, err_msg=k)
+  assert not np.array_equal(before["decoder/head/kernel"], after["decoder/head/kernel"])
+  assert any(not np.array_equal(before[k], after[k]) for k in after if k.startswith("connectors"))
+
+
+def check_against_checkpoints(c: ml_collections.ConfigDict) -> nnx.State:
+  """`pretrained.with_checkpoints` on MoCHA's abstract parameters: its checks read shapes and
+  configs only; tracing the init compiles nothing, running it op by op compiles every op this
+  process has not run before."""
+  abstract = nnx.eval_shape(lambda: model.MoCHA(c.model, rngs=nnx.Rngs(0)))
+  return pretrained.with_checkpoints(nnx.state(abstract, nnx.Param), c.model)
 
 
 def test_decoder_checkpoint_that_does_not_fit_model_decoder_is_one_line_error():
-  mocha = lambda c: model.MoCHA(c.model, rngs=nnx.Rngs(0))
-  load = lambda c: pretrained.with_checkpoints(nnx.state(mocha(c), nnx.Param), c.model)
   with pytest.raises(tree.CheckpointMismatch, match=r"^model.decoder.checkpoint=.*hf_phi: "
                      r"model.decoder.num_heads=2 but the checkpoint needs 4$"):
-    load(phi_mocha_config(num_heads=2, num_kv_heads=2))  # same shapes
+    check_against_checkpoints(phi_mocha_config(num_heads=2, num_kv_heads=2))  # same shapes
   with pytest.raises(tree.CheckpointMismatch, match=r"^model.decoder.checkpoint=.*hf_phi: "
                      r"blocks/0/mlp/fc1/bias has shape \(48,\), the decoder's \(64,\) \(set "
                      r"model.decoder to the checkpoint's config: "):
-    load(phi_mocha_config(mlp_dim=64))
+    check_against_checkpoints(phi_mocha_config(mlp_dim=64))
   with pytest.raises(tree.CheckpointMismatch, match=r"^model.decoder: parameter blocks/1/.* is in"
                      r" the checkpoint only \(set model.decoder to the checkpoint's config"):
-    load(phi_mocha_config(depth=1))
+    check_against_checkpoints(phi_mocha_config(depth=1))

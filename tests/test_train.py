@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,42 +240,56 @@ def _overwrite_array_bytes(step_dir, n=64):
       f.write(b"\xff" * n)
 
 
-def test_a_corrupt_array_falls_back_to_the_previous_step(tmp_path, tfds_dir):
-  c = tiny_config(tfds_dir, total_steps=4, checkpoint_every_steps=2)
-  loop.train_and_evaluate(c, str(tmp_path))
-  _overwrite_array_bytes(tmp_path / "checkpoints" / "4")
-  state, _ = loop.Trainer(c, str(tmp_path)).restore_or_init()
-  assert int(state.step) == 2 and os.path.isdir(tmp_path / "checkpoints" / "4.corrupt")
+def four_step_config(tfds_dir):
+  """4 steps, checkpoints at 2 and 4, every step logged."""
+  return tiny_config(tfds_dir, total_steps=4, checkpoint_every_steps=2, log_every_steps=1)
 
 
-def test_a_changed_checksum_is_detected(tmp_path, tfds_dir):
-  c = tiny_config(tfds_dir, total_steps=4, checkpoint_every_steps=2)
-  loop.train_and_evaluate(c, str(tmp_path))
-  sums_dir = tmp_path / "checkpoints" / "4" / "checksums"
+@pytest.fixture(scope="module")
+def four_step_run(tmp_path_factory, tfds_dir):
+  """The workdir of one finished `four_step_config` run; tests change only copies of it."""
+  workdir = tmp_path_factory.mktemp("four_steps")
+  loop.train_and_evaluate(four_step_config(tfds_dir), str(workdir))
+  return workdir
+
+
+def copy_of(run, tmp_path):
+  return shutil.copytree(run, tmp_path / "run")
+
+
+def test_a_corrupt_array_falls_back_to_the_previous_step(tmp_path, tfds_dir, four_step_run):
+  workdir = copy_of(four_step_run, tmp_path)
+  _overwrite_array_bytes(workdir / "checkpoints" / "4")
+  state, _ = loop.Trainer(four_step_config(tfds_dir), str(workdir)).restore_or_init()
+  assert int(state.step) == 2 and os.path.isdir(workdir / "checkpoints" / "4.corrupt")
+
+
+def test_a_changed_checksum_is_detected(tmp_path, tfds_dir, four_step_run):
+  workdir = copy_of(four_step_run, tmp_path)
+  sums_dir = workdir / "checkpoints" / "4" / "checksums"
   path = os.path.join(sums_dir, os.listdir(sums_dir)[0])
   sums = json.load(open(path))
   key = next(k for k in sums if k.startswith("params/"))
   sums[key] ^= 1
   json.dump(sums, open(path, "w"))
-  state, _ = loop.Trainer(c, str(tmp_path)).restore_or_init()
+  state, _ = loop.Trainer(four_step_config(tfds_dir), str(workdir)).restore_or_init()
   assert int(state.step) == 2
 
 
 def test_a_checkpoint_of_another_config_names_the_array_and_eval_ignores_the_optimizer(
-    tmp_path, tfds_dir):
+    tmp_path, tfds_dir, four_step_run):
   from moe_jax.train import checkpoint
-  c = tiny_config(tfds_dir, total_steps=2)
-  loop.train_and_evaluate(c, str(tmp_path))
-  wide = tiny_config(tfds_dir, total_steps=4, **{"model.moe.hidden_dim": 128})
+  workdir = copy_of(four_step_run, tmp_path)
+  wide = tiny_config(tfds_dir, total_steps=8, **{"model.moe.hidden_dim": 128})
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"different config: params/\S+ has shape .*another --workdir"):
-    loop.train_and_evaluate(wide, str(tmp_path))
-  sgd = tiny_config(tfds_dir, total_steps=4, **{"optimizer.name": "sgd"})
+    loop.train_and_evaluate(wide, str(workdir))
+  sgd = tiny_config(tfds_dir, total_steps=8, **{"optimizer.name": "sgd"})
   with pytest.raises(checkpoint.CheckpointError, match=r"different config: .*opt_state/"):
-    loop.train_and_evaluate(sgd, str(tmp_path))
+    loop.train_and_evaluate(sgd, str(workdir))
   sgd.optimizer.grad_clip_norm, sgd.optimizer.learning_rate = 0.0, 5.0
-  assert loop.evaluate_checkpoint(sgd, str(tmp_path))["test"]["step"] == 2  # params only
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # nothing deleted or moved
+  assert loop.evaluate_checkpoint(sgd, str(workdir))["test"]["step"] == 4  # params only
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # nothing deleted or moved
 
 
 def test_bad_eval_split_and_unwritable_workdir_fail_before_step_1(tmp_path, tfds_dir):
@@ -287,34 +302,29 @@ def test_bad_eval_split_and_unwritable_workdir_fail_before_step_1(tmp_path, tfds
     loop.train_and_evaluate(tiny_config(tfds_dir), str(tmp_path / "file" / "wd"))
 
 
-def test_metrics_rows_after_the_restored_step_are_dropped(tmp_path, tfds_dir):
-  import shutil
-  c = tiny_config(tfds_dir, total_steps=4, checkpoint_every_steps=2, log_every_steps=1)
-  loop.train_and_evaluate(c, str(tmp_path))
-  shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if killed after logging steps 3 and 4
-  loop.train_and_evaluate(c, str(tmp_path))
-  steps = [r["step"] for r in map(json.loads, open(tmp_path / "metrics.jsonl"))
+def test_metrics_rows_after_the_restored_step_are_dropped(tmp_path, tfds_dir, four_step_run):
+  workdir = copy_of(four_step_run, tmp_path)
+  shutil.rmtree(workdir / "checkpoints" / "4")  # as if killed after logging steps 3 and 4
+  loop.train_and_evaluate(four_step_config(tfds_dir), str(workdir))
+  steps = [r["step"] for r in map(json.loads, open(workdir / "metrics.jsonl"))
            if "train/loss" in r]
   assert steps == [1, 2, 3, 4]
   # TensorBoard: the resumed run's events start with a SessionLog.START at the restored step.
-  starts = [e.step for e in tensorboard_events(tmp_path / "tensorboard")
+  starts = [e.step for e in tensorboard_events(workdir / "tensorboard")
             if e.HasField("session_log") and e.session_log.status == e.session_log.START]
   assert starts == [2]
 
 
-def test_a_save_cut_off_by_a_kill_is_ignored_on_resume(tmp_path, tfds_dir):
+def test_a_save_cut_off_by_a_kill_is_ignored_on_resume(tmp_path, tfds_dir, four_step_run):
   """What a kill during a save leaves (orbax's unfinished `<step>.orbax-checkpoint-tmp-*`
   folder) is never restored: the rerun resumes from the last finished step, same losses."""
-  c = tiny_config(tfds_dir, total_steps=6, checkpoint_every_steps=2, log_every_steps=1)
-  loop.train_and_evaluate(c, str(tmp_path / "straight"))
-  cut = tmp_path / "cut"
-  loop.train_and_evaluate(c, str(cut))
-  # Step 6's save as a kill during it leaves it: orbax's temporary name, never committed.
-  os.rename(cut / "checkpoints" / "6", cut / "checkpoints" / "6.orbax-checkpoint-tmp-1")
-  loop.train_and_evaluate(c, str(cut))
-  assert os.path.isdir(cut / "checkpoints" / "6")
-  want, got = losses(tmp_path / "straight"), losses(cut)
-  assert sorted(got) == list(range(1, 7)) and got == want
+  cut = copy_of(four_step_run, tmp_path)
+  # Step 4's save as a kill during it leaves it: orbax's temporary name, never committed.
+  os.rename(cut / "checkpoints" / "4", cut / "checkpoints" / "4.orbax-checkpoint-tmp-1")
+  loop.train_and_evaluate(four_step_config(tfds_dir), str(cut))
+  assert os.path.isdir(cut / "checkpoints" / "4")
+  want, got = losses(four_step_run), losses(cut)
+  assert sorted(got) == list(range(1, 5)) and got == want
 
 
 def tensorboard_events(folder):
