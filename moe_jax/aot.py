@@ -32,7 +32,8 @@ import os
 import re
 from typing import Any
 
-from moe_jax.parallel.hlo import all_to_all_bytes, collective_counts, collective_wire_bytes
+from moe_jax.parallel.hlo import (all_to_all_bytes, collective_counts,
+                                  collective_elements_by_dtype, collective_wire_bytes)
 
 # Dense bf16 peak per chip, TFLOP/s, from the vendors' spec sheets (Google Cloud TPU system
 # architecture pages: v4 275, v5e 197, v5p 459, v6e Trillium 918). HBM per chip, GiB, same source.
@@ -164,7 +165,7 @@ def lower_train_step(config, devices):
   with jax.set_mesh(mesh):
     train_step = step_lib.make_train_step(
         defs, tx, optim.schedule(config.optimizer, config.total_steps), mesh, shardings, task.loss,
-        **step_lib.options(config.optimizer))
+        **step_lib.options(config.optimizer), grad_reduce_dtype=config.mesh.grad_reduce_dtype)
     batch = task.abstract_batch(config.batch_size, sharding.batch_sharding(mesh), eval_=False)
     lowered = train_step.lower(abstract, batch)
   leaves = jax.tree.leaves(abstract.params)
@@ -234,6 +235,7 @@ def analyze(compiled, devices, topology: Topology, mesh=None) -> dict[str, Any]:
          "collectives": collective_counts(hlo),
          "all_to_all_operand_bytes_per_device": all_to_all_bytes(hlo),
          "collective_sent_bytes_per_device": collective_wire_bytes(hlo, len(devices)),
+         "all_reduce_elements_by_dtype": collective_elements_by_dtype(hlo, "all-reduce"),
          "split_torus_axes": {} if mesh is None else split_torus_axes(mesh)}
   if topology.platform == "tpu":
     peak = TPU_PEAK_TFLOPS[topology.generation] * 1e12
@@ -276,6 +278,8 @@ def format_report(r: dict[str, Any]) -> str:
       f"FLOPs per step: {r['flops_per_device']:.4g} per device, {r['flops_total']:.4g} total",
       "collectives: " + ", ".join(f"{op} {n}" for op, n in r["collectives"].items()),
       f"all-to-all operand bytes per device: {r['all_to_all_operand_bytes_per_device']:,}",
+      "all-reduce elements per device by dtype: " + (", ".join(
+          f"{t} {n:,}" for t, n in r["all_reduce_elements_by_dtype"].items()) or "none"),
   ]
   if "predicted_step_s" in r:
     lines.append(f"memory per chip: {_gib(r['memory_per_chip'])} of {r['hbm_gib_per_chip']} GiB "

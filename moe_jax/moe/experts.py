@@ -121,13 +121,15 @@ def _weighted_linear_bwd(grouping, residuals, dy):
   dh_unweighted = matmul_vjp(dy)[0]  # dy W^T; the kernel half of this call is dead code
   w_dy = w * dy
   d_kernel = matmul_vjp(w_dy)[1]  # h^T (w dy); the input half is dead code
-  spread_bias, bias_vjp = jax.vjp(lambda b: broadcast_cast(b, dy.shape, dy.dtype), bias)
-  d_weights = (jnp.sum(dh_unweighted * h, axis=-1) + jnp.sum(dy * spread_bias, axis=-1))
-  (d_bias,) = bias_vjp(w_dy)
-  grads = (w * dh_unweighted, d_kernel, d_bias,
+  d_weights = (jnp.sum(dh_unweighted * h, axis=-1)
+               + jnp.sum(dy * broadcast_cast(bias, dy.shape, dy.dtype), axis=-1))
+  broadcast = tuple(i for i, n in enumerate(bias.shape) if n == 1 and dy.shape[i] != 1)
+  d_bias = jnp.sum(w_dy.astype(grad_precision.reduction_dtype(dy.dtype, bias.dtype)),
+                   axis=broadcast, keepdims=True)
+  grads = (w * dh_unweighted, d_kernel, d_bias.astype(bias.dtype),
            d_weights.astype(row_weights.dtype))
   primals = (h, kernel, bias, row_weights)
-  return (*(grouped_matmul.sum_to_primal_type(g, p) for g, p in zip(grads, primals)), None)
+  return (*(grad_precision.sum_to_primal_type(g, p) for g, p in zip(grads, primals)), None)
 
 
 _weighted_linear.defvjp(_weighted_linear_fwd, _weighted_linear_bwd)

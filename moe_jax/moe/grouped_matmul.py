@@ -29,6 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moe_jax.parallel.grad_precision import sum_to_primal_type
 from moe_jax.parallel.mesh import target_platform
 
 # Tile sizes in rows (powers of two times block_size, capped by the row count). A group's rows are
@@ -86,19 +87,6 @@ def _zeros_like_varying(shape: tuple[int, ...], dtype, like: jax.Array) -> jax.A
   """Zeros that vary over the same manual mesh axes as `like` (a loop carry must keep its type
   inside `shard_map`, and the products accumulated into it vary like the rows)."""
   return jnp.zeros(shape, dtype) + (like.ravel()[0] * 0).astype(dtype)
-
-
-def _varying(x: jax.Array) -> frozenset:
-  """The manual mesh axes `x` varies over inside `shard_map` (empty outside)."""
-  return jax.typeof(x).manual_axis_type.varying
-
-
-def sum_to_primal_type(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
-  """A custom VJP's cotangent for `primal`, inside `shard_map`: a primal replicated over mesh
-  axes the cotangent varies over (weights over the axes the rows are split over) gets the sum of
-  the per-device cotangents, which has the primal's type."""
-  summed_axes = tuple(sorted(_varying(cotangent) - _varying(primal)))
-  return jax.lax.psum(cotangent, summed_axes) if summed_axes else cotangent
 
 
 def _opaque(trip_count):

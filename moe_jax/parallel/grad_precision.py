@@ -83,6 +83,24 @@ def weight_operand(kernel: jax.Array, compute_dtype) -> jax.Array:
   return kernel if _f32_reduction(compute_dtype, kernel.dtype) else kernel.astype(compute_dtype)
 
 
+def _varying(x: jax.Array) -> frozenset:
+  """The manual mesh axes `x` varies over inside `shard_map` (empty outside)."""
+  return jax.typeof(x).manual_axis_type.varying
+
+
+def sum_to_primal_type(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+  """A custom VJP's cotangent for `primal`, inside `shard_map`: a primal replicated over mesh
+  axes the cotangent varies over (weights over the axes the rows are split over) gets the sum of
+  the per-device cotangents, which has the primal's type."""
+  summed_axes = tuple(sorted(_varying(cotangent) - _varying(primal)))
+  return jax.lax.psum(cotangent, summed_axes) if summed_axes else cotangent
+
+
+def reduction_dtype(compute_dtype, param_dtype):
+  """The dtype a gradient of a `param_dtype` parameter used in `compute_dtype` is summed in."""
+  return jnp.float32 if _f32_reduction(compute_dtype, param_dtype) else jnp.dtype(compute_dtype)
+
+
 def weight_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
                        preferred_element_type=None, out_sharding=None) -> jax.Array:
   """`lax.dot_general(lhs, rhs.astype(lhs.dtype), ...)` for a weight `rhs` (a flax `dot_general`):
@@ -122,7 +140,7 @@ def _f32_grad_dot_bwd(dims, precision, preferred_element_type, out_sharding, res
   # d_rhs axes: rhs batch axes, rhs free axes, then rhs contracting axes in lhs-axis order.
   source = list(rhs_batch) + rhs_free + [rhs_contract[lhs_contract.index(d)]
                                          for d in sorted(lhs_contract)]
-  return lhs_vjp(g)[0], jnp.transpose(d_rhs, np.argsort(source))
+  return lhs_vjp(g)[0], sum_to_primal_type(jnp.transpose(d_rhs, np.argsort(source)), rhs_c)
 
 
 _f32_grad_dot.defvjp(_f32_grad_dot_fwd, _f32_grad_dot_bwd)
@@ -131,7 +149,7 @@ _f32_grad_dot.defvjp(_f32_grad_dot_fwd, _f32_grad_dot_bwd)
 def weight_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
   """`lax.conv_general_dilated(lhs, rhs.astype(lhs.dtype), ...)` for a kernel `rhs` (a flax
   `conv_general_dilated`): under the f32 option, `rhs`'s gradient is computed in f32."""
-  conv = functools.partial(lax.conv_general_dilated, *args, **kwargs)
+  conv = lambda lhs, rhs: lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
   if not _f32_reduction(lhs.dtype, rhs.dtype):
     return conv(lhs, rhs.astype(lhs.dtype))
 
@@ -146,7 +164,7 @@ def weight_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args, **kwargs)
     lhs, rhs = residuals
     _, lhs_vjp = jax.vjp(lambda a: conv(a, rhs.astype(lhs.dtype)), lhs)
     _, rhs_vjp = jax.vjp(lambda w: conv(lhs.astype(jnp.float32), w), rhs)
-    return lhs_vjp(g)[0], rhs_vjp(g.astype(jnp.float32))[0]
+    return lhs_vjp(g)[0], sum_to_primal_type(rhs_vjp(g.astype(jnp.float32))[0], rhs)
 
   f32_grad_conv.defvjp(fwd, bwd)
   return f32_grad_conv(lhs, rhs)

@@ -19,13 +19,16 @@ _MLIR_INTEGERS = {"i1": "pred", "i8": "s8", "ui8": "u8", "i16": "s16", "ui16": "
                   "i32": "s32", "ui32": "u32", "i64": "s64", "ui64": "u64"}
 
 
+def _array_shapes(text: str) -> list[tuple[str, int]]:
+  """(element type, element count) of every array shape `f32[4,8]{...}` in `text`."""
+  return [(dtype, math.prod(int(d) for d in dims.split(",") if d))
+          for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text)
+          if dtype in DTYPE_BYTES]
+
+
 def _shape_bytes(text: str) -> int:
   """Bytes of every array shape `f32[4,8]{...}` in `text` (tuple shapes summed)."""
-  total = 0
-  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
-    if dtype in DTYPE_BYTES:
-      total += DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-  return total
+  return sum(DTYPE_BYTES[dtype] * n for dtype, n in _array_shapes(text))
 
 
 def _tensor_bytes(text: str) -> int:
@@ -82,6 +85,16 @@ def collective_wire_bytes(hlo: str, num_devices: int) -> dict[str, float]:
   result sizes and replica-group sizes of the compiled SPMD HLO (`_SENT_PER_RESULT_BYTE`)."""
   return {op: sum(_shape_bytes(shape) * _SENT_PER_RESULT_BYTE[op](group_size(line, num_devices))
                   for shape, line in _collective_lines(hlo, op)) for op in COLLECTIVES}
+
+
+def collective_elements_by_dtype(hlo: str, op: str) -> dict[str, int]:
+  """Element dtype (HLO name: "f32", "bf16", ...) -> elements per device over the `op`
+  instructions' results (tuple results element by element): what precision `op` carries."""
+  totals: dict[str, int] = {}
+  for shape in _collective_results(hlo, op):
+    for dtype, n in _array_shapes(shape):
+      totals[dtype] = totals.get(dtype, 0) + n
+  return totals
 
 
 def collective_counts(hlo: str) -> dict[str, int]:

@@ -30,10 +30,12 @@ PARAM_RULES = ((r"(^|/)experts/fc1_kernel$", (EXPERT, None, FSDP)),  # [E, D, F]
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `mesh` node: devices per axis (-1 = all remaining devices, at most one axis) and the
-  parameter sharding rules `param_rules` (format in `moe_jax.parallel.sharding`)."""
+  """The `mesh` node: devices per axis (-1 = all remaining devices, at most one axis), the
+  parameter sharding rules `param_rules` (format in `moe_jax.parallel.sharding`) and
+  `grad_reduce_dtype`, the dtype gradients are summed over the batch shards in ("float32", or
+  "bfloat16" for half the bytes; `moe_jax.parallel.grad_precision`)."""
   return ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, model=1,
-                                        param_rules=PARAM_RULES))
+                                        param_rules=PARAM_RULES, grad_reduce_dtype="float32"))
 
 
 def batch_axes(mesh: AbstractMesh | Mesh) -> tuple[str, ...]:
