@@ -29,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moe_jax.parallel.grad_precision import sum_to_primal_type
+from moe_jax.parallel.grad_precision import f32_product_operands, sum_to_primal_type
 from moe_jax.parallel.mesh import target_platform
 
 # Tile sizes in rows (powers of two times block_size, capped by the row count). A group's rows are
@@ -200,7 +200,8 @@ def _ragged_dot_bwd(residuals, d_out):
   _, lhs_vjp = jax.vjp(lambda a: jax.lax.ragged_dot(a, rhs.astype(lhs.dtype), group_sizes), lhs)
   tgmm = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
                                            lhs_ragged_dimensions=(0,), rhs_group_dimensions=())
-  d_rhs = jax.lax.ragged_dot_general(lhs, d_out.astype(lhs.dtype), group_sizes, tgmm,
+  d_rhs = jax.lax.ragged_dot_general(*f32_product_operands(lhs, d_out.astype(lhs.dtype)),
+                                     group_sizes, tgmm,
                                      preferred_element_type=jnp.float32)
   return lhs_vjp(d_out)[0], sum_to_primal_type(d_rhs.astype(rhs.dtype), rhs), None
 

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from moe_jax.parallel.mesh import target_platform
+
 GRAD_REDUCE_DTYPES = ("float32", "bfloat16")
 _REDUCE_DTYPE = contextvars.ContextVar("grad_reduce_dtype", default="float32")
 
@@ -96,6 +98,15 @@ def sum_to_primal_type(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
   return jax.lax.psum(cotangent, summed_axes) if summed_axes else cotangent
 
 
+def f32_product_operands(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """Operands for a `preferred_element_type=float32` product of low-precision arrays: as they are
+  on TPU/GPU (a bf16 x bf16 -> f32 MXU / tensor-core product), upcast to f32 on XLA:CPU, which
+  has no bf16 x bf16 -> f32 dot at run time (the same exact products and f32 sums)."""
+  if target_platform() == "cpu":
+    return tuple(a.astype(jnp.float32) for a in arrays)
+  return arrays
+
+
 def reduction_dtype(compute_dtype, param_dtype):
   """The dtype a gradient of a `param_dtype` parameter used in `compute_dtype` is summed in."""
   return jnp.float32 if _f32_reduction(compute_dtype, param_dtype) else jnp.dtype(compute_dtype)
@@ -134,7 +145,7 @@ def _f32_grad_dot_bwd(dims, precision, preferred_element_type, out_sharding, res
   # The output is [batch..., lhs free..., rhs free...]: contract g's lhs-free axes with lhs's.
   nb = len(lhs_batch)
   g_lhs_free = tuple(range(nb, nb + len(lhs_free)))
-  d_rhs = lax.dot_general(g.astype(lhs.dtype), lhs,
+  d_rhs = lax.dot_general(*f32_product_operands(g.astype(lhs.dtype), lhs),
                           ((g_lhs_free, tuple(lhs_free)), (tuple(range(nb)), tuple(lhs_batch))),
                           precision=precision, preferred_element_type=jnp.float32)
   # d_rhs axes: rhs batch axes, rhs free axes, then rhs contracting axes in lhs-axis order.
