@@ -120,7 +120,8 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list:
 
 def num_chips(devices) -> int:
   """TPU v4 topologies list one device per TensorCore (2 per chip): count chips by coordinates."""
-  coords = {tuple(d.coords) for d in devices if getattr(d, "coords", None) is not None}
+  coords = {(getattr(d, "slice_index", 0), *d.coords) for d in devices
+            if getattr(d, "coords", None) is not None}
   return len(coords) or len(devices)
 
 

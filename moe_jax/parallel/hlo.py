@@ -29,6 +29,12 @@ def _array_shapes(text: str) -> list[tuple[str, int]]:
           if dtype in DTYPE_BYTES]
 
 
+def _array_bytes(text: str) -> int:
+  """Bytes of the first array shape in `text` (the data of a `send`'s result tuple)."""
+  dtype, n = _array_shapes(text)[0]
+  return DTYPE_BYTES[dtype] * n
+
+
 def _shape_bytes(text: str) -> int:
   """Bytes of every array shape `f32[4,8]{...}` in `text` (tuple shapes summed)."""
   return sum(DTYPE_BYTES[dtype] * n for dtype, n in _array_shapes(text))
@@ -124,10 +130,22 @@ _DCN_PER_RESULT_BYTE = {
 
 def collective_dcn_bytes(hlo: str, slice_of: Sequence[int]) -> dict[str, float]:
   """Bytes each device sends across slices per op (`_DCN_PER_RESULT_BYTE`), `slice_of[i]` the
-  slice of device i of the program's device assignment. Instructions whose groups stay inside a
-  slice count 0."""
+  slice of device i of the program's device assignment (s = the number of slices).
+
+  A multi-slice TPU program (libtpu) is one slice's: its cross-slice steps are host transfers to
+  the megascale runtime, `send(...)` with `_xla_megascale_transfer_type="ALL_REDUCE"` (etc.) of
+  this device's share, counted with m = 1. Elsewhere (XLA:CPU, simulated slices) one program
+  spans all slices: the collectives whose replica groups cross slices are counted."""
   slice_of = np.asarray(slice_of)
   out = {op: 0.0 for op in COLLECTIVES}
+  slices = len(set(slice_of.tolist()))
+  for line in hlo.splitlines():
+    transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
+    if transfer and re.search(r"=\s*\(?\s*\w+\[[\d,]*\][^=]*\ssend\(", line):
+      op = transfer.group(1).lower().replace("_", "-")
+      out[op] += _array_bytes(line.split("=", 1)[1]) * _DCN_PER_RESULT_BYTE[op](slices, 1)
+  if any(out.values()):  # one slice's program: its replica groups never leave the slice
+    return out
   for op in COLLECTIVES:
     for shape, line in _collective_lines(hlo, op):
       groups = slice_of[replica_groups(line, len(slice_of))]
