@@ -6,11 +6,12 @@ outputs bf16, and XLA's SPMD partitioner sums its per-device partial results ove
 axes (`data`, `fsdp`, `expert`) right there: the gradient all-reduces carry bf16 (measured on
 TPU v5p through libtpu; XLA:CPU computes bf16 in f32, so its programs show f32 either way).
 
-- "float32" (the default): every parameter reaches its gradient reduction in f32.
-  Matmul and convolution kernels go in uncast into `weight_dot_general` /
+- "float32" (the default): every parameter (but the flax-internal biases below) reaches its
+  gradient reduction in f32. Matmul and convolution kernels go in uncast into `weight_dot_general` /
   `weight_conv_general_dilated`, which cast them to the compute dtype inside a custom VJP whose
   kernel gradient is a matmul with `preferred_element_type=float32` (a bf16 x bf16 -> f32 MXU
-  product, no extra FLOPs), so the partial sums, and the all-reduce, are f32. The convolution's
+  product, no extra FLOPs; XLA:CPU, which has no such dot at run time, gets f32-upcast operands:
+  the same exact products), so the partial sums, and the all-reduce, are f32. The convolution's
   kernel gradient is computed from f32 inputs (the patch embedding only: about 1% of a ViT's
   FLOPs). Parameters used elementwise (position embeddings, biases of our own layers, layer
   scales, CLS tokens) go through `broadcast_cast`: broadcast to the activation's shape in f32,
@@ -21,8 +22,9 @@ The forward pass is the same program under both options (cast and broadcast comm
 backward differs. Not covered: the biases inside flax's `nnx.Linear` / `nnx.MultiHeadAttention`
 (flax adds them itself after the matmul; they still reduce in the compute dtype: about 0.1% of a
 ViT's gradient elements). The option is read at trace time from `reduce_in`, which the train
-step (`moe_jax.train.step.make_train_step`) enters around its gradient; outside it (eval,
-inference) the forward is what runs and the option does not matter.
+step (`moe_jax.train.step.make_train_step`) enters around its gradient; a gradient taken
+outside it gets the default, "float32" (eval and inference run the forward only, where the
+option does not matter).
 """
 from __future__ import annotations
 
