@@ -70,6 +70,7 @@ def test_dcn_bytes_from_replica_groups_and_from_megascale_sends():
   assert hlo.collective_dcn_bytes(tpu, [0] * 4 + [1] * 4)["all-reduce"] == 8 * 8 * 128 * 4
 
 
+@pytest.mark.slow  # an AOT subprocess: ~40 s on 2 idle cores
 def test_cpu_aot_with_two_simulated_slices_reports_dcn_bytes(tmp_path):
   stdout, r = run_aot(tmp_path, "cpu:8", "--config.batch_size=16", "--config.mesh.dcn_data=2")
   assert r["slices"] == 2 and r["mesh"]["data"] == 8

@@ -37,32 +37,62 @@ class _Chain(nnx.Module):
     return jnp.sum(y.astype(jnp.float32) ** 2)
 
 
-def _grads(dtype, reduce_dtype, x):
-  model = _Chain(dtype)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  loss = lambda p: nnx.merge(graphdef, p, rest)(x.astype(dtype))
-  with grad_precision.reduce_in(reduce_dtype):
-    value, grads = jax.jit(jax.value_and_grad(loss))(params)
-  return float(value), jax.tree.leaves(grads)
-
-
+@pytest.mark.slow  # one compile of three gradients of the chain: 20-40 s here
 def test_f32_and_bf16_reduction_same_loss_and_gradients_within_bf16_rounding():
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  x = jax.device_put(np.random.default_rng(0).standard_normal((16, 4, 16)).astype(np.float32),
+  # Two data shards: the kernel gradients are summed over them (the all-reduce in question).
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:2])
+  x = jax.device_put(np.random.default_rng(0).standard_normal((4, 4, 16)).astype(np.float32),
                      NamedSharding(mesh, P("data")))
+  bf16, f32 = (nnx.split(_Chain(dtype), nnx.Param, ...) for dtype in (jnp.bfloat16, jnp.float32))
+
+  @jax.jit
+  def grads(params, x):  # one compile: both options and the f32 model's reference
+    out = {}
+    for option in grad_precision.GRAD_REDUCE_DTYPES:
+      with grad_precision.reduce_in(option):
+        out[option] = jax.value_and_grad(
+            lambda p: nnx.merge(bf16[0], p, bf16[2])(x.astype(jnp.bfloat16)))(params)
+    out["exact"] = jax.value_and_grad(lambda p: nnx.merge(f32[0], p, f32[2])(x))(params)
+    return out
+
   with jax.set_mesh(mesh):
-    loss32, g32 = _grads(jnp.bfloat16, "float32", x)
-    loss16, g16 = _grads(jnp.bfloat16, "bfloat16", x)
-    _, exact = _grads(jnp.float32, "float32", x)  # the f32 model: the reference gradients
-  assert loss32 == loss16  # the same forward program under both options
+    out = jax.device_get(grads(bf16[1], x))  # same initial parameters in both models (seed 0)
+  assert out["float32"][0] == out["bfloat16"][0]  # the same forward program under both options
+  g32, g16, exact = (jax.tree.leaves(out[k][1]) for k in ("float32", "bfloat16", "exact"))
   # Against the largest gradient (the key bias's is exactly 0 in f32 and bf16 noise here).
   scale = max(float(np.abs(ref).max()) for ref in exact)
   for a, b, ref in zip(g32, g16, exact):
-    assert a.dtype == b.dtype == jnp.float32 and a.shape == ref.shape
+    assert a.dtype == b.dtype == np.float32 and a.shape == ref.shape
     # bf16 compute: both within bf16 rounding (2^-8 relative, a few roundings deep) of the f32
     # model's gradient, and of each other.
     np.testing.assert_allclose(a, ref, atol=0.05 * scale)
     np.testing.assert_allclose(a, b, atol=0.05 * scale)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, dims", [
+    ((3, 5, 4), (4, 2, 6), (((2,), (0,)), ((), ()))),  # attention q/k/v: [B,T,D] x [D,H,Dh]
+    ((3, 5, 2, 6), (2, 6, 4), (((2, 3), (0, 1)), ((), ()))),  # attention out: [B,T,H,Dh]x[H,Dh,D]
+    ((2, 5, 4), (2, 4, 3), (((2,), (1,)), ((0,), (0,)))),  # batched experts [E,N,K] x [E,K,M]
+    ((5, 4), (6, 4), (((1,), (1,)), ((), ()))),  # a transposed kernel [M, K]
+])
+def test_weight_dot_general_gradients_equal_autodiff(x_shape, w_shape, dims):
+  """The custom VJP's transpose, on bf16-exact inputs: its kernel gradient is f32 and equals
+  autodiff of the f32 product; its input gradient is the stock bf16 one."""
+  rng = np.random.default_rng(0)
+  bf16_exact = lambda shape: jnp.asarray(rng.integers(-4, 5, shape) / 4, jnp.bfloat16)
+  x, w = bf16_exact(x_shape), bf16_exact(w_shape).astype(jnp.float32)
+  out = jax.lax.dot_general(x, w.astype(jnp.bfloat16), dims)
+  g = bf16_exact(out.shape)
+  with grad_precision.reduce_in("float32"):
+    y, vjp = jax.vjp(lambda a, b: grad_precision.weight_dot_general(a, b, dims), x, w)
+  dx, dw = vjp(g)
+  np.testing.assert_array_equal(y, out)
+  _, exact_vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), x.astype(jnp.float32), w)
+  exact_dx, exact_dw = exact_vjp(g.astype(jnp.float32))
+  assert dw.dtype == jnp.float32 and dx.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(dw, exact_dw)  # small integer/4 sums: exact in f32
+  np.testing.assert_array_equal(dx, exact_dx.astype(jnp.bfloat16))
 
 
 def test_f32_option_gives_the_weight_gradient_dots_f32_results():
