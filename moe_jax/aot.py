@@ -32,7 +32,8 @@ import os
 import re
 from typing import Any
 
-from moe_jax.parallel.hlo import all_to_all_bytes, collective_counts, collective_wire_bytes
+from moe_jax.parallel.hlo import (all_to_all_bytes, collective_counts, collective_dcn_bytes,
+                                  collective_elements_by_dtype, collective_wire_bytes)
 
 # Dense bf16 peak per chip, TFLOP/s, from the vendors' spec sheets (Google Cloud TPU system
 # architecture pages: v4 275, v5e 197, v5p 459, v6e Trillium 918). HBM per chip, GiB, same source.
@@ -44,6 +45,10 @@ TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 # Generations without a documented figure here get no roofline (no guessed numbers).
 TPU_HBM_GBPS = {"v5e": 819.0, "v5p": 2765.0}
 TPU_ICI_GBPS = {"v5e": 400.0, "v5p": 1200.0}  # bidirectional: half of it leaves the chip
+# Data-center network (between slices) per chip, GB/s: v5p "DCN bandwidth per chip 50 Gbps"
+# (cloud.google.com/tpu/docs/v5p); v5e "per-host NIC 2 x 100 Gbps" for 8 chips per host
+# (cloud.google.com/tpu/docs/v5e) = 25 Gbps per chip.
+TPU_DCN_GBPS = {"v5e": 25 / 8, "v5p": 50 / 8}
 _TPU_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
 
 
@@ -85,7 +90,10 @@ def set_cpu_device_count(n: int) -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def topology_devices(topology: Topology) -> list:
+def topology_devices(topology: Topology, num_slices: int = 1) -> list:
+  """The devices of `topology`; for a TPU topology, `num_slices` copies of it joined by DCN
+  (`get_topology_desc(..., num_slices=n)`: devices carry their `slice_index`). A `cpu:N`
+  topology is N devices in all, simulated slices included (`moe_jax.parallel.mesh`)."""
   import jax
 
   if topology.platform == "cpu":
@@ -103,7 +111,8 @@ def topology_devices(topology: Topology) -> list:
         "or use --topology cpu:N")
   from jax.experimental import topologies
   try:
-    return list(topologies.get_topology_desc(topology.name, "tpu").devices)
+    extra = {"num_slices": num_slices} if num_slices > 1 else {}
+    return list(topologies.get_topology_desc(topology.name, "tpu", **extra).devices)
   except Exception as e:  # libtpu rejects the shape: show its one-line reason
     first = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
     raise TopologyError(f"--topology={topology.name}: libtpu cannot build it: {first}") from e
@@ -111,7 +120,8 @@ def topology_devices(topology: Topology) -> list:
 
 def num_chips(devices) -> int:
   """TPU v4 topologies list one device per TensorCore (2 per chip): count chips by coordinates."""
-  coords = {tuple(d.coords) for d in devices if getattr(d, "coords", None) is not None}
+  coords = {(getattr(d, "slice_index", 0), *d.coords) for d in devices
+            if getattr(d, "coords", None) is not None}
   return len(coords) or len(devices)
 
 
@@ -164,7 +174,7 @@ def lower_train_step(config, devices):
   with jax.set_mesh(mesh):
     train_step = step_lib.make_train_step(
         defs, tx, optim.schedule(config.optimizer, config.total_steps), mesh, shardings, task.loss,
-        **step_lib.options(config.optimizer))
+        **step_lib.options(config.optimizer), grad_reduce_dtype=config.mesh.grad_reduce_dtype)
     batch = task.abstract_batch(config.batch_size, sharding.batch_sharding(mesh), eval_=False)
     lowered = train_step.lower(abstract, batch)
   leaves = jax.tree.leaves(abstract.params)
@@ -198,24 +208,29 @@ def split_torus_axes(mesh) -> dict[str, list[str]]:
 
 
 def roofline(flops_per_device: float, bytes_accessed: float, wire_bytes: dict[str, float],
-             generation: str) -> dict[str, Any] | None:
+             generation: str, dcn_bytes: dict[str, float] | None = None) -> dict[str, Any] | None:
   """Lower-bound times per step on one chip of `generation`: compute at peak, HBM traffic
   (XLA's bytes accessed) at HBM bandwidth, each collective's sent bytes at the chip's outgoing
-  ICI bandwidth (all links busy). `bound_s` is their max (perfect overlap), `serial_s` the sum
-  (none). None when the generation's bandwidths are not documented here."""
+  ICI bandwidth (all links busy), and the bytes that cross slices (`dcn_bytes`) at the chip's DCN
+  bandwidth (`dcn_s`; the ICI term still counts all bytes: an upper bound on the ICI part).
+  `bound_s` is their max (perfect overlap), `serial_s` the sum (none). None when the
+  generation's bandwidths are not documented here."""
   if generation not in TPU_HBM_GBPS:
     return None
   ici = TPU_ICI_GBPS[generation] * 1e9 / 2
   times = {"compute_s": flops_per_device / (TPU_PEAK_TFLOPS[generation] * 1e12),
            "hbm_s": bytes_accessed / (TPU_HBM_GBPS[generation] * 1e9)}
   collectives = {op: b / ici for op, b in wire_bytes.items() if b}
-  parts = [times["compute_s"], times["hbm_s"], sum(collectives.values())]
-  return {**times, "collective_s": collectives, "bound_s": max(parts), "serial_s": sum(parts),
-          "bottleneck": ("compute", "hbm", "collectives")[parts.index(max(parts))],
-          "hbm_gbps": TPU_HBM_GBPS[generation], "ici_gbps": TPU_ICI_GBPS[generation]}
+  dcn = {op: b / (TPU_DCN_GBPS[generation] * 1e9) for op, b in (dcn_bytes or {}).items() if b}
+  parts = [times["compute_s"], times["hbm_s"], sum(collectives.values()), sum(dcn.values())]
+  return {**times, "collective_s": collectives, "dcn_s": dcn, "bound_s": max(parts),
+          "serial_s": sum(parts),
+          "bottleneck": ("compute", "hbm", "collectives", "dcn")[parts.index(max(parts))],
+          "hbm_gbps": TPU_HBM_GBPS[generation], "ici_gbps": TPU_ICI_GBPS[generation],
+          "dcn_gbps": TPU_DCN_GBPS[generation]}
 
 
-def analyze(compiled, devices, topology: Topology, mesh=None) -> dict[str, Any]:
+def analyze(compiled, devices, topology: Topology, mesh=None, num_slices: int = 1) -> dict[str, Any]:
   """Memory, FLOPs, collectives and predicted step time of a compiled (SPMD) step."""
   mem = compiled.memory_analysis()
   memory = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
@@ -234,7 +249,14 @@ def analyze(compiled, devices, topology: Topology, mesh=None) -> dict[str, Any]:
          "collectives": collective_counts(hlo),
          "all_to_all_operand_bytes_per_device": all_to_all_bytes(hlo),
          "collective_sent_bytes_per_device": collective_wire_bytes(hlo, len(devices)),
+         "all_reduce_elements_by_dtype": collective_elements_by_dtype(hlo, "all-reduce"),
+         "slices": num_slices,
          "split_torus_axes": {} if mesh is None else split_torus_axes(mesh)}
+  if num_slices > 1 and mesh is not None:  # device assignment order = the mesh's devices
+    from moe_jax.parallel import mesh as mesh_lib
+
+    out["collective_dcn_bytes_per_device"] = collective_dcn_bytes(
+        hlo, mesh_lib.device_slices(list(mesh.devices.flat), num_slices))
   if topology.platform == "tpu":
     peak = TPU_PEAK_TFLOPS[topology.generation] * 1e12
     out["peak_tflops_per_chip"] = TPU_PEAK_TFLOPS[topology.generation]
@@ -242,7 +264,8 @@ def analyze(compiled, devices, topology: Topology, mesh=None) -> dict[str, Any]:
     out["hbm_gib_per_chip"] = TPU_HBM_GIB[topology.generation]
     out["memory_per_chip"] = memory["total"] * len(devices) // chips
     out["roofline"] = roofline(flops_per_device, out["bytes_accessed_per_device"],
-                               out["collective_sent_bytes_per_device"], topology.generation)
+                               out["collective_sent_bytes_per_device"], topology.generation,
+                               out.get("collective_dcn_bytes_per_device"))
   return out
 
 
@@ -250,15 +273,18 @@ def compile_for_topology(config, topology: str | Topology,
                          hlo_path: str | None = None) -> dict[str, Any]:
   """Compiles the train step of `config` for `topology` and returns `analyze`'s report (and
   writes the compiled HLO text to `hlo_path` if given)."""
+  from moe_jax.parallel import mesh as mesh_lib
+
   topology = parse_topology(topology) if isinstance(topology, str) else topology
-  devices = topology_devices(topology)
+  slices = mesh_lib.num_slices(config.mesh)
+  devices = topology_devices(topology, slices)
   lowered, mesh, info = lower_train_step(config, devices)
   compiled = lowered.compile()
   if hlo_path:
     os.makedirs(os.path.dirname(hlo_path) or ".", exist_ok=True)
     with open(hlo_path, "w") as f:
       f.write(compiled.as_text())
-  return {**info, **analyze(compiled, devices, topology, mesh)}
+  return {**info, **analyze(compiled, devices, topology, mesh, slices)}
 
 
 def _gib(n: float) -> str:
@@ -276,6 +302,8 @@ def format_report(r: dict[str, Any]) -> str:
       f"FLOPs per step: {r['flops_per_device']:.4g} per device, {r['flops_total']:.4g} total",
       "collectives: " + ", ".join(f"{op} {n}" for op, n in r["collectives"].items()),
       f"all-to-all operand bytes per device: {r['all_to_all_operand_bytes_per_device']:,}",
+      "all-reduce elements per device by dtype: " + (", ".join(
+          f"{t} {n:,}" for t, n in r["all_reduce_elements_by_dtype"].items()) or "none"),
   ]
   if "predicted_step_s" in r:
     lines.append(f"memory per chip: {_gib(r['memory_per_chip'])} of {r['hbm_gib_per_chip']} GiB "
@@ -288,6 +316,10 @@ def format_report(r: dict[str, Any]) -> str:
   sent = {op: b for op, b in r["collective_sent_bytes_per_device"].items() if b}
   lines.append("collective bytes sent per device: " + (", ".join(
       f"{op} {b / 2**20:.3f} MiB" for op, b in sent.items()) or "none"))
+  if "collective_dcn_bytes_per_device" in r:
+    dcn = {op: b for op, b in r["collective_dcn_bytes_per_device"].items() if b}
+    lines.append(f"bytes sent across the {r['slices']} slices (DCN) per device: " + (", ".join(
+        f"{op} {b / 2**20:.3f} MiB" for op, b in dcn.items()) or "none"))
   roof = r.get("roofline")
   if roof:
     per_op = ", ".join(f"{op} {t * 1e3:.3f}" for op, t in roof["collective_s"].items())
@@ -295,7 +327,10 @@ def format_report(r: dict[str, Any]) -> str:
         f"roofline per step (ms): compute {roof['compute_s'] * 1e3:.3f}, HBM "
         f"{roof['hbm_s'] * 1e3:.3f} ({r['bytes_accessed_per_device'] / 2**30:.3f} GiB at "
         f"{roof['hbm_gbps']:g} GB/s), collectives {per_op or 'none'} (at {roof['ici_gbps'] / 2:g} "
-        f"GB/s out of the chip); bound {roof['bound_s'] * 1e3:.3f} ({roof['bottleneck']}), "
+        f"GB/s out of the chip)" + "".join(
+            f", DCN {op} {t * 1e3:.3f}" for op, t in roof["dcn_s"].items())
+        + (f" (at {roof['dcn_gbps']:g} GB/s)" if roof["dcn_s"] else "")
+        + f"; bound {roof['bound_s'] * 1e3:.3f} ({roof['bottleneck']}), "
         f"serial {roof['serial_s'] * 1e3:.3f}")
   elif "predicted_step_s" in r:
     lines.append(f"roofline: none (no documented bandwidths for {r['topology']})")

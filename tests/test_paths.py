@@ -91,3 +91,23 @@ def test_checkpoint_manager_keeps_the_cloud_path(fake_gcs):
   mgr = checkpoint.manager("gs://bucket/run")
   assert os.fspath(mgr.directory) == "gs://bucket/run/checkpoints"
   assert (fake_gcs / "bucket/run/checkpoints").is_dir()
+
+
+def test_routing_analysis_plots_and_command_write_to_gs(fake_gcs, capsys):
+  from moe_jax.analysis import plots
+  from moe_jax.commands import analysis as analysis_command
+
+  report = {"threshold": 0.1, "layers": {"blocks/2/mlp": {
+      "class_expert": [[3, 1], [0, 4]], "normalized_mi": 0.4, "load": [0.5, 0.5],
+      "load_cv": 0.0}}, "recommend_dense": []}
+  written = plots.plot_report(report, "gs://bucket/run/analysis")
+  assert written == [f"gs://bucket/run/analysis/{n}.png"
+                     for n in ("heatmaps", "load", "specialisation")]
+  for name in ("heatmaps", "load", "specialisation"):
+    assert (fake_gcs / f"bucket/run/analysis/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # The command reads eval_<name>.json from the bucket and draws in analysis/<name> next to it.
+  epath.Path("gs://bucket/other/eval_test.json").parent.mkdir(parents=True, exist_ok=True)
+  epath.Path("gs://bucket/other/eval_test.json").write_text(json.dumps({"routing": report}))
+  analysis_command.main(["gs://bucket/other/eval_test.json"])
+  assert "gs://bucket/other/analysis/test/load.png" in capsys.readouterr().out
+  assert (fake_gcs / "bucket/other/analysis/test/load.png").is_file()

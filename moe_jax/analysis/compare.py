@@ -194,9 +194,7 @@ def plot_comparison(rows: list[dict], path: str) -> str:
   for ax in (left, right):
     ax.set_xticks(positions, names, rotation=35, ha="right")
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  return path
+  return plots.save_png(fig, path)
 
 
 def strategy_names(config: ml_collections.ConfigDict) -> list[str]:

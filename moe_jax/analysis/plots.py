@@ -1,6 +1,9 @@
-"""PNG plots of a routing report: class x expert heatmaps, expert loads, specialisation curve."""
+"""PNG plots of a routing report: class x expert heatmaps, expert loads, specialisation curve.
+Written through `etils.epath` (`moe_jax.paths.workdir_path`), so the folder may be a cloud URI
+such as gs://bucket/run/analysis."""
 from __future__ import annotations
 
+import io
 import os
 
 import matplotlib
@@ -9,17 +12,31 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from moe_jax import paths  # noqa: E402
+
 
 def short_name(name: str) -> str:
   return name.replace("blocks/", "block ").replace("/mlp", "")
 
 
-def plot_report(report: dict, out_dir: str) -> list[str]:
-  """Writes heatmaps.png, load.png and specialisation.png into `out_dir`; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
+def save_png(fig, path: str | os.PathLike) -> str:
+  """Writes `fig` as a PNG to `path` (local or a cloud URI), closes it; returns the path."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=80)
+  plt.close(fig)
+  out = paths.workdir_path(path)
+  out.write_bytes(buffer.getvalue())
+  return os.fspath(out)
+
+
+def plot_report(report: dict, out_dir: str | os.PathLike) -> list[str]:
+  """Writes heatmaps.png, load.png and specialisation.png into `out_dir` (local or a cloud URI);
+  returns their paths."""
+  out_dir = paths.workdir_path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   layers = report["layers"]
   names = list(layers)
-  paths = []
+  written = []
 
   fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
   for ax, name in zip(axes[0], names):
@@ -29,9 +46,7 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
     ax.set(title=f"{short_name(name)}\nnMI={layers[name]['normalized_mi']:.2f}", xlabel="expert",
            ylabel="class")
   fig.colorbar(im, ax=axes[0].tolist(), label="P(expert | class)")
-  paths.append(os.path.join(out_dir, "heatmaps.png"))
-  fig.savefig(paths[-1], dpi=80)
-  plt.close(fig)
+  written.append(save_png(fig, out_dir / "heatmaps.png"))
 
   fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
   for ax, name in zip(axes[0], names):
@@ -40,9 +55,7 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
     ax.axhline(1 / max(len(load), 1), color="k", lw=0.8, ls="--")
     ax.set(title=short_name(name), xlabel="expert", ylabel="fraction of assignments")
   fig.tight_layout()
-  paths.append(os.path.join(out_dir, "load.png"))
-  fig.savefig(paths[-1], dpi=80)
-  plt.close(fig)
+  written.append(save_png(fig, out_dir / "load.png"))
 
   fig, ax = plt.subplots(figsize=(4.5, 3))
   ax.plot(range(len(names)), [layers[n]["normalized_mi"] for n in names], "o-")
@@ -51,7 +64,5 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
   ax.set(ylabel="normalised MI(class; expert)", ylim=(0, 1), title="specialisation per layer")
   ax.legend()
   fig.tight_layout()
-  paths.append(os.path.join(out_dir, "specialisation.png"))
-  fig.savefig(paths[-1], dpi=80)
-  plt.close(fig)
-  return paths
+  written.append(save_png(fig, out_dir / "specialisation.png"))
+  return written

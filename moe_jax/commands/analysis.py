@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
+from moe_jax import paths
 from moe_jax.analysis import plots, routing
 
 
@@ -21,16 +21,15 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", default=None,
                       help="plot folder (default: analysis/<name> next to eval_<name>.json)")
   args = parser.parse_args(argv)
-  if not os.path.exists(args.eval_json):
+  eval_json = paths.workdir_path(args.eval_json)  # local or a cloud URI
+  if not eval_json.exists():
     sys.exit(f"error: {args.eval_json} does not exist; run eval.py --workdir DIR first")
-  with open(args.eval_json) as f:
-    report = json.load(f).get("routing")
+  report = json.loads(eval_json.read_text()).get("routing")
   if not report or not report.get("layers"):
     sys.exit(f"error: {args.eval_json} has no routing report (a dense model has no MoE layers)")
   print(routing.summary(report))
-  name = os.path.basename(args.eval_json).removeprefix("eval_").removesuffix(".json")
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.eval_json)), "analysis",
-                                 name)
+  name = eval_json.name.removeprefix("eval_").removesuffix(".json")
+  out = args.out or eval_json.parent / "analysis" / name
   for path in plots.plot_report(report, out):
     print(path)
 

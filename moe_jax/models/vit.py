@@ -20,6 +20,8 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.models import remat
+from moe_jax.parallel import grad_precision
+from moe_jax.parallel.grad_precision import broadcast_cast
 
 # name -> (width, depth, mlp_dim, heads), as in big_vision.
 SIZES = {
@@ -106,6 +108,7 @@ class Mlp(nnx.Module):
     self.gelu_approximate, self.quick_gelu = gelu_approximate, quick_gelu
     init = dict(kernel_init=nnx.initializers.xavier_uniform(),
                 bias_init=nnx.initializers.normal(1e-6))
+    init.update(grad_precision.LINEAR_KWARGS)
     self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs, **init)
     self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, rngs=rngs, **init)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
@@ -136,7 +139,7 @@ class LayerScale(nnx.Module):
     self.scale = nnx.Param(jnp.full((dim,), init, jnp.float32))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return x * self.scale[...].astype(x.dtype)
+    return x * broadcast_cast(self.scale[...], x.shape, x.dtype)
 
 
 class Block(nnx.Module):
@@ -149,7 +152,8 @@ class Block(nnx.Module):
     self.norm1 = nnx.LayerNorm(c.width, epsilon=c.layer_norm_eps, rngs=rngs)
     self.attn = nnx.MultiHeadAttention(
         c.num_heads, c.width, dtype=dtype, dropout_rate=c.attention_dropout_rate,
-        kernel_init=nnx.initializers.xavier_uniform(), decode=False, rngs=rngs)
+        kernel_init=nnx.initializers.xavier_uniform(), decode=False, rngs=rngs,
+        **grad_precision.ATTENTION_KWARGS)
     self.norm2 = nnx.LayerNorm(c.width, epsilon=c.layer_norm_eps, rngs=rngs)
     self.mlp = mlp if mlp is not None else Mlp(c.width, c.mlp_dim, dropout_rate=c.dropout_rate,
                                                dtype=dtype, rngs=rngs,
@@ -178,13 +182,14 @@ class MAPHead(nnx.Module):
     dtype = jnp.dtype(c.dtype)
     self.probe = nnx.Param(nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, c.width)))
     self.attn = nnx.MultiHeadAttention(c.num_heads, c.width, dtype=dtype, decode=False,
-                                       kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+                                       kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs,
+                                       **grad_precision.ATTENTION_KWARGS)
     self.norm = nnx.LayerNorm(c.width, epsilon=c.layer_norm_eps, rngs=rngs)
     self.mlp = Mlp(c.width, c.mlp_dim, dropout_rate=0.0, dtype=dtype, rngs=rngs,
                    gelu_approximate=c.gelu_approximate, quick_gelu=c.quick_gelu)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    probe = broadcast_cast(self.probe[...], (x.shape[0], 1, x.shape[-1]), x.dtype)
     y = self.attn(probe, x, x)
     return (y + self.mlp(self.norm(y)))[:, 0]
 
@@ -202,7 +207,8 @@ class ViT(nnx.Module):
     p, D = c.patch_size, c.width
     grid = c.image_size // p
     self.patch_embed = nnx.Conv(c.channels, D, (p, p), strides=(p, p), padding="VALID",
-                                use_bias=c.patch_bias, dtype=self.dtype, rngs=rngs)
+                                use_bias=c.patch_bias, dtype=self.dtype, rngs=rngs,
+                                **grad_precision.CONV_KWARGS)
     if c.posemb == "learned":
       self.posemb = nnx.Param(nnx.initializers.normal(1 / np.sqrt(D))(rngs.params(),
                                                                      (1, grid * grid, D)))
@@ -234,8 +240,9 @@ class ViT(nnx.Module):
                        f"(model.depth={depth})")
     x = self.patch_embed(images.astype(self.dtype))
     B = x.shape[0]
-    x = x.reshape(B, -1, x.shape[-1]) + self.posemb[...].astype(self.dtype)
-    prefix = [jnp.broadcast_to(p[...].astype(self.dtype), (B,) + p.shape[1:])
+    x = x.reshape(B, -1, x.shape[-1])
+    x = x + broadcast_cast(self.posemb[...], x.shape, self.dtype)
+    prefix = [broadcast_cast(p[...], (B,) + p.shape[1:], self.dtype)
               for p in (self.cls, self.registers) if p is not None]
     x = jnp.concatenate(prefix + [x], 1) if prefix else x
     x = self.dropout(x)

@@ -10,6 +10,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.moe import grouped_matmul
+from moe_jax.parallel import grad_precision
+from moe_jax.parallel.grad_precision import broadcast_cast, cast_after
+
+# `[E, N, K] x [E, K, M] -> [E, N, M]`: contract K, batch over the experts E.
+_BATCHED_DIMS = (((2,), (1,)), ((0,), (0,)))
 
 # 'gelu' is the tanh approximation (the ViT default); 'gelu_exact' the erf GELU (HF ViT, DINOv2).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -42,10 +47,10 @@ class ExpertBank(nnx.Module):
     """Batched experts: `x [E, N, D] -> [E, N, D_out]`, expert e applied to `x[e]`, its row n times
     `row_weights [E, N]` if given (see `weighted_linear`)."""
     dt = self.dtype
-    h = jnp.einsum("end,edf->enf", x.astype(dt), self.fc1_kernel[...].astype(dt))
-    h = self.dropout(self.activation(h + self.fc1_bias[...][:, None].astype(dt)))
-    return weighted_linear(None, h, self.fc2_kernel[...].astype(dt),
-                           self.fc2_bias[...][:, None].astype(dt), row_weights, None)
+    h = grad_precision.weight_dot_general(x.astype(dt), self.fc1_kernel[...], _BATCHED_DIMS)
+    h = self.dropout(self.activation(h + broadcast_cast(self.fc1_bias[...][:, None], h.shape, dt)))
+    return weighted_linear(None, h, self.fc2_kernel[...], self.fc2_bias[...][:, None],
+                           row_weights, None)
 
   def grouped(self, x: jax.Array, group_sizes: jax.Array, backend: str, block_size: int,
               row_weights: jax.Array | None = None) -> jax.Array:
@@ -57,10 +62,11 @@ class ExpertBank(nnx.Module):
     """
     dt = self.dtype
     row_expert = grouped_matmul.row_groups(group_sizes, x.shape[0])
-    take = lambda bias: jnp.take(bias.astype(dt), row_expert, axis=0, mode="fill", fill_value=0)
-    h = _matmul((backend, block_size), x.astype(dt), self.fc1_kernel[...].astype(dt), group_sizes)
+    take = lambda bias: cast_after(
+        lambda b: jnp.take(b, row_expert, axis=0, mode="fill", fill_value=0), bias, dt)
+    h = _matmul((backend, block_size), x.astype(dt), self.fc1_kernel[...], group_sizes)
     h = self.dropout(self.activation(h + take(self.fc1_bias[...])))
-    return weighted_linear((backend, block_size), h, self.fc2_kernel[...].astype(dt),
+    return weighted_linear((backend, block_size), h, self.fc2_kernel[...],
                            take(self.fc2_bias[...]), row_weights, group_sizes)
 
 
@@ -69,11 +75,13 @@ Grouping = tuple[str, int] | None  # None: batched `[E, N, .]`; (backend, block_
 
 def _matmul(grouping: Grouping, h: jax.Array, kernel: jax.Array,
             group_sizes: jax.Array | None) -> jax.Array:
-  """Per-expert `h @ kernel[e]`: batched `[E, N, F] x [E, F, D]`, or grouped rows `[P, F]`."""
+  """Per-expert `h @ kernel[e]` in `h`'s dtype: batched `[E, N, F] x [E, F, D]`, or grouped rows
+  `[P, F]`. The kernel comes in its parameter dtype (see `moe_jax.parallel.grad_precision`)."""
   if grouping is None:
-    return jnp.einsum("enf,efd->end", h, kernel)
+    return grad_precision.weight_dot_general(h, kernel, _BATCHED_DIMS)
   backend, block_size = grouping
-  return grouped_matmul.gmm(h, kernel, group_sizes, backend=backend, block_size=block_size)
+  return grouped_matmul.gmm(h, grad_precision.weight_operand(kernel, h.dtype), group_sizes,
+                            backend=backend, block_size=block_size)
 
 
 def weighted_linear(grouping: Grouping, h: jax.Array, kernel: jax.Array, bias: jax.Array,
@@ -89,14 +97,16 @@ def weighted_linear(grouping: Grouping, h: jax.Array, kernel: jax.Array, bias: j
   before; `dL/dh` is `w (dL/dy W^T)` instead of `(w dL/dy) W^T`: equal up to float rounding.
   """
   if row_weights is None:
-    return _matmul(grouping, h, kernel, group_sizes) + bias
+    y = _matmul(grouping, h, kernel, group_sizes)
+    return y + broadcast_cast(bias, y.shape, y.dtype)
   return _weighted_linear(grouping, h, kernel, bias, row_weights, group_sizes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _weighted_linear(grouping, h, kernel, bias, row_weights, group_sizes):
   w = row_weights[..., None].astype(h.dtype)
-  return w * (_matmul(grouping, h, kernel, group_sizes) + bias)
+  y = _matmul(grouping, h, kernel, group_sizes)
+  return w * (y + broadcast_cast(bias, y.shape, y.dtype))
 
 
 def _weighted_linear_fwd(grouping, h, kernel, bias, row_weights, group_sizes):
@@ -111,13 +121,15 @@ def _weighted_linear_bwd(grouping, residuals, dy):
   dh_unweighted = matmul_vjp(dy)[0]  # dy W^T; the kernel half of this call is dead code
   w_dy = w * dy
   d_kernel = matmul_vjp(w_dy)[1]  # h^T (w dy); the input half is dead code
-  d_weights = (jnp.sum(dh_unweighted * h, axis=-1) + jnp.sum(dy * bias, axis=-1))
+  d_weights = (jnp.sum(dh_unweighted * h, axis=-1)
+               + jnp.sum(dy * broadcast_cast(bias, dy.shape, dy.dtype), axis=-1))
   broadcast = tuple(i for i, n in enumerate(bias.shape) if n == 1 and dy.shape[i] != 1)
-  d_bias = jnp.sum(w_dy, axis=broadcast, keepdims=True)
+  d_bias = jnp.sum(w_dy.astype(grad_precision.reduction_dtype(dy.dtype, bias.dtype)),
+                   axis=broadcast, keepdims=True)
   grads = (w * dh_unweighted, d_kernel, d_bias.astype(bias.dtype),
            d_weights.astype(row_weights.dtype))
   primals = (h, kernel, bias, row_weights)
-  return (*(grouped_matmul.sum_to_primal_type(g, p) for g, p in zip(grads, primals)), None)
+  return (*(grad_precision.sum_to_primal_type(g, p) for g, p in zip(grads, primals)), None)
 
 
 _weighted_linear.defvjp(_weighted_linear_fwd, _weighted_linear_bwd)

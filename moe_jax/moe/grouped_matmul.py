@@ -29,6 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moe_jax.parallel.grad_precision import f32_product_operands, sum_to_primal_type
 from moe_jax.parallel.mesh import target_platform
 
 # Tile sizes in rows (powers of two times block_size, capped by the row count). A group's rows are
@@ -88,19 +89,6 @@ def _zeros_like_varying(shape: tuple[int, ...], dtype, like: jax.Array) -> jax.A
   return jnp.zeros(shape, dtype) + (like.ravel()[0] * 0).astype(dtype)
 
 
-def _varying(x: jax.Array) -> frozenset:
-  """The manual mesh axes `x` varies over inside `shard_map` (empty outside)."""
-  return jax.typeof(x).manual_axis_type.varying
-
-
-def sum_to_primal_type(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
-  """A custom VJP's cotangent for `primal`, inside `shard_map`: a primal replicated over mesh
-  axes the cotangent varies over (weights over the axes the rows are split over) gets the sum of
-  the per-device cotangents, which has the primal's type."""
-  summed_axes = tuple(sorted(_varying(cotangent) - _varying(primal)))
-  return jax.lax.psum(cotangent, summed_axes) if summed_axes else cotangent
-
-
 def _opaque(trip_count):
   return jax.lax.optimization_barrier(trip_count)
 
@@ -122,11 +110,11 @@ def _gmm_loop(x: jax.Array, rhs: jax.Array, group_sizes: jax.Array, block: int,
   P = x.shape[0]
   n_out = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
-  out_dtype = jnp.result_type(x.dtype, rhs.dtype)
+  out_dtype = x.dtype
   offsets = jnp.cumsum(group_sizes) - group_sizes
 
   def group(e, out):
-    w = rhs[e]  # sliced once per group, outside the tile loops
+    w = rhs[e].astype(x.dtype)  # sliced (and cast) once per group, outside the tile loops
     prod = lambda tile: jax.lax.dot_general(tile, w, dims, preferred_element_type=jnp.float32)
 
     def full_tile(start, size, out):
@@ -196,18 +184,45 @@ def _blocked_bwd(block, residuals, d_out):
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
+@jax.custom_vjp
+def _ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """`jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype))` with `rhs`'s gradient in `rhs`'s dtype,
+  from an f32-accumulated `ragged_dot_general` over the ragged rows (XLA's grouped `tgmm`)."""
+  return jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes)
+
+
+def _ragged_dot_fwd(lhs, rhs, group_sizes):
+  return _ragged_dot(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+
+
+def _ragged_dot_bwd(residuals, d_out):
+  lhs, rhs, group_sizes = residuals
+  _, lhs_vjp = jax.vjp(lambda a: jax.lax.ragged_dot(a, rhs.astype(lhs.dtype), group_sizes), lhs)
+  tgmm = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
+                                           lhs_ragged_dimensions=(0,), rhs_group_dimensions=())
+  d_rhs = jax.lax.ragged_dot_general(*f32_product_operands(lhs, d_out.astype(lhs.dtype)),
+                                     group_sizes, tgmm,
+                                     preferred_element_type=jnp.float32)
+  return lhs_vjp(d_out)[0], sum_to_primal_type(d_rhs.astype(rhs.dtype), rhs), None
+
+
+_ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
+
+
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str = "auto",
         block_size: int = 16) -> jax.Array:
   """`lhs [P, K]` rows sorted by group, `rhs [E, K, N]`, `group_sizes [E]` -> `[P, N]`.
 
-  Row r of group e gives `lhs[r] @ rhs[e]`; rows past `sum(group_sizes)` give zeros. The blocked
+  Row r of group e gives `lhs[r] @ rhs[e]` in `lhs`'s dtype (`rhs` is cast to it; its gradient
+  comes back in `rhs`'s own dtype, accumulated in f32); rows past `sum(group_sizes)` give zeros.
+  The blocked
   backend takes any group sizes (with `sum(group_sizes) <= P`); `block_size` is its smallest
   tile, so groups padded to a multiple of it waste no work.
   """
   if backend == "auto":
     backend = "ragged_dot" if target_platform() == "tpu" else "blocked"
   if backend == "ragged_dot":
-    return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
+    return _ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
   if backend != "blocked":
     raise ValueError(f"gmm backend={backend!r}: use 'auto', 'blocked' or 'ragged_dot'")
   if block_size < 1:

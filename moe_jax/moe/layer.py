@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 from moe_jax.moe import aux_outputs, dispatch, expert_parallel
 from moe_jax.moe.config import validate
 from moe_jax.moe.experts import ACTIVATIONS, ExpertBank
+from moe_jax.parallel import grad_precision
 from moe_jax.parallel.mesh import batch_axes, batch_shards
 from moe_jax.routing import Router, build_router, ops
 from moe_jax.routing.plan import RoutingPlan
@@ -24,8 +25,8 @@ class SharedExpert(nnx.Module):
   def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     hidden = config.shared_expert.hidden_dim or config.hidden_dim
     self.dtype = jnp.dtype(config.dtype)
-    self.fc1 = nnx.Linear(dim, hidden, dtype=self.dtype, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, dim, dtype=self.dtype, rngs=rngs)
+    self.fc1 = nnx.Linear(dim, hidden, dtype=self.dtype, rngs=rngs, **grad_precision.LINEAR_KWARGS)
+    self.fc2 = nnx.Linear(hidden, dim, dtype=self.dtype, rngs=rngs, **grad_precision.LINEAR_KWARGS)
     self.activation = ACTIVATIONS[config.activation]
     self.gate = (nnx.Linear(dim, 1, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
                  if config.shared_expert.combine == "gate" else None)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Sequence
+
+import numpy as np
 
 # ragged-all-to-all: its result is the whole receive buffer (what arrives is data-dependent).
 COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "all-reduce", "reduce-scatter",
@@ -19,13 +22,22 @@ _MLIR_INTEGERS = {"i1": "pred", "i8": "s8", "ui8": "u8", "i16": "s16", "ui16": "
                   "i32": "s32", "ui32": "u32", "i64": "s64", "ui64": "u64"}
 
 
+def _array_shapes(text: str) -> list[tuple[str, int]]:
+  """(element type, element count) of every array shape `f32[4,8]{...}` in `text`."""
+  return [(dtype, math.prod(int(d) for d in dims.split(",") if d))
+          for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text)
+          if dtype in DTYPE_BYTES]
+
+
+def _array_bytes(text: str) -> int:
+  """Bytes of the first array shape in `text` (the data of a `send`'s result tuple)."""
+  dtype, n = _array_shapes(text)[0]
+  return DTYPE_BYTES[dtype] * n
+
+
 def _shape_bytes(text: str) -> int:
   """Bytes of every array shape `f32[4,8]{...}` in `text` (tuple shapes summed)."""
-  total = 0
-  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
-    if dtype in DTYPE_BYTES:
-      total += DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-  return total
+  return sum(DTYPE_BYTES[dtype] * n for dtype, n in _array_shapes(text))
 
 
 def _tensor_bytes(text: str) -> int:
@@ -57,13 +69,8 @@ def _collective_results(hlo: str, op: str) -> list[str]:
 
 
 def group_size(line: str, num_devices: int) -> int:
-  """Devices per replica group of a collective instruction: `replica_groups={{0,1},{2,3}}`,
-  the iota form `replica_groups=[2,4]<=[8]` (2 groups of 4), or all devices when absent."""
-  listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
-  if listed:
-    return len(listed.group(1).split(","))
-  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
-  return int(iota.group(2)) if iota else num_devices
+  """Devices per replica group of a collective instruction (`replica_groups`)."""
+  return replica_groups(line, num_devices).shape[1]
 
 
 # Bytes each device sends, per byte of the instruction's result, in a group of n devices
@@ -82,6 +89,80 @@ def collective_wire_bytes(hlo: str, num_devices: int) -> dict[str, float]:
   result sizes and replica-group sizes of the compiled SPMD HLO (`_SENT_PER_RESULT_BYTE`)."""
   return {op: sum(_shape_bytes(shape) * _SENT_PER_RESULT_BYTE[op](group_size(line, num_devices))
                   for shape, line in _collective_lines(hlo, op)) for op in COLLECTIVES}
+
+
+def replica_groups(line: str, num_devices: int) -> np.ndarray:
+  """`[groups, members]` device indices (into the program's device assignment) of a collective
+  instruction: listed `replica_groups={{0,1},{2,3}}`, iota `[2,4]<=[8]` / `[2,4]<=[4,2]T(1,0)`,
+  the mesh form `mesh['axis_0'=2,'axis_1'=4] {'axis_0'}`, a permute's `source_target_pairs`, or
+  one group of all devices when absent."""
+  listed = re.search(r"(?:replica_groups|source_target_pairs)=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}",
+                     line)
+  if listed:
+    groups = [[int(i) for i in g.split(",") if i]
+              for g in re.findall(r"\{([\d,]*)\}", listed.group(1))]
+    return np.array(groups).reshape(len(groups), -1)
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+  if iota:
+    ids = np.arange(num_devices).reshape([int(d) for d in iota.group(3).split(",")])
+    if iota.group(4):
+      ids = ids.transpose([int(p) for p in iota.group(4).split(",")])
+    return ids.reshape(int(iota.group(1)), int(iota.group(2)))
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  if mesh:
+    axes = re.findall(r"'([^']+)'=(\d+)", mesh.group(1))
+    names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+    grouped = [names.index(a) for a in re.findall(r"'([^']+)'", mesh.group(2))]
+    rest = [i for i in range(len(names)) if i not in grouped]
+    ids = np.arange(math.prod(sizes)).reshape(sizes).transpose(rest + grouped)
+    return ids.reshape(-1, math.prod(sizes[i] for i in grouped))
+  return np.arange(num_devices)[None]
+
+
+# Bytes each device sends over the data-center network per byte of a collective's result, when
+# its groups span s slices of m members each (hierarchical: the ICI part inside each slice first,
+# so only 1/m of the data per device crosses slices for all-reduce / all-gather).
+_DCN_PER_RESULT_BYTE = {
+    "all-reduce": lambda s, m: 2 * (s - 1) / s / m, "all-gather": lambda s, m: (s - 1) / s / m,
+    "reduce-scatter": lambda s, m: s - 1, "all-to-all": lambda s, m: (s - 1) / s,
+    "ragged-all-to-all": lambda s, m: (s - 1) / s, "collective-permute": lambda s, m: 1.0}
+
+
+def collective_dcn_bytes(hlo: str, slice_of: Sequence[int]) -> dict[str, float]:
+  """Bytes each device sends across slices per op (`_DCN_PER_RESULT_BYTE`), `slice_of[i]` the
+  slice of device i of the program's device assignment (s = the number of slices).
+
+  A multi-slice TPU program (libtpu) is one slice's: its cross-slice steps are host transfers to
+  the megascale runtime, `send(...)` with `_xla_megascale_transfer_type="ALL_REDUCE"` (etc.) of
+  this device's share, counted with m = 1. Elsewhere (XLA:CPU, simulated slices) one program
+  spans all slices: the collectives whose replica groups cross slices are counted."""
+  slice_of = np.asarray(slice_of)
+  out = {op: 0.0 for op in COLLECTIVES}
+  slices = len(set(slice_of.tolist()))
+  for line in hlo.splitlines():
+    transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
+    if transfer and re.search(r"=\s*\(?\s*\w+\[[\d,]*\][^=]*\ssend\(", line):
+      op = transfer.group(1).lower().replace("_", "-")
+      out[op] += _array_bytes(line.split("=", 1)[1]) * _DCN_PER_RESULT_BYTE[op](slices, 1)
+  if any(out.values()):  # one slice's program: its replica groups never leave the slice
+    return out
+  for op in COLLECTIVES:
+    for shape, line in _collective_lines(hlo, op):
+      groups = slice_of[replica_groups(line, len(slice_of))]
+      s = max(len(set(g.tolist())) for g in groups)
+      if s > 1:
+        out[op] += _shape_bytes(shape) * _DCN_PER_RESULT_BYTE[op](s, groups.shape[1] / s)
+  return out
+
+
+def collective_elements_by_dtype(hlo: str, op: str) -> dict[str, int]:
+  """Element dtype (HLO name: "f32", "bf16", ...) -> elements per device over the `op`
+  instructions' results (tuple results element by element): what precision `op` carries."""
+  totals: dict[str, int] = {}
+  for shape in _collective_results(hlo, op):
+    for dtype, n in _array_shapes(shape):
+      totals[dtype] = totals.get(dtype, 0) + n
+  return totals
 
 
 def collective_counts(hlo: str) -> dict[str, int]:

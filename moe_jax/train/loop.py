@@ -136,7 +136,8 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       train_step = step_lib.make_train_step(self.defs, self.tx, self.schedule, self.mesh,
                                             self.shardings, self.task.loss,
-                                            **step_lib.options(c.optimizer))
+                                            **step_lib.options(c.optimizer),
+                                            grad_reduce_dtype=c.mesh.grad_reduce_dtype)
       compiled = train_step.lower(self.abstract, self._abstract_batch(c.batch_size, False)).compile()
     flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
     self.evaluators()

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moe_jax.parallel import distributed, sharding
+from moe_jax.parallel import distributed, grad_precision, sharding
 from moe_jax.train.state import ModelDefs, TrainState
 
 Batch = dict[str, jax.Array]
@@ -36,7 +36,8 @@ def check_batch_size(mesh: jax.sharding.Mesh, size: int, field: str) -> None:
 def make_train_step(defs: ModelDefs, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: jax.sharding.Mesh, shardings: TrainState,
                     task_loss: Callable[[nnx.Module, Batch], tuple[jax.Array, dict]], *,
-                    grad_accum_steps: int = 1, ema_decay: float = 0.0) -> Callable:
+                    grad_accum_steps: int = 1, ema_decay: float = 0.0,
+                    grad_reduce_dtype: str = "float32") -> Callable:
   """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
   `task_loss(model, batch) -> (loss, metrics)` (a `Task.loss`). `metrics["train/finite"]` is 1
   when the loss, the gradient norm and every float array of the updated state are finite.
@@ -51,14 +52,20 @@ def make_train_step(defs: ModelDefs, tx: optax.GradientTransformation, schedule:
   equals the big batch's only when nothing is dropped and the aux losses are linear in the
   batch (mean over groups).
 
-  `ema_decay` = d > 0: `state.ema = d * state.ema + (1 - d) * params` after the update."""
+  `ema_decay` = d > 0: `state.ema = d * state.ema + (1 - d) * params` after the update.
+
+  `grad_reduce_dtype` (`mesh.grad_reduce_dtype`): the dtype the gradients of a low-precision
+  model are summed over the batch shards in, "float32" or "bfloat16"
+  (`moe_jax.parallel.grad_precision`)."""
+  grad_precision.check(grad_reduce_dtype)
   def grads_of(params: nnx.State, rest: nnx.State, batch: Batch):
     def loss_fn(params):
       model = nnx.merge(defs.train, params, rest, copy=True)
       loss, metrics = task_loss(model, batch)
       return loss, (nnx.split(model, nnx.Param, ...)[2], metrics)
 
-    (loss, (rest, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    with grad_precision.reduce_in(grad_reduce_dtype):
+      (loss, (rest, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, grads, rest, metrics
 
   def accumulated(params: nnx.State, rest: nnx.State, batch: Batch):
