@@ -7,8 +7,11 @@ Reference: google-research/vmoe `vmoe/configs/vmoe_paper/vmoe_s32_last2_ilsvrc20
 (with `vmoe/configs/vmoe_paper/common.py`), read at commit 942a78b. Taken from it:
 
 - model: vmoe's "ViT-S/32" is **not** big_vision's ViT-S: width 512, 8 blocks, MLP 2048, 8 heads,
-  patch 32, 224x224 (49 patches + a CLS token, `classifier='token'`). MoE layers: vmoe's "Last 2"
-  is the last two *odd* blocks, `range(1, depth, 2)[-2:]` = blocks 5 and 7 (not 6 and 7).
+  patch 32, 224x224 (49 patches + a CLS token, `classifier='token'`), a pre-logits layer
+  (`representation_size=512`, dense + tanh), the head's kernel zero-initialised and its bias
+  -log(1000). MoE layers: vmoe's "Last 2" is the last two *odd* blocks,
+  `range(1, depth, 2)[-2:]` = blocks 5 and 7 (not 6 and 7).
+- loss: `sigmoid_xent` (sum over classes of the binary cross-entropy), `config.loss`.
 - MoE: 8 experts, top-2 (weights not renormalised), router noise std 1/E, capacity factor 1.05,
   **no** Batch Prioritized Routing (`dispatcher.batch_priority=False` in common.py), importance
   and load losses 0.005 each, routing groups of 400 tokens (8 images x 50 tokens), dropout 0.2 in
@@ -23,13 +26,11 @@ Reference: google-research/vmoe `vmoe/configs/vmoe_paper/vmoe_s32_last2_ilsvrc20
 - dense twin (`dense`): the same ViT, data and optimisation with every block a dense MLP.
 
 Not as in the reference (no such option here; each changes the recipe, so say so when comparing):
-vmoe trains with `sigmoid_xent` (we use softmax cross-entropy on the mixed labels), has a
-pre-logits layer (`representation_size=512`, dense + tanh) and initialises the head bias to
--log(1000) (our head is zero-initialised and has no pre-logits layer), mixes at device
-granularity (ours: pairs within each host's batch, one lambda per batch), evaluates with
+vmoe mixes at device granularity, one Dirichlet(0.2, 0.2) weight per device (ours: pairs
+(2k, 2k+1), one weight per global batch from Beta(0.2, 0.2), the same distribution), evaluates with
 capacity factor 4.0 (ours: the training 1.05) and shards the experts over an `expert` mesh axis
 (ours: expert parallelism does not support `moe.dropout_rate > 0` yet, so the experts are
-replicated, `mesh.expert=1`; the 8 experts of the two MoE layers are 16.8 M parameters).
+replicated, `mesh.expert=1`; the experts of the two MoE layers are 33.6 M parameters).
 
 Expected result (the reference file's docstring, mean of 3 seeds, 5 h 50 min on a TPUv3-32):
 ILSVRC2012 `validation` ("test" there) **73.1%** top-1 (76.8% on vmoe's train[99%:] minival,
@@ -66,6 +67,7 @@ def get_config(variant: str = "vmoe") -> ml_collections.ConfigDict:
   c.eval_every_steps = 1000
   c.checkpoint_every_steps = 1000
   c.profile_steps = ""  # e.g. "10,11": a jax.profiler trace of those steps in WORKDIR/profile
+  c.loss = "sigmoid_xent"  # vmoe: config.loss.name
 
   c.data = data.default_config()
   c.data.name, c.data.train_split, c.data.eval_split = "imagenet2012", "train[:99%]", "validation"
@@ -75,7 +77,9 @@ def get_config(variant: str = "vmoe") -> ml_collections.ConfigDict:
   c.data.pp_eval = "decode|resize_small(256)|central_crop|normalize"
 
   c.model = vimoe.vimoe_config("S/32", moe_layers="5,7", router="top_k", dtype="bfloat16",
-                               pool="cls", **VMOE_S, **data.model_refs(c.data))
+                               pool="cls", representation_size=512,
+                               head_bias_init=-math.log(1000), **VMOE_S,
+                               **data.model_refs(c.data))
   m = c.model.moe
   m.num_experts, m.router.k, m.capacity_factor = 8, 2, 1.05
   m.router.bpr = False
