@@ -17,13 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
-def run_aot(tmp_path, topology: str, *overrides: str) -> tuple[str, dict]:
+def run_aot(tmp_path, topology: str, *overrides: str,
+            config: str = "configs/vimoe_tiny_mnist.py") -> tuple[str, dict]:
   """The command from another working directory, the config named relative to the repo."""
   out = tmp_path / "report.json"
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # other libtpu processes on this host
   env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-  cmd = [sys.executable, "-m", "moe_jax.commands.aot", "--config=configs/vimoe_tiny_mnist.py",
+  cmd = [sys.executable, "-m", "moe_jax.commands.aot", f"--config={config}",
          f"--topology={topology}", f"--json={out}", *overrides]
   proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -168,3 +169,24 @@ def test_v5p_dropless_expert_parallel_compiles_to_ragged_all_to_all(tmp_path):
   assert loops and all("searchsorted" in name for name in loops), loops
   # The remaining dense all-to-alls carry int32 offsets only (the transposed exchange's).
   assert r["all_to_all_operand_bytes_per_device"] <= 1024
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
+def test_v5p_compiles_the_vmoe_s32_recipe_at_tiny_widths(tmp_path):
+  """configs/vmoe_s32_imagenet.py as it is (8 blocks, MoE in blocks 5 and 7, E=8, K=2, pre-logits,
+  sigmoid loss, expert dropout, data parallel) at width 16 on 64x64 images: 4 chips, no
+  all-to-all (experts replicated), gradients all-reduced; the parameter count by hand."""
+  _, r = run_aot(tmp_path, "v5p:2x2x1", "--config.model.width=16", "--config.model.num_heads=2",
+                 "--config.model.mlp_dim=32", "--config.model.moe.hidden_dim=32",
+                 "--config.model.representation_size=16", "--config.data.image_size=64",
+                 "--config.model.moe.group_size=40", "--config.batch_size=32",
+                 config="configs/vmoe_s32_imagenet.py:vmoe")
+  assert r["devices"] == 4 and r["mesh"]["data"] == 4 and r["mesh"]["expert"] == 1
+  assert r["collectives"]["all-to-all"] == 0 and r["collectives"]["all-reduce"] > 0
+  D, F, E, C = 16, 32, 8, 1000
+  embed = (32 * 32 * 3 * D + D) + D + 4 * D  # patch conv, CLS, posemb of the 2x2 patches
+  block = 2 * 2 * D + 4 * (D * D + D)  # 2 LayerNorms; query, key, value, out
+  mlp = D * F + F + F * D + D
+  moe = D * E + E * mlp  # router (no bias) + 8 experts
+  # + the final norm, pre-logits and head: 99,608
+  assert r["params"] == embed + 8 * block + 6 * mlp + 2 * moe + 2 * D + (D * D + D) + (D * C + C)

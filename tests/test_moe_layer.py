@@ -416,3 +416,19 @@ def test_sum_loss_gradient_runs_five_expert_gemms_like_a_dense_ffn():
   # GEMM is dead code (issue 22); a loss that reads it needs all six (two forward, four backward).
   assert 4.9 < _gemm_flops(jnp.sum) < 5.3
   assert 5.9 < _gemm_flops(lambda y: jnp.sum(y**2)) < 6.3
+
+
+def test_eval_capacity_factor_applies_in_eval_mode_only():
+  """E=4, k=1, 16 tokens per group: capacity_factor 0.25 gives C = ceil(16 * 0.25 / 4) = 1 slot
+  per expert, so at least 12 of 16 tokens drop; eval_capacity_factor 4.0 gives C = 16 in eval
+  mode: nothing drops, and the output is that of a layer built with capacity_factor 4.0."""
+  x = jax.random.normal(jax.random.key(3), (2, 16, 8))
+  layer = make_layer(cf=0.25, eval_capacity_factor=4.0, router__noise_std=0.0)
+  dropped = lambda aux: float(next(iter(aux.layers.values())).metrics["dropped_fraction"])
+  y_eval, aux_eval = run(layer, x)
+  assert dropped(aux_eval) == 0.0
+  np.testing.assert_allclose(y_eval, run(make_layer(cf=4.0), x)[0], rtol=1e-6)
+  layer.train()
+  assert dropped(run(layer, x)[1]) >= 12 / 16
+  with pytest.raises(ValueError, match=r"eval_capacity_factor=-1.0 must be >= 0"):
+    make_layer(eval_capacity_factor=-1.0)

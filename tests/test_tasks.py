@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from moe_jax import aot, tasks
@@ -76,3 +78,24 @@ def test_aot_compiles_the_vqa_train_step():
   report = aot.compile_for_topology(c, "cpu:8")
   assert report["task"] == "vqa" and report["flops_per_device"] > 0
   assert report["mesh"]["data"] == 8 and report["memory_per_device"]["total"] > 0
+
+
+def test_sigmoid_and_softmax_cross_entropy_by_hand():
+  logits = jnp.array([[0.0, 2.0], [1.0, -1.0]])
+  # sigmoid_xent, label 1: -log(1 - s(0)) - log(s(2)) = log 2 + log(1 + e^-2);
+  # label 0: -log(s(1)) - log(1 - s(-1)) = 2 log(1 + e^-1).
+  want = [np.log(2) + np.log1p(np.exp(-2)), 2 * np.log1p(np.exp(-1))]
+  got = classification.cross_entropy(logits, jnp.array([1, 0]), "sigmoid_xent")
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # soft targets [0.25, 0.75] on row 0: class 0 (logit 0) costs log 2; class 1 (logit 2)
+  # -0.75 log s(2) - 0.25 log s(-2) = 0.75 log(1 + e^-2) + 0.25 (2 + log(1 + e^-2)).
+  soft = jnp.array([[0.25, 0.75], [1.0, 0.0]])
+  row0 = np.log(2) + 0.75 * np.log1p(np.exp(-2)) + 0.25 * (2 + np.log1p(np.exp(-2)))
+  np.testing.assert_allclose(classification.cross_entropy(logits, soft, "sigmoid_xent"),
+                             [row0, want[1]], rtol=1e-6)
+  # softmax_xent, label 1 of [0, 2]: log(1 + e^-2).
+  np.testing.assert_allclose(classification.cross_entropy(logits[:1], jnp.array([1]),
+                                                          "softmax_xent"), [np.log1p(np.exp(-2))],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match=r"^config.loss='hinge' must be one of"):
+    classification.cross_entropy(logits, jnp.array([1, 0]), "hinge")

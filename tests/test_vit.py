@@ -63,3 +63,20 @@ def test_mlp_factory_replaces_only_chosen_blocks():
 def test_bad_config_names_the_field(field, value):
   with pytest.raises(ValueError, match=f"model.{field}"):
     vit.ViT(tiny(**{field: value}), rngs=nnx.Rngs(0))
+
+
+def test_pre_logits_layer_and_head_bias_init():
+  """representation_size=4: features = tanh(pooled CLS @ W + b) `[B, 4]`; the zero head kernel
+  with head_bias_init=-log(10) gives logits of exactly -log(10) at init (vmoe's head)."""
+  model = vit.ViT(tiny(representation_size=4, head_bias_init=-np.log(10.0)), rngs=nnx.Rngs(0))
+  images = jax.random.normal(jax.random.key(1), (3, 16, 16, 1))
+  pooled = np.asarray(model.tokens(images)[:, 0])
+  want = np.tanh(pooled @ np.asarray(model.pre_logits.kernel[...])
+                 + np.asarray(model.pre_logits.bias[...]))
+  np.testing.assert_allclose(np.asarray(model.features(images)), want, rtol=1e-5, atol=1e-6)
+  assert model.head.kernel.shape == (4, 10)
+  np.testing.assert_array_equal(np.asarray(model(images)), np.full((3, 10), -np.log(10.0),
+                                                                   np.float32))
+  assert vit.ViT(tiny(), rngs=nnx.Rngs(0)).pre_logits is None  # 0 = no layer, the old tree
+  with pytest.raises(ValueError, match=r"^model.representation_size=-1 must be >= 0"):
+    vit.ViT(tiny(representation_size=-1), rngs=nnx.Rngs(0))

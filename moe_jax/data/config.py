@@ -24,6 +24,10 @@ def default_config() -> ml_collections.ConfigDict:
       prefetch_threads=1,  # grain read-ahead threads: batches are built while the step runs
       prefetch_buffer=4,  # batches read ahead (per process)
       num_workers=0,  # > 0: grain worker processes (mp_prefetch); 0 builds batches in-process
+      # Train batches copied to the devices ahead of the step that uses them (the trainer's
+      # moe_jax.train.prefetch.DevicePrefetch, with the batch sharding): 0 = none, each batch is
+      # copied when its step asks for it.
+      device_prefetch=2,
   ))
 
 
@@ -40,6 +44,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   transforms.normalization_stats(config.normalization, config.channels)
   preprocess.train_pipeline(config)
   for field, low in (("image_size", 1), ("prefetch_threads", 0),
-                     ("prefetch_buffer", 0), ("num_workers", 0)):
+                     ("prefetch_buffer", 0), ("num_workers", 0), ("device_prefetch", 0)):
     if config[field] < low:
       raise ValueError(f"data.{field}={config[field]} must be >= {low}")

@@ -58,7 +58,12 @@ def vit_config(variant: str = "S/16", **overrides) -> ml_collections.ConfigDict:
       posemb="learned",  # 'learned' or 'sincos2d'
       dropout_rate=0.0, attention_dropout_rate=0.0, stochastic_depth=0.0,
       dtype="float32",  # compute dtype; params stay float32
-      head_zero_init=True, **BLOCK_VARIANTS, **EMBED_VARIANTS,
+      head_zero_init=True,
+      head_bias_init=0.0,  # the head's initial bias (vmoe: -log(num_classes), with sigmoid loss)
+      # > 0: a pre-logits layer, dense width -> representation_size + tanh, between the pooled
+      # features and the head (big_vision / vmoe `representation_size`); 0 = none.
+      representation_size=0,
+      **BLOCK_VARIANTS, **EMBED_VARIANTS,
       remat_policy="none"))  # per block: moe_jax.models.remat.POLICIES (e.g. 'dots_saveable')
   return with_overrides(c, overrides, "vit_config")
 
@@ -79,6 +84,9 @@ def _validate(c: ml_collections.ConfigDict) -> None:
                      f"model.patch_size={c.patch_size}")
   if c.width % c.num_heads:
     raise ValueError(f"model.width={c.width} must be divisible by model.num_heads={c.num_heads}")
+  if c.representation_size < 0:
+    raise ValueError(f"model.representation_size={c.representation_size} must be >= 0 "
+                     "(0 = no pre-logits layer)")
   if c.pool not in POOLS:
     raise ValueError(f"model.pool={c.pool!r} must be one of {POOLS}")
   if c.posemb not in ("learned", "sincos2d"):
@@ -225,8 +233,11 @@ class ViT(nnx.Module):
                             for i in range(c.depth)])
     self.norm = nnx.LayerNorm(D, epsilon=c.layer_norm_eps, rngs=rngs)
     self.map_head = MAPHead(c, rngs=rngs) if c.pool == "map" else None
+    R = c.representation_size
+    self.pre_logits = nnx.Linear(D, R, rngs=rngs) if R else None
     head_init = nnx.initializers.zeros_init() if c.head_zero_init else nnx.initializers.xavier_uniform()
-    self.head = (nnx.Linear(D, c.num_classes, kernel_init=head_init, rngs=rngs)
+    self.head = (nnx.Linear(R or D, c.num_classes, kernel_init=head_init,
+                            bias_init=nnx.initializers.constant(c.head_bias_init), rngs=rngs)
                  if c.num_classes else None)
 
   def hidden_states(self, images: jax.Array, layer: int = -1) -> jax.Array:
@@ -257,14 +268,17 @@ class ViT(nnx.Module):
     return self.norm(self.hidden_states(images))
 
   def features(self, images: jax.Array) -> jax.Array:
-    """Pre-head representation `[B, D]`: the CLS token, the mean patch token or the MAP head's
-    output, of the final-norm tokens."""
+    """Pre-head representation `[B, D]` (`[B, representation_size]` with a pre-logits layer):
+    the CLS token, the mean patch token or the MAP head's output, of the final-norm tokens,
+    then `tanh(pre_logits(.))` when model.representation_size > 0."""
     x = self.tokens(images)
     if self.pool == "cls":
-      return x[:, 0]
-    if self.pool == "map":
-      return self.map_head(x)
-    return jnp.mean(x[:, 0 if self.registers is None else self.registers.shape[1]:], axis=1)
+      x = x[:, 0]
+    elif self.pool == "map":
+      x = self.map_head(x)
+    else:
+      x = jnp.mean(x[:, 0 if self.registers is None else self.registers.shape[1]:], axis=1)
+    return x if self.pre_logits is None else jnp.tanh(self.pre_logits(x.astype(jnp.float32)))
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """Logits `[B, num_classes]`; the features `[B, D]` when num_classes=0 (no head)."""

@@ -46,6 +46,9 @@ def default_config(router: str = "top_k") -> ml_collections.ConfigDict:
   # Dispatch: `capacity` = [E, C, D] buffers, overflow dropped; `dropless` = grouped matmul.
   c.dispatch = "capacity"
   c.capacity_factor = 1.0  # C = ceil(K * S * capacity_factor / E); expert choice: round(cf*S/E).
+  # > 0: the capacity factor in eval mode (`model.eval()`; vmoe evaluates V-MoE at 4.0, so
+  # fewer tokens drop at test time); 0 = capacity_factor in both modes.
+  c.eval_capacity_factor = 0.0
   c.min_capacity = 1
   # Tokens per routing group S. 0 = each example (row of x [B, T, D]) is one group.
   c.group_size = 0
@@ -129,6 +132,8 @@ def validate(c: ml_collections.ConfigDict, router: type[Router] | None = None) -
   if c.dropless.backend not in ("auto", "blocked", "ragged_dot"):
     fail("dropless.backend", f"={c.dropless.backend!r}: use 'auto', 'blocked' or 'ragged_dot'")
   router.validate(c)
+  if c.eval_capacity_factor < 0:
+    fail("eval_capacity_factor", f"={c.eval_capacity_factor} must be >= 0 (0 = capacity_factor)")
   if not 0.0 <= c.dropout_rate < 1.0:
     fail("dropout_rate", f"={c.dropout_rate} must be in [0, 1)")
   if c.dtype not in ("float32", "bfloat16", "float16"):

@@ -50,7 +50,8 @@ class MoELayer(nnx.Module):
   """Sparse Mixture-of-Experts MLP. See `moe_jax.moe.default_config()` for every knob.
 
   Aux losses and routing metrics are recorded under `moe_jax.moe.capture_aux`.
-  `model.train()` / `model.eval()` switch router noise, expert dropout and expert dropout masks.
+  `model.train()` / `model.eval()` switch router noise, expert dropout and expert dropout masks,
+  and in eval mode the capacity factor is `eval_capacity_factor` when that is > 0.
   `router`: a router to use instead of building `config.router.name`'s; `config` is checked
   against its class (any `Router` subclass, registered or not).
   `out_dim`: experts `D -> F -> out_dim` (MoCHA's connectors); no shared expert then.
@@ -80,6 +81,7 @@ class MoELayer(nnx.Module):
                               dtype=config.dtype, out_dim=out_dim, rngs=rngs)
     self.shared_expert = (SharedExpert(dim, config, rngs=rngs)
                           if config.shared_expert.enabled else None)
+    self.deterministic = False  # set by model.train() / model.eval()
 
   def _groups(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`x [B, T, D]` -> (router input `[G, S, D]`, dispatch rows `[G, S, R*D]`).
@@ -116,8 +118,10 @@ class MoELayer(nnx.Module):
       x = jax.lax.with_sharding_constraint(x, P(batch_axes(mesh)))
     router_input, groups = self._groups(x)
     plan = self.router(router_input)
+    capacity_factor = (c.eval_capacity_factor if self.deterministic and c.eval_capacity_factor
+                       else c.capacity_factor)
     if plan.kind == "token_choice":
-      mode, capacity_factor = c.dispatch, c.capacity_factor
+      mode = c.dispatch
       ragged = mode == "dropless" and expert_parallel.ragged_dropless(mesh)
       if mode == "dropless" and expert_parallel.expert_shards(mesh) > 1 and not ragged:
         mode, capacity_factor = expert_parallel.dropless_as_capacity(c.num_experts, plan.k)
@@ -129,7 +133,7 @@ class MoELayer(nnx.Module):
     else:
       ragged = False
       dispatch_fn = functools.partial(getattr(dispatch, plan.kind),
-                                      capacity_factor=c.capacity_factor)
+                                      capacity_factor=capacity_factor)
     if mesh is None:
       y, metrics = dispatch_fn(plan, groups, self.experts)
     else:

@@ -1,4 +1,5 @@
-"""Image classification: softmax cross-entropy + MoE aux losses; top-1/top-5 and routing eval.
+"""Image classification: softmax (or sigmoid, `config.loss`) cross-entropy + MoE aux losses;
+top-1/top-5 and routing eval.
 
 Batches: `image float32 [B, H, W, C]`, `label int32 [B]` (+ `soft_label float32 [B, classes]`
 when data.pp_train has label ops; + `mask float32 [B]` in eval), from
@@ -45,15 +46,30 @@ def check_model_matches_data(config) -> None:
           f"so override data.{field})")
 
 
-def classification_loss(model: nnx.Module, batch: Batch):
-  """(loss, metrics): cross-entropy of `model(batch["image"])` vs the targets `soft_label`
-  `[B, classes]` when the batch has them (mixup, cutmix, label smoothing), else `label` `[B]`,
-  + MoE aux; accuracy against `label`."""
+LOSSES = ("softmax_xent", "sigmoid_xent")
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, loss: str) -> jax.Array:
+  """Per-example loss `[B]` of `logits [B, classes]` against `targets`: `int [B]` labels or
+  `[B, classes]` soft targets. `softmax_xent`: softmax cross-entropy. `sigmoid_xent` (vmoe's
+  and big_vision's): the sum over classes of the binary cross-entropy of sigmoid(logits)."""
+  if loss not in LOSSES:
+    raise ValueError(f"config.loss={loss!r} must be one of {LOSSES}")
+  if targets.ndim == 1:
+    if loss == "softmax_xent":
+      return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    targets = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+  if loss == "softmax_xent":
+    return optax.softmax_cross_entropy(logits, targets)
+  return optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1)
+
+
+def classification_loss(model: nnx.Module, batch: Batch, loss: str = "softmax_xent"):
+  """(loss, metrics): `cross_entropy` (`loss`: one of LOSSES) of `model(batch["image"])` vs the
+  targets `soft_label` `[B, classes]` when the batch has them (mixup, cutmix, label smoothing),
+  else `label` `[B]`, + MoE aux; accuracy against `label`."""
   logits, aux = moe.capture_aux(model)(batch["image"])
-  if "soft_label" in batch:
-    ce = optax.softmax_cross_entropy(logits, batch["soft_label"]).mean()
-  else:
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  ce = cross_entropy(logits, batch.get("soft_label", batch["label"]), loss).mean()
   metrics = {"train/loss": ce + aux.total_loss, "train/ce_loss": ce,
              "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
              **moe_scalars(aux, "train")}
@@ -61,14 +77,21 @@ def classification_loss(model: nnx.Module, batch: Batch):
 
 
 class ClassificationTask(Task):
-  """`config.task = "classification"` (the default)."""
+  """`config.task = "classification"` (the default). `config.loss`, when the config has it, is
+  the loss of training and eval (`LOSSES`); configs without it use softmax cross-entropy."""
 
   name = "classification"
   data_module = data
 
+  def __init__(self, config):
+    super().__init__(config)
+    self.loss_name = config.get("loss", "softmax_xent")
+
   def check(self) -> None:
     check_model_matches_data(self.config)
     data.config.validate(self.config.data)
+    if self.loss_name not in LOSSES:
+      raise ValueError(f"config.loss={self.loss_name!r} must be one of {LOSSES}")
 
   def check_eval(self, source):
     data.pipeline.check_eval_source(self.config.data, source)
@@ -85,7 +108,7 @@ class ClassificationTask(Task):
     return batch
 
   def loss(self, model, batch):
-    return classification_loss(model, batch)
+    return classification_loss(model, batch, self.loss_name)
 
   def eval_sums(self, model, batch):
     """Sums of loss, top-1/top-5 hits and count; per MoE layer the routing metrics times the
@@ -93,7 +116,7 @@ class ClassificationTask(Task):
     main-expert token counts `[classes, E + 1]` (padding examples masked out)."""
     logits, aux = moe.capture_aux(model)(batch["image"])
     mask, labels = batch["mask"], batch["label"]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    ce = cross_entropy(logits, labels, self.loss_name)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     n = jnp.sum(mask)
     sums = {"loss": jnp.sum(ce * mask), "top1": jnp.sum((top5[:, 0] == labels) * mask),

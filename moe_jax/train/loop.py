@@ -13,7 +13,7 @@ from moe_jax import models, paths, tasks
 from moe_jax.checkpoints import init_from
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import sharding
-from moe_jax.train import checkpoint, evaluators, metrics, optim, state as state_lib
+from moe_jax.train import checkpoint, evaluators, metrics, optim, prefetch, state as state_lib
 from moe_jax.train import step as step_lib
 from moe_jax.vlm import pretrained
 
@@ -29,6 +29,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for k in ("batch_size", "total_steps", "log_every_steps"):
     if config[k] < 1:
       raise ValueError(f"config.{k}={config[k]} must be >= 1")
+  if "device_prefetch" not in config.data:
+    raise ValueError("config.data.device_prefetch is missing: add it to the data node (batches "
+                     "copied to the devices ahead of the step, 0 = none; "
+                     "moe_jax.data.default_config() has it)")
 
 
 def num_experts(config: ml_collections.ConfigDict) -> int | None:
@@ -129,8 +133,10 @@ class Trainer:
     c = self.config
     state, data_state = self.restore_or_init()
     pc, pi = jax.process_count(), jax.process_index()
-    iterator = self.task.train_batches(batch_size=c.batch_size // pc, seed=c.seed,
-                                       process_index=pi, process_count=pc)
+    iterator = prefetch.DevicePrefetch(
+        self.task.train_batches(batch_size=c.batch_size // pc, seed=c.seed, process_index=pi,
+                                process_count=pc),
+        sharding.batch_sharding(self.mesh), c.data.device_prefetch)
     if data_state is not None:
       iterator.set_state(data_state)
     with jax.set_mesh(self.mesh):
@@ -149,7 +155,7 @@ class Trainer:
     tracing = False
     try:
       for step in range(start + 1, c.total_steps + 1):
-        batch = step_lib.global_batch(next(iterator), self.mesh)
+        batch = next(iterator)  # on the devices; the next ones are being copied
         if self.profile_steps and step == self.profile_steps[0]:
           jax.block_until_ready(state)  # the trace holds these steps only
           jax.profiler.start_trace(profile_dir(self.workdir))
