@@ -160,7 +160,7 @@ def test_pipeline_batches_are_global_resumable_and_checked_before_the_run(tmp_pa
     llava_data.read_examples(str(tmp_path / "text_only.json"))
 
 
-def test_the_trainer_trains_mocha_on_llava_data(tmp_path):
+def _tiny_mocha_on_llava(tmp_path) -> ml_collections.ConfigDict:
   c = mocha_tiny_digits_vqa.get_config("stage2")
   c.data = _data_config(tmp_path, num_examples=8, eval_examples=4)
   c.batch_size = c.eval_batch_size = 8
@@ -172,13 +172,28 @@ def test_the_trainer_trains_mocha_on_llava_data(tmp_path):
                                      depth=1, mlp_dim=32, num_heads=2, posemb="sincos2d")},
       image_size=16, channels=3)
   c.optimizer.trainable = model.trainable_pattern(c.model, "stage2")
+  return c
+
+
+def test_the_trainers_vqa_task_reads_llava_batches_of_the_compiled_shapes(tmp_path):
+  c = _tiny_mocha_on_llava(tmp_path)
   trainer = loop.Trainer(c, str(tmp_path / "run"))
-  result = trainer.train()
-  assert result["eval/num_examples"] == 4
-  assert np.isfinite(result["train/answer_loss"]) and 0 < result["eval/loss"] < 10
-  state = trainer.ckpt.latest_step()
-  assert state == 2
+  assert trainer.task.llava
+  batch = next(trainer.task.train_batches(batch_size=8, seed=0, process_index=0,
+                                          process_count=1))
+  abstract = trainer.task.batch_shapes(8, eval_=False)
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+      k: (s.shape, s.dtype) for k, s in abstract.items()}
   # a tokenizer larger than the LM's vocabulary is refused when the data is built
   c.model.decoder.vocab_size = 8
   with pytest.raises(ValueError, match=r"has 2[0-9] tokens but model.decoder.vocab_size=8"):
     vqa.VqaTask(c).train_batches(batch_size=8, seed=0, process_index=0, process_count=1)
+
+
+@pytest.mark.slow  # end-to-end, ~1.5 min on the shared 2 cores (compiles): `-m slow`
+def test_the_trainer_trains_mocha_on_llava_data(tmp_path):
+  c = _tiny_mocha_on_llava(tmp_path)
+  trainer = loop.Trainer(c, str(tmp_path / "run"))
+  result = trainer.train()
+  assert result["eval/num_examples"] == 4 and trainer.ckpt.latest_step() == 2
+  assert np.isfinite(result["train/answer_loss"]) and 0 < result["eval/loss"] < 10
