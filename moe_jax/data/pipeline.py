@@ -207,3 +207,20 @@ def eval_dataset(config: ml_collections.ConfigDict, *, batch_size: int, process_
   """`make_dataset` on `data.eval_split`, train=False (re-iterable)."""
   return make_dataset(config, config.eval_split, batch_size=batch_size,
                       process_index=process_index, process_count=process_count, train=False)
+
+
+def extended_dataset(reader: readers.Reader, pp: preprocess.Pipeline,
+                     config: ml_collections.ConfigDict, extend, *, train: bool, batch_size: int,
+                     seed: int, process_index: int, process_count: int,
+                     what: str) -> grain.DatasetIterator | grain.IterDataset:
+  """`make_dataset`'s batches of `reader` through `pp` (train: an endless iterator; else a
+  re-iterable pass with `mask`), each passed through `extend(batch) -> batch` (e.g. the VQA
+  pipelines, whose `label` holds rows, add their text by row), with `data.*` read-ahead."""
+  if train:
+    batches = train_batches(reader, pp, batch_size=batch_size, seed=seed,
+                            process_index=process_index, process_count=process_count, what=what)
+  else:
+    batches = eval_batches(reader, pp, batch_size=batch_size, process_index=process_index,
+                           process_count=process_count)
+  ds = read_ahead(batches.map(extend), config)
+  return iter(ds) if train else ds

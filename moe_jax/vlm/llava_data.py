@@ -260,15 +260,9 @@ def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seed: in
   reader = Conversations(config, split, 0 if train else config.eval_examples)
   pp = preprocess.pipelines(config)[0 if train else 1]
   pp.check_source(None, True, f"{NAME}:{split}")
-  if train:
-    batches = pipeline.train_batches(reader, pp, batch_size=batch_size, seed=seed,
-                                     process_index=process_index, process_count=process_count,
-                                     what=f"data.files.{split}")
-  else:
-    batches = pipeline.eval_batches(reader, pp, batch_size=batch_size,
-                                    process_index=process_index, process_count=process_count)
-  ds = pipeline.read_ahead(batches.map(reader.with_text), config)
-  return iter(ds) if train else ds
+  return pipeline.extended_dataset(
+      reader, pp, config, reader.with_text, train=train, batch_size=batch_size, seed=seed,
+      process_index=process_index, process_count=process_count, what=f"data.files.{split}")
 
 
 train_dataset = functools.partial(make_dataset, train=True)
@@ -279,13 +273,13 @@ def batch_shapes(config: ml_collections.ConfigDict, batch_size: int,
                  eval_: bool) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of a global batch of `batch_size` (for compiling before data arrives)."""
   d = config.data
-  spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
-  batch = {"image": spec((d.image_size, d.image_size, d.channels), jnp.float32),
-           "tokens": spec((d.text_len,)), "loss_mask": spec((d.text_len,), jnp.float32),
-           "prompt_len": spec(()), "example": spec(())}
+  fields = {"image": ((d.image_size, d.image_size, d.channels), jnp.float32),
+            "tokens": ((d.text_len,), jnp.int32), "loss_mask": ((d.text_len,), jnp.float32),
+            "prompt_len": ((), jnp.int32), "example": ((), jnp.int32)}
   if eval_:
-    batch["mask"] = spec((), jnp.float32)
-  return batch
+    fields["mask"] = ((), jnp.float32)
+  return {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
+          for k, (shape, dtype) in fields.items()}
 
 
 def write_example_dataset(directory: str, num_examples: int = 8, seed: int = 0) -> str:
