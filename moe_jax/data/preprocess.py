@@ -6,8 +6,8 @@
 Ops are separated by `|`; each is `name` or `name(args)` with Python literal arguments. Two
 stages, in this order:
 
-- example ops (one image at a time, PIL images of any size): `decode`, `pad_square`, `resize`,
-  `resize_small`, `central_crop`, `inception_crop`, `pad_crop`, `flip_lr`, `randaug`;
+- example ops (one image at a time, PIL images of any size): `decode`, `resize`, `resize_small`,
+  `central_crop`, `inception_crop`, `pad_crop`, `flip_lr`, `randaug`, `pad_square`;
 - batch ops (on the stacked batch): `normalize` (exactly once, first: uint8 -> float32
   `[B, H, W, C]`), then the label ops `label_smoothing`, `mixup`, `cutmix`, which add
   `soft_label` float32 `[B, num_classes]` (each row sums to 1; `label` keeps the example's own
@@ -420,7 +420,6 @@ class Cutmix(_Mix):
 # name -> (class, the data-config fields it is built with)
 OPS: dict[str, tuple[type[Op], tuple[str, ...]]] = {
     "decode": (Decode, ("channels",)),
-    "pad_square": (PadSquare, ("normalization", "channels")),
     "resize": (Resize, ("image_size", "mode")),
     "resize_small": (ResizeSmall, ("image_size", "mode")),
     "central_crop": (CentralCrop, ("image_size", "mode")),
@@ -428,6 +427,7 @@ OPS: dict[str, tuple[type[Op], tuple[str, ...]]] = {
     "pad_crop": (PadCrop, ("mode",)),
     "flip_lr": (FlipLr, ("mode",)),
     "randaug": (RandAug, ("mode",)),
+    "pad_square": (PadSquare, ("normalization", "channels")),
     "normalize": (Normalize, ("normalization", "channels")),
     "label_smoothing": (LabelSmoothing, ("num_classes",)),
     "mixup": (Mixup, ("num_classes",)),
