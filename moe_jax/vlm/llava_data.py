@@ -17,8 +17,10 @@ Text of an example (`encode_conversation`), by `data.template`:
   answer + "\\n"; the human turn is dropped; every text token but `<bos>` is in the loss.
 The loss mask is 1 on the answers' tokens and their `<eos>` only (role prefixes, questions and
 padding 0), as LLaVA masks with IGNORE_INDEX. `<image>` must appear once, at the start of the
-first human turn: MoCHA puts the visual tokens before the text, so the placeholder and the
-newline after it are removed. LLaVA truncates a text longer than its `model_max_length`:
+first human turn: our decoder takes the visual tokens as a prefix before all text
+(`moe_jax.vlm.lm`), so the placeholder and the newline after it are removed. (The reference
+splices them in at the placeholder, i.e. after the system prompt and "USER: " in the
+conversation template: a difference in token order there; none in the plain template.) LLaVA truncates a text longer than its `model_max_length`:
 `data.overflow='truncate'` does the same at `data.text_len`, 'error' (the default) raises.
 Examples without an image (text-only rows such as the ShareGPT part of mix665k) are refused
 before the run: MoCHA's encoders need an image (LLaVA drops the visual tokens there instead).
@@ -117,7 +119,7 @@ def _check_example(example, n: int) -> None:
   if not turns[0]["value"].startswith(IMAGE) or sum(t["value"].count(IMAGE)
                                                      for t in turns) != 1:
     raise ValueError(f"{name}: {IMAGE} must appear once, at the start of the first human turn "
-                     "(MoCHA puts the visual tokens before the text)")
+                     "(the visual tokens go before the text)")
 
 
 def _answer_tokens(tokenizer: PretrainedTokenizer, text: str,
