@@ -184,6 +184,10 @@ def test_the_trainers_vqa_task_reads_llava_batches_of_the_compiled_shapes(tmp_pa
   abstract = trainer.task.batch_shapes(8, eval_=False)
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
       k: (s.shape, s.dtype) for k, s in abstract.items()}
+  bad = c.copy_and_resolve_references()
+  bad.data.name = "llava"
+  with pytest.raises(ValueError, match=r"data.name='llava': the vqa task reads "):
+    vqa.VqaTask(bad).check()
   # a tokenizer larger than the LM's vocabulary is refused when the data is built
   c.model.decoder.vocab_size = 8
   with pytest.raises(ValueError, match=r"has 2[0-9] tokens but model.decoder.vocab_size=8"):

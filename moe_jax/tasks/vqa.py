@@ -78,6 +78,9 @@ class VqaTask(Task):
     self.data_module = llava_data if self.llava else vqa_data
 
   def check(self) -> None:
+    if self.config.data.name not in (vqa_data.NAME, llava_data.NAME):
+      raise ValueError(f"data.name={self.config.data.name!r}: the vqa task reads "
+                       f"{vqa_data.NAME!r} (embedded) or {llava_data.NAME!r} (LLaVA JSON files)")
     check_model_matches_data(self.config)
     pretrained.check_decoder_config(self.config.model)
     if self.llava:
@@ -101,8 +104,9 @@ class VqaTask(Task):
     return vqa_loss(model, batch)
 
   def eval_sums(self, model, batch):
-    """Sums over real examples: answer-token loss, tokens, token hits (teacher forced), exact
-    matches of greedy answers (overall and per question type), count."""
+    """Sums over real examples: answer-token loss, tokens, token hits (teacher forced), count;
+    on the digit task also the exact matches of greedy answers (overall and per question
+    type)."""
     ce, mask, hits, _ = answer_token_loss(model, batch)
     real = batch["mask"]
     mask = mask * real[:, None]
