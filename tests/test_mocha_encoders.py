@@ -163,7 +163,7 @@ def phi_mocha_config(**decoder_changes) -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 0
   path = os.path.join(DATA, "hf_phi")
   phi = hf_decoders.import_hf_decoder(path)[0]
-  phi.checkpoint, phi.max_len = path, 80  # 25 visual + 12 text tokens > the fixture's 64: rope
+  phi.checkpoint = path  # max_len: the fixture's 64 positions hold 25 visual + 12 text tokens
   phi.update(decoder_changes)
   c.model = model.mocha_config(phi, {n: c.model.encoders[n] for n in c.model.encoder_order},
                                image_size=28, channels=1)
