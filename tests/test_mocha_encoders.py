@@ -143,7 +143,7 @@ def phi_config(**changes) -> ml_collections.ConfigDict:
   """The hf_phi fixture's Phi as `model.decoder`, its checkpoint set, with `changes`."""
   path = os.path.join(DATA, "hf_phi")
   phi = hf_decoders.import_hf_decoder(path)[0]
-  phi.checkpoint, phi.max_len = path, 80  # up to 56 visual + 12 text > the fixture's 64: rope
+  phi.checkpoint = path  # max_len: the checkpoint's 64 positions (checked against config.json)
   phi.update(changes)
   return phi
 

@@ -127,10 +127,11 @@ class Trainer:
 
   def train(self) -> dict:
     c = self.config
-    state, data_state = self.restore_or_init()
     pc, pi = jax.process_count(), jax.process_index()
+    # the data first: a missing file is an error before any checkpoint is read
     iterator = self.task.train_batches(batch_size=c.batch_size // pc, seed=c.seed,
                                        process_index=pi, process_count=pc)
+    state, data_state = self.restore_or_init()
     if data_state is not None:
       iterator.set_state(data_state)
     with jax.set_mesh(self.mesh):
