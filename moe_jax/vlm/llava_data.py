@@ -6,7 +6,8 @@ A file is a JSON list of examples as LLaVA ships them (`blip_laion_cc_sbu_558k.j
 ...]}`, human and gpt turns alternating, any number of rounds. `data.files` maps split names to
 files: `data.train_split` names the training file; an evaluation (`config.evals.<name>`, type
 'vqa', dataset 'llava_json') names its file by `split`, optionally sliced in tfds split syntax
-(`'validation'`, `'train[:1024]'`, `'train[10%:20%]'`; `split_rows`).
+(`'validation'`, `'train[:1024]'`, `'train[10%:20%]'`; `split_rows`): the same syntax as every
+other evaluation's split, rather than an example-count field.
 
 Text of an example (`encode_conversation`), by `data.template`:
 - 'conversation' (LLaVA's `SeparatorStyle.TWO`: its Vicuna v1 and Phi templates): `<bos>`, then
@@ -27,8 +28,8 @@ conversation template: a difference in token order there; none in the plain temp
 Examples without an image (text-only rows such as the ShareGPT part of mix665k) are refused
 before the run: MoCHA's encoders need an image (LLaVA drops the visual tokens there instead).
 
-Images go through `data.pp_train` / the evaluation's `pp` (`moe_jax.data.preprocess`; CLIP's
-image processor: shorter side to data.image_size bicubic, centre crop, CLIP mean / std; prepend
+Images go through `data.pp_train` / the evaluation's `pp` (`moe_jax.data.preprocess`; `CLIP_PP`,
+data.pp_train's default, is CLIP's image processor: shorter side to data.image_size bicubic, centre crop, CLIP mean / std; prepend
 `pad_square` for LLaVA's `image_aspect_ratio='pad'`), one image for every encoder as in the
 MoCHA reference. Batching, shuffling and multi-host rows are `moe_jax.data.pipeline`'s: global
 batch i is a function of (seed, i) only, and process p builds its rows of it.
