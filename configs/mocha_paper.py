@@ -1,8 +1,34 @@
-r"""MoCHA at paper size (Pang et al. 2025): four ViT-L-class encoders and Phi-2, all pretrained.
+r"""MoCHA at paper size (Pang et al. 2025): four ViT-L-class encoders and Phi-2, all pretrained,
+trained on LLaVA's data in the reference's two stages (Pbhgit/MoCHA scripts/moec_phi/).
 
+    # stage 1: connectors (+ HGA) on LLaVA-Pretrain captions (LLaVA's `plain` template)
     python train.py --config configs/mocha_paper.py:stage1 --workdir gs://.../mocha_s1
+    # stage 2: connectors + Phi-2 on LLaVA-665K conversations, from stage 1's run
     python train.py --config configs/mocha_paper.py:stage2 --workdir gs://.../mocha_s2 \
         --config.init_from.path=gs://.../mocha_s1
+
+Data (`moe_jax.vlm.llava_data`, the `vqa` task's LLaVA input pipeline), at the reference
+scripts' paths relative to the working folder (override with `--config.data.files.train=...`,
+`--config.data.image_dir=...`, `--config.data.tokenizer.path=...`):
+  stage 1  ./playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json, images under
+           ./playground/data/images; template 'plain' (caption + "\n" in the loss); CLIP's
+           image processor (shorter side 336 bicubic, centre crop)
+  stage 2  ./playground/data/llava_v1_5_mix665k.json, images under ./playground/data; the
+           reference's Phi conversation template (system prompt, "USER: " / "ASSISTANT: ",
+           answers end in <|endoftext|>, loss on the assistant turns only); images padded to a
+           square with CLIP's mean colour first (`image_aspect_ratio='pad'`). Text-only rows of
+           mix665k are refused (one-line error): remove them from the JSON first.
+  both     Phi-2's tokenizer.json from the decoder checkpoint folder (<|endoftext|> as bos, eos
+           and pad); data.text_len = 2048 - 1692 visual tokens = 356 text tokens, longer
+           conversations truncated (`data.overflow='truncate'`, as the reference truncates at its
+           model_max_length). The reference's model_max_length is 2560, past Phi-2's 2048
+           max_position_embeddings; model.decoder.max_len may not exceed the checkpoint's (a
+           one-line error), so here the text budget is 356. Evaluation: `evals.train_1024`, a
+           teacher-forced loss readout on split 'train[:1024]' (the first 1,024 training
+           examples) at the end (the reference evaluates on separate benchmarks only).
+Differences from the reference data path: a <bos> (= <|endoftext|>) starts every text (the
+reference's Phi tokenizer adds none); JPEGs decode through PIL's draft mode when shrunk >= 2x
+(`moe_jax.data.preprocess`), not at full size.
 
 Stage 2 starts from stage 1's latest checkpoint (`init_from.kind='run'`: every parameter, so
 the trained connectors and the untouched encoders and Phi-2; no checkpoint is read again) with
@@ -35,13 +61,13 @@ width 2560, 32 heads, rotary on 40% of each head's dims, vocab 51200, gelu_new, 
 (the HF directory, default ./models/microsoft-phi-2, set with
 `--config.model.decoder.checkpoint=/path`; read by `moe_jax.checkpoints.hf_decoders` when stage
 1 starts; a checkpoint that does not fit `model.decoder` is a one-line error).
-Stage 1: connectors (+ HGA) at lr 1e-3; stage 2: connectors + LM at lr 2e-5, cosine, 3% warmup.
+Stage 1: connectors (+ HGA) at lr 1e-3, batch 256, one epoch of the 558K captions; stage 2:
+connectors + LM at lr 2e-5, batch 128; cosine, 3% warmup (the reference: batch 32 on 8 GPUs).
 
-The data here is the embedded digit-VQA set resized to 336 px (grey repeated to RGB) — the config
-fixes shapes and the recipe; for the paper's results use the paper's instruction data in the same
-batch format (or precomputed features: `encoder_config("features", tokens=T, dim=D)` +
-`data.features`).
-Expected result: not measured (needs accelerators).
+AOT (compile only, from a CPU host with libtpu; bench/RESULTS.md "AOT: MoCHA paper config"):
+    python -m moe_jax.commands.aot --config configs/mocha_paper.py:stage2 --topology v5p:4x4x4 \
+        --config.mesh.data=1 --config.mesh.fsdp=16 --config.mesh.expert=4
+Expected result: not measured (needs accelerators and the data).
 """
 from __future__ import annotations
 
@@ -52,7 +78,7 @@ from moe_jax.checkpoints import hf, hf_decoders, init_from
 from moe_jax.models import convnext
 from moe_jax.parallel import mesh
 from moe_jax.train import evaluators, optim
-from moe_jax.vlm import encoders, model, vqa_data
+from moe_jax.vlm import encoders, llava_data, model
 
 VARIANTS = ("stage2", "stage1")
 # The published checkpoints' config.json (image tower) values -> our backbone configs.
@@ -71,6 +97,19 @@ PHI_2 = dict(model_type="phi", hidden_size=2560, intermediate_size=10240, num_hi
              vocab_size=51200, max_position_embeddings=2048, hidden_act="gelu_new",
              layer_norm_eps=1e-5, rope_theta=10000.0, qk_layernorm=False,
              tie_word_embeddings=False)
+# The reference's conversation template for Phi-2 (its llava/conversation.py `conv_phi_v0`).
+PHI_ROLES = dict(system="A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's "
+                 "questions.", user="USER: ", assistant="ASSISTANT: ", separator=" ")
+VISUAL_TOKENS = 440 + 100 + 576 + 576  # SigLIP, ConvNeXt, CLIP, DINOv2 at 336 px
+# The reference scripts' data per stage: (JSON, image folder, template, image preprocessing).
+CLIP_PROCESSOR = "resize_small(method='bicubic')|central_crop|normalize"
+STAGE_DATA = {
+    "stage1": ("./playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
+               "./playground/data/images", "plain", "decode|" + CLIP_PROCESSOR),
+    "stage2": ("./playground/data/llava_v1_5_mix665k.json", "./playground/data", "conversation",
+               "decode|pad_square|" + CLIP_PROCESSOR),
+}
 # timm convnext_xxlarge: norm_eps 1e-5 everywhere, LayerScale, the ft_in1k classifier head.
 CONVNEXT_XXL = dict(layer_norm_eps=1e-5, head_norm_eps=1e-5, layer_scale=1e-6, num_classes=1000,
                     head_zero_init=False)
@@ -82,16 +121,24 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
   c.task = "vqa"
   c.seed = 0
   c.batch_size = 256 if variant == "stage1" else 128
-  c.total_steps = 5000
+  c.total_steps = 558_128 // c.batch_size if variant == "stage1" else 5000  # ~ one epoch
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.evals = ml_collections.ConfigDict()
 
-  c.data = vqa_data.default_config()
-  c.evals.test = evaluators.task_eval("vqa", dataset=c.data.get_ref("name"), split="test",
-                                      pp="resize|normalize", batch_size=256, every_steps=1000)
-  c.data.image_size, c.data.channels, c.data.pp_train = 336, 3, "resize|normalize"
-  c.data.normalization = "clip"  # every encoder gets CLIP's preprocessing, as in the reference
+  c.data = llava_data.default_config()
+  c.data.files.train, c.data.image_dir, c.data.template, c.data.pp_train = STAGE_DATA[variant]
+  # the teacher-forced readout on the first 1024 training examples, at the end only
+  c.evals.train_1024 = evaluators.task_eval(
+      "vqa", dataset=c.data.get_ref("name"), split="train[:1024]", pp=c.data.pp_train,
+      batch_size=256, every_steps=0)
+  c.data.image_size, c.data.normalization = 336, "clip"  # CLIP's processor, for every encoder
+  c.data.text_len = PHI_2["max_position_embeddings"] - VISUAL_TOKENS
+  c.data.overflow = "truncate"
+  c.data.tokenizer.path = "./models/microsoft-phi-2/tokenizer.json"
+  c.data.tokenizer.bos = c.data.tokenizer.eos = c.data.tokenizer.pad = "<|endoftext|>"
+  c.data.roles.update(PHI_ROLES)
+  c.data.prefetch_threads = 8  # JPEG decoding of 128-256 images per step
 
   frozen = dict(trainable=False, dtype="bfloat16")
   pretrained = lambda kind, hub, backbone, **kw: encoders.encoder_config(
@@ -110,7 +157,6 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
                                    hf.vit_config_from_hf(DINOV2_L14)),
   }, image_size=c.data.get_ref("image_size"), channels=c.data.get_ref("channels"))
   c.model.decoder.dtype = c.model.connector.dtype = "bfloat16"
-  # (the digit task's tokenizer uses ids < 33 of Phi-2's 51200; the paper's data: Phi-2's)
 
   c.optimizer = optim.default_config()
   c.optimizer.warmup_steps = int(0.03 * c.total_steps)

@@ -258,3 +258,27 @@ def test_mocha_generates_through_the_cache_with_a_phi_decoder():
   out, prefix = nnx.jit(lambda net, inputs: (
       model.generate(net, inputs, tokens, PROMPT_LEN, 4), net.encode(inputs)))(net, inputs)
   np.testing.assert_array_equal(out, full_recompute(net.decoder, prefix, tokens, PROMPT_LEN, 4))
+
+
+def test_decoder_max_len_past_the_checkpoints_positions_is_a_one_line_error():
+  from moe_jax.tasks import vqa
+  from moe_jax.vlm import pretrained
+  path = os.path.join(DATA, "hf_phi")
+  theirs = hf_decoders.read_decoder_config(path)
+  limit = theirs.max_len  # 64, the fixture's max_position_embeddings
+  c = model.mocha_config(theirs, {"feats": encoders.encoder_config("features", tokens=2, dim=8)},
+                         image_size=28, channels=1)  # the digit-VQA images
+  c.decoder.checkpoint = path
+  pretrained.check_decoder_config(c)  # equal: fine
+  c.decoder.max_len = limit + 1
+  message = (rf"model.decoder.checkpoint=.*hf_phi: model.decoder.max_len={limit + 1} exceeds "
+             rf"the checkpoint's max_position_embeddings={limit} .*set model.decoder.max_len "
+             rf"<= {limit}$")
+  with pytest.raises(CheckpointMismatch, match=message):
+    pretrained.check_decoder_config(c)
+  # the VQA task checks it at start-up (the trainer's first step), before anything is built
+  from configs import mocha_tiny_digits_vqa
+  run = mocha_tiny_digits_vqa.get_config("quick")
+  run.model = c
+  with pytest.raises(CheckpointMismatch, match=message):
+    vqa.VqaTask(run).check()

@@ -1,4 +1,5 @@
-"""LLaVA-format instruction data: loss on assistant turns only, tokenizer files of real LMs."""
+"""LLaVA-format instruction data: loss on assistant turns only, tokenizer files of real LMs, and
+the `vqa` task's LLaVA input pipeline through the Trainer."""
 import json
 
 import ml_collections
@@ -8,8 +9,12 @@ import sentencepiece
 import tokenizers
 from tokenizers import models, pre_tokenizers, trainers
 
+from moe_jax.data import EvalSource, preprocess, transforms
 from moe_jax.tasks import vqa
-from moe_jax.vlm import llava_data, tokenizer
+from moe_jax.train import evaluators, loop
+from moe_jax.vlm import decoder, encoders, llava_data, model, tokenizer
+
+from configs import mocha_tiny_digits_vqa  # noqa: I100
 
 WORDS = ("USER ASSISTANT : What colour is the square ? The square is red . green blue Which side "
          "it on left right")
@@ -26,14 +31,26 @@ def _word_tokenizer(tmp_path) -> str:
   return path
 
 
+def _data_config(tmp_path, num_examples=8, **overrides) -> ml_collections.ConfigDict:
+  c = llava_data.default_config()
+  path = llava_data.write_example_dataset(str(tmp_path), num_examples=num_examples)
+  c.files = ml_collections.ConfigDict({"train": path, "validation": path})
+  c.image_dir, c.image_size, c.text_len = str(tmp_path), 16, 32
+  c.tokenizer.path = _word_tokenizer(tmp_path)
+  c.update(overrides)
+  return c
+
+
+def _source(split: str, pp: str = llava_data.CLIP_PP) -> EvalSource:
+  return EvalSource(llava_data.NAME, split, pp, "evals.val", None)
+
+
 def test_two_turn_loss_mask_covers_the_assistant_answers_only(tmp_path):
-  path = llava_data.write_example_dataset(str(tmp_path), num_examples=2)
-  with open(path) as f:
+  c = _data_config(tmp_path, num_examples=2)
+  with open(c.files.train) as f:
     example = json.load(f)[0]
-  tok = tokenizer.PretrainedTokenizer(_word_tokenizer(tmp_path), bos="<s>", eos="</s>",
-                                      pad="<unk>")
-  tokens, mask, prompt_len = llava_data.encode_conversation(
-      example, tok, llava_data.roles_config(), text_len=32)
+  tok = llava_data.build_tokenizer(c.tokenizer)
+  tokens, mask, prompt_len = llava_data.encode_conversation(example, tok, c)
   colour, side = example["conversations"][1]["value"].split()[-1][:-1], example[
       "conversations"][3]["value"]
   words = (["<s>", "USER", ":", "What", "colour", "is", "the", "square", "?",
@@ -46,33 +63,30 @@ def test_two_turn_loss_mask_covers_the_assistant_answers_only(tmp_path):
   np.testing.assert_array_equal(mask, want_mask + [0] * (32 - len(ids)))
   assert prompt_len == 11  # <bos> + the first human turn + "ASSISTANT :": where generation starts
   assert tok.decode(tokens[11:]) == f"The square is {colour} ."
-  with pytest.raises(ValueError, match="data.text_len=20"):
-    llava_data.encode_conversation(example, tok, llava_data.roles_config(), text_len=20)
-  bad = dict(example, conversations=[dict(c) for c in example["conversations"]])
+  # a system prompt goes before the first round only, outside the loss
+  system = c.copy_and_resolve_references()
+  system.roles.system, system.text_len = "USER", 33
+  tokens, mask, prompt_len = llava_data.encode_conversation(example, tok, system)
+  assert tokens[1] == tok._hf.token_to_id("USER") and mask[:12].sum() == 0 and prompt_len == 12
+  # plain (stage 1): <bos> + the first answer, all of it in the loss; the question is dropped
+  plain = c.copy_and_resolve_references()
+  plain.template = "plain"
+  tokens, mask, prompt_len = llava_data.encode_conversation(example, tok, plain)
+  assert tok.decode(tokens) == f"The square is {colour} ." and prompt_len == 1
+  np.testing.assert_array_equal(mask[:7], [0, 1, 1, 1, 1, 1, 0])
+  c.text_len = 20
+  with pytest.raises(ValueError, match="data.text_len=20; raise it or set data.overflow"):
+    llava_data.encode_conversation(example, tok, c)
+  c.overflow = "truncate"  # LLaVA's model_max_length: cut, mask kept
+  tokens, mask, _ = llava_data.encode_conversation(example, tok, c)
+  np.testing.assert_array_equal(mask, want_mask[:20])
+  bad = dict(example, conversations=[dict(t) for t in example["conversations"]])
   bad["conversations"][2]["value"] = "<image>\nAnd this?"
   with pytest.raises(ValueError, match="example '0000'.*<image> must appear once"):
-    llava_data.encode_conversation(bad, tok, llava_data.roles_config(), text_len=64)
+    llava_data.encode_conversation(bad, tok, c)
 
 
-def test_load_examples_reads_images_and_the_vqa_loss_uses_the_mask(tmp_path):
-  path = llava_data.write_example_dataset(str(tmp_path), num_examples=3)
-  c = llava_data.default_config()
-  c.files = ml_collections.ConfigDict({"train": path})
-  c.image_dir, c.image_size, c.text_len = str(tmp_path), 16, 40
-  c.tokenizer.path, c.tokenizer.pad = _word_tokenizer(tmp_path), "<unk>"
-  batch = llava_data.load_examples(c, "train")
-  assert batch["image"].shape == (3, 16, 16, 3) and batch["tokens"].shape == (3, 40)
-  assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
-  tok = tokenizer.PretrainedTokenizer(c.tokenizer.path, bos="<s>", eos="</s>", pad="<unk>")
-  _, token_mask, _ = llava_data.encode_conversation(
-      json.load(open(path))[0], tok, c.roles, c.text_len)
-  np.testing.assert_array_equal(batch["loss_mask"][0], token_mask)
-  np.testing.assert_array_equal(vqa.answer_mask(batch), batch["loss_mask"])
-  with pytest.raises(ValueError, match="data.files has no 'validation' split"):
-    llava_data.load_examples(c, "validation")
-
-
-def test_sentencepiece_model_and_errors(tmp_path):
+def test_sentencepiece_model_offsets_and_errors(tmp_path):
   prefix = str(tmp_path / "sp")
   sentencepiece.SentencePieceTrainer.train(
       sentence_iterator=iter([WORDS, "the square is blue", "which side is it on"] * 20),
@@ -83,9 +97,125 @@ def test_sentencepiece_model_and_errors(tmp_path):
   ids = tok.encode("the square is blue")
   assert len(ids) == 4 and 0 not in ids
   assert tok.decode([tok.bos, *ids, tok.eos, ids[0]]) == "the square is blue"
+  # "▁square" covers " square": the space before the answer's first word belongs to its token
+  assert tok.encode_with_offsets("the square") == (ids[:2], [(0, 3), (3, 10)])
   with pytest.raises(ValueError, match="data.tokenizer.pad='<padding>' is not a token"):
     tokenizer.PretrainedTokenizer(prefix + ".model", bos="<s>", eos="</s>", pad="<padding>")
   with pytest.raises(ValueError, match="data.tokenizer.path='x.txt'"):
     tokenizer.PretrainedTokenizer("x.txt", bos="<s>", eos="</s>", pad="<pad>")
   with pytest.raises(ValueError, match="data.tokenizer.path is empty"):
     llava_data.build_tokenizer(llava_data.tokenizer_config())
+
+
+def test_pad_square_is_llavas_expand2square_with_the_mean_colour():
+  c = llava_data.default_config()
+  c.image_size, c.pp_train = 4, "pad_square|resize(4, 'nearest')|normalize"
+  image = np.full((2, 4, 3), 200, np.uint8)  # H=2, W=4: one row of padding above and below
+  out = preprocess.Pipeline(c.pp_train, "data.pp_train", c).example(image, None)
+  fill = np.round(255 * np.asarray(transforms.NORMALIZATIONS["clip"][0]))
+  np.testing.assert_array_equal(out[[0, 3]], np.broadcast_to(fill, (2, 4, 3)))
+  np.testing.assert_array_equal(out[1:3], 200)
+
+
+def test_pipeline_batches_are_global_resumable_and_checked_before_the_run(tmp_path):
+  c = _data_config(tmp_path, num_examples=6)
+  whole = llava_data.train_dataset(c, batch_size=4, seed=3)
+  first, second = next(whole), next(whole)
+  assert first["image"].shape == (4, 16, 16, 3) and first["tokens"].shape == (4, 32)
+  mean, std = transforms.normalization_stats("clip", 3)
+  np.testing.assert_allclose(first["image"].max((0, 1, 2)), (1 - mean) / std, rtol=1e-6)  # white
+  halves = [llava_data.train_dataset(c, batch_size=2, seed=3, process_index=p, process_count=2)
+            for p in (0, 1)]
+  for want in (first, second):  # global batch i = f(seed, i) on any number of processes
+    got = [next(h) for h in halves]
+    for k in want:
+      np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k])
+  again = llava_data.train_dataset(c, batch_size=4, seed=3)
+  again.set_state(whole.get_state())
+  np.testing.assert_array_equal(next(again)["example"], next(whole)["example"])
+  tok = llava_data.build_tokenizer(c.tokenizer)
+  examples = llava_data.read_examples(c.files.train)
+  for row, mask in zip(first["example"], first["loss_mask"]):
+    np.testing.assert_array_equal(mask, llava_data.encode_conversation(examples[row], tok, c)[1])
+  np.testing.assert_array_equal(vqa.answer_mask(first), first["loss_mask"])
+  evaluation = list(llava_data.eval_dataset(c, _source("validation"), batch_size=4))
+  assert [b["mask"].tolist() for b in evaluation] == [[1] * 4, [1, 1, 0, 0]]
+  rows = [b["example"][b["mask"] > 0].tolist() for b in llava_data.eval_dataset(
+      c, _source("train[2:5]"), batch_size=4)]
+  assert rows == [[2, 3, 4]]  # a tfds split slice: the JSON's rows 2-4
+  for split, message in (
+      ("test", r"evals.val.split='test': 'test' is not in data.files \['train', 'validation'\]; "
+       "set data.files.test="),
+      ("train[:x]", r"evals.val.split='train\[:x\]' is not a split of one file in tfds syntax")):
+    with pytest.raises(ValueError, match=message):
+      llava_data.check_eval_source(c, _source(split))
+  with pytest.raises(ValueError, match=r"evals.val.pp=.* has random ops \['FlipLr'\]"):
+    llava_data.check_eval_source(c, _source("validation", "decode|flip_lr|resize(16)|normalize"))
+  for field, value, message in (
+      ("image_dir", str(tmp_path / "none"), "data.image_dir=.* is not a folder"),
+      ("files", {"train": str(tmp_path / "no.json"), "validation": c.files.train},
+       r"data.files.train=.*no.json' does not exist"),
+      ("train_split", "test", r"data.train_split='test' is not in data.files \['train', "
+       r"'validation'\]; set data.files.test="),
+      ("template", "vicuna", "data.template='vicuna' must be one of")):
+    bad = c.copy_and_resolve_references()
+    bad[field] = value
+    with pytest.raises(ValueError, match=message):
+      llava_data.validate(bad, "train")
+  (tmp_path / "images" / "0003.png").unlink()
+  llava_data.read_examples.cache_clear()
+  with pytest.raises(ValueError, match=r"data.files.train: 1 images are not under data.image_dir"
+                     r"=.*, e.g. 'images/0003.png'"):
+    llava_data.validate(c, "train")
+  text_only = [dict(e) for e in examples]
+  del text_only[2]["image"]
+  (tmp_path / "text_only.json").write_text(json.dumps(text_only))
+  with pytest.raises(ValueError, match="example '0002': has no 'image' .*remove text-only rows"):
+    llava_data.read_examples(str(tmp_path / "text_only.json"))
+
+
+def _tiny_mocha_on_llava(tmp_path) -> ml_collections.ConfigDict:
+  c = mocha_tiny_digits_vqa.get_config("stage2")
+  c.data = _data_config(tmp_path, num_examples=8)
+  c.evals = ml_collections.ConfigDict({"val": evaluators.task_eval(
+      "vqa", dataset=c.data.get_ref("name"), split="validation[:4]", pp=llava_data.CLIP_PP,
+      batch_size=8, every_steps=0)})
+  c.batch_size = 8
+  c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 2, 1, 0
+  lm = decoder.decoder_config(width=16, depth=1, mlp_dim=32, num_heads=2, vocab_size=24,
+                              max_len=48)
+  c.model = model.mocha_config(lm, {
+      "vit": encoders.encoder_config("vit", trainable=True, vit_variant="Ti/8", width=16,
+                                     depth=1, mlp_dim=32, num_heads=2, posemb="sincos2d")},
+      image_size=16, channels=3)
+  c.optimizer.trainable = model.trainable_pattern(c.model, "stage2")
+  return c
+
+
+def test_the_trainers_vqa_task_reads_llava_batches_of_the_compiled_shapes(tmp_path):
+  c = _tiny_mocha_on_llava(tmp_path)
+  trainer = loop.Trainer(c, str(tmp_path / "run"))
+  assert trainer.task.llava
+  batch = next(trainer.task.train_batches(batch_size=8, seed=0, process_index=0,
+                                          process_count=1))
+  abstract = trainer.task.batch_shapes(8, eval_=False)
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+      k: (s.shape, s.dtype) for k, s in abstract.items()}
+  bad = c.copy_and_resolve_references()
+  bad.data.name = "llava"
+  with pytest.raises(ValueError, match=r"data.name='llava': the vqa task reads "):
+    vqa.VqaTask(bad).check()
+  # a tokenizer larger than the LM's vocabulary is refused when the data is built
+  c.model.decoder.vocab_size = 8
+  with pytest.raises(ValueError, match=r"has 2[0-9] tokens but model.decoder.vocab_size=8"):
+    vqa.VqaTask(c).train_batches(batch_size=8, seed=0, process_index=0, process_count=1)
+
+
+@pytest.mark.slow  # end-to-end, ~1.5 min on the shared 2 cores (compiles): `-m slow`
+def test_the_trainer_trains_mocha_on_llava_data(tmp_path):
+  c = _tiny_mocha_on_llava(tmp_path)
+  trainer = loop.Trainer(c, str(tmp_path / "run"))
+  result = trainer.train()
+  assert result["val/num_examples"] == 4 and trainer.ckpt.latest_step() == 2
+  assert np.isfinite(result["train/answer_loss"]) and 0 < result["val/loss"] < 10
+  assert "val/exact_match" not in result  # open-ended answers: teacher-forced metrics only

@@ -4,7 +4,9 @@ tools/make_parity_fixtures.py): the features equal those the reference code's en
 (`hf_phi/reference.npz`), the trainer loads them, and bad checkpoints are one-line errors."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -143,9 +145,23 @@ def phi_config(**changes) -> ml_collections.ConfigDict:
   """The hf_phi fixture's Phi as `model.decoder`, its checkpoint set, with `changes`."""
   path = os.path.join(DATA, "hf_phi")
   phi = hf_decoders.import_hf_decoder(path)[0]
-  phi.checkpoint, phi.max_len = path, 80  # up to 56 visual + 12 text > the fixture's 64: rope
+  phi.checkpoint = path  # max_len: the checkpoint's 64 positions (checked against config.json)
   phi.update(changes)
   return phi
+
+
+def phi_with_positions(folder, positions: int) -> str:
+  """A copy of the hf_phi fixture in `folder` whose config.json has `positions`
+  max_position_embeddings (rotary: no parameters; HF's PhiForCausalLM computes the same logits
+  under 64 and 80, measured on 76 positions with transformers 5.24)."""
+  path = os.path.join(str(folder), "hf_phi")
+  shutil.copytree(os.path.join(DATA, "hf_phi"), path)
+  with open(os.path.join(path, "config.json")) as f:
+    config = json.load(f)
+  config["max_position_embeddings"] = positions
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f)
+  return path
 
 
 def phi_mocha_config(**decoder_changes) -> ml_collections.ConfigDict:
@@ -164,11 +180,12 @@ def test_trainer_loads_encoder_and_phi_checkpoints_and_a_vqa_step_keeps_the_enco
     tmp_path):
   """One trainer (one compile) for both kinds of checkpoint: the four encoders' and the Phi
   decoder's, whose logits equal HF's; a stage-2 step trains connectors and decoder only."""
-  c = tiny_config(phi_config())
+  # 56 visual + 12 text tokens: past the fixture's 64 positions, so a copy with 80
+  c = tiny_config(phi_config(checkpoint=phi_with_positions(tmp_path, 80), max_len=80))
   c.optimizer.warmup_steps = 0
   c.optimizer.trainable = model.trainable_pattern(c.model, "stage2")
   assert c.optimizer.trainable == "^(connectors|hga|decoder)/"  # pretrained encoders: frozen
-  trainer = loop.Trainer(c, str(tmp_path))
+  trainer = loop.Trainer(c, str(tmp_path / "run"))
   state, _ = trainer.restore_or_init()  # a fresh run: encoders and decoder from checkpoints
   loaded = pretrained.checkpoint_params(c.model)
   assert {k.split("/")[1] for k in loaded if k.startswith("encoders/")} == {"0", "1", "2", "3"}

@@ -122,12 +122,17 @@ def decoder_param_shapes(c: ml_collections.ConfigDict) -> dict[str, Shape]:
   return {k: tuple(v.shape) for k, v in tree.flatten(state).items()}
 
 
+def read_decoder_config(path: str) -> ml_collections.ConfigDict:
+  """Our decoder config of the HF checkpoint directory `path` (its `config.json` only)."""
+  with open(os.path.join(path, "config.json")) as f:
+    return decoder_config_from_hf(json.load(f))
+
+
 def import_hf_decoder(path: str) -> tuple[ml_collections.ConfigDict, dict[str, np.ndarray],
                                           ImportReport]:
   """(our decoder config, flat float32 parameters, report) of the HF checkpoint directory
   `path` (`config.json` + safetensors)."""
-  with open(os.path.join(path, "config.json")) as f:
-    config = decoder_config_from_hf(json.load(f))
+  config = read_decoder_config(path)
   shapes = decoder_param_shapes(config)
   params, report = apply_rules(_rules(config), read_safetensors(path), shapes, {}, path)
   return config, params, report

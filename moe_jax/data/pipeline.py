@@ -253,3 +253,20 @@ def eval_dataset(config: ml_collections.ConfigDict, source: EvalSource, *, batch
                    f"{source.field}.{source.split_key}")
   return read_ahead(eval_batches(reader, pp, batch_size=batch_size, process_index=process_index,
                                  process_count=process_count), config)
+
+
+def extended_dataset(reader: readers.Reader, pp: preprocess.Pipeline,
+                     config: ml_collections.ConfigDict, extend, *, train: bool, batch_size: int,
+                     seed: int, process_index: int, process_count: int,
+                     what: str) -> grain.DatasetIterator | grain.IterDataset:
+  """`make_dataset`'s batches of `reader` through `pp` (train: an endless iterator; else a
+  re-iterable pass with `mask`), each passed through `extend(batch) -> batch` (e.g. the VQA
+  pipelines, whose `label` holds rows, add their text by row), with `data.*` read-ahead."""
+  if train:
+    batches = train_batches(reader, pp, batch_size=batch_size, seed=seed,
+                            process_index=process_index, process_count=process_count, what=what)
+  else:
+    batches = eval_batches(reader, pp, batch_size=batch_size, process_index=process_index,
+                           process_count=process_count)
+  ds = read_ahead(batches.map(extend), config)
+  return iter(ds) if train else ds

@@ -6,8 +6,8 @@
 Ops are separated by `|`; each is `name` or `name(args)` with Python literal arguments. Two
 stages, in this order:
 
-- example ops (one image at a time, PIL images of any size): `decode`, `resize`,
-  `resize_small`, `central_crop`, `inception_crop`, `pad_crop`, `flip_lr`, `randaug`;
+- example ops (one image at a time, PIL images of any size): `decode`, `resize`, `resize_small`,
+  `central_crop`, `inception_crop`, `pad_crop`, `flip_lr`, `randaug`, `pad_square`;
 - batch ops (on the stacked batch): `normalize` (exactly once, first: uint8 -> float32
   `[B, H, W, C]`), then the label ops `label_smoothing`, `mixup`, `cutmix`, which add
   `soft_label` float32 `[B, num_classes]` (each row sums to 1; `label` keeps the example's own
@@ -224,6 +224,29 @@ class InceptionCrop(_Geometric):
     return _resize_box(image, self.box(*image.size, rng), (s, s), self.mode, self.resample)
 
 
+class PadSquare(ExampleOp):
+  """`pad_square`: pads the shorter side to a square centred on the image (offset
+  `(long - short) // 2`), filled with the colour of data.normalization's mean
+  (`round(255 * mean)`): LLaVA's `expand2square` (`image_aspect_ratio='pad'`)."""
+
+  def __init__(self, *, normalization: str, channels: int):
+    mean, _ = transforms.normalization_stats(normalization, channels)
+    self.fill = tuple(int(round(255 * m)) for m in mean)
+    self.mode = {1: "L", 3: "RGB"}[channels]
+
+  def __call__(self, image, rng):
+    w, h = image.size
+    if w == h:
+      return image
+    image = _loaded(image, self.mode)
+    out = Image.new(self.mode, (max(w, h),) * 2, self.fill if len(self.fill) > 1 else self.fill[0])
+    out.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return out
+
+  def output_size(self, size: Size) -> Size:
+    return None if size is None else (max(size),) * 2
+
+
 class PadCrop(ExampleOp):
   """`pad_crop(padding)`: zero-pad `padding` pixels on each side, then a random crop back to the
   input size (the classic CIFAR/MNIST augmentation)."""
@@ -404,6 +427,7 @@ OPS: dict[str, tuple[type[Op], tuple[str, ...]]] = {
     "pad_crop": (PadCrop, ("mode",)),
     "flip_lr": (FlipLr, ("mode",)),
     "randaug": (RandAug, ("mode",)),
+    "pad_square": (PadSquare, ("normalization", "channels")),
     "normalize": (Normalize, ("normalization", "channels")),
     "label_smoothing": (LabelSmoothing, ("num_classes",)),
     "mixup": (Mixup, ("num_classes",)),

@@ -131,12 +131,13 @@ class Trainer:
 
   def train(self) -> dict:
     c = self.config
-    state, data_state = self.restore_or_init()
     pc, pi = jax.process_count(), jax.process_index()
+    # the data first: a missing file is an error before any checkpoint is read
     iterator = prefetch.DevicePrefetch(
         self.task.train_batches(batch_size=c.batch_size // pc, seed=c.seed, process_index=pi,
                                 process_count=pc),
         sharding.batch_sharding(self.mesh), c.data.device_prefetch)
+    state, data_state = self.restore_or_init()
     if data_state is not None:
       iterator.set_state(data_state)
     with jax.set_mesh(self.mesh):

@@ -1,42 +1,77 @@
-"""LLaVA-format instruction data: JSON conversations with an `<image>` placeholder.
+"""LLaVA-format instruction data as the `vqa` task's input pipeline (`data.name='llava_json'`).
 
-A file is a JSON list of examples as LLaVA ships them (`llava_v1_5_mix665k.json`,
-`blip_laion_cc_sbu_558k.json`): `{"id": str, "image": path under data.image_dir,
+A file is a JSON list of examples as LLaVA ships them (`blip_laion_cc_sbu_558k.json`,
+`llava_v1_5_mix665k.json`): `{"id": str, "image": path under data.image_dir,
 "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...},
-...]}`, human and gpt turns alternating, any number of rounds.
+...]}`, human and gpt turns alternating, any number of rounds. `data.files` maps split names to
+files: `data.train_split` names the training file; an evaluation (`config.evals.<name>`, type
+'vqa', dataset 'llava_json') names its file by `split`, optionally sliced in tfds split syntax
+(`'validation'`, `'train[:1024]'`, `'train[10%:20%]'`; `split_rows`): the same syntax as every
+other evaluation's split, rather than an example-count field.
 
-Text of an example (`encode_conversation`): `<bos>`, then per human turn the tokens of
-`roles.user + value + roles.separator`, per gpt turn those of `roles.assistant + value` and
-`<eos>`. The loss mask is 1 on the gpt values' tokens and their `<eos>` only (the role prefixes,
-human turns and padding get 0), as LLaVA's `preprocess` masks with IGNORE_INDEX. `<image>` must
-appear once, at the start of the first human turn (where LLaVA's data has it): MoCHA puts the
-visual tokens before the text, i.e. at that place; the placeholder and the newline after it are
-removed from the text. Anything else, or a text longer than `data.text_len`, is a ValueError that
-names the example.
+Text of an example (`encode_conversation`), by `data.template`:
+- 'conversation' (LLaVA's `SeparatorStyle.TWO`: its Vicuna v1 and Phi templates): `<bos>`, then
+  per round the tokens of `[roles.system + roles.separator, first round only] + roles.user +
+  question + roles.separator + roles.assistant + answer`, then `<eos>` (the template's sep2).
+  Each round is tokenised as one string, as LLaVA tokenises the whole prompt, and a token is in
+  the loss when its characters overlap the answer's (`PretrainedTokenizer.encode_with_offsets`),
+  so BPE merges across "ASSISTANT: The" tokenise as the LM saw them.
+- 'plain' (LLaVA's `preprocess_plain`, stage-1 captions): `<bos>` + the tokens of the first
+  answer + "\\n"; the human turn is dropped; every text token but `<bos>` is in the loss.
+The loss mask is 1 on the answers' tokens and their `<eos>` only (role prefixes, questions and
+padding 0), as LLaVA masks with IGNORE_INDEX. `<image>` must appear once, at the start of the
+first human turn: our decoder takes the visual tokens as a prefix before all text
+(`moe_jax.vlm.lm`), so the placeholder and the newline after it are removed. (The reference
+splices them in at the placeholder, i.e. after the system prompt and "USER: " in the
+conversation template: a difference in token order there; none in the plain template.) LLaVA truncates a text longer than its `model_max_length`:
+`data.overflow='truncate'` does the same at `data.text_len`, 'error' (the default) raises.
+Examples without an image (text-only rows such as the ShareGPT part of mix665k) are refused
+before the run: MoCHA's encoders need an image (LLaVA drops the visual tokens there instead).
 
-Batches: `image float32 [B, H, W, 3]` in [-1, 1] (resized to data.image_size), `tokens int32
-[B, L]`, `loss_mask float32 [B, L]` (1 at the tokens the loss predicts: the answers and their
-`<eos>`), `prompt_len int32 [B]` (through the first human turn and the assistant prefix, where
-generation starts). `moe_jax.tasks.vqa` trains on them (its loss reads `loss_mask`).
+Images go through `data.pp_train` / the evaluation's `pp` (`moe_jax.data.preprocess`; `CLIP_PP`,
+data.pp_train's default, is CLIP's image processor: shorter side to data.image_size bicubic, centre crop, CLIP mean / std; prepend
+`pad_square` for LLaVA's `image_aspect_ratio='pad'`), one image for every encoder as in the
+MoCHA reference. Batching, shuffling and multi-host rows are `moe_jax.data.pipeline`'s: global
+batch i is a function of (seed, i) only, and process p builds its rows of it.
+
+Batches: `image float32 [B, H, W, 3]`, `tokens int32 [B, L]` (L = data.text_len, padded with
+`<pad>`), `loss_mask float32 [B, L]`, `prompt_len int32 [B]` (through the first round's
+assistant prefix: where generation starts), `example int32 [B]` (row in the JSON); eval
+batches add `mask float32 [B]`. `moe_jax.tasks.vqa` trains on them (its loss reads
+`loss_mask`).
 """
 from __future__ import annotations
 
+import functools
 import json
-import os
+import types
 
+import grain
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
+import tensorflow_datasets as tfds
 from PIL import Image
 
+from moe_jax import data, paths
+from moe_jax.data import pipeline, preprocess
 from moe_jax.vlm.tokenizer import PretrainedTokenizer
 
+NAME = "llava_json"
 IMAGE = "<image>"
-ROLES = {"human", "gpt"}
+TEMPLATES = ("conversation", "plain")
+OVERFLOW = ("error", "truncate")
+# CLIP's image processor: shorter side to data.image_size bicubic, centre crop, CLIP mean / std.
+CLIP_PP = "decode|resize_small(method='bicubic')|central_crop|normalize"
 
 
 def roles_config() -> ml_collections.ConfigDict:
-  """Role prefixes of the conversation template (Vicuna v1's, as LLaVA-1.5 uses)."""
-  return ml_collections.ConfigDict(dict(user="USER: ", assistant="ASSISTANT: ", separator=" "))
+  """Role prefixes of the conversation template (Vicuna v1's, as LLaVA-1.5 uses; `system` is
+  the system prompt, '' for none)."""
+  return ml_collections.ConfigDict(dict(system="", user="USER: ", assistant="ASSISTANT: ",
+                                        separator=" "))
 
 
 def tokenizer_config() -> ml_collections.ConfigDict:
@@ -44,73 +79,251 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(path="", bos="<s>", eos="</s>", pad="<unk>"))
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """The `data` node of a LLaVA-format dataset (`moe_jax.data.default_config()` for the image
+  pipeline knobs, plus the files and the text knobs; paths are set per run)."""
+  c = data.default_config()
+  c.name = NAME
+  c.files = ml_collections.ConfigDict()  # split -> JSON file, e.g. {"train": ".../x.json"}
+  c.train_split = "train"
+  c.image_dir = ""  # the examples' "image" paths are relative to it
+  c.image_size, c.channels, c.num_classes = 336, 3, 0
+  c.normalization = "clip"
+  c.pp_train = CLIP_PP
+  c.template = "conversation"
+  c.text_len = 2048
+  c.overflow = "error"
+  c.tokenizer = tokenizer_config()
+  c.roles = roles_config()
+  return c
+
+
 def build_tokenizer(c: ml_collections.ConfigDict) -> PretrainedTokenizer:
   if not c.path:
     raise ValueError("data.tokenizer.path is empty; set it to the LM's tokenizer.json or "
                      "SentencePiece .model")
+  if not epath.Path(c.path).is_file():
+    raise ValueError(f"data.tokenizer.path={c.path!r} does not exist")
   return PretrainedTokenizer(c.path, bos=c.bos, eos=c.eos, pad=c.pad)
 
 
-def encode_conversation(example: dict, tokenizer: PretrainedTokenizer,
-                        roles: ml_collections.ConfigDict,
-                        text_len: int) -> tuple[np.ndarray, np.ndarray, int]:
-  """(tokens int32 `[L]`, loss mask float32 `[L]` over the *token* positions, prompt length)
-  of one example; see the module docstring. Padded with `tokenizer.pad` to L = text_len."""
-  name = f"example {example.get('id', '?')!r}"
+def _check_example(example, n: int) -> None:
+  """ValueError naming example `n` unless it has an image and alternating human / gpt turns
+  with one `<image>` at the start."""
+  name = f"example {example.get('id', n)!r}" if isinstance(example, dict) else f"example {n}"
+  if not isinstance(example, dict) or not isinstance(example.get("conversations"), list):
+    raise ValueError(f"{name}: needs a 'conversations' list (LLaVA format)")
+  if "image" not in example:
+    raise ValueError(f"{name}: has no 'image' (text-only); MoCHA needs one image per example: "
+                     "remove text-only rows from the JSON")
   turns = example["conversations"]
   if not turns or len(turns) % 2 or any(
-      t["from"] != ("human" if i % 2 == 0 else "gpt") for i, t in enumerate(turns)):
-    raise ValueError(f"{name}: conversations must alternate human, gpt turns, starting with "
-                     "human and ending with gpt")
-  first = turns[0]["value"]
-  if "image" in example:
-    if not first.startswith(IMAGE) or sum(t["value"].count(IMAGE) for t in turns) != 1:
-      raise ValueError(f"{name}: {IMAGE} must appear once, at the start of the first human turn "
-                       "(MoCHA puts the visual tokens before the text)")
-    first = first[len(IMAGE):].removeprefix("\n")
+      not isinstance(t, dict) or t.get("from") != ("human" if i % 2 == 0 else "gpt")
+      or not isinstance(t.get("value"), str) for i, t in enumerate(turns)):
+    raise ValueError(f"{name}: conversations must alternate human, gpt turns ({{'from', "
+                     "'value'}}), starting with human and ending with gpt")
+  if not turns[0]["value"].startswith(IMAGE) or sum(t["value"].count(IMAGE)
+                                                     for t in turns) != 1:
+    raise ValueError(f"{name}: {IMAGE} must appear once, at the start of the first human turn "
+                     "(the visual tokens go before the text)")
+
+
+def _answer_tokens(tokenizer: PretrainedTokenizer, text: str,
+                   answer_start: int) -> tuple[list[int], list[float]]:
+  """(ids of `text`, 1.0 where a token's characters reach into `text[answer_start:]`)."""
+  ids, offsets = tokenizer.encode_with_offsets(text)
+  return ids, [float(end > answer_start) for _, end in offsets]
+
+
+def encode_conversation(example: dict, tokenizer: PretrainedTokenizer,
+                        config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, int]:
+  """(tokens int32 `[L]`, loss mask float32 `[L]` over the *token* positions, prompt length)
+  of one example under `config` (the data node: template, roles, text_len, overflow); see the
+  module docstring. Padded with `tokenizer.pad` to L = data.text_len."""
+  _check_example(example, 0)
+  turns = example["conversations"]
+  first = turns[0]["value"][len(IMAGE):].removeprefix("\n")
+  roles = config.roles
   tokens, mask = [tokenizer.bos], [0.0]
-  prompt_len = 0
-  for i, t in enumerate(turns):
-    if t["from"] == "human":
-      ids = tokenizer.encode(roles.user + (first if i == 0 else t["value"]) + roles.separator)
-      tokens += ids
-      mask += [0.0] * len(ids)
-    else:
-      prefix = tokenizer.encode(roles.assistant)
-      answer = tokenizer.encode(t["value"]) + [tokenizer.eos]
-      tokens += prefix + answer
-      mask += [0.0] * len(prefix) + [1.0] * len(answer)
-    if i == 0:
-      prompt_len = len(tokens) + len(tokenizer.encode(roles.assistant))
-  if len(tokens) > text_len:
-    raise ValueError(f"{name}: {len(tokens)} tokens do not fit data.text_len={text_len}; raise "
-                     "it (or drop the example)")
-  pad = text_len - len(tokens)
+  if config.template == "plain":
+    ids, _ = tokenizer.encode_with_offsets(turns[1]["value"] + "\n")
+    tokens, mask, prompt_len = tokens + ids, mask + [1.0] * len(ids), 1
+  else:
+    prompt_len = 0
+    for r in range(0, len(turns), 2):
+      prefix = (roles.system + roles.separator if r == 0 and roles.system else "") + (
+          roles.user + (first if r == 0 else turns[r]["value"]) + roles.separator +
+          roles.assistant)
+      ids, answer = _answer_tokens(tokenizer, prefix + turns[r + 1]["value"], len(prefix))
+      if r == 0:
+        prompt_len = len(tokens) + (answer.index(1.0) if 1.0 in answer else len(ids))
+      tokens += ids + [tokenizer.eos]
+      mask += answer + [1.0]
+  L = config.text_len
+  if len(tokens) > L:
+    if config.overflow != "truncate":
+      raise ValueError(f"example {example.get('id', '?')!r}: {len(tokens)} tokens do not fit "
+                       f"data.text_len={L}; raise it or set data.overflow='truncate' (LLaVA's "
+                       "model_max_length)")
+    tokens, mask, prompt_len = tokens[:L], mask[:L], min(prompt_len, L)
+  pad = L - len(tokens)
   return (np.asarray(tokens + [tokenizer.pad] * pad, np.int32),
           np.asarray(mask + [0.0] * pad, np.float32), prompt_len)
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-  """`[size, size, 3]` float32 in [-1, 1] (RGB, bicubic resize of the whole image)."""
-  with Image.open(path) as im:
-    im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-    return np.asarray(im, np.float32) / 127.5 - 1.0
+@functools.lru_cache(maxsize=4)
+def read_examples(path: str) -> tuple[dict, ...]:
+  """The examples of one JSON file, structure checked (read once per process and path)."""
+  try:
+    examples = json.loads(epath.Path(path).read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"data.files: {path} is not valid JSON ({e})") from None
+  if not isinstance(examples, list) or not examples:
+    raise ValueError(f"data.files: {path} must hold a non-empty JSON list of examples")
+  for n, e in enumerate(examples):
+    _check_example(e, n)
+  return tuple(examples)
 
 
-def load_examples(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
-  """All examples of the JSON file `config.files[split]` as arrays (batch fields above, `[N, ...]`)."""
-  if split not in config.files:
-    raise ValueError(f"data.files has no {split!r} split; it has {sorted(config.files)}")
-  with open(config.files[split]) as f:
-    examples = json.load(f)
-  tokenizer = build_tokenizer(config.tokenizer)
-  encoded = [encode_conversation(e, tokenizer, config.roles, config.text_len) for e in examples]
-  return {
-      "image": np.stack([load_image(os.path.join(config.image_dir, e["image"]), config.image_size)
-                         for e in examples]),
-      "tokens": np.stack([t for t, _, _ in encoded]),
-      "loss_mask": np.stack([m for _, m, _ in encoded]),
-      "prompt_len": np.asarray([p for _, _, p in encoded], np.int32)}
+def split_rows(config: ml_collections.ConfigDict, split: str, field: str,
+               num_examples: int | None = None) -> tuple[str, int | None, int | None]:
+  """(file key in `data.files`, first row, end row) of `split` in tfds split syntax ('train',
+  'train[:1024]', 'train[10%:20%]'; one file, no '+'), read by tfds's own parser against
+  `num_examples` rows (None: only the syntax and the key are checked); ValueError naming
+  `field`."""
+  name = split.partition("[")[0]
+  if name not in config.files:
+    raise ValueError(f"{field}={split!r}: {name!r} is not in data.files {sorted(config.files)}; "
+                     f"set data.files.{name}=/path/to.json")
+  rows = types.SimpleNamespace(num_examples=num_examples or 2**62)
+  try:
+    (instruction,) = tfds.core.ReadInstruction.from_spec(split).to_absolute({name: rows})
+  except (ValueError, AssertionError) as e:
+    raise ValueError(f"{field}={split!r} is not a split of one file in tfds syntax, e.g. "
+                     f"'{name}' or '{name}[:1024]' ({e})") from None
+  return name, instruction.from_, instruction.to
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """One-line ValueErrors naming the field for values the pipeline cannot use (reads no file:
+  the task's start-up check, also where AOT compiles without the data)."""
+  data.config.validate(config)
+  for field, allowed in (("template", TEMPLATES), ("overflow", OVERFLOW)):
+    if config[field] not in allowed:
+      raise ValueError(f"data.{field}={config[field]!r} must be one of {allowed}")
+  if config.channels != 3:
+    raise ValueError(f"data.channels={config.channels}: LLaVA images are RGB; set 3")
+  if config.text_len < 2:
+    raise ValueError(f"data.text_len={config.text_len} must be >= 2")
+  if config.train_split not in config.files:
+    raise ValueError(f"data.train_split={config.train_split!r} is not in data.files "
+                     f"{sorted(config.files)}; set data.files.{config.train_split}=/path/to.json")
+  if not config.tokenizer.path:
+    raise ValueError("data.tokenizer.path is empty; set it to the LM's tokenizer.json or "
+                     "SentencePiece .model")
+
+
+def check_eval_source(config: ml_collections.ConfigDict,
+                      source: pipeline.EvalSource) -> preprocess.Pipeline:
+  """The eval pipeline of `source` (one `config.evals` entry) after checking its pp string,
+  dataset (`data.name`: the files are `data.files`) and split (`split_rows`); reads no file;
+  ValueError naming the field."""
+  pp = preprocess.eval_pipeline(source.pp, f"{source.field}.pp", config)
+  if source.dataset != NAME:
+    raise ValueError(f"{source.field}.dataset={source.dataset!r}: the LLaVA evaluation reads "
+                     f"data.files; set {NAME!r} (data.name)")
+  split_rows(config, source.split, f"{source.field}.{source.split_key}")
+  return pp
+
+
+def validate(config: ml_collections.ConfigDict, split: str) -> None:
+  """`check_config`, then the files of `data.files.<split>` (the trainer builds its data before
+  it reads checkpoints or compiles): the tokenizer, the file and its examples, and (image_dir on
+  a local disk) every example's image file; one-line ValueErrors naming the field."""
+  check_config(config)
+  build_tokenizer(config.tokenizer)
+  if not config.image_dir or not epath.Path(config.image_dir).is_dir():
+    raise ValueError(f"data.image_dir={config.image_dir!r} is not a folder; set it to the "
+                     "folder the examples' 'image' paths are relative to")
+  path = config.files[split]
+  if not epath.Path(path).is_file():
+    raise ValueError(f"data.files.{split}={path!r} does not exist")
+  examples = read_examples(path)
+  if not paths.is_cloud(config.image_dir):  # a stat per image: cheap on a local disk only
+    root = epath.Path(config.image_dir)
+    missing = [e["image"] for e in examples if not (root / e["image"]).is_file()]
+    if missing:
+      raise ValueError(f"data.files.{split}: {len(missing)} images are not under "
+                       f"data.image_dir={config.image_dir!r}, e.g. {missing[0]!r}")
+
+
+class Conversations:
+  """Rows `[start:stop]` of one file: a `moe_jax.data.readers.Reader` of the examples' encoded
+  image files (label = row), and `with_text`, which adds the tokenised conversation of each row
+  to a batch."""
+
+  def __init__(self, config: ml_collections.ConfigDict, split: str, start: int | None = None,
+               stop: int | None = None):
+    self.config = config
+    self.examples = read_examples(config.files[split])[start:stop]
+    self.first = start or 0  # the JSON row of self.examples[0]
+    self.root = epath.Path(config.image_dir)
+    self.tokenizer = build_tokenizer(config.tokenizer)
+
+  def __len__(self) -> int:
+    return len(self.examples)
+
+  def read(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    rows = np.asarray(indices, np.int32)
+    return [(self.root / self.examples[i]["image"]).read_bytes() for i in rows], rows
+
+  def with_text(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An image batch whose `label` holds rows -> the full batch (module docstring)."""
+    rows = batch.pop("label")
+    encoded = [encode_conversation(self.examples[i], self.tokenizer, self.config) for i in rows]
+    return {**batch, "tokens": np.stack([t for t, _, _ in encoded]),
+            "loss_mask": np.stack([m for _, m, _ in encoded]),
+            "prompt_len": np.asarray([p for _, _, p in encoded], np.int32),
+            "example": rows + np.int32(self.first)}
+
+
+def make_dataset(config: ml_collections.ConfigDict, source: pipeline.EvalSource | None = None, *,
+                 batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1,
+                 train: bool) -> grain.DatasetIterator | grain.IterDataset:
+  """`data.train_split` through `data.pp_train` (train=True: an endless, resumable iterator) or
+  the split and pp string of `source` (one `config.evals` entry; a re-iterable single pass with
+  `mask`) of this process, as `moe_jax.data.pipeline` batches."""
+  if train:
+    pp, split = preprocess.train_pipeline(config), config.train_split
+    validate(config, split)
+    reader = Conversations(config, split)
+  else:
+    pp, field = check_eval_source(config, source), f"{source.field}.{source.split_key}"
+    split = split_rows(config, source.split, field)[0]
+    validate(config, split)
+    reader = Conversations(config, *split_rows(config, source.split, field,
+                                               len(read_examples(config.files[split]))))
+  pp.check_source(None, True, f"{NAME}:{split}")
+  return pipeline.extended_dataset(
+      reader, pp, config, reader.with_text, train=train, batch_size=batch_size, seed=seed,
+      process_index=process_index, process_count=process_count, what=f"data.files.{split}")
+
+
+train_dataset = functools.partial(make_dataset, train=True)
+eval_dataset = functools.partial(make_dataset, train=False)
+
+
+def batch_shapes(config: ml_collections.ConfigDict, batch_size: int,
+                 eval_: bool) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a global batch of `batch_size` (for compiling before data arrives)."""
+  d = config.data
+  fields = {"image": ((d.image_size, d.image_size, d.channels), jnp.float32),
+            "tokens": ((d.text_len,), jnp.int32), "loss_mask": ((d.text_len,), jnp.float32),
+            "prompt_len": ((), jnp.int32), "example": ((), jnp.int32)}
+  if eval_:
+    fields["mask"] = ((), jnp.float32)
+  return {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
+          for k, (shape, dtype) in fields.items()}
 
 
 def write_example_dataset(directory: str, num_examples: int = 8, seed: int = 0) -> str:
@@ -118,7 +331,8 @@ def write_example_dataset(directory: str, num_examples: int = 8, seed: int = 0) 
   generated 32x32 PNGs) in `directory`; returns the JSON's path."""
   rng = np.random.default_rng(seed)
   colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
-  os.makedirs(os.path.join(directory, "images"), exist_ok=True)
+  root = epath.Path(directory)
+  (root / "images").mkdir(parents=True, exist_ok=True)
   examples = []
   for n in range(num_examples):
     colour = list(colours)[int(rng.integers(len(colours)))]
@@ -126,23 +340,12 @@ def write_example_dataset(directory: str, num_examples: int = 8, seed: int = 0) 
     pixels = np.full((32, 32, 3), 255, np.uint8)
     pixels[8:24, (2 if side == "left" else 18):(14 if side == "left" else 30)] = colours[colour]
     image = f"images/{n:04d}.png"
-    Image.fromarray(pixels).save(os.path.join(directory, image))
+    Image.fromarray(pixels).save(str(root / image))
     examples.append({"id": f"{n:04d}", "image": image, "conversations": [
         {"from": "human", "value": f"{IMAGE}\nWhat colour is the square?"},
         {"from": "gpt", "value": f"The square is {colour}."},
         {"from": "human", "value": "Which side is it on?"},
         {"from": "gpt", "value": side}]})
-  path = os.path.join(directory, "conversations.json")
-  with open(path, "w") as f:
-    json.dump(examples, f, indent=1)
-  return path
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The `data` node of a LLaVA-format dataset (paths are set per run)."""
-  return ml_collections.ConfigDict(dict(
-      name="llava_json",
-      files=ml_collections.ConfigDict(),  # split name -> JSON file, e.g. {"train": ".../x.json"}
-      image_dir="",  # the examples' "image" paths are relative to it
-      image_size=336, text_len=2048,
-      tokenizer=tokenizer_config(), roles=roles_config()))
+  path = root / "conversations.json"
+  path.write_text(json.dumps(examples, indent=1))
+  return str(path)

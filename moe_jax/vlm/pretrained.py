@@ -13,6 +13,8 @@ a later stage started with `init_from` takes every parameter from its source run
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -49,6 +51,22 @@ def _check_decoder(ours: ml_collections.ConfigDict, theirs: ml_collections.Confi
     if ours[field] != theirs[field]:
       raise CheckpointMismatch(f"{source}: model.decoder.{field}={ours[field]} but the "
                                f"checkpoint needs {theirs[field]}")
+  if ours.max_len > theirs.max_len:
+    raise CheckpointMismatch(f"{source}: model.decoder.max_len={ours.max_len} exceeds the "
+                             f"checkpoint's max_position_embeddings={theirs.max_len} (positions "
+                             f"it never saw); set model.decoder.max_len <= {theirs.max_len}")
+
+
+def check_decoder_config(model_config: ml_collections.ConfigDict) -> None:
+  """CheckpointMismatch, before anything is built, when `model.decoder` computes another
+  function than its checkpoint's `config.json` says (`DECODER_FIELDS`) or reaches past its
+  `max_position_embeddings` (`model.decoder.max_len`). Only `config.json` is read, and only
+  where it exists: an AOT compile needs no checkpoint, and a run reads the whole checkpoint
+  when it starts (`checkpoint_params`), failing there if it is absent."""
+  path = model_config.decoder.get("checkpoint")
+  if path and os.path.isfile(os.path.join(path, "config.json")):
+    _check_decoder(model_config.decoder, hf_decoders.read_decoder_config(path),
+                   f"model.decoder.checkpoint={path}")
 
 
 def checkpoint_params(model_config: ml_collections.ConfigDict
@@ -59,9 +77,9 @@ def checkpoint_params(model_config: ml_collections.ConfigDict
   out = {}
   for field, prefix, path in components(model_config):
     source = f"{field}.checkpoint={path}"
-    if field == "model.decoder":
-      config, params, _ = hf_decoders.import_hf_decoder(path)
-      _check_decoder(model_config.decoder, config, source)
+    if field == "model.decoder":  # config.json checked before the weights are read
+      _check_decoder(model_config.decoder, hf_decoders.read_decoder_config(path), source)
+      _, params, _ = hf_decoders.import_hf_decoder(path)
     else:
       config, params, _ = importers.import_checkpoint(path)
       backbone = model_config.encoders[field.removeprefix("model.encoders.")].backbone

@@ -81,6 +81,15 @@ class PretrainedTokenizer:
       return self._sp.encode(text)
     return self._hf.encode(text, add_special_tokens=False).ids
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """(token ids of `text`, each token's character span `(start, end)` in `text`); no special
+    tokens added."""
+    if self._sp is not None:
+      encoding = self._sp.encode(text, out_type="offset_mapping")  # offsets in characters
+      return encoding["ids"], [tuple(o) for o in encoding["offsets"]]
+    encoding = self._hf.encode(text, add_special_tokens=False)
+    return encoding.ids, encoding.offsets
+
   def decode(self, ids) -> str:
     """Text of `ids` up to the first `eos`, special tokens skipped."""
     ids = np.asarray(ids).tolist()

@@ -172,15 +172,10 @@ def make_dataset(config: ml_collections.ConfigDict, source: pipeline.EvalSource 
   examples = Examples(config, split)
   reader = readers.ArrayReader(examples.images, np.arange(len(examples)))  # label = row
   pp.check_source(examples.images.shape[1:3], False, NAME)
-  if train:
-    batches = pipeline.train_batches(reader, pp, batch_size=batch_size, seed=seed,
-                                     process_index=process_index, process_count=process_count,
-                                     what=f"{NAME}:{config.train_split}")
-  else:
-    batches = pipeline.eval_batches(reader, pp, batch_size=batch_size,
-                                    process_index=process_index, process_count=process_count)
-  ds = pipeline.read_ahead(batches.map(examples.with_text), config)
-  return iter(ds) if train else ds
+  return pipeline.extended_dataset(
+      reader, pp, config, examples.with_text, train=train, batch_size=batch_size, seed=seed,
+      process_index=process_index, process_count=process_count,
+      what=f"{NAME}:{config.train_split}")
 
 
 train_dataset = functools.partial(make_dataset, train=True)
