@@ -93,7 +93,7 @@ def test_data_node_validates_the_depth_and_the_trainer_needs_the_field():
   with pytest.raises(ValueError, match=r"^data.device_prefetch=-1 must be >= 0$"):
     data.config.validate(c)
   config = ml_collections.ConfigDict(dict(
-      seed=0, batch_size=8, total_steps=1, log_every_steps=1, eval_every_steps=0,
+      seed=0, batch_size=8, total_steps=1, log_every_steps=1, evals={},
       checkpoint_every_steps=0, model={}, data={"name": "x"}, optimizer={}, mesh={}))
   with pytest.raises(ValueError, match=r"^config.data.device_prefetch is missing: add it"):
     loop.validate_config(config)
