@@ -6,8 +6,12 @@ r"""MoEC neural compression of a volume (Zhao et al., arXiv 2312.01361), and its
 Variants (all solve the network width from --ratio, so the parameters fit the same bytes):
 - `moec`: 4 SIREN experts (w0 = 22.5 + 45 i) behind a top-2 gate, shared encoder and decoder.
 - `single`: one SIREN (the single-INR baseline).
+- `moec_mlp`: `moec` with the paper's gating network (a ReLU MLP on the shared encoder's
+  features) in place of the linear gate on coordinates.
 - `blocks`: a 2x2x2 grid of independent SIRENs (block-wise partition baseline; 3-D volumes, set
   model.grid for other ranks).
+- `octree`: TINC-style tree of blocks (moe_jax/inr/octree.py): the volume split greedily where
+  the signal is, up to 15 leaves, one SIREN per leaf.
 Expected result (anatomical.nii, 33x41x25 int16, 10x, bench/RESULTS.md): see the MoEC section.
 """
 from __future__ import annotations
@@ -17,14 +21,14 @@ import ml_collections
 from configs import check_variant
 from moe_jax.inr.model import model_config
 
-VARIANTS = ("moec", "single", "blocks")
+VARIANTS = ("moec", "moec_mlp", "single", "blocks", "octree")
 
 
 def get_config(variant: str = "moec") -> ml_collections.ConfigDict:
   check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
-  c.model = model_config("moec" if variant == "moec" else "blocks")
-  if variant == "moec":
+  c.model = model_config({"moec_mlp": "moec", "single": "blocks"}.get(variant, variant))
+  if variant in ("moec", "moec_mlp"):
     m = c.model.moe
     m.num_experts = 4
     m.router.k, m.router.renormalize = 2, True
@@ -32,8 +36,12 @@ def get_config(variant: str = "moec") -> ml_collections.ConfigDict:
     c.model.gate_input = "coords"
     # Measured (anatomical.nii, 10x, 500 steps): the paper's gate (encoder features, top-1)
     # 26.2 dB; gate on coords 27.3; + top-2 renormalised 28.3; + init_std 1.0 28.4.
+  if variant == "moec_mlp":  # the paper's gating network: an MLP on the encoder's features
+    c.model.gate, c.model.gate_input = "mlp", "features"
   if variant == "blocks":
     c.model.grid = (2, 2, 2)
+  if variant == "octree":  # two greedy splits: 15 leaves (3-D), the tree solved per volume
+    c.model.max_leaves = 15
   c.param_dtype = "float16"  # bytes of each stored parameter: float32, float16 or bfloat16
   c.train = ml_collections.ConfigDict(dict(
       steps=2000, batch_size=8192, learning_rate=1e-3, final_lr_fraction=0.05, seed=0,

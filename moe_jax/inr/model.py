@@ -1,4 +1,5 @@
-"""INR models of a volume: MoEC (learned partition) and BlockINR (fixed grid; 1 block = single INR).
+"""INR models of a volume: MoEC (learned partition) and BlockINR (fixed grid, 1 block = single
+INR; or the leaves of an octree).
 
 Both map coordinate groups `[G, N, d]` (d = the volume's ndim, coordinates in [-1, 1]) to
 intensities `[G, N]`. A MoEC group is one routing group; a BlockINR group is one block, in the
@@ -16,9 +17,11 @@ from flax import nnx
 from moe_jax import moe
 from moe_jax.moe import aux_outputs, dispatch
 from moe_jax.routing import RoutingPlan, build_router
+from moe_jax.inr import octree
 from moe_jax.inr.siren import SirenBank
 
-KINDS = ("moec", "blocks")
+KINDS = ("moec", "blocks", "octree")
+GATES = ("linear", "mlp")
 
 
 def model_config(kind: str = "moec") -> ml_collections.ConfigDict:
@@ -38,7 +41,16 @@ def model_config(kind: str = "moec") -> ml_collections.ConfigDict:
   # moec: what the router sees: 'features' (shared encoder output, Zhao et al.) or 'coords'
   # (a linear gate on coordinates: top-1 cells are convex polytopes, a spatially coherent split).
   c.gate_input = "features"
+  # moec: the gating network before the router's top-k: 'linear' (the core router's linear layer
+  # alone) or 'mlp' (the paper's gating MLP: gate_depth ReLU layers of gate_width, then the
+  # router's linear layer; Zhao et al. gate an MLP on the encoder features).
+  c.gate = "linear"
+  c.gate_depth = 1
+  c.gate_width = 0  # 0 = the model width H
   c.grid = (1, 1, 1)  # blocks: blocks per axis (all ones = a single INR); one entry per axis
+  if kind == "octree":  # octree.py: a data-adaptive tree of blocks, one SIREN per leaf
+    c.max_leaves = 8
+    c.tree = ""  # pre-order split flags; "" = partition the volume when compressing
   moe_cfg = moe.default_config("top_k")
   moe_cfg.num_experts = 4
   moe_cfg.hidden_dim = 1  # unused: the experts are SIRENs (SirenBank), not MLPs
@@ -59,11 +71,26 @@ def _check_widths(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.depth={c.depth} must be >= 1")
 
 
+def _gate_layers(c: ml_collections.ConfigDict, gate_dim: int, rngs: nnx.Rngs) -> list[nnx.Linear]:
+  """The hidden layers of the gating MLP (`gate_dim` -> gate_width, ReLU); none for 'linear'."""
+  if c.gate not in GATES:
+    raise ValueError(f"model.gate={c.gate!r}: use one of {GATES}")
+  if c.gate == "linear":
+    return []
+  if c.gate_depth < 1 or c.gate_width < 0:
+    raise ValueError(f"model.gate_depth={c.gate_depth} must be >= 1 and model.gate_width="
+                     f"{c.gate_width} >= 0 (0 = the model width) for model.gate='mlp'")
+  width = c.gate_width or c.width
+  dims = [gate_dim] + [width] * c.gate_depth
+  return [nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])]
+
+
 class MoEC(nnx.Module):
   """Gated mixture of SIREN experts (Zhao et al., arXiv 2312.01361).
 
-  coords `[G, N, d]` -> shared encoder (sine d -> H, encoder_depth-1 sine H -> H) -> core router
-  (top-k over E, on the encoder features or, with gate_input='coords', on the coordinates) ->
+  coords `[G, N, d]` -> shared encoder (sine d -> H, encoder_depth-1 sine H -> H) -> gate (on
+  the encoder features or, with gate_input='coords', on the coordinates; gate='mlp': the paper's
+  gating MLP, gate_depth ReLU layers, before the router) -> core router (top-k over E) ->
   expert SIRENs (depth sine layers H -> H, expert i at w0 = base + step*i) run by the core
   token-choice dispatch (`model.moe.dispatch`: dropless = exactly the routed (token, expert)
   pairs; capacity = buffers, overflow dropped) -> combine -> shared decoder (sine H -> tail,
@@ -83,7 +110,10 @@ class MoEC(nnx.Module):
     if c.gate_input not in ("features", "coords"):
       raise ValueError(f"model.gate_input={c.gate_input!r}: use 'features' or 'coords'")
     self.gate_on_coords = c.gate_input == "coords"
-    self.router = build_router(in_dim if self.gate_on_coords else H, c.moe, rngs=rngs)
+    gate_dim = in_dim if self.gate_on_coords else H
+    self.gate_mlp = nnx.List(_gate_layers(c, gate_dim, rngs))
+    self.router = build_router((c.gate_width or H) if self.gate_mlp else gate_dim, c.moe,
+                               rngs=rngs)
     if self.router.plan_kind != "token_choice":
       raise ValueError(f"model.moe.router.name={c.moe.router.name!r} makes "
                        f"{self.router.plan_kind} plans: MoEC needs a token-choice router")
@@ -96,7 +126,10 @@ class MoEC(nnx.Module):
     """`coords [G, N, d]` -> encoder features `[G, N, H]` and the routing plan over `[G, N]`."""
     G, N, d = coords.shape
     features = self.encoder(coords.reshape(1, G * N, d)).reshape(G, N, -1)
-    return features, self.router(coords if self.gate_on_coords else features)
+    gate = coords if self.gate_on_coords else features
+    for layer in self.gate_mlp:
+      gate = jax.nn.relu(layer(gate))
+    return features, self.router(gate)
 
   def __call__(self, coords: jax.Array) -> jax.Array:
     """`coords [G, N, d] -> [G, N]`."""
@@ -122,8 +155,19 @@ class MoEC(nnx.Module):
     return self.route(coords)[1].expert_index[..., 0]
 
 
+def num_blocks(c: ml_collections.ConfigDict, in_dim: int) -> int:
+  """SIRENs of a BlockINR: blocks of the grid ('blocks') or leaves of the tree ('octree')."""
+  if c.kind == "octree":
+    return octree.num_leaves(c.tree, in_dim)
+  if len(c.grid) != in_dim or min(c.grid) < 1:
+    raise ValueError(f"model.grid={tuple(c.grid)} needs one positive entry per volume axis "
+                     f"({in_dim})")
+  return math.prod(c.grid)
+
+
 class BlockINR(nnx.Module):
-  """Independent SIRENs, one per block of a fixed grid (TINC-style block-wise partition).
+  """Independent SIRENs, one per block of a fixed grid or per leaf of an octree (block-wise and
+  tree-structured partitions of TINC, without its parameter sharing).
 
   Block b sees only its own points, in local coordinates: `coords [G = blocks, N, d] -> [G, N]`.
   Each SIREN: sine d -> H (w0_first), depth-1 sine H -> H, sine H -> tail (w0_hidden), linear
@@ -132,10 +176,7 @@ class BlockINR(nnx.Module):
 
   def __init__(self, c: ml_collections.ConfigDict, in_dim: int, *, rngs: nnx.Rngs):
     _check_widths(c)
-    if len(c.grid) != in_dim or min(c.grid) < 1:
-      raise ValueError(f"model.grid={tuple(c.grid)} needs one positive entry per volume axis "
-                       f"({in_dim})")
-    H, blocks = c.width, math.prod(c.grid)
+    H, blocks = c.width, num_blocks(c, in_dim)
     self.first = SirenBank(blocks, [in_dim, H], [c.w0_first] * blocks, first=True, rngs=rngs)
     self.rest = SirenBank(blocks, [H] * c.depth + [c.tail_width], [c.w0_hidden] * blocks,
                           first=False, out_dim=1, rngs=rngs)
@@ -149,7 +190,7 @@ def build(c: ml_collections.ConfigDict, in_dim: int, *, rngs: nnx.Rngs) -> MoEC 
   """The model named by `c.kind` for `in_dim`-dimensional coordinates."""
   if c.kind not in KINDS:
     raise ValueError(f"model.kind={c.kind!r} is unknown; use one of {KINDS}")
-  return (MoEC if c.kind == "moec" else BlockINR)(c, in_dim, rngs=rngs)
+  return (MoEC if c.kind == "moec" else BlockINR)(c, in_dim, rngs=rngs)  # blocks, octree
 
 
 def num_params(c: ml_collections.ConfigDict, in_dim: int) -> int:
