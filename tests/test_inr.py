@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from moe_jax.commands import common, inr as inr_command
-from moe_jax.inr import codec, metrics, model as model_lib, volumes
+from moe_jax.inr import classical, codec, metrics, model as model_lib, octree, volumes
 from moe_jax.inr.siren import SirenBank
 
 COMPRESS_CONFIG = common.CONFIGS + "/inr_compress.py"
@@ -42,7 +42,7 @@ def test_siren_init_keeps_unit_variance_through_depth():
                                                      minval=-1, maxval=1)), h, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["moec", "single", "blocks"])
+@pytest.mark.parametrize("variant", ["moec", "moec_mlp", "single", "blocks", "octree"])
 def test_width_solver_meets_budget_within_one_percent(variant):
   data = np.zeros((128, 96, 24), np.int16)  # example4d.nii.gz's frame shape (590 KB)
   volume = volumes.Volume(data, np.eye(4))
@@ -55,6 +55,83 @@ def test_width_solver_meets_budget_within_one_percent(variant):
     codec.solve_model(volume, 1e5, config)
   with pytest.raises(ValueError, match="must be > 1"):
     codec.solve_model(volume, 1.0, config)
+
+
+def test_mlp_gate_routes_top_k_from_an_mlp_on_the_encoder_features():
+  """gate='mlp': ReLU MLP (H -> gate_width) before the router; top-k distinct experts per point,
+  renormalised weights; the parameter count is the linear gate's plus the MLP's (hand count)."""
+  c = model_lib.model_config("moec")
+  c.width, c.tail_width, c.moe.num_experts = 8, 6, 4
+  c.moe.router.k, c.moe.router.renormalize = 2, True
+  linear = model_lib.num_params(c, 3)
+  c.gate, c.gate_depth, c.gate_width = "mlp", 2, 5
+  # MLP 8 -> 5 -> 5 (+ biases); the router kernel goes from 8 x 4 to 5 x 4.
+  assert model_lib.num_params(c, 3) == linear + (8 * 5 + 5) + (5 * 5 + 5) - (8 - 5) * 4
+  coords = jax.random.uniform(jax.random.key(1), (2, 16, 3), minval=-1, maxval=1)
+
+  @jax.jit  # one compile for the whole check (eager init and dispatch are slow here)
+  def run(coords):
+    model = model_lib.build(c, 3, rngs=nnx.Rngs(0))
+    features, plan = model.route(coords)
+    gate = jax.nn.relu(model.gate_mlp[1](jax.nn.relu(model.gate_mlp[0](features))))
+    return (features, plan.expert_index, plan.combine_weights, model.router(gate).expert_index,
+            model(coords))
+  features, experts, weights, experts_of_gate, y = run(coords)
+  assert features.shape == (2, 16, 8) and experts.shape == (2, 16, 2) and y.shape == (2, 16)
+  assert np.all(experts[..., 0] != experts[..., 1])
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(experts, experts_of_gate)
+  c.gate = "cubic"
+  with pytest.raises(ValueError, match="model.gate='cubic'"):
+    model_lib.num_params(c, 3)
+
+
+def test_octree_splits_where_the_signal_is_and_covers_every_voxel_once():
+  """A volume whose detail sits in one octant: the second split goes into that octant; the
+  leaves tile the volume exactly once, the layout reaches each voxel of each leaf, and the
+  width solver fits the leaves' SIRENs into the budget."""
+  rng = np.random.default_rng(0)
+  data = np.zeros((9, 8, 6), np.int16)
+  data[5:, 4:, :3] = rng.integers(0, 1000, (4, 4, 3))  # octant (1, 1, 0), index 6 in C order
+  tree = octree.partition(data, 15)
+  assert tree == "1" + "000000" + "1" + "00000000" + "0"  # root split, then child 6
+  origin, extent = octree.leaves(data.shape, tree)
+  count = np.zeros(data.shape, int)
+  for o, e in zip(origin, extent):
+    count[tuple(slice(a, a + n) for a, n in zip(o, e))] += 1
+  assert np.all(count == 1) and len(origin) == octree.num_leaves(tree, 3) == 15
+  layout = octree.OctreeLayout(data.shape, tree)
+  voxel, coords = layout.points(np.arange(layout.group_size))
+  for g in range(layout.num_groups):
+    inside = np.stack(np.unravel_index(voxel[g], data.shape), -1) - origin[g]
+    assert np.all((inside >= 0) & (inside < extent[g]))
+    assert len(np.unique(voxel[g])) == np.prod(extent[g])
+  assert coords.min() == -1 and coords.max() == 1
+  assert octree.partition(np.zeros((4, 4, 4)), 15) == "0"  # nothing to explain: one leaf
+  with pytest.raises(ValueError, match="model.tree="):
+    octree.num_leaves("10", 3)
+  config = common.load_config(f"{COMPRESS_CONFIG}:octree", [])
+  c, budget = codec.solve_model(volumes.Volume(np.tile(data, (8, 8, 4)), np.eye(4)), 20,
+                                config)
+  assert c.tree == octree.partition(np.tile(data, (8, 8, 4)), 15)
+  assert 0.98 * budget <= model_lib.num_params(c, 3) <= budget
+
+
+@pytest.mark.parametrize("name", classical.CODECS)
+def test_classical_codec_hits_the_byte_budget(name):
+  """Each codec's knob search fills the budget (within 10% below it, never over) and more bytes
+  give a better decode of the original shape and dtype."""
+  data = volumes.load(volumes.example_path("anatomical.nii")).data
+  psnrs = []
+  for budget in (data.nbytes // 40, data.nbytes // 10):
+    stream = classical.at_budget(name, data, budget)
+    assert 0.9 * budget <= len(stream.blob) <= budget, (len(stream.blob), budget)
+    decoded = classical.decode(stream.blob)
+    assert decoded.shape == data.shape and decoded.dtype == data.dtype
+    psnrs.append(metrics.psnr(data, decoded))
+  assert psnrs[1] > psnrs[0] + 1, psnrs
+  with pytest.raises(ValueError, match="over the 20-byte budget"):
+    classical.at_budget(name, data, 20)
 
 
 @pytest.mark.parametrize("suffix,variant", [(".nii.gz", "moec"), (".tif", "single")])

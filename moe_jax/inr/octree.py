@@ -3,7 +3,7 @@
 A node is a box of voxels; splitting it halves every axis (`ceil(n / 2)` voxels to the first
 half), giving `2^d` children. `partition` grows the tree greedily from the whole volume: it
 splits the leaf with the largest sum of squared deviations from its mean (the signal energy a
-leaf's network has to explain; flat background is never split) while the leaf count stays within
+leaf's network has to explain; a constant leaf is never split) while the leaf count stays within
 `max_leaves` and the leaf has >= 2 voxels on every axis. Each leaf is then fitted by its own
 SIREN (model.BlockINR), in the leaf's local coordinates.
 
@@ -49,7 +49,9 @@ def partition(data: np.ndarray, max_leaves: int) -> str:
   heap = [(-_energy(data, *root), (), root)]
   leaves = 1
   while heap and leaves + 2 ** d - 1 <= max_leaves:
-    _, path, (origin, extent) = heapq.heappop(heap)
+    energy, path, (origin, extent) = heapq.heappop(heap)
+    if energy == 0:  # the largest energy left is 0: every leaf is already constant
+      break
     if extent.min() < 2:
       continue
     split.add(path)
