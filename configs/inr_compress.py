@@ -10,8 +10,8 @@ Variants (all solve the network width from --ratio, so the parameters fit the sa
   features) in place of the linear gate on coordinates.
 - `blocks`: a 2x2x2 grid of independent SIRENs (block-wise partition baseline; 3-D volumes, set
   model.grid for other ranks).
-- `octree`: TINC-style tree of blocks (moe_jax/inr/octree.py): the volume split greedily where
-  the signal is, up to 15 leaves, one SIREN per leaf.
+- `octree`: TINC's tree-structured INR (model.TreeINR): an octree of per-node SIRENs chained from
+  the root to each leaf block (hierarchical parameter sharing), one level below the root.
 Expected result (anatomical.nii, 33x41x25 int16, 10x, bench/RESULTS.md): see the MoEC section.
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ def get_config(variant: str = "moec") -> ml_collections.ConfigDict:
     c.model.gate, c.model.gate_input = "mlp", "features"
   if variant == "blocks":
     c.model.grid = (2, 2, 2)
-  if variant == "octree":  # two greedy splits: 15 leaves (3-D), the tree solved per volume
-    c.model.max_leaves = 15
+  if variant == "octree":  # TINC: root + 8 leaves (3-D); TINC's default has 2 levels (64 leaves)
+    c.model.levels = 1
   c.param_dtype = "float16"  # bytes of each stored parameter: float32, float16 or bfloat16
   c.train = ml_collections.ConfigDict(dict(
       steps=2000, batch_size=8192, learning_rate=1e-3, final_lr_fraction=0.05, seed=0,

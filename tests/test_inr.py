@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from moe_jax.commands import common, inr as inr_command
-from moe_jax.inr import classical, codec, metrics, model as model_lib, octree, volumes
+from moe_jax.inr import classical, codec, metrics, model as model_lib, volumes
 from moe_jax.inr.siren import SirenBank
 
 COMPRESS_CONFIG = common.CONFIGS + "/inr_compress.py"
@@ -86,35 +86,36 @@ def test_mlp_gate_routes_top_k_from_an_mlp_on_the_encoder_features():
     model_lib.num_params(c, 3)
 
 
-def test_octree_splits_where_the_signal_is_and_covers_every_voxel_once():
-  """A volume whose detail sits in one octant: the second split goes into that octant; the
-  leaves tile the volume exactly once, the layout reaches each voxel of each leaf, and the
-  width solver fits the leaves' SIRENs into the budget."""
-  rng = np.random.default_rng(0)
-  data = np.zeros((9, 8, 6), np.int16)
-  data[5:, 4:, :3] = rng.integers(0, 1000, (4, 4, 3))  # octant (1, 1, 0), index 6 in C order
-  tree = octree.partition(data, 15)
-  assert tree == "1" + "000000" + "1" + "00000000" + "0"  # root split, then child 6
-  origin, extent = octree.leaves(data.shape, tree)
-  count = np.zeros(data.shape, int)
-  for o, e in zip(origin, extent):
-    count[tuple(slice(a, a + n) for a, n in zip(o, e))] += 1
-  assert np.all(count == 1) and len(origin) == octree.num_leaves(tree, 3) == 15
-  layout = octree.OctreeLayout(data.shape, tree)
+def test_tinc_tree_chains_node_sirens_and_shares_ancestors():
+  """TreeINR, 2 levels, 2-D (4 x 4 leaf blocks): a leaf's value is leaf(parent(root(coords)))
+  (numpy port of the chain); changing a level-1 node moves exactly its 4 leaf blocks; the
+  parameter count is TINC's layers (hand count); the layout's blocks tile the volume once."""
+  c = model_lib.model_config("octree")
+  c.width, c.tail_width, c.levels = 4, 3, 2
+  H, T = 4, 3
+  assert model_lib.num_params(c, 2) == (
+      (2 * H + H + H * H + H) + 4 * 2 * (H * H + H) + 16 * (H * H + H + H * T + T + T + 1))
+  model = model_lib.TreeINR(c, 2, rngs=nnx.Rngs(0))
+  layout = codec.layout_for(c, (8, 12))
   voxel, coords = layout.points(np.arange(layout.group_size))
-  for g in range(layout.num_groups):
-    inside = np.stack(np.unravel_index(voxel[g], data.shape), -1) - origin[g]
-    assert np.all((inside >= 0) & (inside < extent[g]))
-    assert len(np.unique(voxel[g])) == np.prod(extent[g])
-  assert coords.min() == -1 and coords.max() == 1
-  assert octree.partition(np.zeros((4, 4, 4)), 15) == "0"  # nothing to explain: one leaf
-  with pytest.raises(ValueError, match="model.tree="):
-    octree.num_leaves("10", 3)
-  config = common.load_config(f"{COMPRESS_CONFIG}:octree", [])
-  c, budget = codec.solve_model(volumes.Volume(np.tile(data, (8, 8, 4)), np.eye(4)), 20,
-                                config)
-  assert c.tree == octree.partition(np.tile(data, (8, 8, 4)), 15)
-  assert 0.98 * budget <= model_lib.num_params(c, 3) <= budget
+  assert np.array_equal(np.sort(voxel.reshape(-1)), np.arange(96))  # 16 blocks of 2 x 3
+  y = np.asarray(jax.jit(lambda x: model(x))(coords))
+
+  def siren(bank, member, h, first):
+    for l, (k, b) in enumerate(zip(bank.kernels, bank.biases)):
+      h = h @ np.asarray(k[...][member]) + np.asarray(b[...][member])
+      h = np.sin(bank.w0[member] * h) if l < bank.num_sine else h
+    return h
+  root, inner, leaves = model.banks
+  for g in (0, 5, 15):  # block (row, col) = divmod(g, 4); its level-1 node: (row // 2, col // 2)
+    row, col = divmod(g, 4)
+    node, leaf = (row // 2) * 2 + col // 2, ((row % 2) * 2 + col % 2)
+    h = siren(inner, node, siren(root, 0, coords[g], True), False)
+    np.testing.assert_allclose(y[g], siren(leaves, node * 4 + leaf, h, False)[:, 0], atol=1e-5)
+  kernel = inner.kernels[0]
+  kernel[...] = kernel[...].at[3].add(0.5)  # node 3 = blocks with row, col in {2, 3}
+  moved = np.abs(np.asarray(jax.jit(lambda x: model(x))(coords)) - y).max(-1) > 1e-6
+  np.testing.assert_array_equal(np.flatnonzero(moved), [10, 11, 14, 15])
 
 
 @pytest.mark.parametrize("name", classical.CODECS)

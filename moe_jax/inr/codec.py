@@ -13,17 +13,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moe_jax.inr import budget, fileformat, fitting, metrics, model as model_lib, octree, sampling
+from moe_jax.inr import budget, fileformat, fitting, metrics, model as model_lib, sampling
 from moe_jax.inr.volumes import Volume
 
 
-def layout_for(c: ml_collections.ConfigDict, shape: tuple[int, ...]
-               ) -> sampling.GridLayout | octree.OctreeLayout:
-  """Block grid for BlockINR, the tree's leaves for an octree, the whole volume (one group) for
-  MoEC."""
-  if c.kind == "octree":
-    return octree.OctreeLayout(shape, c.tree)
-  return sampling.GridLayout(shape, c.grid if c.kind == "blocks" else (1,) * len(shape))
+def layout_for(c: ml_collections.ConfigDict, shape: tuple[int, ...]) -> sampling.GridLayout:
+  """Block grid for BlockINR and TreeINR, the whole volume (one group) for MoEC."""
+  if c.kind == "moec":
+    return sampling.GridLayout(shape, (1,) * len(shape))
+  return sampling.GridLayout(shape, model_lib.block_grid(c, len(shape)))
 
 
 def _params(model: nnx.Module) -> list[jax.Array]:
@@ -42,9 +40,6 @@ def solve_model(volume: Volume, ratio: float, config: ml_collections.ConfigDict
                 ) -> tuple[ml_collections.ConfigDict, int]:
   """The model config with widths solved for `ratio`, and the parameter budget it met."""
   c, shape = config.model, volume.data.shape
-  if c.kind == "octree" and not c.tree:
-    c = ml_collections.ConfigDict(c.to_dict())
-    c.tree = octree.partition(volume.data, c.max_leaves)
   lo, hi = float(np.min(volume.data)), float(np.max(volume.data))
   # Header size with the widest width digits (the header is a few hundred bytes).
   wide = ml_collections.ConfigDict(c.to_dict())
