@@ -31,6 +31,7 @@ below before anything is allocated; each problem is a one-line ValueError naming
 from __future__ import annotations
 
 import dataclasses
+import json
 import lzma
 import struct
 import zlib
@@ -74,10 +75,10 @@ TIFF_KEYS = ("tiff.flavour", "tiff.x_resolution", "tiff.y_resolution", "tiff.res
              "tiff.spacing", "tiff.unit", "tiff.physical_size", "tiff.physical_unit", "affine")
 KEYS = MODEL_KEYS + NIFTI_KEYS + TIFF_KEYS
 # Value tags: python int / float / str / bool, bytes, and numpy float32 / float64 / int arrays.
-# Integral floats (most NIfTI affines and pixdims) are stored as zigzag varints, tags "f8=int"
-# and "f4[]=int", and decode to the same float value and dtype.
+# Integral floats (most NIfTI affines and pixdims) are stored as zigzag varints, tags "f8=int",
+# "f4[]=int" and "f8[]=int", and decode to the same float value and dtype.
 TAGS = ("int", "float", "str", "false", "true", "bytes", "f4[]", "f8[]", "int[]", "list",
-        "f8=int", "f4[]=int")
+        "f8=int", "f4[]=int", "f8[]=int")
 
 
 def param_dtype(name: str) -> np.dtype:
@@ -207,8 +208,9 @@ def _value(v: Any) -> bytes:
     return tag("bytes") + _bytes(bytes(v))
   if isinstance(v, (np.ndarray, np.floating)):
     a = np.asarray(v).reshape(-1)
-    if a.dtype == np.float32 and _integral(a):
-      return tag("f4[]=int") + _varint(a.size) + b"".join(_zigzag(int(x)) for x in a)
+    if a.dtype in (np.float32, np.float64) and _integral(a):
+      return (tag("f4[]=int" if a.dtype == np.float32 else "f8[]=int") + _varint(a.size)
+              + b"".join(_zigzag(int(x)) for x in a))
     if a.dtype == np.float32:
       return tag("f4[]") + _varint(a.size) + a.astype("<f4").tobytes()
     if a.dtype == np.float64:
@@ -287,9 +289,9 @@ class _Reader:
       return np.frombuffer(self.take(n * size, what), f"<f{size}").astype(f"=f{size}")
     if depth > 4 or n > self.end - self.pos:  # every item takes at least one byte
       raise _Damaged(f"{what} nests too deep or lists more items than it has bytes")
-    if name in ("int[]", "f4[]=int"):
-      return np.array([self.zigzag(what) for _ in range(n)],
-                      np.int64 if name == "int[]" else np.float32)
+    if name in ("int[]", "f4[]=int", "f8[]=int"):
+      dtype = {"int[]": np.int64, "f4[]=int": np.float32, "f8[]=int": np.float64}[name]
+      return np.array([self.zigzag(what) for _ in range(n)], dtype)
     return [self.value(what, depth + 1) for _ in range(n)]
 
   def records(self, what: str) -> dict[str, Any]:
@@ -452,8 +454,45 @@ def _header(r: _Reader) -> Header:
                 r.records("metadata block"))
 
 
+def _decode_v1(blob: bytes, source: str) -> Compressed:
+  """A version-1 file (moe_jax before the binary header): b"MOECINR\\0", uint16 version 1,
+  uint32 length L, L bytes of zlib-compressed JSON header (model, shape, dtype, affine, range,
+  param_dtype), then the raw little-endian float parameters."""
+  damaged = "the file is truncated or damaged"
+  prefix = struct.Struct("<8sHI")
+  if len(blob) < prefix.size:
+    raise ValueError(f"{source}: {len(blob)} bytes is too short for a version-1 header; {damaged}")
+  _, version, length = prefix.unpack_from(blob)
+  if version != 1 or length > MAX_BLOCK_BYTES or prefix.size + length > len(blob):
+    raise ValueError(f"{source}: version-1 prefix (version {version}, header length {length}) "
+                     f"does not fit the file's {len(blob)} bytes; {damaged}")
+  inflate = zlib.decompressobj()
+  try:
+    header = json.loads(inflate.decompress(blob[prefix.size:prefix.size + length],
+                                           MAX_BLOCK_BYTES))
+    if inflate.unconsumed_tail or not inflate.eof:
+      raise ValueError("over the size limit" if inflate.unconsumed_tail else "incomplete")
+    shape, affine, (lo, hi) = tuple(header["shape"]), header["affine"], header["range"]
+    weights = Weights(header["param_dtype"], 0, "tensor", "none")
+    weights.check()
+    if not (len(shape) and all(isinstance(n, int) and n >= 1 for n in shape)
+            and all(isinstance(x, (int, float)) for x in (lo, hi))):
+      raise ValueError(f"shape {shape} or range {[lo, hi]} is malformed")
+    meta = {} if affine is None else {"affine": np.asarray(affine, np.float64).reshape(16)}
+    out = Header(shape, np.dtype(header["dtype"]).newbyteorder("="), (float(lo), float(hi)),
+                 header["model"], weights, meta)
+    model_from_diff(out.model)
+  except (zlib.error, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{source}: corrupt version-1 header ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:120]}); {damaged}") from None
+  return Compressed(out, blob[prefix.size + length:], prefix.size + length)
+
+
 def decode(blob: bytes, source: str = "input") -> Compressed:
-  """Parses a file's bytes (payload left coded); errors name what is wrong with `source`."""
+  """Parses a file's bytes (payload left coded); errors name what is wrong with `source`.
+  Version-1 files (JSON header, raw float parameters) are read too."""
+  if blob[:8] == b"MOECINR\0":
+    return _decode_v1(blob, source)
   if len(blob) < len(MAGIC) + 1 or blob[:len(MAGIC)] != MAGIC:
     raise ValueError(f"{source} is not a moe_jax.inr compressed file (bad magic); pass a file "
                      "written by `python -m moe_jax.commands.inr compress`")
