@@ -236,6 +236,7 @@ def test_nifti_header_fields_and_scaling_survive_save_and_load(tmp_path):
   for k, v in volume.meta.items():
     assert np.array_equal(np.asarray(loaded.meta[k]), np.asarray(v)), k
   np.testing.assert_array_equal(volumes.physical(loaded), volume.data * 2.5 + 100)
+  assert volumes.physical(loaded).mean() == pytest.approx(2.5 * volume.data.mean() + 100)
   np.testing.assert_allclose(loaded.affine, volume.affine)
   assert volumes.physical(volumes.Volume(volume.data)) is volume.data  # no scaling: raw
 

@@ -1,29 +1,32 @@
-"""The compressed file: a compact, versioned, checksummed binary.
+"""The compressed file: a compact, versioned, checksummed binary (VERSION 2).
 
     field           encoding
     magic           4 bytes b"MOEC"
-    version         uint8 (this module writes and reads VERSION)
+    version         uint8 (this module writes VERSION; version-1 files, b"MOECINR\\0" + JSON
+                    header + raw floats, are still read)
     ndim, shape     uint8, then one varint per axis
     dtype           uint8 index into DTYPES (the volume's numpy dtype, little-endian)
     range           lo, hi: zigzag varints for integer volumes, float64 for float volumes
                     (intensities were fitted as `2 (v - lo) / (hi - lo) - 1`)
-    weights         uint8 storage (0 float32, 1 float16, 2 bfloat16, 3 quantised),
+    weights         uint8 storage (index into STORAGES: float32, float16, bfloat16, quantised),
                     uint8 bits, uint8 granularity (index into quantise.GRANULARITIES),
-                    uint8 coder (index into CODERS)
+                    uint8 coder used (index into CODERS)
     model           varint length + records: the model config's fields that differ from
                     `model.model_config(kind)` (`model_diff`), `kind` first
     metadata        varint length + records: what the volume's format carries (NIfTI header
-                    fields, TIFF resolution; `volumes.Volume.meta`)
-    payload length  varint, then the payload: for quantised weights, per parameter tensor (in
-                    `jax.tree.leaves(nnx.state(model, nnx.Param))` order) its float16 (lo, step)
-                    groups, then the coded stream of every tensor's uint8 codes (C order); for
-                    float weights the coded stream of the little-endian floats
+                    fields, TIFF resolution; `volumes.Volume.meta`), `affine` (16 float64) for a
+                    volume whose affine no NIfTI field carries
+    payload         varint length, then: quantised: per parameter tensor (leaf order of
+                    `nnx.state(model, nnx.Param)`) its float16 lo[groups] then step[groups],
+                    then the codes of every tensor (C order): raw LZMA2 of one byte per code
+                    (coder lzma) or the bit-packed codes (coder none, `pack_codes`);
+                    float storage: the little-endian floats, LZMA2-coded or raw
     crc32           uint32 little-endian of every byte before it
 
-A record is a varint key (index into KEYS + 1; 0 = the key's UTF-8 name follows as varint
-length + bytes) and a typed value (tag byte, TAGS). A varint is unsigned LEB128; zigzag maps
-signed to unsigned. The coded stream is `coder(raw bytes)`: "lzma" = raw LZMA2 (no container),
-"none" = the raw bytes; the decoded size is known from the model, so nothing is stored for it.
+A record is a varint key (index into KEYS + 1; 0 = the key's UTF-8 name follows as varint length
++ bytes) and a typed value (tag byte, TAGS). A varint is unsigned LEB128; zigzag maps signed to
+unsigned. The encoder uses lzma only where it is smaller than the raw bytes, so the payload never
+exceeds the packed size. Decoded sizes come from the model, so none is stored.
 
 `decode` reads untrusted files: every field is checked against the file size and the bounds
 below before anything is allocated; each problem is a one-line ValueError naming it.
