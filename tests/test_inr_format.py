@@ -185,6 +185,8 @@ def _moec_1x1_shapes():
     ("lzma garbage", "does not decode"),
     ("lzma short", "decodes to 5 bytes"),
     ("packed short", "decodes to 3 bytes"),
+    ("lzma long", "decodes to more than"),
+    ("lzma trailing", "2 bytes after its end"),
     ("code too large", "holds code 200 >= 2\\^6"),
 ], ids=lambda x: x if " " in x else None)
 def test_damaged_payloads_are_one_line_value_errors(case, message):
@@ -197,6 +199,8 @@ def test_damaged_payloads_are_one_line_value_errors(case, message):
       "lzma garbage": (table + b"\xff" * 40, 8, 1),
       "lzma short": (table + code(b"\1" * 5), 8, 1),
       "packed short": (table + b"\0" * 3, 8, 0),
+      "lzma long": (table + code(b"\1" * (n + 1)), 8, 1),
+      "lzma trailing": (table + code(b"\1" * n) + b"\0\0", 8, 1),
       "code too large": (table + code(bytes([200]) * n), 6, 1),
   }[case]
   compressed = ff.decode(_payload_blob(payload, bits, coder), "f.moec")
@@ -286,7 +290,8 @@ def test_fit_to_budget_never_returns_a_file_over_the_budget():
 
 
 def test_fit_to_budget_warns_with_the_ratio_reached_when_the_smallest_model_is_too_big():
-  with pytest.warns(UserWarning, match=r"cannot be met.*1900 bytes.*ratio 52\.6 instead of 100"):
+  with pytest.warns(UserWarning, match=r"cannot be met.*1900 bytes.*ratio 52\.6 instead of "
+                                       r"100; the widths cannot fall below H = T = 1"):
     blob, _, _ = budget.fit_to_budget(_fake_attempt([], 1000, 9.0, 100.0), 1000, 1.0, 3)
   assert len(blob) == 1900
 
@@ -357,3 +362,13 @@ def test_version_1_files_still_decode():
                                 params.astype(np.float16).astype(np.float32))
   with pytest.raises(ValueError, match="old.moec: corrupt version-1 header"):
     ff.decode(blob[:14] + b"\0" + blob[15:], "old.moec")
+
+
+def test_compress_takes_either_a_ratio_or_a_psnr_target():
+  from moe_jax.commands import inr as inr_command
+  p = inr_command.parser()
+  args = p.parse_args(["compress", "--input", "v.nii", "--psnr", "30", "--out", "f"])
+  assert (args.psnr, args.ratio) == (30.0, None)
+  for bad in (["--ratio", "10", "--psnr", "30"], []):
+    with pytest.raises(SystemExit):
+      p.parse_args(["compress", "--input", "v.nii", "--out", "f"] + bad)

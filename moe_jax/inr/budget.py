@@ -98,11 +98,13 @@ def fit_to_budget(attempt: Callable[[float], tuple[bytes, dict, Trial]], max_byt
     best = max(fitting, key=lambda r: r[1]["psnr"])
   else:
     best = min(results, key=lambda r: len(r[0]))
+    smallest = best[1]["width"] == best[1]["tail_width"] == 1
     warnings.warn(
         f"the target ratio cannot be met: the smallest file is {len(best[0])} bytes, over the "
         f"{int(max_bytes)}-byte budget (ratio {best[1]['ratio_actual']:.1f} instead of "
-        f"{best[1]['ratio_target']:g}; width H={best[1]['width']} cannot fall below 1)",
-        stacklevel=2)
+        f"{best[1]['ratio_target']:g}; "
+        + ("the widths cannot fall below H = T = 1: lower the ratio or use a smaller model)"
+           if smallest else f"after {len(results)} trials: raise budget_trials)"), stacklevel=2)
   best[1]["budget_trials"] = len(results)
   return best
 

@@ -350,10 +350,12 @@ def _uncode(data: bytes, coder: str, size: int, what: str) -> bytes:
     unpack = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
     try:
       out = unpack.decompress(data, max_length=size)
+      if not unpack.eof and len(out) == size and unpack.decompress(b"", max_length=1):
+        raise _Damaged(f"{what} decodes to more than the {size} bytes the header's model needs")
     except lzma.LZMAError as e:
       raise _Damaged(f"{what} does not decode ({e})") from None
-    if not unpack.needs_input and len(out) == size and unpack.unused_data:
-      raise _Damaged(f"{what} has bytes after its end")
+    if unpack.eof and unpack.unused_data:
+      raise _Damaged(f"{what} has {len(unpack.unused_data)} bytes after its end")
   if len(out) != size:
     raise _Damaged(f"{what} decodes to {len(out)} bytes, the header's model needs {size}")
   return out
