@@ -204,4 +204,5 @@ def save(path: str, volume: Volume) -> None:
         kw["metadata"][f"PhysicalSize{a}Unit"] = unit
   if "tiff.resolution_unit" in meta and flavour != "imagej":
     kw["resolutionunit"] = int(meta["tiff.resolution_unit"])
-  tifffile.imwrite(path, volume.data, **kw)
+  # A grey-level stack whatever its first axis (tifffile would take 3 or 4 planes as RGB(A)).
+  tifffile.imwrite(path, volume.data, photometric="minisblack", **kw)
