@@ -2,6 +2,7 @@ r"""MoEC neural compression of a volume (Zhao et al., arXiv 2312.01361), and its
 
     python -m moe_jax.commands.inr compress --input VOL --ratio 50 --out vol.moec \
         [--config configs/inr_compress.py:moec] [--set train.steps=3000]
+    python -m moe_jax.commands.inr compress --input VOL --psnr 30 --out vol.moec  # PSNR target
 
 Variants (all solve the network width from --ratio, so the parameters fit the same bytes):
 - `moec`: 4 SIREN experts (w0 = 22.5 + 45 i) behind a top-2 gate, shared encoder and decoder.
@@ -42,7 +43,19 @@ def get_config(variant: str = "moec") -> ml_collections.ConfigDict:
     c.model.grid = (2, 2, 2)
   if variant == "octree":  # TINC: root + 8 leaves (3-D); TINC's default has 2 levels (64 leaves)
     c.model.levels = 1
-  c.param_dtype = "float16"  # bytes of each stored parameter: float32, float16 or bfloat16
+  # Stored weights (moe_jax/inr/fileformat.py): quant_bits-bit uniform codes (0 = floats of
+  # param_dtype: float32, float16 or bfloat16), one (lo, step) per tensor or per output channel,
+  # then entropy coded ('lzma', or 'none' = bit-packed codes). Measured on anatomical.nii:
+  # bench/RESULTS.md, MoEC section.
+  c.quant_bits = 8
+  c.quant_granularity = "tensor"
+  c.entropy_coder = "lzma"
+  c.param_dtype = "float16"
+  # Trainings to meet the ratio: the first solves the widths for packed codes (an upper bound),
+  # the next re-solve with the coded bytes per parameter measured (moe_jax/inr/budget.py).
+  c.budget_trials = 2
+  # --psnr mode: ratios bisected (log scale) in [min_ratio, max_ratio], `trials` compressions.
+  c.psnr_search = ml_collections.ConfigDict(dict(min_ratio=5.0, max_ratio=2000.0, trials=6))
   c.train = ml_collections.ConfigDict(dict(
       steps=2000, batch_size=8192, learning_rate=1e-3, final_lr_fraction=0.05, seed=0,
       prefetch_threads=1, log_every=500))

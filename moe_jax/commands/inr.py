@@ -1,11 +1,13 @@
 """`python -m moe_jax.commands.inr compress|decompress ...`: the MoEC codec (`moe_jax.inr`) on
 files, with a one-line report.
 
-    compress   --input VOL --ratio R --out FILE [--config PATH[:variant]] [--set key=value ...]
-               [--partition PNG] [--report JSON]
+    compress   --input VOL (--ratio R | --psnr DB) --out FILE [--config PATH[:variant]]
+               [--set key=value ...] [--partition PNG] [--report JSON]
     decompress FILE --out VOL [--config PATH] [--set key=value ...] [--reference VOL]
 
 `--set key.path=value` overrides a config field as `--config.key.path=value` does for train.
+`--ratio` meets a size (original bytes / file bytes), `--psnr` searches the smallest file reaching
+a PSNR in dB (config `psnr_search`); either prints a warning when the target cannot be met.
 Bad inputs (missing file, ratio <= 1, unknown format, bad --set key) exit with one line that
 names the fix.
 """
@@ -29,8 +31,11 @@ def compress(args: argparse.Namespace) -> None:
   from moe_jax.inr import codec, plot, volumes
   config = common.load_config(args.config, args.set)
   volume = volumes.load(args.input)
-  blob, report, model = codec.compress(volume, args.ratio, config,
-                                       log=lambda m: print(m, flush=True))
+  log = lambda m: print(m, flush=True)
+  if args.psnr is not None:
+    blob, report, model = codec.compress_to_psnr(volume, args.psnr, config, log)
+  else:
+    blob, report, model = codec.compress(volume, args.ratio, config, log)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "wb") as f:
     f.write(blob)
@@ -59,12 +64,12 @@ def decompress(args: argparse.Namespace) -> None:
             "ratio_actual": volume.data.nbytes / len(blob),
             "decompress_s": time.perf_counter() - start}
   if args.reference:
-    original = volumes.load(args.reference).data
+    original = volumes.physical(volumes.load(args.reference))
     if original.shape != volume.data.shape:
       raise ValueError(f"--reference has shape {original.shape}, the file encodes "
                        f"{volume.data.shape}: pass the volume that was compressed")
-    report.update(psnr=metrics.psnr(original, volume.data),
-                  ssim=metrics.ssim(original, volume.data))
+    decoded = volumes.physical(volume)  # PSNR / SSIM on physical values
+    report.update(psnr=metrics.psnr(original, decoded), ssim=metrics.ssim(original, decoded))
   _print_report(report)
 
 
@@ -74,7 +79,9 @@ def parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", required=True)
   c = sub.add_parser("compress", help="volume -> compressed file")
   c.add_argument("--input", required=True, help="NIfTI (.nii, .nii.gz) or TIFF (.tif) volume")
-  c.add_argument("--ratio", required=True, type=float, help="target original/compressed bytes")
+  target = c.add_mutually_exclusive_group(required=True)
+  target.add_argument("--ratio", type=float, help="target original/compressed bytes")
+  target.add_argument("--psnr", type=float, help="target PSNR (dB): the smallest file reaching it")
   c.add_argument("--out", required=True, help="compressed file to write")
   c.add_argument("--config", default=os.path.join(common.CONFIGS, "inr_compress.py:moec"))
   c.add_argument("--partition", default="", help="PNG of the learned partition (MoEC)")
