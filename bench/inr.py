@@ -12,7 +12,10 @@ whole file fits; a codec's quality knob is bisected to fit.
 
 Tuning, equal for every INR: a trial is one learning rate of `--lrs` (same steps, batch and
 schedule); each seed keeps its best trial by PSNR (the encoder has the original, so choosing
-among trials is part of encoding: `encode_s` sums the trials). Seeds `0..seeds-1` give mean and
+among trials is part of encoding: `encode_s` sums the trials). Inside a trial, `compress` trains
+up to `budget_trials` times to meet the ratio with the measured coded bytes per parameter
+(moe_jax/inr/budget.py), the same for every INR. A file still over the budget (the smallest model
+does not fit) is kept in the JSON with a note. Seeds `0..seeds-1` give mean and
 std. Classical codecs are deterministic (one run). PSNR / SSIM are measured on the decoded file;
 `decode_s` is a fresh decompress of the file (compile included, as for a user of the CLI).
 
@@ -45,22 +48,24 @@ def _load(name: str) -> tuple[str, volumes.Volume]:
 
 
 def _inr_trial(volume: volumes.Volume, method: str, ratio: float, seed: int, lr: float,
-               steps: int, batch: int) -> dict:
+               steps: int, batch: int, budget_trials: int) -> dict:
   config = load_config(f"configs/inr_compress.py:{method}", [
       f"train.steps={steps}", f"train.batch_size={batch}", "train.log_every=0",
-      f"train.seed={seed}", f"train.learning_rate={lr}"])
+      f"train.seed={seed}", f"train.learning_rate={lr}"]
+      + ([f"budget_trials={budget_trials}"] if budget_trials else []))
   blob, report, _ = codec.compress(volume, ratio, config)
   start = time.perf_counter()
   codec.decompress(blob, config.render_chunk)
-  keep = ("psnr", "ssim", "ratio_actual", "file_bytes", "num_params", "width", "tail_width",
-          "compress_s")
+  keep = ("psnr", "ssim", "ratio_actual", "file_bytes", "header_bytes", "num_params", "width",
+          "tail_width", "compress_s")
   return {**{k: report[k] for k in keep}, "lr": lr, "decode_s": time.perf_counter() - start}
 
 
-def _inr_record(volume, method, ratio, seeds, lrs, steps, batch) -> dict:
+def _inr_record(volume, method, ratio, seeds, lrs, steps, batch, budget_trials) -> dict:
   per_seed = []
   for seed in range(seeds):
-    trials = [_inr_trial(volume, method, ratio, seed, lr, steps, batch) for lr in lrs]
+    trials = [_inr_trial(volume, method, ratio, seed, lr, steps, batch, budget_trials)
+              for lr in lrs]
     best = max(trials, key=lambda t: t["psnr"])
     per_seed.append({**best, "encode_s": sum(t["compress_s"] for t in trials),
                      "trials": [{"lr": t["lr"], "psnr": t["psnr"]} for t in trials]})
@@ -144,6 +149,8 @@ def main() -> None:
   p.add_argument("--lrs", default="", help="trial learning rates (default 1e-3,3e-3)")
   p.add_argument("--steps", type=int, default=0, help="Adam steps (default 300; --quick 60)")
   p.add_argument("--batch", type=int, default=4096, help="points per step")
+  p.add_argument("--budget-trials", type=int, default=0,
+                 help="trainings per INR file to meet the ratio (default: the config's)")
   args = common.parse(p)
   quick = args.quick
   names = (args.volumes or ("anatomical.nii" if quick else "example4d.nii.gz,anatomical.nii")
@@ -157,6 +164,7 @@ def main() -> None:
   lrs = [float(x) for x in (args.lrs or ("1e-3" if quick else "1e-3,3e-3")).split(",")]
   steps = args.steps or (60 if quick else 300)
   records, setup = [], {"seeds": seeds, "lrs": lrs, "steps": steps, "batch_size": args.batch,
+                        "budget_trials": args.budget_trials or "config",
                         "load_average_start": os.getloadavg()}
   for name in names:
     name, volume = _load(name)
@@ -167,9 +175,12 @@ def main() -> None:
                   "ratio_target": ratio, "budget_bytes": int(volume.data.nbytes / ratio)}
         try:
           if method in INR_METHODS:
-            record.update(_inr_record(volume, method, ratio, seeds, lrs, steps, args.batch))
+            record.update(_inr_record(volume, method, ratio, seeds, lrs, steps, args.batch,
+                                      args.budget_trials))
           else:
             record.update(_classical_record(volume, method, ratio))
+          if any(r["file_bytes"] > record["budget_bytes"] for r in record["runs"]):
+            record["note"] = "over the byte budget: the smallest model does not fit"
         except ValueError as e:  # the budget leaves no room for this method
           record["note"] = str(e)[:70]
           print(f"  {method} {ratio:g}x: {e}", flush=True)
