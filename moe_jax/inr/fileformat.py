@@ -95,10 +95,10 @@ def param_dtype(name: str) -> np.dtype:
 @dataclasses.dataclass
 class Weights:
   """How parameters are stored: `storage` in STORAGES; `bits`, `granularity` for quantised."""
-  storage: str = "float16"
-  bits: int = 0
-  granularity: str = "tensor"
-  coder: str = "lzma"
+  storage: str
+  bits: int  # 0 for float storage
+  granularity: str
+  coder: str  # requested (encode) or used (decode)
 
   def check(self) -> None:
     if self.storage not in STORAGES:
