@@ -245,6 +245,18 @@ def test_nifti_header_fields_and_scaling_survive_save_and_load(tmp_path):
   assert volumes.physical(volumes.Volume(volume.data)) is volume.data  # no scaling: raw
 
 
+@pytest.mark.parametrize("name", ["anatomical.nii", "example4d.nii.gz"])
+def test_every_nifti_header_field_survives_load_and_save(tmp_path, name):
+  import nibabel
+  path = volumes.example_path(name)
+  out = str(tmp_path / name)
+  volumes.save(out, volumes.load(path))
+  a, b = nibabel.load(path).header, nibabel.load(out).header
+  for field in a.keys():
+    x, y = np.asarray(a[field]), np.asarray(b[field])
+    assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), (field, x, y)
+
+
 @pytest.mark.parametrize("flavour", ["imagej", "ome", "plain"])
 def test_tiff_spacing_survives_save_and_load(tmp_path, flavour):
   data = np.arange(3 * 5 * 6, dtype=np.uint16).reshape(3, 5, 6)
