@@ -308,18 +308,6 @@ def test_fit_to_budget_warns_with_the_ratio_reached_when_the_smallest_model_is_t
   assert len(blob) == 1900
 
 
-def test_codec_solves_widths_under_the_budget_and_floors_at_one():
-  from moe_jax.commands import common
-  volume = volumes.Volume(np.zeros((32, 32, 16), np.int16), np.eye(4))
-  config = common.load_config(common.CONFIGS + "/inr_compress.py:moec", [])
-  c, params = codec.solve_model(volume, 1e5, config)
-  assert (c.width, c.tail_width) == (1, 1) and params < 0
-  c, params = codec.solve_model(volume, 20, config)  # 8-bit codes: 1 B/param upper bound
-  assert 0.95 * params <= codec.model_lib.num_params(c, 3) <= params
-  # Overhead: header 81 bytes (widths budgeted as 3-byte varints) + 11 tensors' (lo, step).
-  assert params == int(32768 / 20 - 81 - 4 * 11)
-
-
 def test_search_psnr_finds_the_smallest_file_reaching_the_target():
   calls = []
   def attempt(ratio):  # PSNR falls 3 dB per doubling of the ratio: 40 dB at 10x
