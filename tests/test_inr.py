@@ -50,6 +50,8 @@ def test_width_solver_meets_budget_within_one_percent(variant):
     c, budget = codec.solve_model(volume, ratio, config)
     n = model_lib.num_params(c, 3)
     assert 0.99 * budget <= n <= budget, (ratio, n, budget)
+  c, budget = codec.solve_model(volume, 1e5, config)  # no room: the smallest model, and
+  assert (c.width, c.tail_width) == (1, 1) and budget < 0  # compress warns (test_inr_format)
   with pytest.raises(ValueError, match="must be > 1"):
     codec.solve_model(volume, 1.0, config)
 

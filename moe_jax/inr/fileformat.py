@@ -76,7 +76,8 @@ NIFTI_KEYS = tuple(f"nifti.{k}" for k in (  # the NIfTI-1 header's fields, in fi
     "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z", "intent_name",
     "magic"))
 TIFF_KEYS = ("tiff.flavour", "tiff.x_resolution", "tiff.y_resolution", "tiff.resolution_unit",
-             "tiff.spacing", "tiff.unit", "tiff.physical_size", "tiff.physical_unit", "affine")
+             "tiff.spacing", "tiff.unit", "tiff.physical_size", "tiff.physical_unit", "affine",
+             "nifti_sform_is_qform")
 KEYS = MODEL_KEYS + NIFTI_KEYS + TIFF_KEYS
 # Value tags: python int / float / str / bool, bytes, and numpy float32 / float64 / int arrays.
 # Integral floats (most NIfTI affines and pixdims) are stored as zigzag varints, tags "f8=int",
@@ -96,10 +97,10 @@ def param_dtype(name: str) -> np.dtype:
 @dataclasses.dataclass
 class Weights:
   """How parameters are stored: `storage` in STORAGES; `bits`, `granularity` for quantised."""
-  storage: str = "float16"
-  bits: int = 0
-  granularity: str = "tensor"
-  coder: str = "lzma"
+  storage: str
+  bits: int  # 0 for float storage
+  granularity: str
+  coder: str  # requested (encode) or used (decode)
 
   def check(self) -> None:
     if self.storage not in STORAGES:

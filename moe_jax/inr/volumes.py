@@ -6,7 +6,8 @@ carries besides the voxels, kept through compress -> decompress:
 - NIfTI: every NIfTI-1 header field that differs from nibabel's default header, as
   `nifti.<field>` (scl_slope / scl_inter, qform / sform codes and matrices, pixdim, xyzt_units,
   descrip, intent, ...): float fields as 1-D float32 arrays without their trailing default
-  entries, integer fields as ints (arrays as int64), text as bytes. The shape / dtype
+  entries, integer fields as ints (arrays as int64), text as bytes. Where the sform rows equal
+  the qform's affine (float32, the usual case) they are left out and `nifti_sform_is_qform` set. The shape / dtype
   fields (dim, datatype, bitpix, vox_offset, sizeof_hdr, magic) come from the data.
 - TIFF: `tiff.flavour` (imagej, ome or plain), the X / Y resolution tags and their unit; ImageJ
   z spacing and unit; OME physical sizes (X, Y, Z) and units.
@@ -25,6 +26,7 @@ TIFF = (".tif", ".tiff")
 # Set from the data when a NIfTI file is written, so not kept in `meta`.
 _NIFTI_STRUCTURAL = ("sizeof_hdr", "dim", "datatype", "bitpix", "vox_offset", "magic")
 _TIFF_AXES = {2: "YX", 3: "ZYX", 4: "TZYX"}
+SFORM_IS_QFORM = "nifti_sform_is_qform"  # meta flag: srow_* left out, equal to the qform's rows
 
 
 @dataclasses.dataclass
@@ -125,6 +127,12 @@ def load(path: str) -> Volume:
       affine = np.asarray(image.affine, np.float64)
       meta = _nifti_meta(image.header)
       meta.pop("nifti.scl_slope", None), meta.pop("nifti.scl_inter", None)
+      sform, qform = (np.asarray(m, np.float32) for m in (image.header.get_sform(),
+                                                           image.header.get_qform()))
+      if image.header["sform_code"] > 0 and np.array_equal(sform, qform):
+        for axis in "xyz":  # the sform rows are the qform's: rebuilt from it when written
+          meta.pop(f"nifti.srow_{axis}", None)
+        meta[SFORM_IS_QFORM] = True
       slope, inter = image.dataobj.slope, image.dataobj.inter  # nibabel moved them here
       if slope != 1 or inter != 0:
         meta["nifti.scl_slope"] = np.array([slope], np.float32)
@@ -153,6 +161,7 @@ def nifti_header(volume: Volume):
   header.set_data_shape(volume.data.shape)
   header.set_data_dtype(volume.data.dtype)
   fields = {k[len("nifti."):]: v for k, v in volume.meta.items() if k.startswith("nifti.")}
+  sform_is_qform = bool(volume.meta.get(SFORM_IS_QFORM, False))
   if not {"sform_code", "qform_code"} & set(fields):
     affine = np.eye(4) if volume.affine is None else volume.affine
     header.set_sform(affine, 1)
@@ -167,6 +176,10 @@ def nifti_header(volume: Volume):
       header[name] = full
     else:
       header[name] = value[0] if value.size else full
+  if sform_is_qform:
+    rows = np.asarray(header.get_qform(), np.float32)
+    for i, axis in enumerate("xyz"):
+      header[f"srow_{axis}"] = rows[i]
   return header
 
 
