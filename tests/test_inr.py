@@ -130,6 +130,9 @@ def test_classical_codec_hits_the_byte_budget(name):
     assert decoded.shape == data.shape and decoded.dtype == data.dtype
     psnrs.append(metrics.psnr(data, decoded))
   assert psnrs[1] > psnrs[0] + 1, psnrs
+  ramp = (np.arange(16 * 12 * 6) % 251).reshape(16, 12, 6).astype(np.uint8)  # 8-bit samples
+  decoded = classical.decode(classical.at_budget(name, ramp, ramp.nbytes // 2).blob)
+  assert decoded.dtype == np.uint8 and decoded.shape == ramp.shape
   with pytest.raises(ValueError, match="over the 20-byte budget"):
     classical.at_budget(name, data, 20)
 

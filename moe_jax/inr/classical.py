@@ -97,8 +97,9 @@ def encode(codec: str, data: np.ndarray, knob: float) -> bytes:
   mosaic, cols = _tiles(codes)
   if codec == "jpeg2000":
     payload = ic.jpeg2k_encode(mosaic, level=knob, codecformat="j2k", bitspersample=bits)
-  else:
-    payload = ic.jpegxl_encode(mosaic, distance=knob, bitspersample=bits)
+  else:  # libjxl takes 8-bit samples as uint8 only
+    payload = ic.jpegxl_encode(mosaic.astype(np.uint8) if bits <= 8 else mosaic, distance=knob,
+                               bitspersample=bits)
   return head + struct.pack("<H", cols) + payload
 
 
