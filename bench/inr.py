@@ -29,8 +29,6 @@ import os
 import statistics
 import time
 
-import numpy as np
-
 from bench import common
 from moe_jax.commands.common import load_config
 from moe_jax.inr import classical, codec, metrics, volumes
@@ -172,7 +170,8 @@ def main() -> None:
                         "load_average_start": os.getloadavg()}
   for name in names:
     name, volume = _load(name)
-    print(f"{name}: {volume.data.shape} {volume.data.dtype}, {volume.data.nbytes} bytes", flush=True)
+    print(f"{name}: {volume.data.shape} {volume.data.dtype}, {volume.data.nbytes} bytes",
+          flush=True)
     for ratio in ratios:
       for method in methods:
         record = {"volume": name, "shape": list(volume.data.shape), "method": method,
