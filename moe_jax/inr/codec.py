@@ -1,4 +1,11 @@
-"""compress: volume -> solved widths -> trained INR -> file bytes; decompress: bytes -> volume.
+"""compress: volume -> chunks -> solved widths -> trained INRs -> file bytes; decompress: bytes ->
+the volume, a region of interest of it, or either at another resolution.
+
+The volume is tiled into chunks (`config.chunk_shape`, `chunking.Tiling`; () = one chunk), each
+coded by its own model of the same config, widths solved for the same per-chunk budget
+(original bytes / ratio - header, split evenly). `config.chunk_batch` chunks train at once in
+one jitted step. Memory is bounded by the chunk batch (parameters, optimizer state, a batch of
+coordinates) and the volume itself: no full-volume coordinate or float32 grid is made.
 
 The quality reported by `compress` is measured on `decompress(file)` itself (quantised
 parameters, rounding to the volume's dtype), so it is what a reader of the file gets.
@@ -6,105 +13,201 @@ parameters, rounding to the volume's dtype), so it is what a reader of the file 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from moe_jax.inr import budget, fileformat, fitting, metrics, model as model_lib, sampling
+from moe_jax.inr import budget, chunking, fileformat, fitting, metrics, model as model_lib
 from moe_jax.inr.volumes import Volume
+from moe_jax.train.metrics import progress_bar
 
 
-def layout_for(c: ml_collections.ConfigDict, shape: tuple[int, ...]) -> sampling.GridLayout:
-  """Block grid for BlockINR, the whole volume (one group) for MoEC."""
-  return sampling.GridLayout(shape, c.grid if c.kind == "blocks" else (1,) * len(shape))
-
-
-def _params(model: nnx.Module) -> list[jax.Array]:
-  return jax.tree.leaves(nnx.state(model, nnx.Param))
+def tiling_for(c: ml_collections.ConfigDict, shape: Sequence[int],
+               chunk_shape: Sequence[int]) -> chunking.Tiling:
+  """Chunks of `chunk_shape` (() = one); inside one chunk, BlockINR's block grid."""
+  return chunking.Tiling(shape, chunk_shape, c.grid if c.kind == "blocks" else (1,) * len(shape))
 
 
 def _header(volume: Volume, c: ml_collections.ConfigDict, lo: float, hi: float,
-            param_dtype: str) -> dict:
+            param_dtype: str, tiling: chunking.Tiling) -> dict:
   affine = None if volume.affine is None else [float(a) for a in volume.affine.reshape(-1)]
   return {"model": fileformat.model_diff(c), "shape": list(volume.data.shape),
           "dtype": volume.data.dtype.str, "affine": affine, "range": [lo, hi],
-          "param_dtype": param_dtype}
+          "param_dtype": param_dtype, "chunk_shape": list(tiling.chunk_block)}
 
 
 def solve_model(volume: Volume, ratio: float, config: ml_collections.ConfigDict
-                ) -> tuple[ml_collections.ConfigDict, int]:
-  """The model config with widths solved for `ratio`, and the parameter budget it met."""
+                ) -> tuple[ml_collections.ConfigDict, int, chunking.Tiling]:
+  """The model config with widths solved for `ratio`, the per-chunk parameter budget it met,
+  and the tiling."""
   c, shape = config.model, volume.data.shape
+  tiling = tiling_for(c, shape, config.chunk_shape)
   lo, hi = float(np.min(volume.data)), float(np.max(volume.data))
   # Header size with the widest width digits (the header is a few hundred bytes).
   wide = ml_collections.ConfigDict(c.to_dict())
   wide.width = wide.tail_width = 99999
   header_bytes = len(fileformat.encode(fileformat.Compressed(
-      _header(volume, wide, lo, hi, config.param_dtype), np.zeros(0, np.float32))))
+      _header(volume, wide, lo, hi, config.param_dtype, tiling), np.zeros(0, np.float32))))
   bytes_per_param = fileformat.param_dtype(config.param_dtype).itemsize
   params = budget.param_budget(volume.data.nbytes, ratio, bytes_per_param, header_bytes)
-  return budget.solve_widths(c, len(shape), params), params
+  per_chunk = params // tiling.num_chunks
+  return budget.solve_widths(c, len(shape), per_chunk), per_chunk, tiling
+
+
+def _flat_rows(params: nnx.State) -> np.ndarray:
+  """Stacked parameters (leading axis B) -> `[B, P]` float32, leaves in file order."""
+  leaves = jax.tree.leaves(params)
+  return np.concatenate([np.asarray(p, np.float32).reshape(p.shape[0], -1) for p in leaves], 1)
 
 
 def compress(volume: Volume, ratio: float, config: ml_collections.ConfigDict,
-             log: Callable[[str], None] | None = None) -> tuple[bytes, dict, nnx.Module]:
-  """Fits the model of `config` to `volume` at `ratio`. Returns (file bytes, report, model);
-  the report holds psnr, ssim, ratios, sizes, widths and times."""
+             log: Callable[[str], None] | None = None) -> tuple[bytes, dict]:
+  """Fits the chunk models of `config` to `volume` at `ratio`. Returns (file bytes, report);
+  the report holds psnr, ssim, ratios, sizes, widths, chunks and times."""
   start = time.perf_counter()
-  c, budget_params = solve_model(volume, ratio, config)
-  values, lo, hi = fitting.normalise(volume.data)
-  model = model_lib.build(c, volume.data.ndim, rngs=nnx.Rngs(config.train.seed))
-  layout = layout_for(c, volume.data.shape)
-  fit = fitting.fit(model, layout, values, config.train, log)
-  params = np.concatenate([np.asarray(p, np.float32).reshape(-1) for p in _params(model)])
+  c, budget_params, tiling = solve_model(volume, ratio, config)
+  tc, N = config.train, tiling.num_chunks
+  if config.chunk_batch < 1:
+    raise ValueError(f"chunk_batch={config.chunk_batch} must be >= 1 (chunks trained at once)")
+  B = min(config.chunk_batch, N)
+  lo, hi = float(np.min(volume.data)), float(np.max(volume.data))
+  fitter = fitting.ChunkFitter(c, volume.data.ndim, tc)
+  dtype = fileformat.param_dtype(config.param_dtype)
+  rows, mses = [], []
+  bar = progress_bar(0, N * tc.steps, unit="chunk-step")
+  with bar:
+    for index, first in enumerate(range(0, N, B)):
+      real = min(B, N - first)
+      ids = np.minimum(np.arange(first, first + B), N - 1)  # a short batch repeats a chunk
+      batches = fitting.training_batches(tiling.cells, tiling.cells_of(ids), volume.data, lo, hi,
+                                         tc, tc.seed + index)
+
+      def on_step(i, mse, first=first, real=real):
+        bar.update(real)
+        if log is not None and tc.log_every and i % tc.log_every == 0:
+          log(f"chunks {first}-{first + real - 1}/{N}  step {i}/{tc.steps}  "
+              f"mse {float(np.mean(np.asarray(mse)[:real])):.3e}")
+
+      params, mse = fitter.fit(ids, batches, on_step)
+      rows.append(_flat_rows(params)[:real].astype(dtype))
+      mses.append(mse[:real])
+  train_s = time.perf_counter() - start
+  flat = np.concatenate(rows).reshape(-1)
   blob = fileformat.encode(fileformat.Compressed(
-      _header(volume, c, lo, hi, config.param_dtype), params))
+      _header(volume, c, lo, hi, config.param_dtype, tiling), flat))
   compress_s = time.perf_counter() - start
-  decoded = decompress(blob, config.render_chunk)
+  decode_start = time.perf_counter()
+  decoded = decompress(blob, config.render_chunk, config.chunk_batch)
+  decompress_s = time.perf_counter() - decode_start
   report = {
       "kind": c.kind, "psnr": metrics.psnr(volume.data, decoded.data),
       "ssim": metrics.ssim(volume.data, decoded.data), "ratio_target": ratio,
       "ratio_actual": volume.data.nbytes / len(blob), "original_bytes": volume.data.nbytes,
-      "file_bytes": len(blob), "num_params": int(params.size), "budget_params": budget_params,
-      "width": c.width, "tail_width": c.tail_width, "train_mse": fit["final_mse"],
-      "train_s": fit["train_s"], "compress_s": compress_s,
+      "file_bytes": len(blob), "chunks": N, "chunk_shape": "x".join(map(str, tiling.chunk_block)),
+      "num_params": int(flat.size), "budget_params": budget_params * N,
+      "width": c.width, "tail_width": c.tail_width,
+      "train_mse": float(np.mean(np.concatenate(mses))), "train_s": train_s,
+      "compress_s": compress_s, "decompress_s": decompress_s,
   }
-  return blob, report, model
+  return blob, report
 
 
-def restore(blob: bytes, source: str = "input") -> tuple[fileformat.Compressed, nnx.Module]:
-  """The header and the model (parameters loaded, eval mode) of a compressed file."""
-  compressed = fileformat.decode(blob, source)
-  c = fileformat.model_from_diff(compressed.header["model"])
-  ndim = len(compressed.header["shape"])
-  try:  # shapes only: nothing is allocated before the parameter count matches the file
-    abstract = nnx.eval_shape(lambda: model_lib.build(c, ndim, rngs=nnx.Rngs(0)))
-  except Exception as e:  # the header's fields are checked, their combination may still fail
-    raise ValueError(f"{source}: the header's model cannot be built ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0][:120]}); the file is damaged") from None
-  shapes = [p.shape for p in jax.tree.leaves(nnx.state(abstract, nnx.Param))]
-  sizes = [int(np.prod(s)) for s in shapes]
-  if sum(sizes) != compressed.params.size:
-    raise ValueError(f"{source}: {compressed.params.size} parameters stored, the header's model "
-                     f"needs {sum(sizes)}; the file is truncated or damaged")
-  model = model_lib.build(c, ndim, rngs=nnx.Rngs(0))
-  state = nnx.state(model, nnx.Param)
-  chunks = np.split(compressed.params.astype(np.float32), np.cumsum(sizes)[:-1])
-  leaves = [jax.numpy.asarray(x.reshape(s)) for x, s in zip(chunks, shapes)]
-  nnx.update(model, jax.tree.unflatten(jax.tree.structure(state), leaves))
-  model.eval()
-  return compressed, model
+class Decoder:
+  """A compressed file opened for rendering: its header, tiling and the models of its chunks.
+
+  Every header field is checked, and the stored parameter count against chunks x the header's
+  model, before any model is built.
+  """
+
+  def __init__(self, blob: bytes, source: str = "input"):
+    self.compressed = compressed = fileformat.decode(blob, source)
+    h = compressed.header
+    c = fileformat.model_from_diff(h["model"])
+    ndim = len(h["shape"])
+    try:  # shapes only: nothing is allocated before the parameter count matches the file
+      abstract = nnx.eval_shape(lambda: model_lib.build(c, ndim, rngs=nnx.Rngs(0)))
+      self.tiling = tiling_for(c, h["shape"], h.get("chunk_shape", h["shape"]))
+    except Exception as e:  # the header's fields are checked, their combination may still fail
+      raise ValueError(f"{source}: the header's model cannot be built ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:120]}); the file is damaged") from None
+    state = nnx.state(abstract, nnx.Param)
+    self.shapes = [p.shape for p in jax.tree.leaves(state)]
+    self.sizes = [int(np.prod(s)) for s in self.shapes]
+    self.per_chunk = sum(self.sizes)
+    stored, N = compressed.params.size, self.tiling.num_chunks
+    if stored != N * self.per_chunk:
+      raise ValueError(f"{source}: {stored} parameters stored, the header's model needs "
+                       f"{N} chunk(s) x {self.per_chunk}; the file is truncated or damaged")
+    model = model_lib.build(c, ndim, rngs=nnx.Rngs(0))
+    model.eval()
+    self.graphdef, _, self.rest = nnx.split(model, nnx.Param, ...)
+    self.treedef = jax.tree.structure(state)
+    self._jitted = {}
+
+  def params(self, chunks: np.ndarray) -> nnx.State:
+    """Stacked parameters (leading axis B, float32) of chunks `[B]`."""
+    P, flat = self.per_chunk, self.compressed.params
+    rows = np.stack([flat[int(k) * P:(int(k) + 1) * P].astype(np.float32) for k in chunks])
+    parts = np.split(rows, np.cumsum(self.sizes)[:-1], axis=1)
+    leaves = [jax.numpy.asarray(x.reshape((len(chunks),) + s)) for x, s in zip(parts,
+                                                                                self.shapes)]
+    return jax.tree.unflatten(self.treedef, leaves)
+
+  def evaluate(self, method: str = "__call__") -> Callable[[np.ndarray, np.ndarray], jax.Array]:
+    """`(chunks [B], coords [B, G, n, d]) -> [B, G, n]`: model `method` of each chunk."""
+    if method not in self._jitted:
+      def apply(params, rest, coords):
+        return getattr(nnx.merge(self.graphdef, params, rest), method)(coords)
+      self._jitted[method] = jax.jit(jax.vmap(apply, in_axes=(0, None, 0)))
+    fn = self._jitted[method]
+    return lambda chunks, coords: fn(self.params(chunks), self.rest, coords)
+
+  def render(self, render_chunk: int, chunk_batch: int, scale: float = 1.0,
+             roi: Sequence[slice] | None = None, method: str = "__call__",
+             convert: Callable[[np.ndarray], np.ndarray] | None = None,
+             dtype: np.dtype | None = None) -> tuple[np.ndarray, chunking.OutputGrid]:
+    """The model outputs on the ROI of the grid at `scale`: intensities in the volume's dtype
+    by default (`convert`, `dtype` for another method's outputs)."""
+    h = self.compressed.header
+    if chunk_batch < 1 or render_chunk < 1:
+      raise ValueError(f"chunk_batch={chunk_batch} / render_chunk={render_chunk} must be >= 1")
+    grid = chunking.OutputGrid(self.tiling, scale, roi)
+    if convert is None:
+      out_dtype = np.dtype(h["dtype"])
+      convert = lambda v: fitting.denormalise(v, *h["range"], out_dtype)
+      dtype = out_dtype
+    bar = progress_bar(0, len(grid.touched_chunks()), unit="chunk")
+    with bar:
+      out = chunking.render(self.evaluate(method), grid, min(chunk_batch, self.tiling.num_chunks),
+                            render_chunk, convert, dtype, bar.update)
+    return out, grid
 
 
-def decompress(blob: bytes, render_chunk: int, source: str = "input") -> Volume:
-  """The volume a compressed file encodes: original shape, dtype and affine."""
-  compressed, model = restore(blob, source)
-  h = compressed.header
-  c = fileformat.model_from_diff(h["model"])
-  values = fitting.render(model, layout_for(c, tuple(h["shape"])), render_chunk)
-  data = fitting.denormalise(values, *h["range"], np.dtype(h["dtype"]))
-  affine = None if h["affine"] is None else np.asarray(h["affine"], np.float64).reshape(4, 4)
+def _affine(affine: np.ndarray, grid: chunking.OutputGrid, shape: Sequence[int]) -> np.ndarray:
+  """Voxel -> world of the rendered grid: output voxel k of axis a is source voxel
+  `start_a + k step_a` (spatial axes: the first three)."""
+  out = np.array(affine, np.float64)
+  for a in range(min(3, len(shape))):
+    n, m = shape[a], grid.full_shape[a]
+    step = (n - 1) / (m - 1) if m > 1 else 1.0
+    start = grid.index[a][0] * step if m > 1 else 0.0
+    stride = (grid.index[a][1] - grid.index[a][0]) * step if len(grid.index[a]) > 1 else step
+    out[:3, 3] = out[:3, 3] + affine[:3, a] * start
+    out[:3, a] = affine[:3, a] * stride
+  return out
+
+
+def decompress(blob: bytes, render_chunk: int, chunk_batch: int, source: str = "input", *,
+               scale: float = 1.0, roi: Sequence[slice] | None = None) -> Volume:
+  """The volume a compressed file encodes (original dtype and affine), or its region `roi`
+  (slices of the output grid), at `scale` times the original resolution; only the chunks the
+  ROI touches are decoded."""
+  decoder = Decoder(blob, source)
+  data, grid = decoder.render(render_chunk, chunk_batch, scale, roi)
+  h = decoder.compressed.header
+  affine = None if h["affine"] is None else _affine(
+      np.asarray(h["affine"], np.float64).reshape(4, 4), grid, h["shape"])
   return Volume(data, affine)

@@ -5,13 +5,16 @@
     8       2     format version, uint16 little-endian (this module writes VERSION)
     10      4     header length L in bytes, uint32 little-endian
     14      L     zlib-compressed UTF-8 JSON header (below)
-    14 + L  rest  parameters: every nnx.Param leaf of the model, in `jax.tree.leaves` order of
-                  `nnx.state(model, nnx.Param)`, C order, little-endian `param_dtype`, no padding
+    14 + L  rest  parameters, chunk after chunk (C order of the chunk grid), each chunk's
+                  P = num_params(model) values at offset k P: every nnx.Param leaf of the model,
+                  in `jax.tree.leaves` order of `nnx.state(model, nnx.Param)`, C order,
+                  little-endian `param_dtype`, no padding (fixed-size records are the chunk table)
 
 Header keys: `model` (the model config's fields that differ from `model.model_config(kind)`,
 dotted paths, plus `kind`), `shape` and `dtype` (numpy `dtype.str`) of the volume, `affine`
 (16 floats, row-major, or null), `range` ([lo, hi]: intensities were fitted as
-`2 (v - lo) / (hi - lo) - 1`), `param_dtype` (float32, float16 or bfloat16).
+`2 (v - lo) / (hi - lo) - 1`), `param_dtype` (float32, float16 or bfloat16), optional
+`chunk_shape` (voxels per chunk and axis, `moe_jax.inr.chunking`; absent = one chunk).
 
 `decode` reads untrusted files: every header field is checked against the file size and the
 bounds below before anything is allocated, and each problem is a one-line ValueError.
@@ -117,6 +120,10 @@ def _check_header(header: Any) -> str | None:
   lo_hi = header["range"]
   if not (isinstance(lo_hi, list) and len(lo_hi) == 2 and all(map(_number, lo_hi))):
     return "header range is not 2 finite numbers"
+  chunk = header.get("chunk_shape", shape)
+  if (not isinstance(chunk, list) or len(chunk) != len(shape)
+      or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in chunk)):
+    return f"header chunk_shape {str(chunk)[:80]} is not {len(shape)} positive integers"
   if header["param_dtype"] not in PARAM_DTYPES:
     return f"header param_dtype {str(header['param_dtype'])[:40]!r} is not one of {PARAM_DTYPES}"
   try:
