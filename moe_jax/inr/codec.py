@@ -12,6 +12,7 @@ parameters, rounding to the volume's dtype), so it is what a reader of the file 
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, Sequence
 
@@ -115,6 +116,15 @@ def compress(volume: Volume, ratio: float, config: ml_collections.ConfigDict,
   return blob, report
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply_chunks(graphdef: nnx.GraphDef, method: str, params: nnx.State, rest: nnx.State,
+                  coords: jax.Array) -> jax.Array:
+  """Model `method` of each chunk: stacked params `[B, ...]`, coords `[B, G, n, d]` (one
+  compile per model, method and shape, shared by every file and decoder)."""
+  apply = lambda p, x: getattr(nnx.merge(graphdef, p, rest), method)(x)
+  return jax.vmap(apply)(params, coords)
+
+
 class Decoder:
   """A compressed file opened for rendering: its header, tiling and the models of its chunks.
 
@@ -145,7 +155,6 @@ class Decoder:
     model.eval()
     self.graphdef, _, self.rest = nnx.split(model, nnx.Param, ...)
     self.treedef = jax.tree.structure(state)
-    self._jitted = {}
 
   def params(self, chunks: np.ndarray) -> nnx.State:
     """Stacked parameters (leading axis B, float32) of chunks `[B]`."""
@@ -158,12 +167,8 @@ class Decoder:
 
   def evaluate(self, method: str = "__call__") -> Callable[[np.ndarray, np.ndarray], jax.Array]:
     """`(chunks [B], coords [B, G, n, d]) -> [B, G, n]`: model `method` of each chunk."""
-    if method not in self._jitted:
-      def apply(params, rest, coords):
-        return getattr(nnx.merge(self.graphdef, params, rest), method)(coords)
-      self._jitted[method] = jax.jit(jax.vmap(apply, in_axes=(0, None, 0)))
-    fn = self._jitted[method]
-    return lambda chunks, coords: fn(self.params(chunks), self.rest, coords)
+    return lambda chunks, coords: _apply_chunks(self.graphdef, method, self.params(chunks),
+                                                self.rest, coords)
 
   def render(self, render_chunk: int, chunk_batch: int, scale: float = 1.0,
              roi: Sequence[slice] | None = None, method: str = "__call__",

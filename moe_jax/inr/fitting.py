@@ -31,12 +31,6 @@ def denormalise(values: np.ndarray, lo: float, hi: float, dtype: np.dtype) -> np
   return out.astype(dtype)
 
 
-def chunk_keys(seed: int, chunks: np.ndarray) -> jax.Array:
-  """Init key of each chunk: `fold_in(key(seed), chunk)`, so a chunk's init does not depend on
-  which batch it trains in."""
-  return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.asarray(chunks))
-
-
 class ChunkFitter:
   """Trains batches of chunk models of config `c` (widths solved) on `ndim`-d coordinates.
 
@@ -56,8 +50,7 @@ class ChunkFitter:
     def init(key):
       m = model_lib.build(c, ndim, rngs=nnx.Rngs(key))
       m.train()
-      _, params, rest = nnx.split(m, nnx.Param, ...)
-      return params, rest, tx.init(params)
+      return nnx.split(m, nnx.Param, ...)[1:]
 
     def step(params, rest, opt_state, coords, target):
       def loss_fn(params):
@@ -69,14 +62,23 @@ class ChunkFitter:
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), new_rest, opt_state, mse
 
-    self._init = jax.jit(jax.vmap(init))
+    self._init_one, self._init_opt = init, jax.vmap(tx.init)
     self._step = jax.jit(jax.vmap(step), donate_argnums=(0, 1, 2))
+
+  def _init(self, chunks: np.ndarray) -> tuple[nnx.State, nnx.State]:
+    """Stacked (params, rest) of chunks `[B]`, chunk k from key `fold_in(key(seed), k)` (so its
+    init does not depend on its batch). Built eagerly, one model at a time: compiling the init
+    (vmapped or not) costs more than B small eager builds."""
+    states = [self._init_one(jax.random.fold_in(jax.random.key(self.tc.seed), int(k)))
+              for k in chunks]
+    return jax.tree.map(lambda *x: jnp.stack(x), *states)
 
   def fit(self, chunks: np.ndarray, batches, on_step: Callable[[int, float], None] | None = None
           ) -> tuple[nnx.State, np.ndarray]:
     """Trains chunks `[B]` for `tc.steps` steps of `batches` (`{'coords' [B, G, b, d],
     'values' [B, G, b]}`); `on_step(step, mean mse over the batch)` after each step."""
-    params, rest, opt_state = self._init(chunk_keys(self.tc.seed, chunks))
+    params, rest = self._init(chunks)
+    opt_state = self._init_opt(params)
     data, recent = iter(batches), []
     for i in range(self.tc.steps):
       batch = next(data)
