@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 
 import jax
@@ -57,8 +58,10 @@ def test_width_solver_meets_budget_within_one_percent(variant):
     codec.solve_model(volume, 1.0, config)
 
 
-@pytest.mark.parametrize("suffix,variant", [(".nii.gz", "moec"), (".tif", "single")])
-def test_compress_decompress_round_trip(tmp_path, suffix, variant, capsys):
+@pytest.mark.parametrize("suffix,variant,chunks", [(".nii.gz", "moec", "(20,12,10)"),
+                                                   (".tif", "single", "()")])
+def test_compress_decompress_round_trip(tmp_path, suffix, variant, chunks, capsys):
+  """The moec case codes 2 chunks (one jitted step trains both); the single case one chunk."""
   source = volumes.load(volumes.example_path("anatomical.nii"))
   original = volumes.Volume(source.data[:20, :24, :10], source.affine)
   src = str(tmp_path / f"vol{suffix}")
@@ -67,7 +70,7 @@ def test_compress_decompress_round_trip(tmp_path, suffix, variant, capsys):
   partition = ["--partition", str(tmp_path / "p.png")] if variant == "moec" else []
   inr_command.main(["compress", "--input", src, "--ratio", "8", "--out", packed, "--report",
             report_path, "--config", f"{COMPRESS_CONFIG}:{variant}", "--set", "train.steps=40",
-            "--set", "train.log_every=0"] + partition)
+            "--set", "train.log_every=0", "--set", f"chunk_shape={chunks}"] + partition)
   inr_command.main(["decompress", packed, "--out", out, "--reference", src])
   report = json.load(open(report_path))
   decoded = volumes.load(out)
@@ -143,6 +146,7 @@ import zlib  # noqa: E402
     (_crafted({"dtype": "object"}), "numeric"),
     (_crafted({"param_dtype": "int8"}), "param_dtype"),
     (_crafted({"range": [0, "x"]}), "range"),
+    (_crafted({"chunk_shape": [4, 4]}), "chunk_shape"),
     (_crafted(params=b"\0" * 7), "whole number"),
     (_crafted(header_bytes=zlib.compress(b" " * (2 << 20))), "corrupt header"),
     (_crafted(header_bytes=zlib.compress(b"{}")[:-3]), "corrupt header"),
@@ -178,3 +182,138 @@ def peak_python_bytes():
   finally:
     peak[0] = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
+
+
+class _Terminal(io.StringIO):
+  def isatty(self) -> bool:  # the progress bars draw only on a terminal
+    return True
+
+
+CHUNKED_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def chunked():
+  """A 16^3 crop of anatomical.nii coded as 8 chunks of 8^3 (single SIREN each), 3 chunks per
+  jitted step (the last batch is short), on a pretend terminal: (volume, file, report, the
+  progress bars' text)."""
+  source = volumes.load(volumes.example_path("anatomical.nii"))
+  volume = volumes.Volume(np.ascontiguousarray(source.data[8:24, 12:28, 4:20]), source.affine)
+  config = common.load_config(f"{COMPRESS_CONFIG}:single", [
+      "chunk_shape=(8,8,8)", "chunk_batch=3", f"train.steps={CHUNKED_STEPS}",
+      "train.batch_size=128", "train.log_every=0", "render_chunk=1536"])
+  terminal = _Terminal()
+  with contextlib.redirect_stderr(terminal):
+    blob, report = codec.compress(volume, 3, config)
+  return volume, blob, report, terminal.getvalue()
+
+
+def _decode(blob, **kw):
+  return codec.decompress(blob, 1536, 3, **kw)
+
+
+def test_chunked_file_layout_and_budget(chunked):
+  from moe_jax.inr import fileformat
+  volume, blob, report, bars = chunked
+  header = fileformat.decode(blob).header
+  assert header["chunk_shape"] == [8, 8, 8] and report["chunks"] == 8
+  per_chunk = model_lib.num_params(fileformat.model_from_diff(header["model"]), 3)
+  assert report["num_params"] == 8 * per_chunk <= report["budget_params"]
+  assert report["file_bytes"] == len(blob) <= volume.data.nbytes / 3
+  # compress: one bar over chunks x steps; the decode of the report: one bar over chunks.
+  assert f"{8 * CHUNKED_STEPS}/{8 * CHUNKED_STEPS}" in bars and "chunk-step" in bars
+  assert "8/8" in bars and "chunk/s" in bars
+
+
+def test_chunked_decode_equals_whole_decode_and_roi_is_its_crop(chunked, monkeypatch):
+  """Each chunk decoded alone (its ROI) pastes into the whole decode; a ROI across chunk
+  borders equals the crop of the whole decode bit for bit and evaluates only the 4 chunks it
+  touches."""
+  volume, blob, _, _ = chunked
+  whole = _decode(blob)
+  assert whole.data.shape == volume.data.shape and whole.data.dtype == volume.data.dtype
+  pasted = np.zeros_like(whole.data)
+  for corner in np.ndindex(2, 2, 2):
+    roi = tuple(slice(8 * c, 8 * c + 8) for c in corner)
+    pasted[roi] = _decode(blob, roi=roi).data
+  np.testing.assert_array_equal(pasted, whole.data)
+  evaluated = []
+  params = codec.Decoder.params
+  monkeypatch.setattr(codec.Decoder, "params",
+                      lambda self, chunks: evaluated.extend(chunks) or params(self, chunks))
+  roi = (slice(3, 13), slice(5, 12), slice(9, 16))
+  crop = _decode(blob, roi=roi)
+  np.testing.assert_array_equal(crop.data, whole.data[roi])
+  assert sorted(set(int(k) for k in evaluated)) == [1, 3, 5, 7]  # x, y both halves, z high
+  # The affine of the crop maps its voxel 0 onto the original voxel (3, 5, 9).
+  np.testing.assert_allclose(crop.affine[:, 3], volume.affine @ np.array([3, 5, 9, 1.0]))
+  np.testing.assert_allclose(crop.affine[:3, :3], volume.affine[:3, :3])
+
+
+def test_decode_at_another_resolution(chunked):
+  """Scale 1 is the normal decode; scale 2 renders 32^3 voxels with the same corner voxels
+  (the grids' corners are aligned) and an affine that maps the corners onto the same points."""
+  volume, blob, _, _ = chunked
+  whole = _decode(blob).data
+  np.testing.assert_array_equal(_decode(blob, scale=1.0).data, whole)
+  fine = _decode(blob, scale=2.0)
+  assert fine.data.shape == (32, 32, 32)
+  corners = np.array(list(np.ndindex(2, 2, 2)))
+  np.testing.assert_array_equal(fine.data[tuple((corners * 31).T)], whole[tuple((corners * 15).T)])
+  for c in corners:
+    np.testing.assert_allclose(fine.affine @ np.r_[c * 31, 1.0], volume.affine @ np.r_[c * 15, 1.0])
+  coarse = _decode(blob, scale=0.5)
+  assert coarse.data.shape == (8, 8, 8)
+
+
+def test_decompress_roi_and_scale_flags(chunked, tmp_path):
+  volume, blob, _, _ = chunked
+  packed, src = tmp_path / "v.moec", str(tmp_path / "v.nii")
+  packed.write_bytes(blob)
+  volumes.save(src, volume)
+  out = str(tmp_path / "roi.nii")
+  inr_command.main(["decompress", str(packed), "--out", out, "--roi", "3:13,:,9:",
+                    "--reference", src, "--set", "render_chunk=1536", "--set", "chunk_batch=3"])
+  np.testing.assert_array_equal(volumes.load(out).data,
+                                _decode(blob).data[3:13, :, 9:])
+  inr_command.main(["decompress", str(packed), "--out", out, "--scale", "1.5"])
+  assert volumes.load(out).data.shape == (24, 24, 24)
+  for flags, message in [(["--roi", "3-13"], "START:STOP per axis"),
+                         (["--roi", "5:5"], "empty"), (["--roi", "0:1,0:1,0:1,0:1"], "4 slices"),
+                         (["--scale", "0"], "must be > 0"),
+                         (["--scale", "2", "--reference", src], "--reference compares")]:
+    with pytest.raises(SystemExit, match=message):
+      inr_command.main(["decompress", str(packed), "--out", out] + flags)
+
+
+def test_chunk_config_errors_name_the_field():
+  volume = volumes.Volume(np.zeros((16, 16, 16), np.int16))
+  for overrides, message in [(["chunk_shape=(8,8)"], "chunk_shape=.*one positive size per axis"),
+                             (["chunk_shape=(8,8,8)", "model.grid=(2,1,1)"], "model.grid=.*ones"),
+                             (["chunk_batch=0"], "chunk_batch=0 must be >= 1")]:
+    config = common.load_config(f"{COMPRESS_CONFIG}:blocks", overrides)
+    with pytest.raises(ValueError, match=message):
+      codec.compress(volume, 3, config)
+
+
+def test_chunks_train_independently_in_one_vmapped_step():
+  """Chunk 0 trained beside chunk 1 or beside chunk 2 (same sampling seed) ends with the same
+  parameters: the batch axis is a vmap, not a shared model."""
+  from moe_jax.inr import chunking, fitting
+  data = (np.arange(8 * 4 * 4) % 13).reshape(8, 4, 4).astype(np.int16)
+  config = common.load_config(f"{COMPRESS_CONFIG}:single", [
+      "train.steps=3", "train.batch_size=32", "model.width=4", "model.tail_width=4"])
+  tiling = chunking.Tiling(data.shape, (4, 2, 4), (1, 1, 1))  # 2 x 2 x 1 chunks
+  fitter = fitting.ChunkFitter(config.model, 3, config.train)
+  results = []
+  for ids in (np.array([0, 1]), np.array([0, 2])):
+    batches = fitting.training_batches(tiling.cells, tiling.cells_of(ids), data, 0, 12,
+                                       config.train, 0)
+    params, mse = fitter.fit(ids, batches)
+    results.append((jax.tree.leaves(params), mse))
+  (first, mse_first), (second, mse_second) = results
+  for a, b in zip(first, second):
+    assert a.shape[0] == 2
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a[1], b[1])  # chunks 1 and 2: other data, other init
+  assert mse_first.shape == (2,) and mse_first[0] == pytest.approx(mse_second[0], rel=1e-5)
