@@ -60,15 +60,16 @@ def main() -> None:
           f"train.steps={steps}", f"train.batch_size={batch}", "train.log_every=0"])
       record = {"method": method, "ratio_target": ratio}
       try:
-        _, report, model = codec.compress(volume, ratio, config)
+        blob, report = codec.compress(volume, ratio, config)
       except ValueError as e:  # the ratio leaves no room for this model
         records.append({**record, "note": str(e).split(":")[0]})
         print(f"{method} {ratio:g}x: {e}", flush=True)
         continue
       records.append({**record, **report})
       if method == "moec" and ratio == ratios[0] and args.out:
-        plot.partition_png(model, data, os.path.join(os.path.dirname(args.out),
-                                                     "inr_partition.png"))
+        plot.partition_png(blob, data, os.path.join(os.path.dirname(args.out),
+                                                    "inr_partition.png"),
+                           config.render_chunk, config.chunk_batch)
       print(f"{method} {ratio:g}x: psnr {report['psnr']:.2f}", flush=True)
   common.print_table(records, [
       ("method", "method", ""), ("ratio_target", "target ratio", "g"),

@@ -46,4 +46,7 @@ def get_config(variant: str = "moec") -> ml_collections.ConfigDict:
   c.chunk_shape = ()
   c.chunk_batch = 8
   c.render_chunk = 65536  # points per call (over the chunk batch) when rendering the volume back
+  # `compress --psnr P` (instead of --ratio): `trials` compressions, bisecting log(ratio) in
+  # [min_ratio, max_ratio]; the most compressed file with PSNR >= P is kept.
+  c.psnr_search = ml_collections.ConfigDict(dict(trials=6, min_ratio=5.0, max_ratio=1000.0))
   return c

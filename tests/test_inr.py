@@ -317,3 +317,35 @@ def test_chunks_train_independently_in_one_vmapped_step():
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(a[1], b[1])  # chunks 1 and 2: other data, other init
   assert mse_first.shape == (2,) and mse_first[0] == pytest.approx(mse_second[0], rel=1e-5)
+
+
+def test_psnr_target_keeps_the_most_compressed_file_that_meets_it(monkeypatch, tmp_path, capsys):
+  """The search over ratios, on a stand-in codec whose PSNR is 50 - 5 log2(ratio) (30 dB up to
+  16x): the first trial at min_ratio 5x, then 7 bisections of log(ratio) in [5, 1000]."""
+  calls = []
+
+  def fake_compress(volume, ratio, config, log=None):
+    calls.append(ratio)
+    return f"file@{ratio:.3f}".encode(), {"psnr": 50 - 5 * np.log2(ratio), "ratio_actual": ratio}
+
+  monkeypatch.setattr(codec, "compress", fake_compress)
+  config = common.load_config(f"{COMPRESS_CONFIG}:single", ["psnr_search.trials=8"])
+  blob, report = codec.compress_to_psnr(None, 30.0, config)
+  assert calls[0] == 5.0 and len(calls) == 8
+  met = [r for r in calls if 50 - 5 * np.log2(r) >= 30]
+  assert report["ratio_actual"] == max(met) and blob == f"file@{max(met):.3f}".encode()
+  assert 12 < max(met) <= 16 and report["trials"][0] == [5.0, pytest.approx(50 - 5 * np.log2(5))]
+  _, missed = codec.compress_to_psnr(None, 60.0, config)
+  assert "not reached even at psnr_search.min_ratio=5x" in missed["warning"]
+  with pytest.raises(ValueError, match="psnr_search: need 1 < min_ratio"):
+    codec.compress_to_psnr(None, 30.0, common.load_config(
+        f"{COMPRESS_CONFIG}:single", ["psnr_search.min_ratio=2000"]))
+  # The command: --psnr or --ratio, not both; the warning goes to stderr on one line.
+  monkeypatch.setattr(volumes, "load", lambda path: None)
+  out = str(tmp_path / "f.moec")
+  with pytest.raises(SystemExit):
+    inr_command.main(["compress", "--input", "v.nii", "--ratio", "5", "--psnr", "30", "--out", out])
+  inr_command.main(["compress", "--input", "v.nii", "--psnr", "60", "--out", out])
+  assert open(out, "rb").read() == b"file@5.000"
+  warning = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+  assert len(warning) == 1 and "not reached" in warning[0]

@@ -1,11 +1,12 @@
 """`python -m moe_jax.commands.inr compress|decompress ...`: the MoEC codec (`moe_jax.inr`) on
 files, with a one-line report.
 
-    compress   --input VOL --ratio R --out FILE [--config PATH[:variant]] [--set key=value ...]
-               [--partition PNG] [--report JSON]
+    compress   --input VOL (--ratio R | --psnr P) --out FILE [--config PATH[:variant]]
+               [--set key=value ...] [--partition PNG] [--report JSON]
     decompress FILE --out VOL [--config PATH] [--set key=value ...] [--reference VOL]
                [--roi START:STOP,...] [--scale S]
 
+`--psnr 40` searches the largest ratio whose decoded PSNR is >= 40 dB (config psnr_search).
 `--roi 0:64,:,10:20` decodes only that region (slices of the output grid, one per axis, missing
 axes whole) and only the chunks it touches; `--scale 2` renders at twice the resolution.
 
@@ -26,14 +27,21 @@ from moe_jax.commands import common
 
 def _print_report(report: dict) -> None:
   fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-  print("  ".join(f"{k}={fmt(v)}" for k, v in report.items()), flush=True)
+  print("  ".join(f"{k}={fmt(v)}" for k, v in report.items() if k not in ("warning", "trials")),
+        flush=True)
+  if "warning" in report:
+    print(f"warning: {report['warning']}", file=sys.stderr, flush=True)
 
 
 def compress(args: argparse.Namespace) -> None:
   from moe_jax.inr import codec, plot, volumes
   config = common.load_config(args.config, args.set)
   volume = volumes.load(args.input)
-  blob, report = codec.compress(volume, args.ratio, config, log=lambda m: print(m, flush=True))
+  log = lambda m: print(m, flush=True)
+  if args.psnr is not None:
+    blob, report = codec.compress_to_psnr(volume, args.psnr, config, log)
+  else:
+    blob, report = codec.compress(volume, args.ratio, config, log)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "wb") as f:
     f.write(blob)
@@ -97,7 +105,9 @@ def parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", required=True)
   c = sub.add_parser("compress", help="volume -> compressed file")
   c.add_argument("--input", required=True, help="NIfTI (.nii, .nii.gz) or TIFF (.tif) volume")
-  c.add_argument("--ratio", required=True, type=float, help="target original/compressed bytes")
+  target = c.add_mutually_exclusive_group(required=True)
+  target.add_argument("--ratio", type=float, help="target original/compressed bytes")
+  target.add_argument("--psnr", type=float, help="target PSNR (dB): the largest ratio meeting it")
   c.add_argument("--out", required=True, help="compressed file to write")
   c.add_argument("--config", default=os.path.join(common.CONFIGS, "inr_compress.py:moec"))
   c.add_argument("--partition", default="", help="PNG of the learned partition (MoEC)")

@@ -26,6 +26,9 @@ from moe_jax.inr.volumes import Volume
 from moe_jax.train.metrics import progress_bar
 
 
+RATIO_SLACK = 1.05  # compress warns when the file is this much smaller than the ratio allows
+
+
 def tiling_for(c: ml_collections.ConfigDict, shape: Sequence[int],
                chunk_shape: Sequence[int]) -> chunking.Tiling:
   """Chunks of `chunk_shape` (() = one); inside one chunk, BlockINR's block grid."""
@@ -67,7 +70,8 @@ def _flat_rows(params: nnx.State) -> np.ndarray:
 def compress(volume: Volume, ratio: float, config: ml_collections.ConfigDict,
              log: Callable[[str], None] | None = None) -> tuple[bytes, dict]:
   """Fits the chunk models of `config` to `volume` at `ratio`. Returns (file bytes, report);
-  the report holds psnr, ssim, ratios, sizes, widths, chunks and times."""
+  the report holds psnr, ssim, ratios, sizes, widths, chunks and times, and a `warning` when
+  the file is more than RATIO_SLACK times smaller than the ratio allows (coarse widths)."""
   start = time.perf_counter()
   c, budget_params, tiling = solve_model(volume, ratio, config)
   tc, N = config.train, tiling.num_chunks
@@ -113,7 +117,43 @@ def compress(volume: Volume, ratio: float, config: ml_collections.ConfigDict,
       "train_mse": float(np.mean(np.concatenate(mses))), "train_s": train_s,
       "compress_s": compress_s, "decompress_s": decompress_s,
   }
+  if report["ratio_actual"] > RATIO_SLACK * ratio:
+    report["warning"] = (f"the file is {len(blob)} bytes for a budget of "
+                         f"{volume.data.nbytes / ratio:.0f} ({report['ratio_actual']:.1f}x, not "
+                         f"{ratio:g}x): at width {c.width} the next width does not fit; lower "
+                         "--ratio, use fewer chunks or a smaller model")
   return blob, report
+
+
+def compress_to_psnr(volume: Volume, target_psnr: float, config: ml_collections.ConfigDict,
+                     log: Callable[[str], None] | None = None) -> tuple[bytes, dict]:
+  """The most compressed file found with PSNR >= `target_psnr`: `config.psnr_search.trials`
+  compressions, the first at `min_ratio`, then a bisection of log(ratio) up to `max_ratio`.
+  When even `min_ratio` misses the target, that file is returned with a warning in the
+  report. The report lists every trial as [ratio, psnr]."""
+  ps = config.psnr_search
+  if not 1 < ps.min_ratio < ps.max_ratio or ps.trials < 1:
+    raise ValueError(f"psnr_search: need 1 < min_ratio ({ps.min_ratio}) < max_ratio "
+                     f"({ps.max_ratio}) and trials ({ps.trials}) >= 1")
+  lo, hi, best, trials = ps.min_ratio, ps.max_ratio, None, []
+  for i in range(ps.trials):
+    ratio = lo if i == 0 else float(np.sqrt(lo * hi))
+    blob, report = compress(volume, ratio, config)
+    trials.append([ratio, report["psnr"]])
+    if log is not None:
+      log(f"trial {i + 1}/{ps.trials}: {ratio:.4g}x -> {report['psnr']:.2f} dB")
+    if report["psnr"] >= target_psnr:
+      best, lo = (blob, report), ratio
+    elif i == 0:
+      report["warning"] = (f"--psnr {target_psnr:g} dB is not reached even at "
+                           f"psnr_search.min_ratio={ps.min_ratio:g}x ({report['psnr']:.2f} dB): "
+                           "lower min_ratio or train longer (train.steps)")
+      best = (blob, report)
+      break
+    else:
+      hi = ratio
+  blob, report = best
+  return blob, {**report, "psnr_target": target_psnr, "trials": trials}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
