@@ -4,10 +4,11 @@ A volume is fitted by a coordinate network whose parameters are the compressed f
 
     volumes.py   read / write NIfTI and TIFF volumes
     sampling.py  block layouts of voxel coordinates, grain pipeline of coordinate batches
+    chunking.py  tiling into independently coded chunks; rendering a ROI / another resolution
     siren.py     stacked SIREN bank (per-member w0), runs under the core MoE dispatch
     model.py     MoEC (core router + SIREN experts) and BlockINR (fixed grid; 1 block = single INR)
     budget.py    width solver: parameters that fit original bytes / ratio
-    train.py     fitting and rendering
+    fitting.py   training a batch of chunk models in one vmapped, jitted step
     fileformat.py, codec.py   the on-disk format; compress / decompress
     metrics.py, plot.py       PSNR / SSIM; PNG of the learned partition
 
