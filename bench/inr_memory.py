@@ -1,6 +1,7 @@
 """Peak memory and time of MoEC compression of a big real volume: one chunk vs 64^3 chunks.
 
-    python -m bench.inr_memory [--quick] [--size 128] [--ratio 100] [--out bench/out/inr_memory.json]
+    python -m bench.inr_memory [--quick] [--size 128] [--ratio 100] [--cases "one chunk,..."]
+        [--out bench/out/inr_memory.json]
 
 The volume is the MNI152 T1 template (197x233x189 uint8, a real MRI average shipped inside the
 nilearn wheel), its centre crop of `--size`^3 voxels (`--size 256`: the template upsampled
@@ -94,6 +95,8 @@ def main() -> None:
   p.add_argument("--ratio", type=float, default=100.0)
   p.add_argument("--steps", type=int, default=0, help="training steps per chunk (0: 300, "
                  "quick 30)")
+  p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of "
+                 f"{', '.join(CASES)}")
   p.add_argument("--case", default="", help="internal: run one case in this process")
   p.add_argument("--phase", default="")
   p.add_argument("--file", default="")
@@ -104,7 +107,9 @@ def main() -> None:
     return
   records = []
   with tempfile.TemporaryDirectory() as tmp:
-    for i, case in enumerate(CASES):
+    for i, case in enumerate(args.cases.split(",")):
+      if case not in CASES:
+        raise SystemExit(f"error: --cases {case!r}: use some of {', '.join(CASES)}")
       path = os.path.join(tmp, f"{i}.moec")
       row = {"case": case}
       for phase in ("compress", "decompress"):

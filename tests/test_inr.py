@@ -349,3 +349,14 @@ def test_psnr_target_keeps_the_most_compressed_file_that_meets_it(monkeypatch, t
   assert open(out, "rb").read() == b"file@5.000"
   warning = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
   assert len(warning) == 1 and "not reached" in warning[0]
+
+
+def test_slabbed_psnr_and_ssim_equal_the_whole_volume_at_once():
+  """Slabs of 3 planes (halo 5) against one slab holding the whole volume, on a random int16
+  volume and a noisy copy."""
+  rng = np.random.default_rng(0)
+  a = rng.integers(0, 1000, (13, 9, 7)).astype(np.int16)
+  b = (a + rng.normal(0, 40, a.shape)).astype(np.int16)
+  assert metrics.ssim(a, b, slab=3) == pytest.approx(metrics.ssim(a, b, slab=13), rel=1e-12)
+  assert metrics.psnr(a, b, slab=3) == pytest.approx(metrics.psnr(a, b, slab=13), rel=1e-12)
+  assert metrics.ssim(a, a, slab=3) == pytest.approx(1.0)
