@@ -161,6 +161,14 @@ def test_crafted_inr_files_are_one_line_value_errors(blob, message):
   assert peak[0] < 8 << 20, peak  # nothing sized by the crafted header is allocated
 
 
+def test_a_huge_chunk_count_is_rejected_before_the_tiling_is_built():
+  blob = _crafted({"shape": [1 << 11, 1 << 11, 1 << 11], "chunk_shape": [1, 1, 1],
+                   "model": {"kind": "moec", "width": 2, "tail_width": 2}}, params=b"\0" * 64)
+  with peak_python_bytes() as peak, pytest.raises(ValueError, match="needs 8589934592 chunk"):
+    codec.Decoder(blob, "f.moec")
+  assert peak[0] < 64 << 20, peak
+
+
 def test_a_huge_declared_model_is_rejected_before_it_is_built():
   blob = _crafted({"model": {"kind": "moec", "width": 1 << 20, "tail_width": 1 << 20}},
                   params=b"\0" * 64)

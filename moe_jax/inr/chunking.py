@@ -29,16 +29,21 @@ import numpy as np
 from moe_jax.inr import sampling
 
 
+def chunk_grid(shape: Sequence[int], chunk_shape: Sequence[int]) -> tuple[int, ...]:
+  """Chunks per axis: ceil(n / c) (`chunk_shape` () = one chunk)."""
+  chunk_shape = tuple(chunk_shape) or tuple(shape)
+  if len(chunk_shape) != len(shape) or min(chunk_shape) < 1:
+    raise ValueError(f"chunk_shape={chunk_shape} needs one positive size per axis of the "
+                     f"volume {tuple(shape)} (or () for one chunk)")
+  return tuple(-(-int(n) // min(int(c), int(n))) for n, c in zip(shape, chunk_shape))
+
+
 class Tiling:
   """Chunks of a volume of `shape` and the cells (model groups) of each chunk."""
 
   def __init__(self, shape: Sequence[int], chunk_shape: Sequence[int], model_grid: Sequence[int]):
     self.shape = tuple(int(n) for n in shape)
-    chunk_shape = tuple(chunk_shape) or self.shape
-    if len(chunk_shape) != len(self.shape) or min(chunk_shape) < 1:
-      raise ValueError(f"chunk_shape={chunk_shape} needs one positive size per axis of the "
-                       f"volume {self.shape} (or () for one chunk)")
-    self.chunk_grid = tuple(-(-n // min(c, n)) for n, c in zip(self.shape, chunk_shape))
+    self.chunk_grid = chunk_grid(self.shape, chunk_shape)
     self.num_chunks = math.prod(self.chunk_grid)
     if self.num_chunks > 1 and any(g != 1 for g in model_grid):
       raise ValueError(f"model.grid={tuple(model_grid)} with chunk_shape={chunk_shape}: chunks "

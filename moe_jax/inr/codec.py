@@ -177,9 +177,9 @@ class Decoder:
     h = compressed.header
     c = fileformat.model_from_diff(h["model"])
     ndim = len(h["shape"])
+    chunk_shape = h.get("chunk_shape", h["shape"])
     try:  # shapes only: nothing is allocated before the parameter count matches the file
       abstract = nnx.eval_shape(lambda: model_lib.build(c, ndim, rngs=nnx.Rngs(0)))
-      self.tiling = tiling_for(c, h["shape"], h.get("chunk_shape", h["shape"]))
     except Exception as e:  # the header's fields are checked, their combination may still fail
       raise ValueError(f"{source}: the header's model cannot be built ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:120]}); the file is damaged") from None
@@ -187,10 +187,15 @@ class Decoder:
     self.shapes = [p.shape for p in jax.tree.leaves(state)]
     self.sizes = [int(np.prod(s)) for s in self.shapes]
     self.per_chunk = sum(self.sizes)
-    stored, N = compressed.params.size, self.tiling.num_chunks
+    stored = compressed.params.size
+    N = int(np.prod(chunking.chunk_grid(h["shape"], chunk_shape), dtype=object))
     if stored != N * self.per_chunk:
       raise ValueError(f"{source}: {stored} parameters stored, the header's model needs "
                        f"{N} chunk(s) x {self.per_chunk}; the file is truncated or damaged")
+    try:
+      self.tiling = tiling_for(c, h["shape"], chunk_shape)
+    except ValueError as e:
+      raise ValueError(f"{source}: {e}; the file is damaged") from None
     model = model_lib.build(c, ndim, rngs=nnx.Rngs(0))
     model.eval()
     self.graphdef, _, self.rest = nnx.split(model, nnx.Param, ...)
