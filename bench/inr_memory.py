@@ -33,7 +33,11 @@ CASES = {  # name: config overrides
 
 def mni_volume(size: int):
   """Centre crop (size <= 189) or trilinear upsampling to int16 (size > 189) of MNI152 T1."""
-  import nilearn
+  try:
+    import nilearn
+  except ImportError:
+    raise SystemExit("error: bench.inr_memory reads the MNI152 template shipped in the nilearn "
+                     "wheel: pip install nilearn==0.14.1 (or .[bench])") from None
   import numpy as np
   from scipy import ndimage
   from moe_jax.inr import volumes

@@ -62,6 +62,7 @@ class Tiling:
     return np.broadcast_to(np.arange(self.groups), (len(chunks), self.groups))
 
   def chunk_of_cell(self, cells: np.ndarray) -> np.ndarray:
+    """Cell ids -> the chunk holding each (inverse of `cells_of`)."""
     return np.asarray(cells) if self.num_chunks > 1 else np.zeros_like(cells)
 
 
