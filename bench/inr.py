@@ -51,13 +51,13 @@ def _inr_trial(volume: volumes.Volume, method: str, ratio: float, seed: int, lr:
       f"train.steps={steps}", f"train.batch_size={batch}", "train.log_every=0",
       f"train.seed={seed}", f"train.learning_rate={lr}"]
       + ([f"budget_trials={budget_trials}"] if budget_trials else []))
-  blob, report, _ = codec.compress(volume, ratio, config)
+  blob, report = codec.compress(volume, ratio, config)
   keep = ("psnr", "ssim", "ratio_actual", "file_bytes", "header_bytes", "num_params", "width",
           "tail_width", "compress_s")
   out = {**{k: report[k] for k in keep}, "lr": lr}
   if seed == 0:  # decode time does not depend on the seed: measured once per method and ratio
     start = time.perf_counter()
-    codec.decompress(blob, config.render_chunk)
+    codec.decompress(blob, config.render_chunk, config.chunk_batch)
     out["decode_s"] = time.perf_counter() - start
   return out
 

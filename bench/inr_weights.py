@@ -66,12 +66,12 @@ def main() -> None:
       for name, overrides in SETTINGS.items():
         config = load_config("configs/inr_compress.py:moec", overrides + [
             f"train.steps={steps}", "train.log_every=0", f"train.seed={seed}"])
-        _, report, model = codec.compress(volume, ratio, config)
+        blob, report = codec.compress(volume, ratio, config)
         records.append({"setting": name, "seed": seed, **report})
         print(f"{name} {ratio:g}x seed {seed}: psnr {report['psnr']:.2f}, "
               f"{report['file_bytes']} B", flush=True)
         if config.quant_bits:
-          tensors = [np.asarray(t, np.float32) for t in codec._params(model)]
+          tensors = codec.Decoder(blob).tensors(0)  # dequantised: re-quantise to the codes
           coders.append({"setting": name, "seed": seed, "ratio_target": ratio,
                          "num_params": report["num_params"],
                          **coder_bytes(tensors, config.quant_bits, config.quant_granularity)})

@@ -13,6 +13,9 @@ Variants (all solve the network width from --ratio, so the parameters fit the sa
   model.grid for other ranks).
 - `octree`: TINC's tree-structured INR (model.TreeINR): an octree of per-node SIRENs chained from
   the root to each leaf block (hierarchical parameter sharing), one level below the root.
+Big volumes: `--set chunk_shape=(64,64,64)` codes 64^3 chunks independently, `chunk_batch` at a
+time (memory bounded by the chunk batch); `decompress --roi / --scale` decode a region or another
+resolution.
 Expected result (anatomical.nii, 33x41x25 int16, 10x, bench/RESULTS.md): see the MoEC section.
 """
 from __future__ import annotations
@@ -62,5 +65,9 @@ def get_config(variant: str = "moec") -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=2000, batch_size=8192, learning_rate=1e-3, final_lr_fraction=0.05, seed=0,
       prefetch_threads=1, log_every=500))
-  c.render_chunk = 65536  # points per call when rendering the volume back
+  # Chunks coded independently (moe_jax.inr.chunking): the largest chunk, () = one chunk (the
+  # whole volume), e.g. (64, 64, 64) for big volumes; chunk_batch chunks train in one jitted step.
+  c.chunk_shape = ()
+  c.chunk_batch = 8
+  c.render_chunk = 65536  # points per call (over the chunk batch) when rendering the volume back
   return c

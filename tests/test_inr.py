@@ -1,6 +1,8 @@
 """MoEC neural compression (moe_jax.inr): SIREN init, width solver, file round trip, MoEC vs single."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import jax
@@ -47,10 +49,10 @@ def test_width_solver_meets_budget_within_one_percent(variant):
   volume = volumes.Volume(data, np.eye(4))
   config = common.load_config(f"{COMPRESS_CONFIG}:{variant}", [])
   for ratio in (10, 20, 50):  # budgets >= 5.8K params: the (H, T) grid is fine enough
-    c, budget = codec.solve_model(volume, ratio, config)
+    c, budget, _ = codec.solve_model(volume, ratio, config)
     n = model_lib.num_params(c, 3)
     assert 0.99 * budget <= n <= budget, (ratio, n, budget)
-  c, budget = codec.solve_model(volume, 1e5, config)  # no room: the smallest model, and
+  c, budget, _ = codec.solve_model(volume, 1e5, config)  # no room: the smallest model, and
   assert (c.width, c.tail_width) == (1, 1) and budget < 0  # compress warns (test_inr_format)
   with pytest.raises(ValueError, match="must be > 1"):
     codec.solve_model(volume, 1.0, config)
@@ -95,7 +97,7 @@ def test_tinc_tree_chains_node_sirens_and_shares_ancestors():
   assert model_lib.num_params(c, 2) == (
       (2 * H + H + H * H + H) + 4 * 2 * (H * H + H) + 16 * (H * H + H + H * T + T + T + 1))
   model = model_lib.TreeINR(c, 2, rngs=nnx.Rngs(0))
-  layout = codec.layout_for(c, (8, 12))
+  layout = codec.tiling_for(c, (8, 12), ()).cells
   voxel, coords = layout.points(np.arange(layout.group_size))
   assert np.array_equal(np.sort(voxel.reshape(-1)), np.arange(96))  # 16 blocks of 2 x 3
   y = np.asarray(jax.jit(lambda x: model(x))(coords))
@@ -145,8 +147,10 @@ IMAGEJ = {"tiff.flavour": "imagej", "tiff.x_resolution": np.array([5, 2]),
           "tiff.unit": "mm"}
 
 
-@pytest.mark.parametrize("suffix,variant", [(".nii.gz", "moec"), (".tif", "single")])
-def test_compress_decompress_round_trip(tmp_path, suffix, variant, capsys):
+@pytest.mark.parametrize("suffix,variant,chunks", [(".nii.gz", "moec", "(20,12,10)"),
+                                                   (".tif", "single", "()")])
+def test_compress_decompress_round_trip(tmp_path, suffix, variant, chunks, capsys):
+  """The moec case codes 2 chunks (one jitted step trains both); the single case one chunk."""
   import nibabel
   source = volumes.load(volumes.example_path("anatomical.nii"))
   crop = source.data[:20, :24, :10]
@@ -158,7 +162,8 @@ def test_compress_decompress_round_trip(tmp_path, suffix, variant, capsys):
   partition = ["--partition", str(tmp_path / "p.png")] if variant == "moec" else []
   inr_command.main(["compress", "--input", src, "--ratio", "8", "--out", packed, "--report",
             report_path, "--config", f"{COMPRESS_CONFIG}:{variant}", "--set", "train.steps=40",
-            "--set", "train.log_every=0", "--set", "budget_trials=1"] + partition)
+            "--set", "train.log_every=0", "--set", "budget_trials=1",
+            "--set", f"chunk_shape={chunks}"] + partition)
   inr_command.main(["decompress", packed, "--out", out, "--reference", src])
   report = json.load(open(report_path))
   decoded = volumes.load(out)
@@ -213,8 +218,193 @@ def test_moec_beats_single_inr_at_the_same_budget():
   overrides = ["train.steps=300", "train.batch_size=4096", "train.log_every=0"]
   psnr, files = {}, {}
   for variant in ("moec", "single"):
-    _, report, _ = codec.compress(volume, 100, common.load_config(
+    _, report = codec.compress(volume, 100, common.load_config(
         f"{COMPRESS_CONFIG}:{variant}", overrides))
     psnr[variant], files[variant] = report["psnr"], report["file_bytes"]
   assert max(files.values()) <= volume.data.nbytes / 100
   assert psnr["moec"] > psnr["single"] + 0.8, psnr
+
+
+class _Terminal(io.StringIO):
+  def isatty(self) -> bool:  # the progress bars draw only on a terminal
+    return True
+
+
+CHUNKED_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def chunked():
+  """A 16^3 crop of anatomical.nii coded as 8 chunks of 8^3 (single SIREN each), 3 chunks per
+  jitted step (the last batch is short), on a pretend terminal: (volume, file, report, the
+  progress bars' text)."""
+  source = volumes.load(volumes.example_path("anatomical.nii"))
+  volume = volumes.Volume(np.ascontiguousarray(source.data[8:24, 12:28, 4:20]), source.affine)
+  config = common.load_config(f"{COMPRESS_CONFIG}:single", [
+      "chunk_shape=(8,8,8)", "chunk_batch=3", f"train.steps={CHUNKED_STEPS}",
+      "train.batch_size=128", "train.log_every=0", "render_chunk=1536"])
+  terminal = _Terminal()
+  with contextlib.redirect_stderr(terminal):
+    blob, report = codec.compress(volume, 3, config)
+  return volume, blob, report, terminal.getvalue()
+
+
+def _decode(blob, **kw):
+  return codec.decompress(blob, 1536, 3, **kw)
+
+
+def test_chunked_file_layout_and_budget(chunked):
+  from moe_jax.inr import fileformat
+  volume, blob, report, bars = chunked
+  compressed = fileformat.decode(blob)
+  header = compressed.header
+  assert header.chunk_shape == (8, 8, 8) and report["chunks"] == 8
+  assert len(compressed.records) == 9 and report["chunk_table_bytes"] == compressed.records[0]
+  per_chunk = model_lib.num_params(fileformat.model_from_diff(header.model), 3)
+  assert report["num_params"] == 8 * per_chunk <= report["budget_params"]
+  assert report["file_bytes"] == len(blob) <= volume.data.nbytes / 3
+  # compress: one bar over chunks x steps; the decode of the report: one bar over chunks.
+  assert f"{8 * CHUNKED_STEPS}/{8 * CHUNKED_STEPS}" in bars and "chunk-step" in bars
+  assert "8/8" in bars and "chunk/s" in bars
+
+
+def test_chunked_decode_equals_whole_decode_and_roi_is_its_crop(chunked, monkeypatch):
+  """Each chunk decoded alone (its ROI) pastes into the whole decode; a ROI across chunk
+  borders equals the crop of the whole decode bit for bit and evaluates only the 4 chunks it
+  touches."""
+  volume, blob, _, _ = chunked
+  whole = _decode(blob)
+  assert whole.data.shape == volume.data.shape and whole.data.dtype == volume.data.dtype
+  pasted = np.zeros_like(whole.data)
+  for corner in np.ndindex(2, 2, 2):
+    roi = tuple(slice(8 * c, 8 * c + 8) for c in corner)
+    pasted[roi] = _decode(blob, roi=roi).data
+  np.testing.assert_array_equal(pasted, whole.data)
+  evaluated = []
+  params = codec.Decoder.params
+  monkeypatch.setattr(codec.Decoder, "params",
+                      lambda self, chunks: evaluated.extend(chunks) or params(self, chunks))
+  roi = (slice(3, 13), slice(5, 12), slice(9, 16))
+  crop = _decode(blob, roi=roi)
+  np.testing.assert_array_equal(crop.data, whole.data[roi])
+  assert sorted(set(int(k) for k in evaluated)) == [1, 3, 5, 7]  # x, y both halves, z high
+  # The affine of the crop maps its voxel 0 onto the original voxel (3, 5, 9).
+  np.testing.assert_allclose(crop.affine[:, 3], volume.affine @ np.array([3, 5, 9, 1.0]))
+  np.testing.assert_allclose(crop.affine[:3, :3], volume.affine[:3, :3])
+
+
+def test_decode_at_another_resolution(chunked):
+  """Scale 1 is the normal decode; scale 2 renders 32^3 voxels with the same corner voxels
+  (the grids' corners are aligned) and an affine that maps the corners onto the same points."""
+  volume, blob, _, _ = chunked
+  whole = _decode(blob).data
+  np.testing.assert_array_equal(_decode(blob, scale=1.0).data, whole)
+  fine = _decode(blob, scale=2.0)
+  assert fine.data.shape == (32, 32, 32)
+  corners = np.array(list(np.ndindex(2, 2, 2)))
+  np.testing.assert_array_equal(fine.data[tuple((corners * 31).T)], whole[tuple((corners * 15).T)])
+  for c in corners:
+    np.testing.assert_allclose(fine.affine @ np.r_[c * 31, 1.0], volume.affine @ np.r_[c * 15, 1.0])
+  coarse = _decode(blob, scale=0.5)
+  assert coarse.data.shape == (8, 8, 8)
+
+
+def test_decompress_roi_and_scale_flags(chunked, tmp_path):
+  volume, blob, _, _ = chunked
+  packed, src = tmp_path / "v.moec", str(tmp_path / "v.nii")
+  packed.write_bytes(blob)
+  volumes.save(src, volume)
+  out = str(tmp_path / "roi.nii")
+  inr_command.main(["decompress", str(packed), "--out", out, "--roi", "3:13,:,9:",
+                    "--reference", src, "--set", "render_chunk=1536", "--set", "chunk_batch=3"])
+  np.testing.assert_array_equal(volumes.load(out).data,
+                                _decode(blob).data[3:13, :, 9:])
+  inr_command.main(["decompress", str(packed), "--out", out, "--scale", "1.5"])
+  assert volumes.load(out).data.shape == (24, 24, 24)
+  for flags, message in [(["--roi", "3-13"], "START:STOP per axis"),
+                         (["--roi", "5:5"], "empty"), (["--roi", "0:1,0:1,0:1,0:1"], "4 slices"),
+                         (["--scale", "0"], "must be > 0"),
+                         (["--scale", "2", "--reference", src], "--reference compares")]:
+    with pytest.raises(SystemExit, match=message):
+      inr_command.main(["decompress", str(packed), "--out", out] + flags)
+
+
+def test_chunk_config_errors_name_the_field():
+  volume = volumes.Volume(np.zeros((16, 16, 16), np.int16))
+  for overrides, message in [(["chunk_shape=(8,8)"], "chunk_shape=.*one positive size per axis"),
+                             (["chunk_shape=(8,8,8)", "model.grid=(2,1,1)"], "model.grid=.*ones"),
+                             (["chunk_batch=0"], "chunk_batch=0 must be >= 1")]:
+    config = common.load_config(f"{COMPRESS_CONFIG}:blocks", overrides)
+    with pytest.raises(ValueError, match=message):
+      codec.compress(volume, 3, config)
+  config = common.load_config(f"{COMPRESS_CONFIG}:octree", ["chunk_shape=(8,8,8)"])
+  with pytest.raises(ValueError, match=r"chunk_shape=\(8, 8, 8\) with model.kind='octree'"):
+    codec.compress(volume, 3, config)
+
+
+def test_chunks_train_independently_in_one_vmapped_step():
+  """Chunk 0 trained beside chunk 1 or beside chunk 2 (same sampling seed) ends with the same
+  parameters: the batch axis is a vmap, not a shared model."""
+  from moe_jax.inr import chunking, fitting
+  data = (np.arange(8 * 4 * 4) % 13).reshape(8, 4, 4).astype(np.int16)
+  config = common.load_config(f"{COMPRESS_CONFIG}:single", [
+      "train.steps=3", "train.batch_size=32", "model.width=4", "model.tail_width=4"])
+  tiling = chunking.Tiling(data.shape, (4, 2, 4), (1, 1, 1))  # 2 x 2 x 1 chunks
+  fitter = fitting.ChunkFitter(config.model, 3, config.train)
+  results = []
+  for ids in (np.array([0, 1]), np.array([0, 2])):
+    batches = fitting.training_batches(tiling.cells, tiling.cells_of(ids), data, 0, 12,
+                                       config.train, 0)
+    params, mse = fitter.fit(ids, batches)
+    results.append((jax.tree.leaves(params), mse))
+  (first, mse_first), (second, mse_second) = results
+  for a, b in zip(first, second):
+    assert a.shape[0] == 2
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a[1], b[1])  # chunks 1 and 2: other data, other init
+  assert mse_first.shape == (2,) and mse_first[0] == pytest.approx(mse_second[0], rel=1e-5)
+
+
+def test_psnr_target_keeps_the_most_compressed_file_that_meets_it(monkeypatch, tmp_path, capsys):
+  """`codec.compress_to_psnr` and `compress --psnr` on a stand-in codec whose PSNR is
+  50 - 5 log2(ratio) (30 dB up to 16x) and whose file is 1e5 / ratio bytes: 8 bisections of
+  log(ratio) in [5, 2000]."""
+  calls = []
+
+  def fake_compress(volume, ratio, config, log=None):
+    calls.append(ratio)
+    return b"\0" * int(1e5 / ratio), {"psnr": 50 - 5 * np.log2(ratio), "ratio_actual": ratio}
+
+  monkeypatch.setattr(codec, "compress", fake_compress)
+  config = common.load_config(f"{COMPRESS_CONFIG}:single", ["psnr_search.trials=8"])
+  blob, report = codec.compress_to_psnr(None, 30.0, config)
+  assert len(calls) == 8 and report["psnr_trials"] == 8
+  met = [r for r in calls if 50 - 5 * np.log2(r) >= 30]
+  assert report["ratio_actual"] == max(met) and len(blob) == int(1e5 / max(met))
+  assert 12 < max(met) <= 16
+  with pytest.warns(UserWarning, match="PSNR target 60 dB not reached in 8 trials"):
+    codec.compress_to_psnr(None, 60.0, config)
+  with pytest.raises(ValueError, match="psnr_search: need 1 < min_ratio"):
+    codec.compress_to_psnr(None, 30.0, common.load_config(
+        f"{COMPRESS_CONFIG}:single", ["psnr_search.min_ratio=2000"]))
+  # The command: --psnr or --ratio, not both; the warning goes to stderr on one line.
+  monkeypatch.setattr(volumes, "load", lambda path: None)
+  out = str(tmp_path / "f.moec")
+  with pytest.raises(SystemExit):
+    inr_command.main(["compress", "--input", "v.nii", "--ratio", "5", "--psnr", "30", "--out", out])
+  calls.clear()
+  inr_command.main(["compress", "--input", "v.nii", "--psnr", "60", "--out", out])
+  assert len(open(out, "rb").read()) == int(1e5 / min(calls))  # the highest PSNR
+  warning = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+  assert len(warning) == 1 and "not reached" in warning[0]
+
+
+def test_slabbed_psnr_and_ssim_equal_the_whole_volume_at_once():
+  """Slabs of 3 planes (halo 5) against one slab holding the whole volume, on a random int16
+  volume and a noisy copy."""
+  rng = np.random.default_rng(0)
+  a = rng.integers(0, 1000, (13, 9, 7)).astype(np.int16)
+  b = (a + rng.normal(0, 40, a.shape)).astype(np.int16)
+  assert metrics.ssim(a, b, slab=3) == pytest.approx(metrics.ssim(a, b, slab=13), rel=1e-12)
+  assert metrics.psnr(a, b, slab=3) == pytest.approx(metrics.psnr(a, b, slab=13), rel=1e-12)
+  assert metrics.ssim(a, a, slab=3) == pytest.approx(1.0)

@@ -73,7 +73,7 @@ TENSORS = [np.random.default_rng(1).normal(0, 0.2, s).astype(np.float32)
     ("float32", 0, "tensor", "none")])
 def test_header_and_tensors_round_trip(storage, bits, granularity, coder):
   header = _header(storage, bits, granularity, coder)
-  blob = ff.encode(header, TENSORS)
+  blob = ff.encode(header, [TENSORS])
   got = ff.decode(blob, "f.moec")
   h = got.header
   assert (h.shape, h.dtype, h.value_range, h.model) == (
@@ -85,29 +85,50 @@ def test_header_and_tensors_round_trip(storage, bits, granularity, coder):
     assert np.array_equal(np.asarray(h.meta[k]), np.asarray(v)), k
     assert np.asarray(h.meta[k]).dtype.kind == np.asarray(v).dtype.kind, k
   assert got.header_bytes + len(got.payload) == len(blob)
-  tensors = ff.decode_tensors(got, [t.shape for t in TENSORS], "f.moec")
+  tensors = ff.decode_tensors(got, [t.shape for t in TENSORS], 0, "f.moec")
   for t, x in zip(tensors, TENSORS):
     if storage == "quantised":
       q = quantise.quantise(x, bits, granularity)
       np.testing.assert_array_equal(t, quantise.dequantise(q, granularity))
     else:
       np.testing.assert_array_equal(t, x.astype(ff.param_dtype(storage)).astype(np.float32))
-  # Fixed fields: magic, version, shape, dtype, range, weights, lengths, crc32 (25 bytes here).
+  # Fixed fields: magic, version, shape, chunk shape, dtype, range, weights, lengths, crc32
+  # (28 bytes here).
   fixed = got.header_bytes - len(ff._records(header.meta)) - len(ff._records(header.model))
-  assert fixed == 4 + 1 + 4 + 1 + 3 + 4 + len(ff._varint(len(got.payload))) + 4
+  assert fixed == 4 + 1 + 4 + 3 + 1 + 3 + 4 + len(ff._varint(len(got.payload))) + 4
+
+
+@pytest.mark.parametrize("coder", ff.CODERS)
+def test_each_chunk_is_its_own_record_with_its_own_quantisation_groups(coder):
+  """3 chunks (8 x 6 x 7 in chunks of 3 x 6 x 7): chunk k's tensors are quantised with their own
+  (lo, step) groups and decode alone, from their own record; the chunk table holds 2 lengths."""
+  header = _header(coder=coder)
+  header.shape, header.chunk_shape = (8, 6, 7), (3, 6, 7)
+  assert header.num_chunks == 3
+  chunks = [[(t * (k + 1) + k).astype(np.float32) for t in TENSORS] for k in range(3)]
+  got = ff.decode(ff.encode(header, chunks), "f.moec")
+  assert got.header.chunk_shape == (3, 6, 7) and len(got.records) == 4
+  assert got.records[0] == sum(len(ff._varint(int(n))) for n in np.diff(got.records)[:2])
+  for k in (2, 0, 1):
+    tensors = ff.decode_tensors(got, [t.shape for t in TENSORS], k, "f.moec")
+    for t, x in zip(tensors, chunks[k]):
+      np.testing.assert_array_equal(t, quantise.dequantise(quantise.quantise(x, 8, "tensor"),
+                                                           "tensor"))
+  with pytest.raises(ValueError, match="2 chunks of parameters for a chunk grid of 3"):
+    ff.encode(header, chunks[:2])
 
 
 def test_a_float_volume_keeps_its_exact_range():
   header = _header(dtype=np.float32)
   header.value_range = (-0.1, 1e10 / 3)
-  assert ff.decode(ff.encode(header, TENSORS)).header.value_range == header.value_range
+  assert ff.decode(ff.encode(header, [TENSORS])).header.value_range == header.value_range
 
 
 def _with_crc(body: bytes) -> bytes:
   return body + struct.pack("<I", zlib.crc32(body))
 
 
-def _craft(ndim=3, shape=(4, 4, 4), dtype=9, value_range=struct.pack("<2d", 0.0, 1.0),
+def _craft(ndim=3, shape=(4, 4, 4), chunk_shape=None, dtype=9, value_range=struct.pack("<2d", 0.0, 1.0),
            weights=(3, 8, 0, 0), model=None, meta=b"\0", payload=None, tail=b"",
            version=ff.VERSION, magic=ff.MAGIC):
   """A file assembled field by field (default: float32 4x4x4 volume, 8-bit packed weights of a
@@ -115,15 +136,16 @@ def _craft(ndim=3, shape=(4, 4, 4), dtype=9, value_range=struct.pack("<2d", 0.0,
   model = ff._records({"kind": "moec"} if model is None else model) if not isinstance(
       model, bytes) else model
   if payload is None:  # a valid payload for the default model and weights
-    payload = ff._payload([np.zeros(4, np.float32)], ff.Weights("quantised", 8, "tensor",
-                                                                "none"))[0]
+    payload = ff._payload([[np.zeros(4, np.float32)]], ff.Weights("quantised", 8, "tensor",
+                                                                  "none"))[0]
   body = (magic + bytes([version, ndim]) + b"".join(ff._varint(n) for n in shape)
+          + b"".join(ff._varint(n) for n in (shape if chunk_shape is None else chunk_shape))
           + bytes([dtype]) + value_range + bytes(weights) + model + meta
           + ff._bytes(payload) + tail)
   return _with_crc(body)
 
 
-GOOD = ff.encode(_header(), TENSORS)
+GOOD = ff.encode(_header(), [TENSORS])
 
 
 @pytest.mark.parametrize("blob,message", [
@@ -141,6 +163,12 @@ GOOD = ff.encode(_header(), TENSORS)
     (_craft(ndim=5, shape=(2,) * 5), "ndim 5"),
     (_craft(shape=(4, 0, 4)), "not positive"),
     (_craft(shape=(1 << 20, 1 << 20, 1 << 20)), "exceeds"),
+    (_craft(chunk_shape=(4, 0, 4)), "chunk_shape \\(4, 0, 4\\) is not in"),
+    (_craft(chunk_shape=(4, 5, 4)), "chunk_shape \\(4, 5, 4\\) is not in"),
+    (_craft(chunk_shape=(2, 4, 4), payload=b"\x7f\0\0"),
+     "the chunk table's records end at byte 128"),
+    (_craft(shape=(1 << 11,) * 3, chunk_shape=(1, 1, 1)),
+     "8589934592 chunks need a chunk table of 8589934591 lengths"),
     (_craft(dtype=200), "dtype code 200"),
     (_craft(value_range=struct.pack("<2d", 0.0, np.inf)), "not finite"),
     (_craft(weights=(7, 8, 0, 0)), "weight coding"),
@@ -205,7 +233,7 @@ def test_damaged_payloads_are_one_line_value_errors(case, message):
   }[case]
   compressed = ff.decode(_payload_blob(payload, bits, coder), "f.moec")
   with pytest.raises(ValueError, match=message) as e:
-    ff.decode_tensors(compressed, shapes, "f.moec")
+    ff.decode_tensors(compressed, shapes, 0, "f.moec")
   assert "\n" not in str(e.value) and str(e.value).startswith("f.moec: ")
 
 
@@ -213,8 +241,8 @@ def test_a_huge_declared_model_is_rejected_before_it_is_built():
   blob = _payload_blob(b"\0" * 64, model={"kind": "moec", "width": 1 << 20,
                                           "tail_width": 1 << 20})
   with peak_python_bytes() as peak, pytest.raises(
-      ValueError, match="64 payload bytes stored, the header's model needs"):
-    codec.restore(blob, "f.moec")
+      ValueError, match="64 payload bytes stored, the header's model needs 1 chunk"):
+    codec.Decoder(blob, "f.moec")
   assert peak[0] < 64 << 20, peak
 
 
@@ -357,7 +385,7 @@ def test_version_1_files_still_decode():
   h = compressed.header
   assert (h.shape, h.value_range, h.weights.storage) == ((4, 5, 6), (-2.0, 9.0), "float16")
   np.testing.assert_array_equal(h.meta["affine"], np.arange(16.0))
-  tensors = ff.decode_tensors(compressed, shapes, "old.moec")
+  tensors = ff.decode_tensors(compressed, shapes, 0, "old.moec")
   np.testing.assert_array_equal(np.concatenate([t.reshape(-1) for t in tensors]),
                                 params.astype(np.float16).astype(np.float32))
   with pytest.raises(ValueError, match="old.moec: corrupt version-1 header"):

@@ -20,7 +20,7 @@ import numpy as np
 
 from moe_jax.inr.model import num_params
 
-Trial = TypeVar("Trial")  # what an attempt returns: (file bytes, report, ...)
+Trial = TypeVar("Trial", bound=tuple)  # what an attempt returns: (file bytes, report, ...)
 
 
 def param_budget(original_bytes: int, ratio: float, bytes_per_param: float,
@@ -67,9 +67,8 @@ def solve_widths(c: ml_collections.ConfigDict, in_dim: int,
   return out
 
 
-def fit_to_budget(attempt: Callable[[float], tuple[bytes, dict, Trial]], max_bytes: float,
-                  bytes_per_param: float, trials: int,
-                  log: Callable[[str], None] | None = None) -> tuple[bytes, dict, Trial]:
+def fit_to_budget(attempt: Callable[[float], Trial], max_bytes: float, bytes_per_param: float,
+                  trials: int, log: Callable[[str], None] | None = None) -> Trial:
   """The best file of at most `max_bytes` from up to `trials` attempts.
 
   `attempt(bytes_per_param)` solves the widths for that many bytes per parameter, trains and
@@ -82,8 +81,8 @@ def fit_to_budget(attempt: Callable[[float], tuple[bytes, dict, Trial]], max_byt
     raise ValueError(f"budget_trials={trials} must be >= 1")
   results, bpp = [], bytes_per_param
   for i in range(trials):
-    blob, report, extra = attempt(bpp)
-    results.append((blob, report, extra))
+    results.append(attempt(bpp))
+    blob, report = results[-1][:2]
     measured = report["param_bytes"] / max(report["num_params"], 1)
     if log is not None:
       log(f"budget trial {i + 1}/{trials}: {len(blob)} bytes (budget {int(max_bytes)}), "
@@ -109,9 +108,8 @@ def fit_to_budget(attempt: Callable[[float], tuple[bytes, dict, Trial]], max_byt
   return best
 
 
-def search_psnr(attempt: Callable[[float], tuple[bytes, dict, Trial]], target_db: float,
-                min_ratio: float, max_ratio: float, trials: int,
-                log: Callable[[str], None] | None = None) -> tuple[bytes, dict, Trial]:
+def search_psnr(attempt: Callable[[float], Trial], target_db: float, min_ratio: float,
+                max_ratio: float, trials: int, log: Callable[[str], None] | None = None) -> Trial:
   """The smallest file reaching `target_db` PSNR from `trials` attempts at ratios bisected in log
   scale between `min_ratio` and `max_ratio` (`attempt(ratio)` compresses at that ratio). When no
   attempt reaches the target it warns and returns the highest-PSNR file."""
@@ -121,8 +119,8 @@ def search_psnr(attempt: Callable[[float], tuple[bytes, dict, Trial]], target_db
   lo, hi, results = math.log(min_ratio), math.log(max_ratio), []
   for i in range(trials):
     ratio = math.exp((lo + hi) / 2)
-    blob, report, extra = attempt(ratio)
-    results.append((blob, report, extra))
+    results.append(attempt(ratio))
+    blob, report = results[-1][:2]
     reached = report["psnr"] >= target_db
     if log is not None:
       log(f"psnr trial {i + 1}/{trials}: ratio {ratio:.4g} -> {len(blob)} bytes, psnr "

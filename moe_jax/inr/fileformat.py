@@ -5,6 +5,8 @@
     version         uint8 (this module writes VERSION; version-1 files, b"MOECINR\\0" + JSON
                     header + raw floats, are still read)
     ndim, shape     uint8, then one varint per axis
+    chunk_shape     one varint per axis: voxels per chunk (`moe_jax.inr.chunking`; = shape for
+                    one chunk); N = prod(ceil(shape / chunk_shape)) chunks, each its own model
     dtype           uint8 index into DTYPES (the volume's numpy dtype, little-endian)
     range           lo, hi: zigzag varints for integer volumes, float64 for float volumes
                     (intensities were fitted as `2 (v - lo) / (hi - lo) - 1`)
@@ -16,17 +18,22 @@
     metadata        varint length + records: what the volume's format carries (NIfTI header
                     fields, TIFF resolution; `volumes.Volume.meta`), `affine` (16 float64) for a
                     volume whose affine no NIfTI field carries
-    payload         varint length, then: quantised: per parameter tensor (leaf order of
-                    `nnx.state(model, nnx.Param)`) its float16 lo[groups] then step[groups],
-                    then the codes of every tensor (C order): raw LZMA2 of one byte per code
-                    (coder lzma) or the bit-packed codes (coder none, `pack_codes`);
-                    float storage: the little-endian floats, LZMA2-coded or raw
+    payload         varint length, then the chunk table: N - 1 varints, the byte length of
+                    every record but the last (none for one chunk), then N records, one per chunk
+                    in C order of the chunk grid, each decodable alone (ROI decode). A record:
+                    quantised: per parameter tensor (leaf order of `nnx.state(model,
+                    nnx.Param)`) its float16 lo[groups] then step[groups], then the codes of
+                    every tensor (C order): raw LZMA2 of one byte per code (coder lzma) or the
+                    bit-packed codes (coder none, `pack_codes`); float storage: the
+                    little-endian floats, LZMA2-coded or raw
     crc32           uint32 little-endian of every byte before it
 
 A record is a varint key (index into KEYS + 1; 0 = the key's UTF-8 name follows as varint length
 + bytes) and a typed value (tag byte, TAGS). A varint is unsigned LEB128; zigzag maps signed to
-unsigned. The encoder uses lzma only where it is smaller than the raw bytes, so the payload never
-exceeds the packed size. Decoded sizes come from the model, so none is stored.
+unsigned. Quantisation groups are per chunk: every chunk's tensors get their own (lo, step) per
+tensor or output channel (chunks are fitted independently, their weight ranges differ). The
+encoder uses lzma (for every record) only where the records come out smaller than packed, so the
+payload never exceeds the packed size. Decoded sizes come from the model, so none is stored.
 
 `decode` reads untrusted files: every field is checked against the file size and the bounds
 below before anything is allocated; each problem is a one-line ValueError naming it.
@@ -36,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import lzma
+import math
 import struct
 import zlib
 from typing import Any
@@ -119,13 +127,24 @@ class Header:
   model: dict[str, Any]  # `model_diff` of the model config
   weights: Weights
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+  chunk_shape: tuple[int, ...] = ()  # voxels per chunk and axis; () = one chunk (the volume)
+
+  @property
+  def chunk_block(self) -> tuple[int, ...]:
+    return tuple(self.chunk_shape) or tuple(self.shape)
+
+  @property
+  def num_chunks(self) -> int:
+    """prod(ceil(shape / chunk_shape)), a python int (no overflow on crafted shapes)."""
+    return math.prod(-(-int(n) // int(c)) for n, c in zip(self.shape, self.chunk_block))
 
 
 @dataclasses.dataclass
 class Compressed:
   header: Header
-  payload: bytes  # decoded into tensors by `decode_tensors` (needs the model's shapes)
+  payload: bytes  # records decoded into tensors by `decode_tensors` (needs the model's shapes)
   header_bytes: int  # bytes of the file that are not payload
+  records: np.ndarray  # [N + 1] int64: record k is payload[records[k]:records[k + 1]]
 
 
 def weights_from_config(config: ml_collections.ConfigDict) -> Weights:
@@ -323,16 +342,6 @@ class _Reader:
 
 # --- parameter payload ---------------------------------------------------------------------
 
-def _code(raw: bytes, coder: str) -> tuple[bytes, str]:
-  """(stream, coder used): lzma only where it beats the raw bytes, so the payload never
-  exceeds the packed size (the budget solver's upper bound)."""
-  if coder == "lzma":
-    coded = lzma.compress(raw, lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
-    if len(coded) < len(raw):
-      return coded, "lzma"
-  return raw, "none"
-
-
 def pack_codes(codes: np.ndarray, bits: int) -> bytes:
   """uint8 codes < 2^bits as a little-endian bit stream, `ceil(n bits / 8)` bytes."""
   planes = np.unpackbits(codes.reshape(-1, 1), axis=1, bitorder="little")[:, :bits]
@@ -363,22 +372,41 @@ def _uncode(data: bytes, coder: str, size: int, what: str) -> bytes:
   return out
 
 
-def _payload(tensors: list[np.ndarray], w: Weights) -> tuple[bytes, str]:
-  """(payload, coder used) of the parameter tensors."""
+def _record(tensors: list[np.ndarray], w: Weights, coder: str) -> bytes:
+  """One chunk's record: quantisation table + codes (lzma or packed), or its floats."""
   if w.storage != "quantised":
-    dtype = param_dtype(w.storage)
-    return _code(b"".join(np.ascontiguousarray(t, dtype).tobytes() for t in tensors), w.coder)
+    raw = b"".join(np.ascontiguousarray(t, param_dtype(w.storage)).tobytes() for t in tensors)
+    return _lzma(raw) if coder == "lzma" else raw
   qs = [quantise.quantise(t, w.bits, w.granularity) for t in tensors]
   table = b"".join(np.concatenate([q.lo, q.step]).astype("<f2").tobytes() for q in qs)
   codes = np.concatenate([q.codes.reshape(-1) for q in qs]) if qs else np.zeros(0, np.uint8)
-  stream, used = _code(codes.tobytes(), w.coder)  # one byte per code: what lzma models best
-  return table + (stream if used == "lzma" else pack_codes(codes, w.bits)), used
+  # lzma of one byte per code: what it models best.
+  return table + (_lzma(codes.tobytes()) if coder == "lzma" else pack_codes(codes, w.bits))
 
 
-def decode_tensors(compressed: Compressed, shapes: list[tuple[int, ...]],
+def _lzma(raw: bytes) -> bytes:
+  return lzma.compress(raw, lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+
+
+def _payload(chunks: list[list[np.ndarray]], w: Weights) -> tuple[bytes, str]:
+  """(payload, coder used) of every chunk's parameter tensors: the chunk table + records. lzma
+  only where the records come out smaller than uncoded (the budget solver's upper bound)."""
+  records = [_record(t, w, "none") for t in chunks]
+  used = "none"
+  if w.coder == "lzma":
+    coded = [_record(t, w, "lzma") for t in chunks]
+    if sum(map(len, coded)) < sum(map(len, records)):
+      records, used = coded, "lzma"
+  table = b"".join(_varint(len(r)) for r in records[:-1])
+  return table + b"".join(records), used
+
+
+def decode_tensors(compressed: Compressed, shapes: list[tuple[int, ...]], chunk: int,
                    source: str = "input") -> list[np.ndarray]:
-  """The float32 parameter tensors of `shapes` (the header's model) from the payload."""
-  w, data = compressed.header.weights, compressed.payload
+  """The float32 parameter tensors of `shapes` (the header's model) of chunk `chunk`, from its
+  record alone."""
+  w = compressed.header.weights
+  data = compressed.payload[compressed.records[chunk]:compressed.records[chunk + 1]]
   sizes = [int(np.prod(s)) for s in shapes]
   n, split = sum(sizes), np.cumsum(sizes)[:-1]
   try:
@@ -406,20 +434,30 @@ def decode_tensors(compressed: Compressed, shapes: list[tuple[int, ...]],
 
 # --- file ----------------------------------------------------------------------------------
 
-def encode(header: Header, tensors: list[np.ndarray]) -> bytes:
-  """File bytes of `header` and the model's parameter `tensors` (leaf order)."""
+def encode(header: Header, chunks: list[list[np.ndarray]]) -> bytes:
+  """File bytes of `header` and, per chunk (C order of the chunk grid), its model's parameter
+  tensors (leaf order)."""
   header.weights.check()
+  block = header.chunk_block
+  if len(block) != len(header.shape) or not all(1 <= c <= n for c, n in zip(block,
+                                                                              header.shape)):
+    raise ValueError(f"chunk_shape={tuple(header.chunk_shape)} needs one size in [1, n] per axis "
+                     f"of the volume {tuple(header.shape)} (or () for one chunk)")
+  if len(chunks) != header.num_chunks:
+    raise ValueError(f"{len(chunks)} chunks of parameters for a chunk grid of "
+                     f"{header.num_chunks}")
   dtype = np.dtype(header.dtype).newbyteorder("<")
   code = dtype.str if dtype.itemsize > 1 else dtype.str[1:]
   if code not in DTYPES:
     raise ValueError(f"volume dtype {header.dtype} is not one of {DTYPES}")
   out = bytearray(MAGIC + bytes([VERSION, len(header.shape)]))
-  out += b"".join(_varint(int(n)) for n in header.shape) + bytes([DTYPES.index(code)])
+  out += b"".join(_varint(int(n)) for n in header.shape)
+  out += b"".join(_varint(int(n)) for n in block) + bytes([DTYPES.index(code)])
   lo, hi = header.value_range
   out += (_zigzag(int(lo)) + _zigzag(int(hi)) if dtype.kind in "iu"
           else struct.pack("<2d", float(lo), float(hi)))
   w = header.weights
-  payload, coder = _payload(tensors, w)
+  payload, coder = _payload(chunks, w)
   out += bytes([STORAGES.index(w.storage), w.bits, quantise.GRANULARITIES.index(w.granularity),
                 CODERS.index(coder)])
   out += _records(header.model) + _records(header.meta) + _bytes(payload)
@@ -433,6 +471,9 @@ def _header(r: _Reader) -> Header:
   shape = tuple(r.varint("shape") for _ in range(ndim))
   if min(shape) < 1 or int(np.prod(shape, dtype=object)) > MAX_VOXELS:
     raise _Damaged(f"shape {shape} is not positive or exceeds {MAX_VOXELS} voxels")
+  chunk_shape = tuple(r.varint("chunk_shape") for _ in range(ndim))
+  if not all(1 <= c <= n for c, n in zip(chunk_shape, shape)):
+    raise _Damaged(f"chunk_shape {chunk_shape} is not in [1, shape {shape}] per axis")
   code = r.u8("dtype")
   if code >= len(DTYPES):
     raise _Damaged(f"dtype code {code} is unknown")
@@ -458,7 +499,7 @@ def _header(r: _Reader) -> Header:
   except ValueError as e:
     raise _Damaged(f"model block: {e}") from None
   return Header(shape, dtype.newbyteorder("="), value_range, model, weights,
-                r.records("metadata block"))
+                r.records("metadata block"), chunk_shape)
 
 
 def _decode_v1(blob: bytes, source: str) -> Compressed:
@@ -492,7 +533,8 @@ def _decode_v1(blob: bytes, source: str) -> Compressed:
   except (zlib.error, ValueError, KeyError, TypeError) as e:
     raise ValueError(f"{source}: corrupt version-1 header ({type(e).__name__}: "
                      f"{str(e).splitlines()[0][:120]}); {damaged}") from None
-  return Compressed(out, blob[prefix.size + length:], prefix.size + length)
+  payload = blob[prefix.size + length:]
+  return Compressed(out, payload, prefix.size + length, np.array([0, len(payload)], np.int64))
 
 
 def decode(blob: bytes, source: str = "input") -> Compressed:
@@ -521,4 +563,23 @@ def decode(blob: bytes, source: str = "input") -> Compressed:
     raise ValueError(f"{source}: header {e}; {damaged}") from None
   if r.pos != len(body):
     raise ValueError(f"{source}: {len(body) - r.pos} bytes after the payload; {damaged}")
-  return Compressed(header, payload, len(blob) - len(payload))
+  try:
+    records = _chunk_table(payload, header.num_chunks)
+  except _Damaged as e:
+    raise ValueError(f"{source}: {e}; {damaged}") from None
+  return Compressed(header, payload, len(blob) - len(payload), records)
+
+
+def _chunk_table(payload: bytes, num_chunks: int) -> np.ndarray:
+  """Record offsets `[N + 1]` from the chunk table at the payload's start."""
+  if num_chunks - 1 > len(payload):  # every length takes at least one byte
+    raise _Damaged(f"{num_chunks} chunks need a chunk table of {num_chunks - 1} lengths, more "
+                   f"than the payload's {len(payload)} bytes")
+  r = _Reader(payload)
+  lengths = [r.varint("the chunk table") for _ in range(num_chunks - 1)]
+  offsets = np.cumsum([r.pos] + lengths + [0], dtype=np.int64)
+  if offsets[-1] > len(payload):
+    raise _Damaged(f"the chunk table's records end at byte {offsets[-1]}, past the payload's "
+                   f"{len(payload)}")
+  offsets[-1] = len(payload)
+  return offsets
