@@ -15,7 +15,7 @@ Variants (all solve the network width from --ratio, so the parameters fit the sa
   the root to each leaf block (hierarchical parameter sharing), one level below the root.
 Big volumes: `--set chunk_shape=(64,64,64)` codes 64^3 chunks independently, `chunk_batch` at a
 time (memory bounded by the chunk batch); `decompress --roi / --scale` decode a region or another
-resolution.
+resolution. `octree` (and `blocks` with model.grid not all ones) partitions one chunk only.
 Expected result (anatomical.nii, 33x41x25 int16, 10x, bench/RESULTS.md): see the MoEC section.
 """
 from __future__ import annotations

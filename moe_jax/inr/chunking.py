@@ -127,7 +127,8 @@ def render(evaluate: Callable[[np.ndarray, np.ndarray], np.ndarray], grid: Outpu
 
   Every call has the same shape (B = `chunk_batch` chunks, n = points_per_call / (B G) points of
   each cell; short batches repeat a chunk, short cells their last point), so with the same B and
-  points_per_call a voxel's value does not depend on the ROI it is rendered in. `on_chunks(k)` after k chunks are done.
+  points_per_call a voxel's value does not depend on the ROI it is rendered in. `on_chunks(k)`
+  after k chunks are done.
   """
   tiling = grid.tiling
   chunks = grid.touched_chunks()
