@@ -188,6 +188,15 @@ def test_compress_decompress_round_trip(tmp_path, suffix, variant, chunks, capsy
     assert (tmp_path / "p.png").stat().st_size > 1000
   printed = capsys.readouterr().out
   assert f"psnr={report['psnr']:.4g}" in printed  # decompress --reference agrees
+  # A ROI decode: scaling and other metadata kept, what places voxels (qform / sform, pixdim,
+  # TIFF resolution) left out, the affine moved to the ROI's first voxel.
+  roi = codec.decompress(open(packed, "rb").read(), 65536, 8, roi=(slice(2, 10),))
+  assert roi.data.shape == (8, 24, 10)
+  kept = {k for k in original.meta if not k.startswith(codec._GEOMETRY_KEYS)}
+  assert set(roi.meta) == kept and kept < set(original.meta)
+  if suffix == ".nii.gz":
+    assert "nifti.scl_slope" in kept
+    np.testing.assert_allclose(roi.affine[:, 3], original.affine @ np.array([2, 0, 0, 1.0]))
 
 
 def test_cli_errors_name_the_fix(tmp_path):
