@@ -189,9 +189,10 @@ def compress(volume: Volume, ratio: float, config: ml_collections.ConfigDict,
       volume.data.nbytes / ratio, _bytes_per_param(weights), config.budget_trials, log)
   if report["ratio_actual"] > RATIO_SLACK * ratio:
     warnings.warn(f"the file is {len(blob)} bytes for a budget of {volume.data.nbytes / ratio:.0f} "
-                  f"({report['ratio_actual']:.1f}x, not {ratio:g}x): at width {report['width']} "
-                  "the next width does not fit; lower --ratio, use fewer chunks or a smaller "
-                  "model", stacklevel=2)
+                  f"({report['ratio_actual']:.1f}x, not {ratio:g}x): the best of "
+                  f"{report['budget_trials']} training(s) (width {report['width']}, tail_width "
+                  f"{report['tail_width']}) leaves that much unused; raise budget_trials, or "
+                  "lower --ratio / use fewer chunks for finer widths", stacklevel=2)
   return blob, report
 
 
