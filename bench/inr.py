@@ -21,7 +21,7 @@ std. Classical codecs are deterministic (one run). PSNR / SSIM are measured on t
 
 Volumes: names in nibabel/tests/data (the first frame of a 4-D series) or paths to a NIfTI/TIFF.
 Writes the JSON (after every ratio, so a cut run keeps its rows), a table, and a PSNR vs ratio
-plot per volume (bench/out/inr.png).
+plot per volume next to the JSON (bench/out/inr.png).
 """
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def main() -> None:
                         {**setup, "load_average_now": os.getloadavg()})
   _table(records)
   if args.out:
-    _plot(records, os.path.join(os.path.dirname(args.out), "inr.png"))
+    _plot(records, os.path.splitext(args.out)[0] + ".png")
 
 
 if __name__ == "__main__":
