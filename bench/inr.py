@@ -110,8 +110,9 @@ def _plot(records: list[dict], path: str) -> None:
   fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
   for ax, name in zip(axes[0], names):
     for method in METHODS:
-      rows = [r for r in records if r["volume"] == name and r["method"] == method
-              and "psnr" in r and "note" not in r]  # over-budget files are not plotted
+      rows = sorted((r for r in records if r["volume"] == name and r["method"] == method
+                     and "psnr" in r and "note" not in r),  # over-budget files are not plotted
+                    key=lambda r: r["ratio_actual"])
       if rows:
         ax.errorbar([r["ratio_actual"] for r in rows], [r["psnr"] for r in rows],
                     yerr=[r["psnr_std"] for r in rows], marker="o" if method in INR_METHODS
