@@ -323,14 +323,16 @@ class _Reader:
 
 # --- parameter payload ---------------------------------------------------------------------
 
-def _code(raw: bytes, coder: str) -> tuple[bytes, str]:
-  """(stream, coder used): lzma only where it beats the raw bytes, so the payload never
-  exceeds the packed size (the budget solver's upper bound)."""
+def _code(raw: bytes, coder: str, fallback: bytes | None = None) -> tuple[bytes, str]:
+  """(stream, coder used): lzma of `raw` only where it is smaller than `fallback` (default
+  `raw`; quantised: the packed codes), so the payload never exceeds the uncoded size (the
+  budget solver's upper bound)."""
+  fallback = raw if fallback is None else fallback
   if coder == "lzma":
     coded = lzma.compress(raw, lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
-    if len(coded) < len(raw):
+    if len(coded) < len(fallback):
       return coded, "lzma"
-  return raw, "none"
+  return fallback, "none"
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> bytes:
@@ -371,8 +373,9 @@ def _payload(tensors: list[np.ndarray], w: Weights) -> tuple[bytes, str]:
   qs = [quantise.quantise(t, w.bits, w.granularity) for t in tensors]
   table = b"".join(np.concatenate([q.lo, q.step]).astype("<f2").tobytes() for q in qs)
   codes = np.concatenate([q.codes.reshape(-1) for q in qs]) if qs else np.zeros(0, np.uint8)
-  stream, used = _code(codes.tobytes(), w.coder)  # one byte per code: what lzma models best
-  return table + (stream if used == "lzma" else pack_codes(codes, w.bits)), used
+  # lzma of one byte per code (what it models best) against the bit-packed codes.
+  stream, used = _code(codes.tobytes(), w.coder, pack_codes(codes, w.bits))
+  return table + stream, used
 
 
 def decode_tensors(compressed: Compressed, shapes: list[tuple[int, ...]],
