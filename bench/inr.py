@@ -21,7 +21,7 @@ std. Classical codecs are deterministic (one run). PSNR / SSIM are measured on t
 
 Volumes: names in nibabel/tests/data (the first frame of a 4-D series) or paths to a NIfTI/TIFF.
 Writes the JSON (after every ratio, so a cut run keeps its rows), a table, and a PSNR vs ratio
-plot per volume (bench/out/inr.png).
+plot per volume next to the JSON (bench/out/inr.png).
 """
 from __future__ import annotations
 
@@ -110,8 +110,9 @@ def _plot(records: list[dict], path: str) -> None:
   fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
   for ax, name in zip(axes[0], names):
     for method in METHODS:
-      rows = [r for r in records if r["volume"] == name and r["method"] == method
-              and "psnr" in r and "note" not in r]  # over-budget files are not plotted
+      rows = sorted((r for r in records if r["volume"] == name and r["method"] == method
+                     and "psnr" in r and "note" not in r),  # over-budget files are not plotted
+                    key=lambda r: r["ratio_actual"])
       if rows:
         ax.errorbar([r["ratio_actual"] for r in rows], [r["psnr"] for r in rows],
                     yerr=[r["psnr_std"] for r in rows], marker="o" if method in INR_METHODS
@@ -192,7 +193,7 @@ def main() -> None:
                         {**setup, "load_average_now": os.getloadavg()})
   _table(records)
   if args.out:
-    _plot(records, os.path.join(os.path.dirname(args.out), "inr.png"))
+    _plot(records, os.path.splitext(args.out)[0] + ".png")
 
 
 if __name__ == "__main__":

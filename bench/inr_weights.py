@@ -2,7 +2,8 @@
 which entropy coder, on a real MRI at fixed ratios.
 
     python -m bench.inr_weights [--quick] [--volume anatomical.nii] [--ratios 50,200]
-        [--steps 1000] [--seeds 0] [--out bench/out/inr_weights.json]
+        [--steps 1000] [--seeds 0] [--settings "8-bit tensor,6-bit tensor"]
+        [--out bench/out/inr_weights.json]
 
 Every row compresses the volume with `configs/inr_compress.py:moec` at the ratio (widths
 re-solved for the coded size, `budget_trials` trainings), so the whole file fits original/ratio;
@@ -52,6 +53,7 @@ def main() -> None:
   p.add_argument("--ratios", default="50,200")
   p.add_argument("--steps", type=int, default=1000)
   p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+  p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated rows of SETTINGS")
   args = common.parse(p)
   ratios = [float(r) for r in args.ratios.split(",")]
   steps = 200 if args.quick else args.steps
@@ -63,7 +65,8 @@ def main() -> None:
   records, coders = [], []
   for seed in [int(s) for s in args.seeds.split(",")]:
     for ratio in ratios:
-      for name, overrides in SETTINGS.items():
+      for name in args.settings.split(","):
+        overrides = SETTINGS[name]
         config = load_config("configs/inr_compress.py:moec", overrides + [
             f"train.steps={steps}", "train.log_every=0", f"train.seed={seed}"])
         blob, report = codec.compress(volume, ratio, config)

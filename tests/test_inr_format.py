@@ -118,6 +118,19 @@ def test_each_chunk_is_its_own_record_with_its_own_quantisation_groups(coder):
     ff.encode(header, chunks[:2])
 
 
+def test_lzma_is_used_only_where_it_beats_the_packed_codes():
+  uniform = [np.random.default_rng(0).uniform(-1, 1, (40,)).astype(np.float32)]  # incompressible
+  peaked = [np.random.default_rng(0).normal(0, 1, (4000,)).astype(np.float32)]
+  for tensors, coder in ((uniform, "none"), (peaked, "lzma")):
+    blob = ff.encode(_header(bits=6), [tensors])
+    got = ff.decode(blob)
+    assert got.header.weights.coder == coder
+    assert len(got.payload) <= 4 + -(-tensors[0].size * 6 // 8)  # table + packed codes
+    q = quantise.quantise(tensors[0], 6, "tensor")
+    np.testing.assert_array_equal(ff.decode_tensors(got, [tensors[0].shape], 0)[0],
+                                  quantise.dequantise(q, "tensor"))
+
+
 def test_a_float_volume_keeps_its_exact_range():
   header = _header(dtype=np.float32)
   header.value_range = (-0.1, 1e10 / 3)
