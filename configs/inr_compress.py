@@ -2,12 +2,20 @@ r"""MoEC neural compression of a volume (Zhao et al., arXiv 2312.01361), and its
 
     python -m moe_jax.commands.inr compress --input VOL --ratio 50 --out vol.moec \
         [--config configs/inr_compress.py:moec] [--set train.steps=3000]
+    python -m moe_jax.commands.inr compress --input VOL --psnr 30 --out vol.moec  # PSNR target
 
 Variants (all solve the network width from --ratio, so the parameters fit the same bytes):
 - `moec`: 4 SIREN experts (w0 = 22.5 + 45 i) behind a top-2 gate, shared encoder and decoder.
 - `single`: one SIREN (the single-INR baseline).
+- `moec_mlp`: `moec` with the paper's gating network (a ReLU MLP on the shared encoder's
+  features) in place of the linear gate on coordinates.
 - `blocks`: a 2x2x2 grid of independent SIRENs (block-wise partition baseline; 3-D volumes, set
   model.grid for other ranks).
+- `octree`: TINC's tree-structured INR (model.TreeINR): an octree of per-node SIRENs chained from
+  the root to each leaf block (hierarchical parameter sharing), one level below the root.
+Big volumes: `--set chunk_shape=(64,64,64)` codes 64^3 chunks independently, `chunk_batch` at a
+time (memory bounded by the chunk batch); `decompress --roi / --scale` decode a region or another
+resolution. `octree` (and `blocks` with model.grid not all ones) partitions one chunk only.
 Expected result (anatomical.nii, 33x41x25 int16, 10x, bench/RESULTS.md): see the MoEC section.
 """
 from __future__ import annotations
@@ -17,14 +25,14 @@ import ml_collections
 from configs import check_variant
 from moe_jax.inr.model import model_config
 
-VARIANTS = ("moec", "single", "blocks")
+VARIANTS = ("moec", "moec_mlp", "single", "blocks", "octree")
 
 
 def get_config(variant: str = "moec") -> ml_collections.ConfigDict:
   check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
-  c.model = model_config("moec" if variant == "moec" else "blocks")
-  if variant == "moec":
+  c.model = model_config({"moec_mlp": "moec", "single": "blocks"}.get(variant, variant))
+  if variant in ("moec", "moec_mlp"):
     m = c.model.moe
     m.num_experts = 4
     m.router.k, m.router.renormalize = 2, True
@@ -32,11 +40,34 @@ def get_config(variant: str = "moec") -> ml_collections.ConfigDict:
     c.model.gate_input = "coords"
     # Measured (anatomical.nii, 10x, 500 steps): the paper's gate (encoder features, top-1)
     # 26.2 dB; gate on coords 27.3; + top-2 renormalised 28.3; + init_std 1.0 28.4.
+  if variant == "moec_mlp":  # the paper's gating network: an MLP on the encoder's features
+    c.model.gate, c.model.gate_input = "mlp", "features"
+    # Not the default: measured (bench/inr.py, example4d.nii.gz, 3 seeds, 200 steps) linear gate
+    # on coords vs this: 27.93 +- 0.21 vs 27.54 +- 1.02 dB at 50x, 24.04 vs 23.99 at 200x,
+    # 15.29 vs 12.83 at 1000x (bench/RESULTS.md).
   if variant == "blocks":
     c.model.grid = (2, 2, 2)
-  c.param_dtype = "float16"  # bytes of each stored parameter: float32, float16 or bfloat16
+  if variant == "octree":  # TINC: root + 8 leaves (3-D); TINC's default has 2 levels (64 leaves)
+    c.model.levels = 1
+  # Stored weights (moe_jax/inr/fileformat.py): quant_bits-bit uniform codes (0 = floats of
+  # param_dtype: float32, float16 or bfloat16), one (lo, step) per tensor or per output channel,
+  # then entropy coded ('lzma', or 'none' = bit-packed codes). Measured on anatomical.nii:
+  # bench/RESULTS.md, MoEC section.
+  c.quant_bits = 8
+  c.quant_granularity = "tensor"
+  c.entropy_coder = "lzma"
+  c.param_dtype = "float16"
+  # Trainings to meet the ratio: the first solves the widths for packed codes (an upper bound),
+  # the next re-solve with the coded bytes per parameter measured (moe_jax/inr/budget.py).
+  c.budget_trials = 2
+  # --psnr mode: ratios bisected (log scale) in [min_ratio, max_ratio], `trials` compressions.
+  c.psnr_search = ml_collections.ConfigDict(dict(min_ratio=5.0, max_ratio=2000.0, trials=6))
   c.train = ml_collections.ConfigDict(dict(
       steps=2000, batch_size=8192, learning_rate=1e-3, final_lr_fraction=0.05, seed=0,
       prefetch_threads=1, log_every=500))
-  c.render_chunk = 65536  # points per call when rendering the volume back
+  # Chunks coded independently (moe_jax.inr.chunking): the largest chunk, () = one chunk (the
+  # whole volume), e.g. (64, 64, 64) for big volumes; chunk_batch chunks train in one jitted step.
+  c.chunk_shape = ()
+  c.chunk_batch = 8
+  c.render_chunk = 65536  # points per call (over the chunk batch) when rendering the volume back
   return c

@@ -72,7 +72,7 @@ def test_config_loads_and_builds(spec):
           assert model[field] == c.data[field], field
   elif "model" in c:  # an INR codec config: widths solved for a volume and a ratio
     volume = volumes.Volume(np.zeros((32, 32, 16), np.int16), np.eye(4))
-    model, budget = codec.solve_model(volume, 10, c)
+    model, budget, _ = codec.solve_model(volume, 10, c)
     assert 0.9 * budget <= inr_model.num_params(model, 3) <= budget
   else:
     assert c.render_chunk > 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 
 import jax
@@ -11,7 +12,7 @@ import pytest
 from flax import nnx
 
 from moe_jax.commands import common, inr as inr_command
-from moe_jax.inr import codec, metrics, model as model_lib, volumes
+from moe_jax.inr import classical, codec, metrics, model as model_lib, volumes
 from moe_jax.inr.siren import SirenBank
 
 COMPRESS_CONFIG = common.CONFIGS + "/inr_compress.py"
@@ -42,46 +43,160 @@ def test_siren_init_keeps_unit_variance_through_depth():
                                                      minval=-1, maxval=1)), h, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["moec", "single", "blocks"])
+@pytest.mark.parametrize("variant", ["moec", "moec_mlp", "single", "blocks", "octree"])
 def test_width_solver_meets_budget_within_one_percent(variant):
   data = np.zeros((128, 96, 24), np.int16)  # example4d.nii.gz's frame shape (590 KB)
   volume = volumes.Volume(data, np.eye(4))
   config = common.load_config(f"{COMPRESS_CONFIG}:{variant}", [])
   for ratio in (10, 20, 50):  # budgets >= 5.8K params: the (H, T) grid is fine enough
-    c, budget = codec.solve_model(volume, ratio, config)
+    c, budget, _ = codec.solve_model(volume, ratio, config)
     n = model_lib.num_params(c, 3)
     assert 0.99 * budget <= n <= budget, (ratio, n, budget)
-  with pytest.raises(ValueError, match="lower --ratio"):
-    codec.solve_model(volume, 1e5, config)
+  c, budget, _ = codec.solve_model(volume, 1e5, config)  # no room: the smallest model, and
+  assert (c.width, c.tail_width) == (1, 1) and budget < 0  # compress warns (test_inr_format)
   with pytest.raises(ValueError, match="must be > 1"):
     codec.solve_model(volume, 1.0, config)
 
 
-@pytest.mark.parametrize("suffix,variant", [(".nii.gz", "moec"), (".tif", "single")])
-def test_compress_decompress_round_trip(tmp_path, suffix, variant, capsys):
+def test_mlp_gate_routes_top_k_from_an_mlp_on_the_encoder_features():
+  """gate='mlp': ReLU MLP (H -> gate_width) before the router; top-k distinct experts per point,
+  renormalised weights; the parameter count is the linear gate's plus the MLP's (hand count)."""
+  c = model_lib.model_config("moec")
+  c.width, c.tail_width, c.moe.num_experts = 8, 6, 4
+  c.moe.router.k, c.moe.router.renormalize = 2, True
+  linear = model_lib.num_params(c, 3)
+  c.gate, c.gate_depth, c.gate_width = "mlp", 2, 5
+  # MLP 8 -> 5 -> 5 (+ biases); the router kernel goes from 8 x 4 to 5 x 4.
+  assert model_lib.num_params(c, 3) == linear + (8 * 5 + 5) + (5 * 5 + 5) - (8 - 5) * 4
+  coords = jax.random.uniform(jax.random.key(1), (2, 16, 3), minval=-1, maxval=1)
+
+  @jax.jit  # one compile for the whole check (eager init and dispatch are slow here)
+  def run(coords):
+    model = model_lib.build(c, 3, rngs=nnx.Rngs(0))
+    features, plan = model.route(coords)
+    gate = jax.nn.relu(model.gate_mlp[1](jax.nn.relu(model.gate_mlp[0](features))))
+    return (features, plan.expert_index, plan.combine_weights, model.router(gate).expert_index,
+            model(coords))
+  features, experts, weights, experts_of_gate, y = run(coords)
+  assert features.shape == (2, 16, 8) and experts.shape == (2, 16, 2) and y.shape == (2, 16)
+  assert np.all(experts[..., 0] != experts[..., 1])
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(experts, experts_of_gate)
+  c.gate = "cubic"
+  with pytest.raises(ValueError, match="model.gate='cubic'"):
+    model_lib.num_params(c, 3)
+
+
+def test_tinc_tree_chains_node_sirens_and_shares_ancestors():
+  """TreeINR, 2 levels, 2-D (4 x 4 leaf blocks): a leaf's value is leaf(parent(root(coords)))
+  (numpy port of the chain); changing a level-1 node moves exactly its 4 leaf blocks; the
+  parameter count is TINC's layers (hand count); the layout's blocks tile the volume once."""
+  c = model_lib.model_config("octree")
+  c.width, c.tail_width, c.levels = 4, 3, 2
+  H, T = 4, 3
+  assert model_lib.num_params(c, 2) == (
+      (2 * H + H + H * H + H) + 4 * 2 * (H * H + H) + 16 * (H * H + H + H * T + T + T + 1))
+  model = model_lib.TreeINR(c, 2, rngs=nnx.Rngs(0))
+  layout = codec.tiling_for(c, (8, 12), ()).cells
+  voxel, coords = layout.points(np.arange(layout.group_size))
+  assert np.array_equal(np.sort(voxel.reshape(-1)), np.arange(96))  # 16 blocks of 2 x 3
+  y = np.asarray(jax.jit(lambda x: model(x))(coords))
+
+  def siren(bank, member, h, first):
+    for l, (k, b) in enumerate(zip(bank.kernels, bank.biases)):
+      h = h @ np.asarray(k[...][member]) + np.asarray(b[...][member])
+      h = np.sin(bank.w0[member] * h) if l < bank.num_sine else h
+    return h
+  root, inner, leaves = model.banks
+  for g in (0, 5, 15):  # block (row, col) = divmod(g, 4); its level-1 node: (row // 2, col // 2)
+    row, col = divmod(g, 4)
+    node, leaf = (row // 2) * 2 + col // 2, ((row % 2) * 2 + col % 2)
+    h = siren(inner, node, siren(root, 0, coords[g], True), False)
+    np.testing.assert_allclose(y[g], siren(leaves, node * 4 + leaf, h, False)[:, 0], atol=1e-5)
+  kernel = inner.kernels[0]
+  kernel[...] = kernel[...].at[3].add(0.5)  # node 3 = blocks with row, col in {2, 3}
+  moved = np.abs(np.asarray(jax.jit(lambda x: model(x))(coords)) - y).max(-1) > 1e-6
+  np.testing.assert_array_equal(np.flatnonzero(moved), [10, 11, 14, 15])
+
+
+@pytest.mark.parametrize("name", classical.CODECS)
+def test_classical_codec_hits_the_byte_budget(name):
+  """Each codec's knob search fills the budget (within 10% below it, never over) and more bytes
+  give a better decode of the original shape and dtype."""
+  data = volumes.load(volumes.example_path("anatomical.nii")).data
+  psnrs = []
+  for budget in (data.nbytes // 40, data.nbytes // 10):
+    stream = classical.at_budget(name, data, budget)
+    assert 0.9 * budget <= len(stream.blob) <= budget, (len(stream.blob), budget)
+    decoded = classical.decode(stream.blob)
+    assert decoded.shape == data.shape and decoded.dtype == data.dtype
+    psnrs.append(metrics.psnr(data, decoded))
+  assert psnrs[1] > psnrs[0] + 1, psnrs
+  ramp = (np.arange(16 * 12 * 6) % 251).reshape(16, 12, 6).astype(np.uint8)  # 8-bit samples
+  decoded = classical.decode(classical.at_budget(name, ramp, ramp.nbytes // 2).blob)
+  assert decoded.dtype == np.uint8 and decoded.shape == ramp.shape
+  with pytest.raises(ValueError, match="over the 20-byte budget"):
+    classical.at_budget(name, data, 20)
+
+
+# A scaled NIfTI (the issue's bug: scaling dropped, physical mean wrong) and an ImageJ stack.
+SCALED = {"nifti.scl_slope": np.array([2.5], np.float32),
+          "nifti.scl_inter": np.array([100.0], np.float32)}
+IMAGEJ = {"tiff.flavour": "imagej", "tiff.x_resolution": np.array([5, 2]),
+          "tiff.y_resolution": np.array([5, 2]), "tiff.resolution_unit": 1, "tiff.spacing": 1.5,
+          "tiff.unit": "mm"}
+
+
+@pytest.mark.parametrize("suffix,variant,chunks", [(".nii.gz", "moec", "(20,12,10)"),
+                                                   (".tif", "single", "()")])
+def test_compress_decompress_round_trip(tmp_path, suffix, variant, chunks, capsys):
+  """The moec case codes 2 chunks (one jitted step trains both); the single case one chunk."""
+  import nibabel
   source = volumes.load(volumes.example_path("anatomical.nii"))
-  original = volumes.Volume(source.data[:20, :24, :10], source.affine)
+  crop = source.data[:20, :24, :10]
+  original = (volumes.Volume(crop, source.affine, {**source.meta, **SCALED})
+              if suffix == ".nii.gz" else volumes.Volume(crop.astype(np.uint16), None, IMAGEJ))
   src = str(tmp_path / f"vol{suffix}")
   volumes.save(src, original)
   packed, report_path, out = (str(tmp_path / n) for n in ("vol.moec", "r.json", f"out{suffix}"))
   partition = ["--partition", str(tmp_path / "p.png")] if variant == "moec" else []
   inr_command.main(["compress", "--input", src, "--ratio", "8", "--out", packed, "--report",
             report_path, "--config", f"{COMPRESS_CONFIG}:{variant}", "--set", "train.steps=40",
-            "--set", "train.log_every=0"] + partition)
+            "--set", "train.log_every=0", "--set", "budget_trials=1",
+            "--set", f"chunk_shape={chunks}"] + partition)
   inr_command.main(["decompress", packed, "--out", out, "--reference", src])
   report = json.load(open(report_path))
   decoded = volumes.load(out)
   assert decoded.data.shape == original.data.shape
   assert decoded.data.dtype == original.data.dtype
+  assert set(decoded.meta) == set(original.meta)  # every header field / spacing kept
+  for k, v in original.meta.items():
+    assert np.array_equal(np.asarray(decoded.meta[k]), np.asarray(v)), k
+  physical = volumes.physical(original)
   if suffix == ".nii.gz":
     np.testing.assert_allclose(decoded.affine, original.affine)
-  assert report["psnr"] == pytest.approx(metrics.psnr(original.data, decoded.data), abs=1e-9)
+    # What any NIfTI reader sees: the physical values, with the original's scaling.
+    read = np.asanyarray(nibabel.load(out).dataobj)
+    np.testing.assert_allclose(read, decoded.data * 2.5 + 100)
+    assert report["psnr"] == pytest.approx(metrics.psnr(physical, read), abs=1e-9)
+  assert report["psnr"] == pytest.approx(
+      metrics.psnr(physical, volumes.physical(decoded)), abs=1e-9)
   assert report["file_bytes"] == len(open(packed, "rb").read())
+  assert report["header_bytes"] < 160  # NIfTI: ~90 bytes of header fields in it
   assert 8.0 <= report["ratio_actual"] < 9.0  # the file fits the budget (tiny: coarse widths)
   if partition:
     assert (tmp_path / "p.png").stat().st_size > 1000
   printed = capsys.readouterr().out
   assert f"psnr={report['psnr']:.4g}" in printed  # decompress --reference agrees
+  # A ROI decode: scaling and other metadata kept, what places voxels (qform / sform, pixdim,
+  # TIFF resolution) left out, the affine moved to the ROI's first voxel.
+  roi = codec.decompress(open(packed, "rb").read(), 65536, 8, roi=(slice(2, 10),))
+  assert roi.data.shape == (8, 24, 10)
+  kept = {k for k in original.meta if not k.startswith(codec._GEOMETRY_KEYS)}
+  assert set(roi.meta) == kept and kept < set(original.meta)
+  if suffix == ".nii.gz":
+    assert "nifti.scl_slope" in kept
+    np.testing.assert_allclose(roi.affine[:, 3], original.affine @ np.array([2, 0, 0, 1.0]))
 
 
 def test_cli_errors_name_the_fix(tmp_path):
@@ -112,69 +227,193 @@ def test_moec_beats_single_inr_at_the_same_budget():
   overrides = ["train.steps=300", "train.batch_size=4096", "train.log_every=0"]
   psnr, files = {}, {}
   for variant in ("moec", "single"):
-    _, report, _ = codec.compress(volume, 100, common.load_config(
+    _, report = codec.compress(volume, 100, common.load_config(
         f"{COMPRESS_CONFIG}:{variant}", overrides))
     psnr[variant], files[variant] = report["psnr"], report["file_bytes"]
   assert max(files.values()) <= volume.data.nbytes / 100
   assert psnr["moec"] > psnr["single"] + 0.8, psnr
 
 
-def _crafted(header_changes=None, drop=(), params=b"", header_bytes=None):
+class _Terminal(io.StringIO):
+  def isatty(self) -> bool:  # the progress bars draw only on a terminal
+    return True
+
+
+CHUNKED_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def chunked():
+  """A 16^3 crop of anatomical.nii coded as 8 chunks of 8^3 (single SIREN each), 3 chunks per
+  jitted step (the last batch is short), on a pretend terminal: (volume, file, report, the
+  progress bars' text)."""
+  source = volumes.load(volumes.example_path("anatomical.nii"))
+  volume = volumes.Volume(np.ascontiguousarray(source.data[8:24, 12:28, 4:20]), source.affine)
+  config = common.load_config(f"{COMPRESS_CONFIG}:single", [
+      "chunk_shape=(8,8,8)", "chunk_batch=3", f"train.steps={CHUNKED_STEPS}",
+      "train.batch_size=128", "train.log_every=0", "render_chunk=1536"])
+  terminal = _Terminal()
+  with contextlib.redirect_stderr(terminal):
+    blob, report = codec.compress(volume, 3, config)
+  return volume, blob, report, terminal.getvalue()
+
+
+def _decode(blob, **kw):
+  return codec.decompress(blob, 1536, 3, **kw)
+
+
+def test_chunked_file_layout_and_budget(chunked):
   from moe_jax.inr import fileformat
-  header = {"model": {"kind": "moec"}, "shape": [4, 4, 4], "dtype": "<f4", "affine": None,
-            "range": [0.0, 1.0], "param_dtype": "float32", **(header_changes or {})}
-  for k in drop:
-    del header[k]
-  packed = header_bytes if header_bytes is not None else zlib.compress(json.dumps(header).encode())
-  return fileformat._PREFIX.pack(fileformat.MAGIC, fileformat.VERSION, len(packed)) + packed + params
+  volume, blob, report, bars = chunked
+  compressed = fileformat.decode(blob)
+  header = compressed.header
+  assert header.chunk_shape == (8, 8, 8) and report["chunks"] == 8
+  assert len(compressed.records) == 9 and report["chunk_table_bytes"] == compressed.records[0]
+  per_chunk = model_lib.num_params(fileformat.model_from_diff(header.model), 3)
+  assert report["num_params"] == 8 * per_chunk <= report["budget_params"]
+  assert report["file_bytes"] == len(blob) <= volume.data.nbytes / 3
+  # compress: one bar over chunks x steps; the decode of the report: one bar over chunks.
+  assert f"{8 * CHUNKED_STEPS}/{8 * CHUNKED_STEPS}" in bars and "chunk-step" in bars
+  assert "8/8" in bars and "chunk/s" in bars
 
 
-import zlib  # noqa: E402
+def test_chunked_decode_equals_whole_decode_and_roi_is_its_crop(chunked, monkeypatch):
+  """Each chunk decoded alone (its ROI) pastes into the whole decode; a ROI across chunk
+  borders equals the crop of the whole decode bit for bit and evaluates only the 4 chunks it
+  touches."""
+  volume, blob, _, _ = chunked
+  whole = _decode(blob)
+  assert whole.data.shape == volume.data.shape and whole.data.dtype == volume.data.dtype
+  pasted = np.zeros_like(whole.data)
+  for corner in np.ndindex(2, 2, 2):
+    roi = tuple(slice(8 * c, 8 * c + 8) for c in corner)
+    pasted[roi] = _decode(blob, roi=roi).data
+  np.testing.assert_array_equal(pasted, whole.data)
+  evaluated = []
+  params = codec.Decoder.params
+  monkeypatch.setattr(codec.Decoder, "params",
+                      lambda self, chunks: evaluated.extend(chunks) or params(self, chunks))
+  roi = (slice(3, 13), slice(5, 12), slice(9, 16))
+  crop = _decode(blob, roi=roi)
+  np.testing.assert_array_equal(crop.data, whole.data[roi])
+  assert sorted(set(int(k) for k in evaluated)) == [1, 3, 5, 7]  # x, y both halves, z high
+  # The affine of the crop maps its voxel 0 onto the original voxel (3, 5, 9).
+  np.testing.assert_allclose(crop.affine[:, 3], volume.affine @ np.array([3, 5, 9, 1.0]))
+  np.testing.assert_allclose(crop.affine[:3, :3], volume.affine[:3, :3])
 
 
-@pytest.mark.parametrize("blob,message", [
-    (_crafted(drop=("param_dtype",)), "lacks"),
-    (_crafted(drop=("model",)), "lacks"),
-    (_crafted({"model": {"kind": "nope"}}), "model.kind"),
-    (_crafted({"model": {"kind": "moec", "nope": 1}}), "do not fit"),
-    (_crafted({"model": {"kind": "moec", "width": "wide"}}), "do not fit"),
-    (_crafted({"shape": [1 << 20, 1 << 20, 1 << 20]}), "exceeds"),
-    (_crafted({"shape": [4, -1]}), "positive integers"),
-    (_crafted({"dtype": "object"}), "numeric"),
-    (_crafted({"param_dtype": "int8"}), "param_dtype"),
-    (_crafted({"range": [0, "x"]}), "range"),
-    (_crafted(params=b"\0" * 7), "whole number"),
-    (_crafted(header_bytes=zlib.compress(b" " * (2 << 20))), "corrupt header"),
-    (_crafted(header_bytes=zlib.compress(b"{}")[:-3]), "corrupt header"),
-    (_crafted()[:-5], "header length"),
-    (_crafted(header_bytes=zlib.compress(b"[1, 2]")), "not a JSON object"),
-], ids=lambda x: x if isinstance(x, str) else None)
-def test_crafted_inr_files_are_one_line_value_errors(blob, message):
-  from moe_jax.inr import fileformat
-  with peak_python_bytes() as peak, pytest.raises(ValueError, match=message) as e:
-    fileformat.decode(blob, "f.moec")
-  assert "\n" not in str(e.value) and str(e.value).startswith("f.moec: ")
-  assert peak[0] < 8 << 20, peak  # nothing sized by the crafted header is allocated
+def test_decode_at_another_resolution(chunked):
+  """Scale 1 is the normal decode; scale 2 renders 32^3 voxels with the same corner voxels
+  (the grids' corners are aligned) and an affine that maps the corners onto the same points."""
+  volume, blob, _, _ = chunked
+  whole = _decode(blob).data
+  np.testing.assert_array_equal(_decode(blob, scale=1.0).data, whole)
+  fine = _decode(blob, scale=2.0)
+  assert fine.data.shape == (32, 32, 32)
+  corners = np.array(list(np.ndindex(2, 2, 2)))
+  np.testing.assert_array_equal(fine.data[tuple((corners * 31).T)], whole[tuple((corners * 15).T)])
+  for c in corners:
+    np.testing.assert_allclose(fine.affine @ np.r_[c * 31, 1.0], volume.affine @ np.r_[c * 15, 1.0])
+  coarse = _decode(blob, scale=0.5)
+  assert coarse.data.shape == (8, 8, 8)
 
 
-def test_a_huge_declared_model_is_rejected_before_it_is_built():
-  blob = _crafted({"model": {"kind": "moec", "width": 1 << 20, "tail_width": 1 << 20}},
-                  params=b"\0" * 64)
-  with peak_python_bytes() as peak, pytest.raises(
-      ValueError, match="16 parameters stored, the header's model needs"):
-    codec.restore(blob, "f.moec")
-  assert peak[0] < 64 << 20, peak
+def test_decompress_roi_and_scale_flags(chunked, tmp_path):
+  volume, blob, _, _ = chunked
+  packed, src = tmp_path / "v.moec", str(tmp_path / "v.nii")
+  packed.write_bytes(blob)
+  volumes.save(src, volume)
+  out = str(tmp_path / "roi.nii")
+  inr_command.main(["decompress", str(packed), "--out", out, "--roi", "3:13,:,9:",
+                    "--reference", src, "--set", "render_chunk=1536", "--set", "chunk_batch=3"])
+  np.testing.assert_array_equal(volumes.load(out).data,
+                                _decode(blob).data[3:13, :, 9:])
+  inr_command.main(["decompress", str(packed), "--out", out, "--scale", "1.5"])
+  assert volumes.load(out).data.shape == (24, 24, 24)
+  for flags, message in [(["--roi", "3-13"], "START:STOP per axis"),
+                         (["--roi", "5:5"], "empty"), (["--roi", "0:1,0:1,0:1,0:1"], "4 slices"),
+                         (["--scale", "0"], "must be > 0"),
+                         (["--scale", "2", "--reference", src], "--reference compares")]:
+    with pytest.raises(SystemExit, match=message):
+      inr_command.main(["decompress", str(packed), "--out", out] + flags)
 
 
-@contextlib.contextmanager
-def peak_python_bytes():
-  """Yields a one-element list that holds, on exit, the peak bytes traced by `tracemalloc`
-  (Python and numpy allocations) inside the block."""
-  import tracemalloc
-  peak = [0]
-  tracemalloc.start()
-  try:
-    yield peak
-  finally:
-    peak[0] = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
+def test_chunk_config_errors_name_the_field():
+  volume = volumes.Volume(np.zeros((16, 16, 16), np.int16))
+  for overrides, message in [(["chunk_shape=(8,8)"], "chunk_shape=.*one positive size per axis"),
+                             (["chunk_shape=(8,8,8)", "model.grid=(2,1,1)"], "model.grid=.*ones"),
+                             (["chunk_batch=0"], "chunk_batch=0 must be >= 1")]:
+    config = common.load_config(f"{COMPRESS_CONFIG}:blocks", overrides)
+    with pytest.raises(ValueError, match=message):
+      codec.compress(volume, 3, config)
+  config = common.load_config(f"{COMPRESS_CONFIG}:octree", ["chunk_shape=(8,8,8)"])
+  with pytest.raises(ValueError, match=r"chunk_shape=\(8, 8, 8\) with model.kind='octree'"):
+    codec.compress(volume, 3, config)
+
+
+def test_chunks_train_independently_in_one_vmapped_step():
+  """Chunk 0 trained beside chunk 1 or beside chunk 2 (same sampling seed) ends with the same
+  parameters: the batch axis is a vmap, not a shared model."""
+  from moe_jax.inr import chunking, fitting
+  data = (np.arange(8 * 4 * 4) % 13).reshape(8, 4, 4).astype(np.int16)
+  config = common.load_config(f"{COMPRESS_CONFIG}:single", [
+      "train.steps=3", "train.batch_size=32", "model.width=4", "model.tail_width=4"])
+  tiling = chunking.Tiling(data.shape, (4, 2, 4), (1, 1, 1))  # 2 x 2 x 1 chunks
+  fitter = fitting.ChunkFitter(config.model, 3, config.train)
+  results = []
+  for ids in (np.array([0, 1]), np.array([0, 2])):
+    batches = fitting.training_batches(tiling.cells, tiling.cells_of(ids), data, 0, 12,
+                                       config.train, 0)
+    params, mse = fitter.fit(ids, batches)
+    results.append((jax.tree.leaves(params), mse))
+  (first, mse_first), (second, mse_second) = results
+  for a, b in zip(first, second):
+    assert a.shape[0] == 2
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a[1], b[1])  # chunks 1 and 2: other data, other init
+  assert mse_first.shape == (2,) and mse_first[0] == pytest.approx(mse_second[0], rel=1e-5)
+
+
+def test_psnr_target_keeps_the_most_compressed_file_that_meets_it(monkeypatch, tmp_path, capsys):
+  """`codec.compress_to_psnr` and `compress --psnr` on a stand-in codec whose PSNR is
+  50 - 5 log2(ratio) (30 dB up to 16x) and whose file is 1e5 / ratio bytes: 8 bisections of
+  log(ratio) in [5, 2000]."""
+  calls = []
+
+  def fake_compress(volume, ratio, config, log=None):
+    calls.append(ratio)
+    return b"\0" * int(1e5 / ratio), {"psnr": 50 - 5 * np.log2(ratio), "ratio_actual": ratio}
+
+  monkeypatch.setattr(codec, "compress", fake_compress)
+  config = common.load_config(f"{COMPRESS_CONFIG}:single", ["psnr_search.trials=8"])
+  blob, report = codec.compress_to_psnr(None, 30.0, config)
+  assert len(calls) == 8 and report["psnr_trials"] == 8
+  met = [r for r in calls if 50 - 5 * np.log2(r) >= 30]
+  assert report["ratio_actual"] == max(met) and len(blob) == int(1e5 / max(met))
+  assert 12 < max(met) <= 16
+  with pytest.warns(UserWarning, match="PSNR target 60 dB not reached in 8 trials"):
+    codec.compress_to_psnr(None, 60.0, config)
+  with pytest.raises(ValueError, match="psnr_search: need 1 < min_ratio"):
+    codec.compress_to_psnr(None, 30.0, common.load_config(
+        f"{COMPRESS_CONFIG}:single", ["psnr_search.min_ratio=2000"]))
+  # The command: --psnr or --ratio, not both; the warning goes to stderr on one line.
+  monkeypatch.setattr(volumes, "load", lambda path: None)
+  out = str(tmp_path / "f.moec")
+  with pytest.raises(SystemExit):
+    inr_command.main(["compress", "--input", "v.nii", "--ratio", "5", "--psnr", "30", "--out", out])
+  calls.clear()
+  inr_command.main(["compress", "--input", "v.nii", "--psnr", "60", "--out", out])
+  assert len(open(out, "rb").read()) == int(1e5 / min(calls))  # the highest PSNR
+  warning = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+  assert len(warning) == 1 and "not reached" in warning[0]
+
+
+def test_slabbed_psnr_and_ssim_equal_the_whole_volume_at_once():
+  """Slabs of 3 planes (halo 5) against one slab holding the whole volume, on a random int16
+  volume and a noisy copy."""
+  rng = np.random.default_rng(0)
+  a = rng.integers(0, 1000, (13, 9, 7)).astype(np.int16)
+  b = (a + rng.normal(0, 40, a.shape)).astype(np.int16)
+  assert metrics.ssim(a, b, slab=3) == pytest.approx(metrics.ssim(a, b, slab=13), rel=1e-12)
+  assert metrics.psnr(a, b, slab=3) == pytest.approx(metrics.psnr(a, b, slab=13), rel=1e-12)
+  assert metrics.ssim(a, a, slab=3) == pytest.approx(1.0)

@@ -1,8 +1,12 @@
-"""Fitting an INR model to a volume (MSE on intensities in [-1, 1] + router aux losses, Adam with
-cosine decay, one jitted step) and rendering it back onto the voxel grid."""
+"""Fitting INR models to the chunks of a volume, a batch of chunks at a time.
+
+Each chunk has its own model (same config, own parameters); the parameters of a batch of B
+chunks are stacked on a leading axis and one jitted step (`jax.vmap` of the single-model step:
+MSE on intensities in [-1, 1] + router aux losses, Adam with cosine decay) trains all B at once.
+Coordinates and targets come from `sampling.batches`, per step, for the batch's chunks only.
+"""
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import jax
@@ -13,18 +17,11 @@ import optax
 from flax import nnx
 
 from moe_jax import moe
-from moe_jax.inr import sampling
-
-
-def normalise(data: np.ndarray) -> tuple[np.ndarray, float, float]:
-  """Volume -> (float32 values in [-1, 1], lo, hi)."""
-  lo, hi = float(np.min(data)), float(np.max(data))
-  scale = hi - lo if hi > lo else 1.0
-  return (2.0 * (data.astype(np.float32) - lo) / scale - 1.0).astype(np.float32), lo, hi
+from moe_jax.inr import model as model_lib, sampling
 
 
 def denormalise(values: np.ndarray, lo: float, hi: float, dtype: np.dtype) -> np.ndarray:
-  """Inverse of `normalise`, rounded and clipped into `dtype` for integer volumes."""
+  """Inverse of `sampling.to_unit`, rounded and clipped into `dtype` for integer volumes."""
   scale = hi - lo if hi > lo else 1.0
   out = (values.astype(np.float64) + 1.0) * 0.5 * scale + lo
   if np.dtype(dtype).kind in "iu":
@@ -33,51 +30,69 @@ def denormalise(values: np.ndarray, lo: float, hi: float, dtype: np.dtype) -> np
   return out.astype(dtype)
 
 
-def fit(model: nnx.Module, layout: sampling.GridLayout, values: np.ndarray,
-        tc: ml_collections.ConfigDict, log: Callable[[str], None] | None = None) -> dict:
-  """Trains `model` in place on `values` (normalised volume) for `tc.steps` steps of
-  `tc.batch_size` points. Returns {'train_s', 'final_mse' (mean of the last 10 steps)}."""
-  model.train()
-  schedule = optax.cosine_decay_schedule(tc.learning_rate, tc.steps, tc.final_lr_fraction)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optax.adam(schedule)
-  opt_state = tx.init(params)
+class ChunkFitter:
+  """Trains batches of chunk models of config `c` (widths solved) on `ndim`-d coordinates.
 
-  @jax.jit
-  def step(params, rest, opt_state, coords, target):
-    def loss_fn(params):
-      m = nnx.merge(graphdef, params, rest)
-      pred, aux = moe.capture_aux(m)(coords)
-      mse = jnp.mean((pred - target) ** 2)
-      return mse + aux.total_loss, (mse, nnx.state(m, nnx.Not(nnx.Param)))
-    grads, (mse, new_rest) = jax.grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_rest, opt_state, mse
+  `fit(chunks [B], batches)` -> stacked parameters (leading axis B, the `nnx.Param` state of the
+  model) and the per-chunk mean MSE of the last 10 steps. Built once per volume: the init and the
+  step compile once for every batch of B chunks.
+  """
 
-  data = iter(sampling.batches(layout, values, tc.batch_size, tc.seed, tc.prefetch_threads))
-  start, recent = time.perf_counter(), []
-  for i in range(tc.steps):
-    batch = next(data)
-    params, rest, opt_state, mse = step(params, rest, opt_state, batch["coords"], batch["values"])
-    if i >= tc.steps - 10:
-      recent.append(mse)
-    if log is not None and tc.log_every and (i + 1) % tc.log_every == 0:
-      log(f"step {i + 1}/{tc.steps}  mse {float(mse):.3e}")
-  recent = [float(m) for m in recent]
-  nnx.update(model, params, rest)
-  model.eval()
-  return {"train_s": time.perf_counter() - start, "final_mse": float(np.mean(recent))}
+  def __init__(self, c: ml_collections.ConfigDict, ndim: int, tc: ml_collections.ConfigDict):
+    self.tc = tc
+    abstract = nnx.eval_shape(lambda: model_lib.build(c, ndim, rngs=nnx.Rngs(0)))
+    abstract.train()
+    self.graphdef = nnx.split(abstract, nnx.Param, ...)[0]
+    tx = optax.adam(optax.cosine_decay_schedule(tc.learning_rate, tc.steps,
+                                                tc.final_lr_fraction))
+
+    def init(key):
+      m = model_lib.build(c, ndim, rngs=nnx.Rngs(key))
+      m.train()
+      return nnx.split(m, nnx.Param, ...)[1:]
+
+    def step(params, rest, opt_state, coords, target):
+      def loss_fn(params):
+        m = nnx.merge(self.graphdef, params, rest)
+        pred, aux = moe.capture_aux(m)(coords)
+        mse = jnp.mean((pred - target) ** 2)
+        return mse + aux.total_loss, (mse, nnx.state(m, nnx.Not(nnx.Param)))
+      grads, (mse, new_rest) = jax.grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), new_rest, opt_state, mse
+
+    self._init_one, self._init_opt = init, jax.vmap(tx.init)
+    self._step = jax.jit(jax.vmap(step), donate_argnums=(0, 1, 2))
+
+  def _init(self, chunks: np.ndarray) -> tuple[nnx.State, nnx.State]:
+    """Stacked (params, rest) of chunks `[B]`, chunk k from key `fold_in(key(seed), k)` (so its
+    init does not depend on its batch). Built eagerly, one model at a time: compiling the init
+    (vmapped or not) costs more than B small eager builds."""
+    states = [self._init_one(jax.random.fold_in(jax.random.key(self.tc.seed), int(k)))
+              for k in chunks]
+    return jax.tree.map(lambda *x: jnp.stack(x), *states)
+
+  def fit(self, chunks: np.ndarray, batches, on_step: Callable[[int, float], None] | None = None
+          ) -> tuple[nnx.State, np.ndarray]:
+    """Trains chunks `[B]` for `tc.steps` steps of `batches` (`{'coords' [B, G, b, d],
+    'values' [B, G, b]}`); `on_step(step, mean mse over the batch)` after each step."""
+    params, rest = self._init(chunks)
+    opt_state = self._init_opt(params)
+    data, recent = iter(batches), []
+    for i in range(self.tc.steps):
+      batch = next(data)
+      params, rest, opt_state, mse = self._step(params, rest, opt_state, batch["coords"],
+                                                batch["values"])
+      if i >= self.tc.steps - 10:
+        recent.append(mse)
+      if on_step is not None:
+        on_step(i + 1, mse)
+    return params, np.mean(np.stack([np.asarray(m) for m in recent]), axis=0)
 
 
-def render(fn: Callable[[jax.Array], jax.Array], layout: sampling.GridLayout, chunk: int,
-           dtype: np.dtype = np.float32) -> np.ndarray:
-  """Evaluates `fn(coords [G, n, d]) -> [G, n]` at every voxel, `chunk` points per call in total:
-  the volume of `layout.shape`, in `dtype`."""
-  n = max(chunk // layout.num_groups, 1)
-  jitted = jax.jit(fn)
-  out = np.zeros(int(np.prod(layout.shape)), dtype)
-  for start in range(0, layout.group_size, n):
-    j = np.minimum(np.arange(start, start + n), layout.group_size - 1)  # fixed shape: one compile
-    voxel, coords = layout.points(j)
-    out[voxel] = np.asarray(jitted(coords))
-  return out.reshape(tuple(layout.shape))
+def training_batches(layout: sampling.GridLayout, cells: np.ndarray, data: np.ndarray,
+                     lo: float, hi: float, tc: ml_collections.ConfigDict, seed: int):
+  """`sampling.batches` of `tc.batch_size` points per chunk and step (split evenly over the
+  chunk's `cells [B, G]`)."""
+  per_group = max(tc.batch_size // cells.shape[1], 1)
+  return sampling.batches(layout, data, lo, hi, per_group, seed, cells, tc.prefetch_threads)

@@ -5,8 +5,7 @@ import os
 
 import numpy as np
 
-from moe_jax.inr import fitting, sampling
-from moe_jax.inr.model import MoEC
+from moe_jax.inr import codec, fileformat
 
 
 def middle_slice(volume: np.ndarray) -> np.ndarray:
@@ -15,15 +14,20 @@ def middle_slice(volume: np.ndarray) -> np.ndarray:
   return volume[(slice(None), slice(None)) + index]
 
 
-def partition_png(model: MoEC, volume: np.ndarray, path: str, chunk: int = 65536) -> np.ndarray:
-  """Writes `path` (volume slice | expert id slice); returns the expert id volume (int32)."""
+def partition_png(blob: bytes, volume: np.ndarray, path: str, render_chunk: int,
+                  chunk_batch: int) -> np.ndarray:
+  """Writes `path` (volume slice | expert id slice) for the MoEC file `blob` (expert ids are per
+  chunk model); returns the expert id volume (int32)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  layout = sampling.GridLayout(volume.shape, (1,) * volume.ndim)
-  experts = fitting.render(model.expert_of, layout, chunk, np.int32)
-  E = model.experts.num_experts
+  decoder = codec.Decoder(blob)
+  if decoder.compressed.header.model["kind"] != "moec":
+    raise ValueError("--partition needs a MoEC model (config variant moec)")
+  experts, _ = decoder.render(render_chunk, chunk_batch, method="expert_of",
+                              convert=lambda e: e.astype(np.int32), dtype=np.int32)
+  E = fileformat.model_from_diff(decoder.compressed.header.model).moe.num_experts
   fig, axes = plt.subplots(1, 2, figsize=(8, 4))
   axes[0].imshow(middle_slice(volume).T, cmap="gray", origin="lower")
   axes[0].set_title("volume (middle slice)")

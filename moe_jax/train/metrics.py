@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -86,7 +87,8 @@ class _JsonLines:
       self.file.close()
 
 
-def progress_bar(start: int, total: int) -> tqdm.tqdm:
-  """Terminal progress with ETA (silent on processes other than 0)."""
-  return tqdm.tqdm(initial=start, total=total, unit="step", dynamic_ncols=True,
-                   disable=jax.process_index() != 0)
+def progress_bar(start: int, total: int, unit: str = "step") -> tqdm.tqdm:
+  """Terminal progress with ETA (silent on processes other than 0 and when stderr is not a
+  terminal: logs, tests)."""
+  return tqdm.tqdm(initial=start, total=total, unit=unit, dynamic_ncols=True,
+                   disable=jax.process_index() != 0 or not sys.stderr.isatty())
