@@ -17,8 +17,8 @@ Reference: google-research/vmoe `vmoe/configs/vmoe_paper/vmoe_s32_last2_ilsvrc20
   and load losses 0.005 each, routing groups of 400 tokens (8 images x 50 tokens), dropout 0.2 in
   the experts (`moe.dropout_rate`); evaluation at capacity factor 4.0
   (`moe.eval_capacity_factor`, vmoe's `evaluate.model_overrides`).
-- data: train on `train[:99%]` (vmoe keeps `train[99%:]` as its minival), evaluate on
-  `validation`; `decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2, 10)|value_range(-1, 1)`
+- data: train on `train[:99%]`, evaluate `evals.minival` (`train[99%:]`, vmoe's minival) and
+  `evals.val` (`validation`); `decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2, 10)|value_range(-1, 1)`
   ("light1"), mixup with concentration 0.2 of 2 images; eval `resize_small(256)|central_crop(224)`.
 - optimisation: batch 8192, Adam (b1 0.9, b2 0.999) with decoupled weight decay 0.1 on the
   kernels (vmoe: clip -> scale_by_adam -> + 0.1 * param -> * -lr, i.e. optax.adamw), gradient
@@ -48,7 +48,7 @@ from configs import check_variant
 from moe_jax import data
 from moe_jax.models import vimoe
 from moe_jax.parallel import mesh
-from moe_jax.train import optim
+from moe_jax.train import evaluators, optim
 
 VARIANTS = ("vmoe", "dense")
 TRAIN_IMAGES = 1_268_355  # imagenet2012 train[:99%] (of 1,281,167)
@@ -62,20 +62,23 @@ def get_config(variant: str = "vmoe") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 8192
-  c.eval_batch_size = 8192
   c.total_steps = math.ceil(EPOCHS * TRAIN_IMAGES / c.batch_size)
   c.log_every_steps = 100
-  c.eval_every_steps = 1000
   c.checkpoint_every_steps = 1000
   c.profile_steps = ""  # e.g. "10,11": a jax.profiler trace of those steps in WORKDIR/profile
   c.loss = "sigmoid_xent"  # vmoe: config.loss.name
 
   c.data = data.default_config()
-  c.data.name, c.data.train_split, c.data.eval_split = "imagenet2012", "train[:99%]", "validation"
+  c.data.name, c.data.train_split = "imagenet2012", "train[:99%]"
   c.data.image_size, c.data.channels, c.data.num_classes = 224, 3, 1000
   c.data.normalization = "minus_one_one"  # vmoe: value_range(-1, 1)
   c.data.pp_train = "decode|inception_crop|flip_lr|randaug(2, 10)|normalize|mixup(0.2)"
-  c.data.pp_eval = "decode|resize_small(256)|central_crop|normalize"
+  pp_eval = "decode|resize_small(256)|central_crop|normalize"
+  # vmoe evaluates its minival (`train[99%:]`, held out of training) and the validation set.
+  c.evals = ml_collections.ConfigDict({
+      name: evaluators.task_eval("classification", dataset=c.data.get_ref("name"), split=split,
+                                 pp=pp_eval, batch_size=8192, every_steps=1000)
+      for name, split in (("minival", "train[99%:]"), ("val", "validation"))})
 
   c.model = vimoe.vimoe_config("S/32", moe_layers="5,7", router="top_k", dtype="bfloat16",
                                pool="cls", representation_size=512,
