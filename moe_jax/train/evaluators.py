@@ -200,9 +200,10 @@ class TaskEvaluator:
     totals = None
     with jax.set_mesh(self.ctx.mesh):
       for local in self.batches:
-        out = self.step(params, rest, step_lib.global_batch(local, self.ctx.mesh))
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    scalars, extras = self.ctx.task.eval_results(jax.device_get(totals))
+        # summed on the host: no eager XLA op per batch on the sharded outputs
+        out = jax.device_get(self.step(params, rest, step_lib.global_batch(local, self.ctx.mesh)))
+        totals = out if totals is None else jax.tree.map(np.add, totals, out)
+    scalars, extras = self.ctx.task.eval_results(totals)
     return {f"{self.name}/" + k.removeprefix("eval/"): v for k, v in scalars.items()}, extras
 
   def report(self, extras: dict, workdir: str) -> dict:
