@@ -18,17 +18,19 @@ scripts' paths relative to the working folder (override with `--config.data.file
            answers end in <|endoftext|>, loss on the assistant turns only); images padded to a
            square with CLIP's mean colour first (`image_aspect_ratio='pad'`). Text-only rows of
            mix665k are refused (one-line error): remove them from the JSON first.
-  both     Phi-2's tokenizer.json from the decoder checkpoint folder (<|endoftext|> as bos, eos
-           and pad); data.text_len = 2048 - 1692 visual tokens = 356 text tokens, longer
-           conversations truncated (`data.overflow='truncate'`, as the reference truncates at its
-           model_max_length). The reference's model_max_length is 2560, past Phi-2's 2048
-           max_position_embeddings; model.decoder.max_len may not exceed the checkpoint's (a
-           one-line error), so here the text budget is 356. Evaluation: `evals.train_1024`, a
+  both     Phi-2's tokenizer.json from the decoder checkpoint folder (<|endoftext|> as eos and
+           pad, no <bos>: Phi-2's tokenizer adds none, so the reference's prompts start with the
+           system prompt / the image); the visual tokens spliced in at <image> (after the system
+           prompt and "USER: " in stage 2, first in stage 1), as the reference does. Sequences
+           as the reference's: model_max_length 2560 = 1692 visual + data.text_len 868 text
+           tokens, longer conversations truncated (`data.overflow='truncate'`), and Phi-2's
+           rotary embedding run past its 2048 max_position_embeddings
+           (`model.decoder.max_len=2560`, `extrapolate_positions=True`: the reference's Phi
+           recomputes its cos / sin cache for longer inputs). Evaluation: `evals.train_1024`, a
            teacher-forced loss readout on split 'train[:1024]' (the first 1,024 training
            examples) at the end (the reference evaluates on separate benchmarks only).
-Differences from the reference data path: a <bos> (= <|endoftext|>) starts every text (the
-reference's Phi tokenizer adds none); JPEGs decode through PIL's draft mode when shrunk >= 2x
-(`moe_jax.data.preprocess`), not at full size.
+Differences from the reference data path: JPEGs decode through PIL's draft mode when shrunk >= 2x
+(`moe_jax.data.preprocess`), not at full size; text-only rows are refused.
 
 Stage 2 starts from stage 1's latest checkpoint (`init_from.kind='run'`: every parameter, so
 the trained connectors and the untouched encoders and Phi-2; no checkpoint is read again) with
@@ -102,6 +104,7 @@ PHI_ROLES = dict(system="A chat between a curious user and an artificial intelli
                  "The assistant gives helpful, detailed, and polite answers to the user's "
                  "questions.", user="USER: ", assistant="ASSISTANT: ", separator=" ")
 VISUAL_TOKENS = 440 + 100 + 576 + 576  # SigLIP, ConvNeXt, CLIP, DINOv2 at 336 px
+MODEL_MAX_LENGTH = 2560  # the reference scripts' --model_max_length (visual + text tokens)
 # The reference scripts' data per stage: (JSON, image folder, template, image preprocessing).
 CLIP_PROCESSOR = "resize_small(method='bicubic')|central_crop|normalize"
 STAGE_DATA = {
@@ -133,10 +136,11 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
       "vqa", dataset=c.data.get_ref("name"), split="train[:1024]", pp=c.data.pp_train,
       batch_size=256, every_steps=0)
   c.data.image_size, c.data.normalization = 336, "clip"  # CLIP's processor, for every encoder
-  c.data.text_len = PHI_2["max_position_embeddings"] - VISUAL_TOKENS
+  c.data.text_len = MODEL_MAX_LENGTH - VISUAL_TOKENS
   c.data.overflow = "truncate"
   c.data.tokenizer.path = "./models/microsoft-phi-2/tokenizer.json"
-  c.data.tokenizer.bos = c.data.tokenizer.eos = c.data.tokenizer.pad = "<|endoftext|>"
+  c.data.tokenizer.bos = ""  # Phi-2's tokenizer adds no <bos>
+  c.data.tokenizer.eos = c.data.tokenizer.pad = "<|endoftext|>"
   c.data.roles.update(PHI_ROLES)
   c.data.prefetch_threads = 8  # JPEG decoding of 128-256 images per step
 
@@ -145,6 +149,7 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
       kind, checkpoint=f"./models/{hub}", backbone=backbone, **frozen, **kw)
   phi_2 = hf_decoders.decoder_config_from_hf(PHI_2)
   phi_2.checkpoint = "./models/microsoft-phi-2"
+  phi_2.max_len, phi_2.extrapolate_positions = MODEL_MAX_LENGTH, True
   c.model = model.mocha_config(phi_2, {  # the reference's order
       "siglip_vit_l16_384": pretrained("siglip", "google-siglip-large-patch16-384",
                                        hf.vit_config_from_hf(SIGLIP_L16_384)),

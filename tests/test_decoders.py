@@ -180,6 +180,24 @@ def test_cached_greedy_equals_full_recompute_with_mixed_prompt_lengths(name):
   assert len(set(out.ravel().tolist())) > 2  # not a constant stream
 
 
+def test_generation_with_the_image_inside_the_prompt_equals_full_recompute_and_the_loss_logits():
+  # images spliced in at different text positions (<= prompt_len: the image is in the prompt;
+  # row 2's prompt is the image alone after one token, row 3's ends with it)
+  dec = DECODERS["phi"]()
+  prefix, tokens = prompts(32, prefix_len=3)
+  image_pos = jnp.array([1, 4, 0, 5])
+  run = nnx.jit(lambda d, p, t, n, i: generation.generate(d, p, t, n, 4, image_pos=i))
+  out = np.asarray(run(dec, prefix, tokens, PROMPT_LEN, image_pos))
+  np.testing.assert_array_equal(out, full_recompute(dec, prefix, tokens, PROMPT_LEN, 4,
+                                                    image_pos=image_pos))
+  # the first new token is the argmax of the logits a loss reads for position prompt_len
+  loss_logits = dec.target_logits(prefix, tokens, image_pos)
+  np.testing.assert_array_equal(out[:, 0], np.argmax(loss_logits[jnp.arange(4), PROMPT_LEN], -1))
+  assert (out != cached(dec, prefix, tokens, PROMPT_LEN, 4)).any()  # the image's place matters
+  with pytest.raises(ValueError, match="image_pos must be <= prompt_len"):
+    generation.generate(dec, prefix, tokens, PROMPT_LEN, 4, image_pos=image_pos + 1)
+
+
 def test_eos_ends_each_row_at_its_first_eos():
   dec = DECODERS["llama"]()
   prefix, tokens = prompts(32, prefix_len=0)
@@ -273,7 +291,7 @@ def test_decoder_max_len_past_the_checkpoints_positions_is_a_one_line_error():
   c.decoder.max_len = limit + 1
   message = (rf"model.decoder.checkpoint=.*hf_phi: model.decoder.max_len={limit + 1} exceeds "
              rf"the checkpoint's max_position_embeddings={limit} .*set model.decoder.max_len "
-             rf"<= {limit}$")
+             rf"<= {limit}, or model.decoder.extrapolate_positions=True .*$")
   with pytest.raises(CheckpointMismatch, match=message):
     pretrained.check_decoder_config(c)
   # the VQA task checks it at start-up (the trainer's first step), before anything is built
@@ -282,3 +300,10 @@ def test_decoder_max_len_past_the_checkpoints_positions_is_a_one_line_error():
   run.model = c
   with pytest.raises(CheckpointMismatch, match=message):
     vqa.VqaTask(run).check()
+  # as HF's rotary embedding (and the MoCHA reference's Phi at model_max_length 2560 > 2048):
+  # positions past the checkpoint's when asked for, the angles computed as for any position
+  c.decoder.extrapolate_positions = True
+  pretrained.check_decoder_config(c)
+  dec = phi.Phi(c.decoder, rngs=nnx.Rngs(0))
+  assert dec.max_len == limit + 1
+  dec(jnp.zeros((1, 1, c.decoder.width)), jnp.zeros((1, limit), jnp.int32))  # 65 positions

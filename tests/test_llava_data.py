@@ -2,17 +2,20 @@
 the `vqa` task's LLaVA input pipeline through the Trainer."""
 import json
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 import sentencepiece
 import tokenizers
+from flax import nnx
 from tokenizers import models, pre_tokenizers, trainers
 
 from moe_jax.data import EvalSource, preprocess, transforms
 from moe_jax.tasks import vqa
 from moe_jax.train import evaluators, loop
-from moe_jax.vlm import decoder, encoders, llava_data, model, tokenizer
+from moe_jax.vlm import decoder, encoders, llava_data, model, phi, tokenizer
 
 from configs import mocha_tiny_digits_vqa  # noqa: I100
 
@@ -50,9 +53,11 @@ def test_two_turn_loss_mask_covers_the_assistant_answers_only(tmp_path):
   with open(c.files.train) as f:
     example = json.load(f)[0]
   tok = llava_data.build_tokenizer(c.tokenizer)
-  tokens, mask, prompt_len = llava_data.encode_conversation(example, tok, c)
+  tokens, mask, prompt_len, image_pos = llava_data.encode_conversation(example, tok, c)
   colour, side = example["conversations"][1]["value"].split()[-1][:-1], example[
       "conversations"][3]["value"]
+  # "USER: <image>\nWhat colour ...": the image between "USER :" and "What" (the text on each
+  # side tokenised on its own, as the reference's tokenizer_image_token)
   words = (["<s>", "USER", ":", "What", "colour", "is", "the", "square", "?",
             "ASSISTANT", ":", "The", "square", "is", colour, ".", "</s>",
             "USER", ":", "Which", "side", "is", "it", "on", "?",
@@ -62,28 +67,78 @@ def test_two_turn_loss_mask_covers_the_assistant_answers_only(tmp_path):
   np.testing.assert_array_equal(tokens, ids + [tok.pad] * (32 - len(ids)))
   np.testing.assert_array_equal(mask, want_mask + [0] * (32 - len(ids)))
   assert prompt_len == 11  # <bos> + the first human turn + "ASSISTANT :": where generation starts
+  assert image_pos == 3  # the visual tokens go before "What"
   assert tok.decode(tokens[11:]) == f"The square is {colour} ."
+  # <image> anywhere in a human turn moves to its start (the reference's preprocess_multimodal);
+  # in the second turn, the visual tokens go after "USER :" of the second round
+  moved = dict(example, conversations=[dict(t) for t in example["conversations"]])
+  moved["conversations"][0]["value"] = "What colour is the square?"
+  moved["conversations"][2]["value"] = "Which side is it on?\n<image>"
+  got = llava_data.encode_conversation(moved, tok, c)
+  np.testing.assert_array_equal(got[0], tokens)
+  np.testing.assert_array_equal(got[1], mask)
+  assert got[3] == 19  # <s> + 16 tokens of round 1 + "USER :"
   # a system prompt goes before the first round only, outside the loss
   system = c.copy_and_resolve_references()
   system.roles.system, system.text_len = "USER", 33
-  tokens, mask, prompt_len = llava_data.encode_conversation(example, tok, system)
+  tokens, mask, prompt_len, image_pos = llava_data.encode_conversation(example, tok, system)
   assert tokens[1] == tok._hf.token_to_id("USER") and mask[:12].sum() == 0 and prompt_len == 12
-  # plain (stage 1): <bos> + the first answer, all of it in the loss; the question is dropped
+  assert image_pos == 4
+  # plain (stage 1): <bos>, the image, the first answer, all of it in the loss
   plain = c.copy_and_resolve_references()
   plain.template = "plain"
-  tokens, mask, prompt_len = llava_data.encode_conversation(example, tok, plain)
-  assert tok.decode(tokens) == f"The square is {colour} ." and prompt_len == 1
+  tokens, mask, prompt_len, image_pos = llava_data.encode_conversation(example, tok, plain)
+  assert tok.decode(tokens) == f"The square is {colour} ." and prompt_len == image_pos == 1
   np.testing.assert_array_equal(mask[:7], [0, 1, 1, 1, 1, 1, 0])
+  # no <bos> (Phi-2's tokenizer adds none): the image first, the caption's first token in the loss
+  plain.tokenizer.bos = ""
+  no_bos = llava_data.build_tokenizer(plain.tokenizer)
+  assert no_bos.bos is None
+  tokens, mask, prompt_len, image_pos = llava_data.encode_conversation(example, no_bos, plain)
+  assert prompt_len == image_pos == 0 and tokens[0] == tok._hf.token_to_id("The")
+  np.testing.assert_array_equal(mask[:6], [1, 1, 1, 1, 1, 0])
   c.text_len = 20
   with pytest.raises(ValueError, match="data.text_len=20; raise it or set data.overflow"):
     llava_data.encode_conversation(example, tok, c)
   c.overflow = "truncate"  # LLaVA's model_max_length: cut, mask kept
-  tokens, mask, _ = llava_data.encode_conversation(example, tok, c)
+  tokens, mask, _, _ = llava_data.encode_conversation(example, tok, c)
   np.testing.assert_array_equal(mask, want_mask[:20])
+  c.text_len = 18  # the reference would cut into the visual tokens: refused
+  with pytest.raises(ValueError, match="19 text tokens before <image> do not fit data.text_len"):
+    llava_data.encode_conversation(moved, tok, c)
   bad = dict(example, conversations=[dict(t) for t in example["conversations"]])
   bad["conversations"][2]["value"] = "<image>\nAnd this?"
-  with pytest.raises(ValueError, match="example '0000'.*<image> must appear once"):
+  with pytest.raises(ValueError, match="example '0000'.*<image> must appear once, in a human"):
     llava_data.encode_conversation(bad, tok, c)
+
+
+def test_visual_tokens_are_spliced_at_the_image_and_the_loss_reads_the_logits_before_each_token(
+    tmp_path):
+  # two rows whose images sit at different text positions (3: "<s> USER :" before it, as the
+  # conversation template; 0: visual first); the decoder sees text before, image, text after
+  dec = phi.Phi(phi.phi_config(width=16, depth=1, mlp_dim=32, num_heads=2, num_kv_heads=2,
+                               vocab_size=24, max_len=16, rotary_fraction=0.5), rngs=nnx.Rngs(0))
+  visual = jax.random.normal(jax.random.key(0), (2, 3, 16))
+  tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 24)
+  image_pos = jnp.array([3, 0])
+  spliced = dec.embed_sequence(visual, tokens, image_pos)
+  text = np.asarray(dec.embed(tokens))
+  by_hand = [np.concatenate([text[b, :p], visual[b], text[b, p:]]) for b, p in ((0, 3), (1, 0))]
+  np.testing.assert_array_equal(spliced, np.stack(by_hand))
+  # the hand-built sequence's logits: row i of target_logits is the element before token i
+  # (token 3 of row 0 is predicted by the last visual token, sequence position 5)
+  h = dec.forward(jnp.asarray(np.stack(by_hand)), jnp.broadcast_to(jnp.arange(9), (2, 9)), None)[0]
+  full = np.asarray(dec.logits(h))
+  before = [[0, 0, 1, 5, 6, 7], [2, 3, 4, 5, 6, 7]]  # row 0's first entry predicts nothing
+  got = np.asarray(dec.target_logits(visual, tokens, image_pos))
+  for b in range(2):
+    np.testing.assert_allclose(got[b], full[b, before[b]], rtol=1e-5, atol=1e-5)
+  # HF's convention (`dec(...)`): the logits at each text token's own place
+  at = [[0, 1, 2, 6, 7, 8], [3, 4, 5, 6, 7, 8]]
+  np.testing.assert_allclose(dec(visual, tokens, image_pos), full[[[0], [1]], at], rtol=1e-5,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="model.decoder.max_len=16 < 3 visual \\+ 14 text"):
+    dec.embed_sequence(visual, jnp.zeros((2, 14), jnp.int32), image_pos)
 
 
 def test_sentencepiece_model_offsets_and_errors(tmp_path):
@@ -136,7 +191,9 @@ def test_pipeline_batches_are_global_resumable_and_checked_before_the_run(tmp_pa
   tok = llava_data.build_tokenizer(c.tokenizer)
   examples = llava_data.read_examples(c.files.train)
   for row, mask in zip(first["example"], first["loss_mask"]):
-    np.testing.assert_array_equal(mask, llava_data.encode_conversation(examples[row], tok, c)[1])
+    encoded = llava_data.encode_conversation(examples[row], tok, c)
+    np.testing.assert_array_equal(mask, encoded[1])
+  np.testing.assert_array_equal(first["image_pos"], 3)  # after "<s> USER :"
   np.testing.assert_array_equal(vqa.answer_mask(first), first["loss_mask"])
   evaluation = list(llava_data.eval_dataset(c, _source("validation"), batch_size=4))
   assert [b["mask"].tolist() for b in evaluation] == [[1] * 4, [1, 1, 0, 0]]
@@ -214,8 +271,18 @@ def test_the_trainers_vqa_task_reads_llava_batches_of_the_compiled_shapes(tmp_pa
 @pytest.mark.slow  # end-to-end, ~1.5 min on the shared 2 cores (compiles): `-m slow`
 def test_the_trainer_trains_mocha_on_llava_data(tmp_path):
   c = _tiny_mocha_on_llava(tmp_path)
+  c.evals.answers = evaluators.generate_eval(
+      dataset=c.data.get_ref("name"), split="validation[:4]", pp=llava_data.CLIP_PP,
+      batch_size=8, every_steps=0, max_new_tokens=4)
   trainer = loop.Trainer(c, str(tmp_path / "run"))
   result = trainer.train()
   assert result["val/num_examples"] == 4 and trainer.ckpt.latest_step() == 2
   assert np.isfinite(result["train/answer_loss"]) and 0 < result["val/loss"] < 10
-  assert "val/exact_match" not in result  # open-ended answers: teacher-forced metrics only
+  assert "val/exact_match" not in result  # the task's own evaluation: teacher forced
+  assert result["answers/num_examples"] == 4 and 0 <= result["answers/normalized_match"] <= 1
+  written = loop.evaluate_checkpoint(c, str(tmp_path / "run"), only="answers")["answers"]
+  with open(tmp_path / "run" / written["predictions"]) as f:
+    predictions = json.load(f)
+  assert [p["answer"] for p in predictions] == [
+      e["conversations"][1]["value"].replace(".", " .") for e in
+      llava_data.read_examples(c.data.files.validation)[:4]]  # the word tokenizer splits "."

@@ -6,14 +6,21 @@ Two input pipelines, by `data.name`:
   `image_id` int32 `[B]`, optional precomputed encoder features `features/<name> float32
   [B, T_i, D_i]`; evaluated by greedy generation and exact match per question type.
 - `llava_json` (LLaVA-format instruction data, `moe_jax.vlm.llava_data`): `image`, `tokens`,
-  `loss_mask float32 [B, L]` (the assistant turns), `prompt_len`, `example`; evaluated teacher
-  forced (answer-token loss and accuracy: open-ended answers have no exact match).
-Eval batches add `mask float32 [B]`.
+  `loss_mask float32 [B, L]` (the assistant turns), `prompt_len`, `image_pos` (where the visual
+  tokens are spliced in), `example`; its own evaluation is teacher forced (answer-token loss and
+  accuracy).
+Eval batches add `mask float32 [B]`. On either, a 'generate' entry of `config.evals`
+(`moe_jax.train.evaluators.GenerateEvaluator`) answers each example's first question by greedy
+generation (`generate_answers`) and scores the answers as text (`answer_records`).
 """
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -34,14 +41,15 @@ def answer_mask(batch: Batch) -> jax.Array:
 
 
 def answer_token_loss(model: nnx.Module, batch: Batch):
-  """(per-token cross-entropy `[B, L-1]`, answer mask `[B, L-1]`, hits `[B, L-1]`, MoE aux) of
-  next-token prediction; only answer tokens (and `<eos>`) count."""
+  """(per-token cross-entropy `[B, L]`, answer mask `[B, L]`, hits `[B, L]`, MoE aux) of
+  predicting each text token (`model(batch, tokens)[:, i]` predicts `tokens[:, i]`: the first
+  token after the image from the last visual token, as the reference's labels); only answer
+  tokens (and `<eos>`) count."""
   tokens = batch["tokens"]
   logits, aux = moe.capture_aux(model)(batch, tokens)
-  logits, targets = logits[:, :-1], tokens[:, 1:]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  hits = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  return ce, answer_mask(batch)[:, 1:], hits, aux
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+  hits = (jnp.argmax(logits, -1) == tokens).astype(jnp.float32)
+  return ce, answer_mask(batch), hits, aux
 
 
 def vqa_loss(model: nnx.Module, batch: Batch):
@@ -52,6 +60,22 @@ def vqa_loss(model: nnx.Module, batch: Batch):
   loss = answer_ce + aux.total_loss
   return loss, {"train/loss": loss, "train/answer_loss": answer_ce,
                 "train/token_accuracy": jnp.sum(hits * mask) / n, **moe_scalars(aux, "train")}
+
+
+# VQA's answer normalisation (the evaluation's EvalAIAnswerProcessor, which LLaVA's m4c_evaluator
+# uses), in short: lower case, punctuation dropped, number words as digits, articles dropped.
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+                "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = ("a", "an", "the")
+
+
+def normalize_answer(text: str) -> str:
+  """`text` lower-cased, without punctuation (a period between digits kept), number words as
+  digits and articles dropped, words single-spaced (VQA's normalisation, simplified: no
+  contraction table)."""
+  text = re.sub(r"(?!(?<=\d)\.(?=\d))[^\w\s]", "", text.lower().replace("\n", " "))
+  words = [NUMBER_WORDS.get(w, w) for w in text.split()]
+  return " ".join(w for w in words if w not in ARTICLES)
 
 
 def exact_match(generated: jax.Array, batch: Batch) -> jax.Array:
@@ -76,6 +100,46 @@ class VqaTask(Task):
     super().__init__(config)
     self.llava = config.data.name == llava_data.NAME
     self.data_module = llava_data if self.llava else vqa_data
+
+  @functools.cached_property
+  def tokenizer(self) -> tok.Tokenizer | tok.PretrainedTokenizer:
+    """The text's tokenizer (`bos`, `eos`, `pad`, `decode`)."""
+    return llava_data.build_tokenizer(self.config.data.tokenizer) if self.llava else (
+        tok.Tokenizer())
+
+  def generate_answers(self, model: model_lib.MoCHA, batch: Batch, max_new_tokens: int,
+                       field: str) -> jax.Array:
+    """`[B, max_new_tokens]` greedy tokens after each row's prompt `tokens[:prompt_len]` (the
+    first question, with the image spliced in as in training), through the KV cache, `<pad>`
+    after a row's `<eos>`. The text gets `max_new_tokens - 1` columns of room, so every prompt
+    fits; ValueError naming `field` when the sequence outgrows `model.decoder.max_len`."""
+    tokens = batch["tokens"]
+    visual, room = sum(model.group_sizes), tokens.shape[1] + max_new_tokens - 1
+    if visual + room > model.decoder.max_len:
+      raise ValueError(f"{field}={max_new_tokens}: {visual} visual + {tokens.shape[1]} text + "
+                       f"{max_new_tokens - 1} new tokens exceed model.decoder.max_len="
+                       f"{model.decoder.max_len}; lower it or data.text_len, or raise "
+                       "model.decoder.max_len")
+    tokens = jnp.pad(tokens, ((0, 0), (0, max_new_tokens - 1)), constant_values=self.tokenizer.pad)
+    return model_lib.generate(model, batch, tokens, batch["prompt_len"], max_new_tokens,
+                              eos_id=self.tokenizer.eos, pad_id=self.tokenizer.pad)
+
+  def answer_records(self, batch: dict[str, np.ndarray], generated: np.ndarray) -> list[dict]:
+    """One dict per real row of a host batch: its ids (`example`, or `image_id` and `qtype`),
+    `prompt`, reference `answer` (the text after the prompt up to `<eos>`), `prediction` (of
+    `generated [B, N]`), `exact_match` and `normalized_match` (1.0 / 0.0)."""
+    records = []
+    for b in np.flatnonzero(np.asarray(batch["mask"]) > 0):
+      n = int(batch["prompt_len"][b])
+      answer = self.tokenizer.decode(batch["tokens"][b, n:])
+      prediction = self.tokenizer.decode(generated[b])
+      records.append({
+          **{k: int(batch[k][b]) for k in ("example", "image_id", "qtype") if k in batch},
+          "prompt": self.tokenizer.decode(batch["tokens"][b, :n]), "answer": answer,
+          "prediction": prediction,
+          "exact_match": float(prediction.strip() == answer.strip()),
+          "normalized_match": float(normalize_answer(prediction) == normalize_answer(answer))})
+    return records
 
   def check(self) -> None:
     if self.config.data.name not in (vqa_data.NAME, llava_data.NAME):

@@ -7,8 +7,10 @@
                                               train_split="train", split="test", ...)
 
 Entry fields (all required: no hidden defaults; `validate` names `evals.<name>.<field>`):
-- `type`: the task's own evaluation (its name, `config.task`: 'classification', 'vqa') or
-  'fewshot' (`FewShotEvaluator`: ridge probes on frozen pre-logits features, `fewshot`).
+- `type`: the task's own evaluation (its name, `config.task`: 'classification', 'vqa'),
+  'fewshot' (`FewShotEvaluator`: ridge probes on frozen pre-logits features, `fewshot`) or
+  'generate' (`GenerateEvaluator`: greedy answers through the KV cache, scored against the
+  references; tasks with `generate_answers`, i.e. 'vqa').
 - `dataset`, `split`: a tfds dataset (read from `data.data_dir`) and split (tfds syntax,
   'test[:200]'); a task evaluation's dataset must fit the model's head (`data.num_classes`).
 - `pp`: a deterministic pp string (`moe_jax.data.preprocess`), ending at `data.image_size`.
@@ -16,9 +18,11 @@ Entry fields (all required: no hidden defaults; `validate` names `evals.<name>.<
   train steps (0 = only after the last step); `eval.py` runs every entry (or one: `--only`).
 - fewshot only: `train_split` (where the shots come from), `shots` (list of n), `l2_regs`
   (list), `select_l2_shots` (the n at which the reported l2 is chosen), `seed` (shot sampling).
+- generate only: `max_new_tokens` (greedy steps; each row stops at its `<eos>`).
 
 Metrics: `<name>/<metric>` (task: `<name>/accuracy`, `<name>/loss`, ...; fewshot:
-`<name>/<n>shot`, `<name>/l2_reg`) in metrics.jsonl and TensorBoard; with an EMA of the
+`<name>/<n>shot`, `<name>/l2_reg`; generate: `<name>/exact_match`, `<name>/normalized_match`,
+`<name>/num_examples`, and `eval.py` writes every prediction to `predictions_<name>.json`) in metrics.jsonl and TensorBoard; with an EMA of the
 parameters (`optimizer.ema_decay > 0`) also `<name>_ema/<metric>`. `eval.py` writes
 `eval_<name>.json` per entry.
 """
@@ -42,8 +46,10 @@ from moe_jax.train import fewshot, step as step_lib
 from moe_jax.train.state import ModelDefs, TrainState
 
 FEWSHOT = "fewshot"
+GENERATE = "generate"
 TASK_FIELDS = ("type", "dataset", "split", "pp", "batch_size", "every_steps")
 FEWSHOT_FIELDS = TASK_FIELDS + ("train_split", "shots", "l2_regs", "select_l2_shots", "seed")
+GENERATE_FIELDS = TASK_FIELDS + ("max_new_tokens",)
 # The single-eval fields that `config.evals` replaced: old -> the entry field that holds it now.
 REPLACED = {"eval_batch_size": "batch_size", "eval_every_steps": "every_steps",
             "data.eval_split": "split", "data.pp_eval": "pp"}
@@ -67,6 +73,17 @@ def fewshot_eval(*, dataset: str | config_dict.FieldReference, train_split: str,
                     every_steps=every_steps)
   entry.update(dict(train_split=train_split, shots=tuple(shots), l2_regs=tuple(l2_regs),
                     select_l2_shots=select_l2_shots, seed=seed))
+  return entry
+
+
+def generate_eval(*, dataset: str | config_dict.FieldReference, split: str, pp: str,
+                  batch_size: int, every_steps: int,
+                  max_new_tokens: int) -> ml_collections.ConfigDict:
+  """A generation entry: greedy answers of up to `max_new_tokens` tokens to the questions of
+  `split` (`GenerateEvaluator`)."""
+  entry = task_eval(GENERATE, dataset=dataset, split=split, pp=pp, batch_size=batch_size,
+                    every_steps=every_steps)
+  entry.max_new_tokens = max_new_tokens
   return entry
 
 
@@ -95,6 +112,10 @@ def _check_numbers(name: str, entry: ml_collections.ConfigDict) -> None:
   if not isinstance(entry.every_steps, int) or entry.every_steps < 0:
     raise ValueError(f"{_field(name, 'every_steps')}={entry.every_steps!r} must be an integer "
                      ">= 0 (0 = only after the last step)")
+  if entry.type == GENERATE and (not isinstance(entry.max_new_tokens, int)
+                                 or entry.max_new_tokens < 1):
+    raise ValueError(f"{_field(name, 'max_new_tokens')}={entry.max_new_tokens!r} must be an "
+                     "integer >= 1")
   if entry.type != FEWSHOT:
     return
   shots, l2 = tuple(entry.shots), tuple(entry.l2_regs)
@@ -121,10 +142,11 @@ def validate(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.M
     if not isinstance(entry, ml_collections.ConfigDict) or "type" not in entry:
       raise ValueError(f"evals.{name} must be an entry with a type "
                        f"(evaluators.task_eval or evaluators.fewshot_eval)")
-    types = (task.name, FEWSHOT)
+    types = (task.name, FEWSHOT) + ((GENERATE,) if hasattr(task, "generate_answers") else ())
     if entry.type not in types:
-      raise ValueError(f"{_field(name, 'type')}={entry.type!r}: unknown; use one of {types}")
-    fields = FEWSHOT_FIELDS if entry.type == FEWSHOT else TASK_FIELDS
+      raise ValueError(f"{_field(name, 'type')}={entry.type!r}: unknown for task "
+                       f"{task.name!r}; use one of {types}")
+    fields = {FEWSHOT: FEWSHOT_FIELDS, GENERATE: GENERATE_FIELDS}.get(entry.type, TASK_FIELDS)
     missing, unknown = [f for f in fields if f not in entry], sorted(set(entry) - set(fields))
     if missing or unknown:
       raise ValueError(f"evals.{name} ({entry.type}): missing fields {missing}, unknown fields "
@@ -211,6 +233,56 @@ class TaskEvaluator:
     return self.ctx.task.report(extras, str(paths.workdir_path(workdir) / "analysis" / self.name))
 
 
+class GenerateEvaluator:
+  """Greedy answers (`Task.generate_answers`: KV-cached generation from each row's prompt, up to
+  `max_new_tokens`, stopping at `<eos>`) to the questions of `split`, scored on the host against
+  the reference answers (`Task.answer_records`). Reports `<name>/exact_match` (the stripped
+  strings equal), `<name>/normalized_match` (equal after `moe_jax.tasks.vqa.normalize_answer`:
+  VQA's answer normalisation) and `<name>/num_examples`; `report` writes the predictions."""
+
+  def __init__(self, name: str, entry: ml_collections.ConfigDict, ctx: Context):
+    self.name, self.entry, self.ctx = name, entry, ctx
+    self.batches = _batches(ctx, source(name, entry, ctx.task.config.data), entry.batch_size,
+                            own_data=True)
+    abstract_batch = ctx.task.abstract_batch(entry.batch_size,
+                                             sharding.batch_sharding(ctx.mesh), True)
+    steps, field = entry.max_new_tokens, _field(name, "max_new_tokens")
+    generate = lambda model, batch: ctx.task.generate_answers(model, batch, steps, field)
+    self.step = ctx.compile_once(
+        f"generate_{steps}", entry.batch_size,
+        lambda defs, mesh, shardings: step_lib.make_eval_step(defs, mesh, shardings, generate),
+        abstract_batch)
+
+  def run(self, params, rest) -> tuple[dict[str, float], dict]:
+    """(`<name>/...` scalars, {"predictions": one record per real example})."""
+    records = []
+    with jax.set_mesh(self.ctx.mesh):
+      for local in self.batches:
+        generated = jax.device_get(self.step(params, rest,
+                                             step_lib.global_batch(local, self.ctx.mesh)))
+        records += self.ctx.task.answer_records(local, _local_rows(generated))
+    n = len(records)
+    scalars = {f"{self.name}/{k}": sum(r[k] for r in records) / max(n, 1)
+               for k in ("exact_match", "normalized_match")}
+    scalars[f"{self.name}/num_examples"] = float(n)
+    return scalars, {"predictions": records}
+
+  def report(self, extras: dict, workdir: str) -> dict:
+    """Writes `workdir/predictions_<name>.json` (process 0); returns its file name."""
+    filename = f"predictions_{self.name}.json"
+    if jax.process_index() == 0:
+      (paths.workdir_path(workdir) / filename).write_text(
+          json.dumps(extras["predictions"], indent=1))
+    return {"predictions": filename}
+
+
+def _local_rows(generated: np.ndarray) -> np.ndarray:
+  """This process's rows of a replicated global `[B, ...]` output (processes hold consecutive
+  blocks of the global batch, `moe_jax.train.step.global_batch`)."""
+  per_process = generated.shape[0] // jax.process_count()
+  return generated[jax.process_index() * per_process:][:per_process]
+
+
 class FewShotEvaluator:
   """Ridge-regression probes (`moe_jax.train.fewshot`) on the frozen pre-logits features of
   `train_split` (the shots) and `split` (the test): features from a jitted, mesh-sharded step,
@@ -265,15 +337,19 @@ class FewShotEvaluator:
     return {}
 
 
+Evaluator = TaskEvaluator | FewShotEvaluator | GenerateEvaluator
+
+
 def build(config: ml_collections.ConfigDict, ctx: Context,
-          only: str | None = None) -> dict[str, TaskEvaluator | FewShotEvaluator]:
+          only: str | None = None) -> dict[str, Evaluator]:
   """Every entry of `config.evals` (or only the one named `only`, which must be one) built:
   data opened and steps compiled, so that a bad entry fails before training."""
-  return {name: (FewShotEvaluator if entry.type == FEWSHOT else TaskEvaluator)(name, entry, ctx)
+  kinds = {FEWSHOT: FewShotEvaluator, GENERATE: GenerateEvaluator}
+  return {name: kinds.get(entry.type, TaskEvaluator)(name, entry, ctx)
           for name, entry in config.evals.items() if only in (None, name)}
 
 
-def run_with_ema(evaluator: TaskEvaluator | FewShotEvaluator, state) -> tuple[dict, dict]:
+def run_with_ema(evaluator: Evaluator, state) -> tuple[dict, dict]:
   """`evaluator.run` on `state`'s parameters (a TrainState, or a dict of its `params`, `rest`
   and `ema`), plus, when it has an EMA, the EMA parameters' scalars as `<name>_ema/...` (the
   extras are those of the raw parameters)."""

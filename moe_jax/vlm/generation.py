@@ -3,11 +3,13 @@
 at `<eos>`.
 
 Prompts of different lengths share one right-padded `tokens [B, L]` array: row b's prompt is
-`tokens[b, :prompt_len[b]]`. The prefill writes all P + L positions into the cache; row b's
-first generated token comes from position `P + prompt_len[b] - 1`, and its i-th generated token
-is written at slot `P + prompt_len[b] + i`, over the padding, before any query can see that slot
-(`moe_jax.vlm.attention`). So each row computes exactly what a full recompute of its own
-sequence would.
+`tokens[b, :prompt_len[b]]` with the P visual tokens spliced in before text token
+`image_pos[b] <= prompt_len[b]` (`moe_jax.vlm.lm.splice`; None: before all the text). The
+prefill writes all P + L positions into the cache; row b's first generated token comes from
+position `P + prompt_len[b] - 1` (the last visual token when the prompt ends with the image),
+and its i-th generated token is written at slot `P + prompt_len[b] + i`, over the padding,
+before any query can see that slot (`moe_jax.vlm.attention`). So each row computes exactly what
+a full recompute of its own sequence would.
 """
 from __future__ import annotations
 
@@ -48,15 +50,21 @@ def step_key(rng: jax.Array | None, step: int | jax.Array) -> jax.Array | None:
   return None if rng is None else jax.random.fold_in(rng, step)
 
 
-def _check(prompt_len: jax.Array, steps: int, length: int) -> None:
+def _check(prompt_len: jax.Array, image_pos: jax.Array | None, steps: int, length: int,
+           num_visual: int) -> None:
   if steps < 1:
     raise ValueError(f"steps={steps} must be >= 1")
   if not isinstance(prompt_len, jax.core.Tracer):
     lengths = np.asarray(prompt_len)
     longest = int(lengths.max())
-    if longest + steps - 1 > length or lengths.min() < 1:
+    if longest + steps - 1 > length or lengths.min() + num_visual < 1:
       raise ValueError(f"prompts of {longest} tokens + {steps} steps need tokens of length >= "
-                       f"{longest + steps - 1} (got {length}), and every prompt_len >= 1")
+                       f"{longest + steps - 1} (got {length}), and every prompt (visual + "
+                       "text) at least one token")
+    if image_pos is not None and not isinstance(image_pos, jax.core.Tracer) and np.any(
+        np.asarray(image_pos) > lengths):
+      raise ValueError("image_pos must be <= prompt_len in every row: the image belongs to "
+                       "the prompt")
 
 
 def _choose(logits: jax.Array, i, done: jax.Array, *, eos_id, pad_id, temperature, top_p,
@@ -67,11 +75,12 @@ def _choose(logits: jax.Array, i, done: jax.Array, *, eos_id, pad_id, temperatur
 
 
 def generate(decoder: lm.CausalLM, prefix: jax.Array, tokens: jax.Array, prompt_len: jax.Array,
-             steps: int, *, eos_id: int | None = None, pad_id: int = 0,
-             temperature: float = 0.0, top_p: float = 1.0,
+             steps: int, *, image_pos: jax.Array | None = None, eos_id: int | None = None,
+             pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0,
              rng: jax.Array | None = None) -> jax.Array:
-  """`[B, steps]` int32 tokens generated after each row's prompt `tokens[b, :prompt_len[b]]`,
-  following the visual `prefix [B, P, D]` (P may be 0).
+  """`[B, steps]` int32 tokens generated after each row's prompt `tokens[b, :prompt_len[b]]`
+  with the visual tokens `prefix [B, P, D]` (P may be 0) spliced in before text token
+  `image_pos[b]` (None: before all the text).
 
   `tokens [B, L]` must leave room: `prompt_len[b] + steps - 1 <= L` (checked when `prompt_len`
   is concrete). After a row emits `eos_id` it emits `pad_id`; the loop ends when every row has
@@ -80,12 +89,12 @@ def generate(decoder: lm.CausalLM, prefix: jax.Array, tokens: jax.Array, prompt_
   """
   B, L = tokens.shape
   P = prefix.shape[1]
-  _check(prompt_len, steps, L)
+  _check(prompt_len, image_pos, steps, L, P)
   choose = functools.partial(_choose, eos_id=eos_id, pad_id=pad_id, temperature=temperature,
                              top_p=top_p, rng=rng)
   rows = jnp.arange(B)
   cache = decoder.init_cache(B, P + L)
-  x = jnp.concatenate([prefix.astype(decoder.dtype), decoder.embed(tokens)], axis=1)
+  x = decoder.embed_sequence(prefix, tokens, image_pos)
   h, cache = decoder.forward(x, jnp.broadcast_to(jnp.arange(P + L), (B, P + L)), cache)
   first, done = choose(decoder.logits(h[rows, P + prompt_len - 1]), 0, jnp.zeros((B,), bool))
   out = jnp.full((B, steps), pad_id, jnp.int32).at[:, 0].set(first)
@@ -107,13 +116,15 @@ def generate(decoder: lm.CausalLM, prefix: jax.Array, tokens: jax.Array, prompt_
 
 
 def generate_without_cache(decoder: lm.CausalLM, prefix: jax.Array, tokens: jax.Array,
-                           prompt_len: jax.Array, steps: int, *, eos_id: int | None = None,
+                           prompt_len: jax.Array, steps: int, *,
+                           image_pos: jax.Array | None = None, eos_id: int | None = None,
                            pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0,
                            rng: jax.Array | None = None) -> jax.Array:
   """The reference `generate` is tested and benchmarked against: the same tokens, from the
-  whole sequence run through `decoder(prefix, tokens)` at every step (no cache, all `steps`)."""
+  whole spliced sequence run through the decoder at every step (no cache, all `steps`)."""
   B, L = tokens.shape
-  _check(prompt_len, steps, L)
+  P = prefix.shape[1]
+  _check(prompt_len, image_pos, steps, L, P)
   choose = functools.partial(_choose, eos_id=eos_id, pad_id=pad_id, temperature=temperature,
                              top_p=top_p, rng=rng)
   rows = jnp.arange(B)
@@ -121,7 +132,8 @@ def generate_without_cache(decoder: lm.CausalLM, prefix: jax.Array, tokens: jax.
 
   def body(i, carry):
     tokens, out, done = carry
-    logits = nnx.merge(graphdef, state)(prefix, tokens)[rows, prompt_len + i - 1]
+    last = (P + prompt_len + i - 1)[:, None]  # the sequence position before the next token
+    logits = nnx.merge(graphdef, state).logits_at(prefix, tokens, image_pos, last)[:, 0]
     nxt, done = choose(logits, i, done)
     return tokens.at[rows, prompt_len + i].set(nxt), out.at[:, i].set(nxt), done
 

@@ -9,22 +9,28 @@ files: `data.train_split` names the training file; an evaluation (`config.evals.
 (`'validation'`, `'train[:1024]'`, `'train[10%:20%]'`; `split_rows`): the same syntax as every
 other evaluation's split, rather than an example-count field.
 
-Text of an example (`encode_conversation`), by `data.template`:
-- 'conversation' (LLaVA's `SeparatorStyle.TWO`: its Vicuna v1 and Phi templates): `<bos>`, then
-  per round the tokens of `[roles.system + roles.separator, first round only] + roles.user +
-  question + roles.separator + roles.assistant + answer`, then `<eos>` (the template's sep2).
-  Each round is tokenised as one string, as LLaVA tokenises the whole prompt, and a token is in
-  the loss when its characters overlap the answer's (`PretrainedTokenizer.encode_with_offsets`),
-  so BPE merges across "ASSISTANT: The" tokenise as the LM saw them.
-- 'plain' (LLaVA's `preprocess_plain`, stage-1 captions): `<bos>` + the tokens of the first
-  answer + "\\n"; the human turn is dropped; every text token but `<bos>` is in the loss.
+Text of an example (`encode_conversation`), by `data.template`, as the reference
+(Pbhgit/MoCHA `preprocess_phi` / LLaVA's `preprocess_v1`, `preprocess_plain`,
+`tokenizer_image_token`):
+- 'conversation' (LLaVA's `SeparatorStyle.TWO`: its Vicuna v1 and Phi templates): `<bos>` (if
+  `data.tokenizer.bos` names one; Phi-2's tokenizer adds none), then per round the tokens of
+  `[roles.system + roles.separator, first round only] + roles.user + question +
+  roles.separator + roles.assistant + answer`, then `<eos>` (the template's sep2). Each round is
+  tokenised as one string (the reference tokenises the whole prompt; its sep2 is a special token,
+  which splits it the same way), and a token is in the loss when its characters overlap the
+  answer's (`PretrainedTokenizer.encode_with_offsets`), so BPE merges across "ASSISTANT: The"
+  tokenise as the LM saw them.
+- 'plain' (LLaVA's `preprocess_plain`, stage-1 captions): `<bos>` (if any), `<image>`, the tokens
+  of the first answer + "\n"; the human turn is dropped; every caption token is in the loss.
+`<image>` must appear once, in a human turn; as the reference's `preprocess_multimodal` it moves
+to the start of its turn, followed by "\n". The text is cut there and each side tokenised on its
+own (`tokenizer_image_token`): `tokens` holds the text only, and `image_pos` the text token the
+visual tokens go before (`moe_jax.vlm.lm.splice`: text before, the visual tokens, text after, as
+the reference's `prepare_inputs_labels_for_multimodal`; the visual span is outside the loss).
 The loss mask is 1 on the answers' tokens and their `<eos>` only (role prefixes, questions and
-padding 0), as LLaVA masks with IGNORE_INDEX. `<image>` must appear once, at the start of the
-first human turn: our decoder takes the visual tokens as a prefix before all text
-(`moe_jax.vlm.lm`), so the placeholder and the newline after it are removed. (The reference
-splices them in at the placeholder, i.e. after the system prompt and "USER: " in the
-conversation template: a difference in token order there; none in the plain template.) LLaVA truncates a text longer than its `model_max_length`:
-`data.overflow='truncate'` does the same at `data.text_len`, 'error' (the default) raises.
+padding 0), as LLaVA masks with IGNORE_INDEX. The reference truncates the spliced sequence at
+its `tokenizer_model_max_length`; `data.overflow='truncate'` does the same with the text budget
+`data.text_len` (= model_max_length - the visual tokens), 'error' (the default) raises.
 Examples without an image (text-only rows such as the ShareGPT part of mix665k) are refused
 before the run: MoCHA's encoders need an image (LLaVA drops the visual tokens there instead).
 
@@ -36,8 +42,8 @@ batch i is a function of (seed, i) only, and process p builds its rows of it.
 
 Batches: `image float32 [B, H, W, 3]`, `tokens int32 [B, L]` (L = data.text_len, padded with
 `<pad>`), `loss_mask float32 [B, L]`, `prompt_len int32 [B]` (through the first round's
-assistant prefix: where generation starts), `example int32 [B]` (row in the JSON); eval
-batches add `mask float32 [B]`. `moe_jax.tasks.vqa` trains on them (its loss reads
+assistant prefix: where generation starts), `image_pos int32 [B]` (where the visual tokens
+go), `example int32 [B]` (row in the JSON); eval batches add `mask float32 [B]`. `moe_jax.tasks.vqa` trains on them (its loss reads
 `loss_mask`).
 """
 from __future__ import annotations
@@ -75,7 +81,8 @@ def roles_config() -> ml_collections.ConfigDict:
 
 
 def tokenizer_config() -> ml_collections.ConfigDict:
-  """`data.tokenizer`: the LM's tokenizer file and its special tokens (LLaMA's names)."""
+  """`data.tokenizer`: the LM's tokenizer file and its special tokens (LLaMA's names; `bos` ''
+  adds none, as Phi-2's tokenizer)."""
   return ml_collections.ConfigDict(dict(path="", bos="<s>", eos="</s>", pad="<unk>"))
 
 
@@ -109,7 +116,7 @@ def build_tokenizer(c: ml_collections.ConfigDict) -> PretrainedTokenizer:
 
 def _check_example(example, n: int) -> None:
   """ValueError naming example `n` unless it has an image and alternating human / gpt turns
-  with one `<image>` at the start."""
+  with one `<image>`, in a human turn."""
   name = f"example {example.get('id', n)!r}" if isinstance(example, dict) else f"example {n}"
   if not isinstance(example, dict) or not isinstance(example.get("conversations"), list):
     raise ValueError(f"{name}: needs a 'conversations' list (LLaVA format)")
@@ -122,39 +129,60 @@ def _check_example(example, n: int) -> None:
       or not isinstance(t.get("value"), str) for i, t in enumerate(turns)):
     raise ValueError(f"{name}: conversations must alternate human, gpt turns ({{'from', "
                      "'value'}}), starting with human and ending with gpt")
-  if not turns[0]["value"].startswith(IMAGE) or sum(t["value"].count(IMAGE)
-                                                     for t in turns) != 1:
-    raise ValueError(f"{name}: {IMAGE} must appear once, at the start of the first human turn "
-                     "(the visual tokens go before the text)")
+  if sum(t["value"].count(IMAGE) for t in turns[::2]) != 1 or any(
+      IMAGE in t["value"] for t in turns[1::2]):
+    raise ValueError(f"{name}: {IMAGE} must appear once, in a human turn (one image per "
+                     "example)")
 
 
-def _answer_tokens(tokenizer: PretrainedTokenizer, text: str,
-                   answer_start: int) -> tuple[list[int], list[float]]:
-  """(ids of `text`, 1.0 where a token's characters reach into `text[answer_start:]`)."""
-  ids, offsets = tokenizer.encode_with_offsets(text)
-  return ids, [float(end > answer_start) for _, end in offsets]
+def image_first(turn: str) -> str:
+  """A human turn with its `<image>` moved to the start and a newline after it (the
+  reference's `preprocess_multimodal`); a turn without one unchanged."""
+  return IMAGE + "\n" + turn.replace(IMAGE, "").strip() if IMAGE in turn else turn
+
+
+def _tokens_around_image(tokenizer: PretrainedTokenizer, text: str, answer_start: int
+                         ) -> tuple[list[int], list[float], int | None]:
+  """(ids of `text` without its `<image>`, 1.0 where a token's characters reach into
+  `text[answer_start:]`, the index in the ids the image goes before or None): the two sides of
+  `<image>` tokenised on their own (the reference's `tokenizer_image_token`); the answer lies
+  after it."""
+  before, image, after = text.partition(IMAGE)
+  if not image:
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    return ids, [float(end > answer_start) for _, end in offsets], None
+  head = tokenizer.encode(before)
+  ids, offsets = tokenizer.encode_with_offsets(after)
+  start = answer_start - len(before) - len(IMAGE)
+  return head + ids, [0.0] * len(head) + [float(end > start) for _, end in offsets], len(head)
 
 
 def encode_conversation(example: dict, tokenizer: PretrainedTokenizer,
-                        config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, int]:
-  """(tokens int32 `[L]`, loss mask float32 `[L]` over the *token* positions, prompt length)
-  of one example under `config` (the data node: template, roles, text_len, overflow); see the
-  module docstring. Padded with `tokenizer.pad` to L = data.text_len."""
+                        config: ml_collections.ConfigDict
+                        ) -> tuple[np.ndarray, np.ndarray, int, int]:
+  """(tokens int32 `[L]`, loss mask float32 `[L]` over the *token* positions, prompt length,
+  image position) of one example under `config` (the data node: template, roles, text_len,
+  overflow); see the module docstring. Padded with `tokenizer.pad` to L = data.text_len."""
   _check_example(example, 0)
+  name = f"example {example.get('id', '?')!r}"
   turns = example["conversations"]
-  first = turns[0]["value"][len(IMAGE):].removeprefix("\n")
   roles = config.roles
-  tokens, mask = [tokenizer.bos], [0.0]
+  tokens = [] if tokenizer.bos is None else [tokenizer.bos]
+  mask = [0.0] * len(tokens)
   if config.template == "plain":
-    ids, _ = tokenizer.encode_with_offsets(turns[1]["value"] + "\n")
-    tokens, mask, prompt_len = tokens + ids, mask + [1.0] * len(ids), 1
+    ids, answer, image_at = _tokens_around_image(tokenizer, IMAGE + turns[1]["value"] + "\n",
+                                                 len(IMAGE))
+    image_pos = prompt_len = len(tokens) + image_at
+    tokens, mask = tokens + ids, mask + answer
   else:
-    prompt_len = 0
+    prompt_len = image_pos = 0
     for r in range(0, len(turns), 2):
       prefix = (roles.system + roles.separator if r == 0 and roles.system else "") + (
-          roles.user + (first if r == 0 else turns[r]["value"]) + roles.separator +
-          roles.assistant)
-      ids, answer = _answer_tokens(tokenizer, prefix + turns[r + 1]["value"], len(prefix))
+          roles.user + image_first(turns[r]["value"]) + roles.separator + roles.assistant)
+      ids, answer, image_at = _tokens_around_image(tokenizer, prefix + turns[r + 1]["value"],
+                                                   len(prefix))
+      if image_at is not None:
+        image_pos = len(tokens) + image_at
       if r == 0:
         prompt_len = len(tokens) + (answer.index(1.0) if 1.0 in answer else len(ids))
       tokens += ids + [tokenizer.eos]
@@ -162,13 +190,15 @@ def encode_conversation(example: dict, tokenizer: PretrainedTokenizer,
   L = config.text_len
   if len(tokens) > L:
     if config.overflow != "truncate":
-      raise ValueError(f"example {example.get('id', '?')!r}: {len(tokens)} tokens do not fit "
-                       f"data.text_len={L}; raise it or set data.overflow='truncate' (LLaVA's "
-                       "model_max_length)")
+      raise ValueError(f"{name}: {len(tokens)} tokens do not fit data.text_len={L}; raise it or "
+                       "set data.overflow='truncate' (LLaVA's model_max_length)")
+    if image_pos > L:
+      raise ValueError(f"{name}: {image_pos} text tokens before {IMAGE} do not fit "
+                       f"data.text_len={L}; raise it")
     tokens, mask, prompt_len = tokens[:L], mask[:L], min(prompt_len, L)
   pad = L - len(tokens)
   return (np.asarray(tokens + [tokenizer.pad] * pad, np.int32),
-          np.asarray(mask + [0.0] * pad, np.float32), prompt_len)
+          np.asarray(mask + [0.0] * pad, np.float32), prompt_len, image_pos)
 
 
 @functools.lru_cache(maxsize=4)
@@ -280,11 +310,11 @@ class Conversations:
   def with_text(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """An image batch whose `label` holds rows -> the full batch (module docstring)."""
     rows = batch.pop("label")
-    encoded = [encode_conversation(self.examples[i], self.tokenizer, self.config) for i in rows]
-    return {**batch, "tokens": np.stack([t for t, _, _ in encoded]),
-            "loss_mask": np.stack([m for _, m, _ in encoded]),
-            "prompt_len": np.asarray([p for _, _, p in encoded], np.int32),
-            "example": rows + np.int32(self.first)}
+    tokens, mask, prompt_len, image_pos = zip(
+        *[encode_conversation(self.examples[i], self.tokenizer, self.config) for i in rows])
+    return {**batch, "tokens": np.stack(tokens), "loss_mask": np.stack(mask),
+            "prompt_len": np.asarray(prompt_len, np.int32),
+            "image_pos": np.asarray(image_pos, np.int32), "example": rows + np.int32(self.first)}
 
 
 def make_dataset(config: ml_collections.ConfigDict, source: pipeline.EvalSource | None = None, *,
@@ -319,7 +349,8 @@ def batch_shapes(config: ml_collections.ConfigDict, batch_size: int,
   d = config.data
   fields = {"image": ((d.image_size, d.image_size, d.channels), jnp.float32),
             "tokens": ((d.text_len,), jnp.int32), "loss_mask": ((d.text_len,), jnp.float32),
-            "prompt_len": ((), jnp.int32), "example": ((), jnp.int32)}
+            "prompt_len": ((), jnp.int32), "image_pos": ((), jnp.int32),
+            "example": ((), jnp.int32)}
   if eval_:
     fields["mask"] = ((), jnp.float32)
   return {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype)

@@ -2,8 +2,16 @@
 MoE node of their optional MoE MLPs, and the `CausalLM` base class (the interface of
 `moe_jax.vlm.generation` and MoCHA).
 
-`decoder(prefix [B, P, D], tokens [B, L]) -> logits [B, L, V]` (float32): the visual prefix, then
-the text, under a causal mask; the logits at text position i predict token i + 1.
+`decoder(visual [B, P, D], tokens [B, L], image_pos [B] | None) -> logits [B, L, V]` (float32):
+the text with the P visual tokens spliced in before text token `image_pos[b]` (None: before all
+the text, a visual prefix), under a causal mask; the logits at text token i's place predict the
+next element of the sequence (HF's convention). `decoder.target_logits(...)` instead gives, for
+each text token i, the logits that predict it (from the element before it: the last visual
+token for i = image_pos), which is what a loss over the text needs.
+
+Splicing is the reference's (LLaVA `prepare_inputs_labels_for_multimodal`): text before the
+image, the image's features, text after, positions 0 .. P + L - 1 over the whole sequence; with
+static shapes it is a gather with per-row offsets (`splice`).
 """
 from __future__ import annotations
 
@@ -39,15 +47,19 @@ def lm_config(name: str, *, width: int, depth: int, mlp_dim: int, num_heads: int
   `checkpoint`: an HF directory whose weights a fresh MoCHA run loads (`moe_jax.vlm.pretrained`;
   "" = random init);
   `head_dim` 0 = width / num_heads; `rotary_fraction` of each head's dims carry the rotary
-  embedding (HF `partial_rotary_factor`); `max_len` = HF `max_position_embeddings`;
-  `dtype` computes, `param_dtype` stores the weights ('float32' or 'bfloat16').
+  embedding (HF `partial_rotary_factor`); `max_len`: the longest sequence (visual + text) a run
+  may feed, at most the checkpoint's HF `max_position_embeddings` unless
+  `extrapolate_positions`: then rotary angles are computed for positions the checkpoint never
+  saw, as HF's rotary embeddings (and the MoCHA reference's Phi, trained at model_max_length 2560
+  on Phi-2's 2048) recompute their cos / sin cache for longer inputs; `dtype` computes,
+  `param_dtype` stores the weights ('float32' or 'bfloat16').
   """
   c = ml_collections.ConfigDict(dict(
       name=name, width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
       num_kv_heads=num_kv_heads, head_dim=head_dim, vocab_size=vocab_size, max_len=max_len,
       rotary_fraction=rotary_fraction, rope_theta=rope_theta, norm_eps=norm_eps,
       tie_embeddings=tie_embeddings, dtype="float32", param_dtype="float32",
-      moe_layers=moe_layers, checkpoint=checkpoint))
+      moe_layers=moe_layers, checkpoint=checkpoint, extrapolate_positions=False))
   c.moe = moe_node(mlp_dim, c.get_ref("dtype"))
   return c
 
@@ -125,10 +137,63 @@ class CausalLM(nnx.Module):
     return attention.init_cache(len(self.blocks), batch, length, self.num_kv_heads,
                                 self.head_dim, self.dtype)
 
-  def __call__(self, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
-    P, L = prefix.shape[1], tokens.shape[1]
+  def embed_sequence(self, visual: jax.Array, tokens: jax.Array,
+                     image_pos: jax.Array | None = None) -> jax.Array:
+    """`[B, P + L, D]` in `dtype`: the embedded `tokens [B, L]` with `visual [B, P, D]` spliced in
+    before text token `image_pos[b]` (`splice`; None: before all the text)."""
+    P, L = visual.shape[1], tokens.shape[1]
     if P + L > self.max_len:
       raise ValueError(f"model.decoder.max_len={self.max_len} < {P} visual + {L} text tokens")
-    x = jnp.concatenate([prefix.astype(self.dtype), self.embed(tokens)], axis=1)
-    positions = jnp.broadcast_to(jnp.arange(P + L), (tokens.shape[0], P + L))
-    return self.logits(self.forward(x, positions, None)[0][:, P:])
+    return splice(visual.astype(self.dtype), self.embed(tokens), image_pos)
+
+  def logits_at(self, visual: jax.Array, tokens: jax.Array, image_pos: jax.Array | None,
+                positions: jax.Array) -> jax.Array:
+    """float32 logits `[B, N, V]` at sequence `positions [B, N]` of the spliced sequence (each
+    predicts the element after it), the whole sequence run once."""
+    x = self.embed_sequence(visual, tokens, image_pos)
+    B, T, _ = x.shape
+    h = self.forward(x, jnp.broadcast_to(jnp.arange(T), (B, T)), None)[0]
+    return self.logits(jnp.take_along_axis(h, positions[..., None], axis=1))
+
+  def __call__(self, visual: jax.Array, tokens: jax.Array,
+               image_pos: jax.Array | None = None) -> jax.Array:
+    """`[B, L, V]`: at each text token's place, the logits of the next element (HF's)."""
+    where = text_positions(visual.shape[1], tokens.shape[1], image_pos, tokens.shape[0])
+    return self.logits_at(visual, tokens, image_pos, where)
+
+  def target_logits(self, visual: jax.Array, tokens: jax.Array,
+                    image_pos: jax.Array | None = None) -> jax.Array:
+    """`[B, L, V]`: row i holds the logits that predict text token i (those of the element
+    before it; for i = image_pos the last visual token's). Row 0 predicts nothing unless the
+    visual tokens come first (image_pos 0, P > 0): a loss must mask it."""
+    where = text_positions(visual.shape[1], tokens.shape[1], image_pos, tokens.shape[0])
+    return self.logits_at(visual, tokens, image_pos, jnp.maximum(where - 1, 0))
+
+
+def text_positions(num_visual: int, length: int, image_pos: jax.Array | None,
+                   batch: int) -> jax.Array:
+  """`[B, L]` int32: the sequence position of each text token when `num_visual` (P) visual tokens
+  sit before text token `image_pos[b]`: i before it, i + P from it on (None: all after)."""
+  i = jnp.arange(length, dtype=jnp.int32)[None]
+  if image_pos is None:
+    return jnp.broadcast_to(i + num_visual, (batch, length))
+  return i + num_visual * (i >= image_pos[:, None]).astype(jnp.int32)
+
+
+def splice(visual: jax.Array, text: jax.Array, image_pos: jax.Array | None) -> jax.Array:
+  """`[B, P + L, D]`: per row, `text[:image_pos]`, `visual [B, P, D]`, `text[image_pos:]` (`text
+  [B, L, D]`; `image_pos [B]` in 0 .. L; None: visual first), as the reference's
+  `prepare_inputs_labels_for_multimodal` concatenates, with static shapes (a gather)."""
+  if image_pos is None:
+    return jnp.concatenate([visual, text], axis=1)
+  (B, P), L = visual.shape[:2], text.shape[1]
+  if P == 0:
+    return text
+  j = jnp.arange(P + L)[None]
+  start = image_pos[:, None]
+  is_visual = (j >= start) & (j < start + P)
+  gather = lambda x, index: jnp.take_along_axis(
+      x, jnp.broadcast_to(index, (B, P + L))[..., None], axis=1)
+  from_text = gather(text, jnp.clip(jnp.where(j < start, j, j - P), 0, L - 1))
+  from_visual = gather(visual, jnp.clip(j - start, 0, P - 1))
+  return jnp.where(is_visual[..., None], from_visual, from_text)

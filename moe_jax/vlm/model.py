@@ -1,9 +1,12 @@
 """MoCHA (Pang et al. 2025): several vision encoders, one sparse MoE connector per encoder,
 Hierarchical Group Attention over the connectors' tokens, and a decoder LM.
 
-`model(inputs, tokens) -> logits [B, L, V]`; `inputs` is the batch dict (`image [B, H, W, C]`,
-`features/<name> [B, T_i, D_i]` for precomputed encoders), `tokens [B, L]` the text.
-`model.encode(inputs) -> [B, P, H]` is the fused visual prefix (P = sum_i T_i) alone.
+`model(inputs, tokens) -> logits [B, L, V]`: row i predicts text token i
+(`moe_jax.vlm.lm.CausalLM.target_logits`); `inputs` is the batch dict (`image [B, H, W, C]`,
+`features/<name> [B, T_i, D_i]` for precomputed encoders, optionally `image_pos int32 [B]`: the
+text token the visual tokens go before, as the reference splices them at `<image>`; without it
+they go before all the text), `tokens [B, L]` the text.
+`model.encode(inputs) -> [B, P, H]` is the fused visual tokens (P = sum_i T_i) alone.
 Encoders run in the order `model.encoder_order` (the order of the dict given to `mocha_config`;
 the reference's is SigLIP, ConvNeXt, CLIP, DINOv2); their token groups are concatenated in it,
 and HGA's group indices and the parameter paths `encoders/<i>`, `connectors/<i>` follow it.
@@ -84,13 +87,14 @@ class MoCHA(nnx.Module):
     return x
 
   def __call__(self, inputs: dict[str, jax.Array], tokens: jax.Array) -> jax.Array:
-    return self.decoder(self.encode(inputs), tokens)
+    return self.decoder.target_logits(self.encode(inputs), tokens, inputs.get("image_pos"))
 
 
 def generate(model: MoCHA, inputs: dict[str, jax.Array], tokens: jax.Array,
              prompt_len: jax.Array, steps: int, **sampling) -> jax.Array:
-  """`[B, steps]` tokens after each row's prompt `tokens[b, :prompt_len[b]]` and the visual
-  prefix of `inputs`, through the decoder's KV cache (`moe_jax.vlm.generation.generate`, whose
-  keywords `sampling` takes: eos_id, pad_id, temperature, top_p, rng; greedy by default)."""
+  """`[B, steps]` tokens after each row's prompt `tokens[b, :prompt_len[b]]` with the visual
+  tokens of `inputs` spliced in at `inputs["image_pos"]` (if given, else before the text),
+  through the decoder's KV cache (`moe_jax.vlm.generation.generate`, whose keywords `sampling`
+  takes: eos_id, pad_id, temperature, top_p, rng; greedy by default)."""
   return generation.generate(model.decoder, model.encode(inputs), tokens, prompt_len, steps,
-                             **sampling)
+                             image_pos=inputs.get("image_pos"), **sampling)

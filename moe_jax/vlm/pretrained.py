@@ -51,16 +51,18 @@ def _check_decoder(ours: ml_collections.ConfigDict, theirs: ml_collections.Confi
     if ours[field] != theirs[field]:
       raise CheckpointMismatch(f"{source}: model.decoder.{field}={ours[field]} but the "
                                f"checkpoint needs {theirs[field]}")
-  if ours.max_len > theirs.max_len:
+  if ours.max_len > theirs.max_len and not ours.get("extrapolate_positions"):
     raise CheckpointMismatch(f"{source}: model.decoder.max_len={ours.max_len} exceeds the "
                              f"checkpoint's max_position_embeddings={theirs.max_len} (positions "
-                             f"it never saw); set model.decoder.max_len <= {theirs.max_len}")
+                             f"it never saw); set model.decoder.max_len <= {theirs.max_len}, or "
+                             "model.decoder.extrapolate_positions=True to run its rotary "
+                             "embedding past them (as HF and the MoCHA reference do)")
 
 
 def check_decoder_config(model_config: ml_collections.ConfigDict) -> None:
   """CheckpointMismatch, before anything is built, when `model.decoder` computes another
   function than its checkpoint's `config.json` says (`DECODER_FIELDS`) or reaches past its
-  `max_position_embeddings` (`model.decoder.max_len`). Only `config.json` is read, and only
+  `max_position_embeddings` (`model.decoder.max_len`) without `extrapolate_positions`. Only `config.json` is read, and only
   where it exists: an AOT compile needs no checkpoint, and a run reads the whole checkpoint
   when it starts (`checkpoint_params`), failing there if it is absent."""
   path = model_config.decoder.get("checkpoint")

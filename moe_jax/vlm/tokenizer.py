@@ -20,6 +20,8 @@ VOCAB = ("<pad>", "<bos>", "<eos>", "<unk>", "?", "what", "which", "digit", "dig
 class Tokenizer:
   """Word <-> id over `vocab` (default: VOCAB)."""
 
+  bos, eos, pad = BOS, EOS, PAD
+
   def __init__(self, vocab: tuple[str, ...] = VOCAB):
     if len(set(vocab)) != len(vocab) or vocab[:4] != VOCAB[:4]:
       raise ValueError(f"tokenizer vocab must have unique words and start with {VOCAB[:4]}")
@@ -47,7 +49,8 @@ class Tokenizer:
 class PretrainedTokenizer:
   """A real LM's tokenizer from its file: `tokenizer.json` (HF `tokenizers`) or a SentencePiece
   `.model` (`sentencepiece`). `encode(text)` gives ids without special tokens; `bos`, `eos`,
-  `pad` are the ids of the named special tokens (they must be in the vocabulary)."""
+  `pad` are the ids of the named special tokens (they must be in the vocabulary); `bos` ''
+  names none (None: texts start without one, as Phi-2's tokenizer, which adds no bos)."""
 
   def __init__(self, path: str, *, bos: str, eos: str, pad: str):
     if path.endswith(".json"):
@@ -59,8 +62,10 @@ class PretrainedTokenizer:
     else:
       raise ValueError(f"data.tokenizer.path={path!r} must be a tokenizer.json (HF tokenizers) "
                        "or a SentencePiece .model file")
-    ids = {}
+    ids = {"bos": None}
     for field, token in (("bos", bos), ("eos", eos), ("pad", pad)):
+      if field == "bos" and not token:
+        continue
       ids[field] = lookup(token)
       if ids[field] is None:
         raise ValueError(f"data.tokenizer.{field}={token!r} is not a token of {path}; name one "
