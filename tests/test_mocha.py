@@ -254,6 +254,10 @@ def test_exact_match_and_answer_mask():
   assert tokenizer.UNK not in ids and t.decode([tokenizer.BOS, *ids, E, 5]) == (
       "which digits are next to this digit ?")
   assert t.encode("is it blue") == [t.ids["is"], tokenizer.UNK, tokenizer.UNK]
+  # VQA's answer normalisation: case, punctuation, articles, number words; decimals stay
+  norm = vqa_task.normalize_answer
+  assert norm("The square is Two.\n") == "square is 2" == norm("square, is   2")
+  assert norm("An apple costs 1.5 dollars!") == "apple costs 1.5 dollars" != norm("a pear")
 
 
 def _tiny_config(variant: str, batch_size: int = 8) -> ml_collections.ConfigDict:

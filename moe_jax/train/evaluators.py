@@ -22,9 +22,9 @@ Entry fields (all required: no hidden defaults; `validate` names `evals.<name>.<
 
 Metrics: `<name>/<metric>` (task: `<name>/accuracy`, `<name>/loss`, ...; fewshot:
 `<name>/<n>shot`, `<name>/l2_reg`; generate: `<name>/exact_match`, `<name>/normalized_match`,
-`<name>/num_examples`, and `eval.py` writes every prediction to `predictions_<name>.json`) in metrics.jsonl and TensorBoard; with an EMA of the
-parameters (`optimizer.ema_decay > 0`) also `<name>_ema/<metric>`. `eval.py` writes
-`eval_<name>.json` per entry.
+`<name>/num_examples`) in metrics.jsonl and TensorBoard; with an EMA of the parameters
+(`optimizer.ema_decay > 0`) also `<name>_ema/<metric>`. `eval.py` writes `eval_<name>.json` per
+entry (and a generate entry's predictions to `predictions_<name>.json`).
 """
 from __future__ import annotations
 
@@ -141,11 +141,10 @@ def validate(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.M
                        f"eval_<name>.json), not 'train' and not ending in _ema")
     if not isinstance(entry, ml_collections.ConfigDict) or "type" not in entry:
       raise ValueError(f"evals.{name} must be an entry with a type "
-                       f"(evaluators.task_eval or evaluators.fewshot_eval)")
+                       f"(evaluators.task_eval, fewshot_eval or generate_eval)")
     types = (task.name, FEWSHOT) + ((GENERATE,) if hasattr(task, "generate_answers") else ())
     if entry.type not in types:
-      raise ValueError(f"{_field(name, 'type')}={entry.type!r}: unknown for task "
-                       f"{task.name!r}; use one of {types}")
+      raise ValueError(f"{_field(name, 'type')}={entry.type!r}: unknown; use one of {types}")
     fields = {FEWSHOT: FEWSHOT_FIELDS, GENERATE: GENERATE_FIELDS}.get(entry.type, TASK_FIELDS)
     missing, unknown = [f for f in fields if f not in entry], sorted(set(entry) - set(fields))
     if missing or unknown:

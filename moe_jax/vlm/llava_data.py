@@ -21,9 +21,9 @@ Text of an example (`encode_conversation`), by `data.template`, as the reference
   answer's (`PretrainedTokenizer.encode_with_offsets`), so BPE merges across "ASSISTANT: The"
   tokenise as the LM saw them.
 - 'plain' (LLaVA's `preprocess_plain`, stage-1 captions): `<bos>` (if any), `<image>`, the tokens
-  of the first answer + "\n"; the human turn is dropped; every caption token is in the loss.
+  of the first answer + "\\n"; the human turn is dropped; every caption token is in the loss.
 `<image>` must appear once, in a human turn; as the reference's `preprocess_multimodal` it moves
-to the start of its turn, followed by "\n". The text is cut there and each side tokenised on its
+to the start of its turn, followed by "\\n". The text is cut there and each side tokenised on its
 own (`tokenizer_image_token`): `tokens` holds the text only, and `image_pos` the text token the
 visual tokens go before (`moe_jax.vlm.lm.splice`: text before, the visual tokens, text after, as
 the reference's `prepare_inputs_labels_for_multimodal`; the visual span is outside the loss).
@@ -43,8 +43,8 @@ batch i is a function of (seed, i) only, and process p builds its rows of it.
 Batches: `image float32 [B, H, W, 3]`, `tokens int32 [B, L]` (L = data.text_len, padded with
 `<pad>`), `loss_mask float32 [B, L]`, `prompt_len int32 [B]` (through the first round's
 assistant prefix: where generation starts), `image_pos int32 [B]` (where the visual tokens
-go), `example int32 [B]` (row in the JSON); eval batches add `mask float32 [B]`. `moe_jax.tasks.vqa` trains on them (its loss reads
-`loss_mask`).
+go), `example int32 [B]` (row in the JSON); eval batches add `mask float32 [B]`.
+`moe_jax.tasks.vqa` trains on them (its loss reads `loss_mask`).
 """
 from __future__ import annotations
 
