@@ -57,8 +57,9 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
                                       pp="resize|normalize", batch_size=500, every_steps=1000)  # 28x28 digits, random crop with 2 px padding
   # the answers as text, generated through the KV cache: predictions_answers.json by eval.py
   c.evals.answers = evaluators.generate_eval(
-      dataset=c.data.get_ref("name"), split="test", pp="resize|normalize", batch_size=500,
-      every_steps=0, max_new_tokens=c.data.get_ref("answer_len"))
+      dataset=c.data.get_ref("name"), split=c.evals.test.get_ref("split"),
+      pp="resize|normalize", batch_size=c.evals.test.get_ref("batch_size"), every_steps=0,
+      max_new_tokens=c.data.get_ref("answer_len"))  # split and batch size: those of evals.test
 
   lm = decoder.decoder_config(width=64, depth=2, mlp_dim=128, num_heads=4,
                               vocab_size=len(tokenizer.VOCAB), max_len=64)
@@ -84,6 +85,5 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
   elif variant == "quick":
     c.total_steps, c.log_every_steps = 20, 5
     c.evals.test.every_steps = c.checkpoint_every_steps = 10
-    for entry in c.evals.values():
-      entry.split, entry.batch_size = "test[:200]", 100
+    c.evals.test.split, c.evals.test.batch_size = "test[:200]", 100
   return c

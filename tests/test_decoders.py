@@ -156,13 +156,16 @@ def prompts(width: int, prefix_len: int = 2, length: int = 11):
 
 @functools.lru_cache
 def _compiled_generate(steps: int, **sampling):
-  return nnx.jit(lambda dec, prefix, tokens, prompt_len, rng: generation.generate(
-      dec, prefix, tokens, prompt_len, steps, rng=rng, **sampling))
+  return nnx.jit(lambda dec, prefix, tokens, prompt_len, rng, image_pos: generation.generate(
+      dec, prefix, tokens, prompt_len, steps, rng=rng, image_pos=image_pos, **sampling))
 
 
-def cached(dec, prefix, tokens, prompt_len, steps, rng=None, **sampling) -> np.ndarray:
-  """`generation.generate`, compiled once per `steps` and sampling knobs."""
-  return np.asarray(_compiled_generate(steps, **sampling)(dec, prefix, tokens, prompt_len, rng))
+def cached(dec, prefix, tokens, prompt_len, steps, rng=None, image_pos=None,
+           **sampling) -> np.ndarray:
+  """`generation.generate`, compiled once per `steps` and sampling knobs (and per layout:
+  `image_pos` None or an array)."""
+  return np.asarray(_compiled_generate(steps, **sampling)(dec, prefix, tokens, prompt_len, rng,
+                                                          image_pos))
 
 
 def full_recompute(dec, prefix, tokens, prompt_len, steps, **sampling) -> np.ndarray:
@@ -173,29 +176,22 @@ def full_recompute(dec, prefix, tokens, prompt_len, steps, **sampling) -> np.nda
 
 @pytest.mark.parametrize("name", sorted(DECODERS))
 def test_cached_greedy_equals_full_recompute_with_mixed_prompt_lengths(name):
+  # the visual tokens spliced in at different text positions inside the prompts (row 2's
+  # prompt: the image, then one token; row 3's ends with the image)
   dec = DECODERS[name]()
   prefix, tokens = prompts(dec.embed.embedding.shape[1])
-  out = cached(dec, prefix, tokens, PROMPT_LEN, 5)
-  np.testing.assert_array_equal(out, full_recompute(dec, prefix, tokens, PROMPT_LEN, 5))
-  assert len(set(out.ravel().tolist())) > 2  # not a constant stream
-
-
-def test_generation_with_the_image_inside_the_prompt_equals_full_recompute_and_the_loss_logits():
-  # images spliced in at different text positions (<= prompt_len: the image is in the prompt;
-  # row 2's prompt is the image alone after one token, row 3's ends with it)
-  dec = DECODERS["phi"]()
-  prefix, tokens = prompts(32, prefix_len=3)
   image_pos = jnp.array([1, 4, 0, 5])
-  run = nnx.jit(lambda d, p, t, n, i: generation.generate(d, p, t, n, 4, image_pos=i))
-  out = np.asarray(run(dec, prefix, tokens, PROMPT_LEN, image_pos))
-  np.testing.assert_array_equal(out, full_recompute(dec, prefix, tokens, PROMPT_LEN, 4,
+  out = cached(dec, prefix, tokens, PROMPT_LEN, 5, image_pos=image_pos)
+  np.testing.assert_array_equal(out, full_recompute(dec, prefix, tokens, PROMPT_LEN, 5,
                                                     image_pos=image_pos))
+  assert len(set(out.ravel().tolist())) > 2  # not a constant stream
   # the first new token is the argmax of the logits a loss reads for position prompt_len
-  loss_logits = dec.target_logits(prefix, tokens, image_pos)
+  loss_logits = nnx.jit(lambda d: d.target_logits(prefix, tokens, image_pos))(dec)
   np.testing.assert_array_equal(out[:, 0], np.argmax(loss_logits[jnp.arange(4), PROMPT_LEN], -1))
-  assert (out != cached(dec, prefix, tokens, PROMPT_LEN, 4)).any()  # the image's place matters
-  with pytest.raises(ValueError, match="image_pos must be <= prompt_len"):
-    generation.generate(dec, prefix, tokens, PROMPT_LEN, 4, image_pos=image_pos + 1)
+  assert (out != cached(dec, prefix, tokens, PROMPT_LEN, 5, image_pos=0 * image_pos)).any()
+  if name == "phi":
+    with pytest.raises(ValueError, match="image_pos must be <= prompt_len"):
+      generation.generate(dec, prefix, tokens, PROMPT_LEN, 4, image_pos=image_pos + 1)
 
 
 def test_eos_ends_each_row_at_its_first_eos():
@@ -304,6 +300,8 @@ def test_decoder_max_len_past_the_checkpoints_positions_is_a_one_line_error():
   # positions past the checkpoint's when asked for, the angles computed as for any position
   c.decoder.extrapolate_positions = True
   pretrained.check_decoder_config(c)
-  dec = phi.Phi(c.decoder, rngs=nnx.Rngs(0))
+  dec = nnx.eval_shape(lambda: phi.Phi(c.decoder, rngs=nnx.Rngs(0)))
   assert dec.max_len == limit + 1
-  dec(jnp.zeros((1, 1, c.decoder.width)), jnp.zeros((1, limit), jnp.int32))  # 65 positions
+  visual = jax.ShapeDtypeStruct((1, 1, c.decoder.width), jnp.float32)
+  out = nnx.eval_shape(lambda d, v: d(v, jnp.zeros((1, limit), jnp.int32)), dec, visual)
+  assert out.shape == (1, limit, c.decoder.vocab_size)  # 65 positions: no error

@@ -382,51 +382,11 @@ def test_tiny_vlm_learns_to_name_held_out_digits(tmp_path):
   c.optimizer.warmup_steps = 20
   c.data.question_types = "which"
   c.evals.test.batch_size = 200
-  c.evals.answers.batch_size = 200
   result = loop.train_and_evaluate(c, str(tmp_path))
   assert result["test/num_examples"] == 1000 == result["answers/num_examples"]  # held out
   assert result["test/exact_match/which"] > 0.3, result  # chance: 0.1
   # the generation evaluator's text answers: the task's token exact match, as strings
   assert abs(result["answers/normalized_match"] - result["test/exact_match"]) <= 0.01, result
-
-
-def test_generate_eval_answers_with_the_teacher_forced_argmax_and_writes_them(tmp_path):
-  c = _tiny_config("stage2", batch_size=32)
-  c.evals = ml_collections.ConfigDict({"answers": evaluators.generate_eval(
-      dataset=c.data.get_ref("name"), split="test[:64]", pp="resize|normalize", batch_size=32,
-      every_steps=0, max_new_tokens=3)})
-  trainer = loop.Trainer(c, str(tmp_path))
-  state, _ = trainer.restore_or_init()
-  evaluator = trainer.evaluators()["answers"]
-  scalars, extras = evaluators.run_with_ema(evaluator, state)
-  records = extras["predictions"]
-  assert scalars["answers/num_examples"] == 64 == len(records)
-  # untrained: about never the answer (chance of the right 1-2 words + <eos> of 33: < 0.1%)
-  assert scalars["answers/normalized_match"] <= 0.05
-  assert {"image_id", "qtype", "prompt", "answer", "prediction"} <= set(records[0])
-  assert records[0]["answer"] in ("yes", "no") or records[0]["answer"].split()[0] in (
-      tokenizer.DIGIT_WORDS)
-  # greedy = teacher-forced argmax: the first new token is the argmax of the loss's logits at
-  # prompt_len; a row is answered exactly iff every answer token is a teacher-forced hit
-  net = nnx.merge(trainer.defs.eval, state.params, state.rest)
-  with jax.set_mesh(trainer.mesh):
-    for local in evaluator.batches:
-      batch = step_lib.global_batch(local, trainer.mesh)
-      generated = np.asarray(evaluator.step(state.params, state.rest, batch))
-      logits = np.asarray(jax.jit(lambda b: net(b, b["tokens"]))(batch))
-      rows = np.arange(32)
-      np.testing.assert_array_equal(generated[:, 0],
-                                    logits[rows, local["prompt_len"]].argmax(-1))
-      hits = (logits.argmax(-1) == local["tokens"]) | (np.asarray(vqa_task.answer_mask(local)) == 0)
-      exact = np.asarray(vqa_task.exact_match(jnp.asarray(generated), local))
-      np.testing.assert_array_equal(exact, hits.all(1))
-  report = evaluator.report(extras, str(tmp_path))
-  with open(tmp_path / report["predictions"]) as f:
-    assert json.load(f) == records
-  bad = c.copy_and_resolve_references()
-  bad.evals.answers.max_new_tokens = 0
-  with pytest.raises(ValueError, match=r"evals.answers.max_new_tokens=0 must be an integer"):
-    evaluators.validate(bad, trainer.task, trainer.mesh, False)
 
 
 @pytest.fixture(scope="module")
@@ -476,6 +436,48 @@ def test_stage2_config_in_the_stage1_workdir_is_a_one_line_error(stage1_run):
                      r"\(e\.g\. opt_state/.*init_from\.kind=run") as err:
     trainer.restore_or_init()
   assert "\n" not in str(err.value)
+
+
+def test_generate_eval_answers_with_the_teacher_forced_argmax_and_writes_them(tmp_path,
+                                                                           stage1_run):
+  # the stage-1 fixture's config (its compiled init reused) and initial, untrained parameters
+  c = _tiny_config("stage1")
+  c.optimizer.warmup_steps = 0
+  c.evals = ml_collections.ConfigDict({"answers": evaluators.generate_eval(
+      dataset=c.data.get_ref("name"), split="test[:64]", pp="resize|normalize", batch_size=32,
+      every_steps=0, max_new_tokens=3)})
+  trainer = loop.Trainer(c, str(tmp_path))
+  state = stage1_run[1]
+  evaluator = trainer.evaluators()["answers"]
+  scalars, extras = evaluator.run(state.params, state.rest)
+  records = extras["predictions"]
+  assert scalars["answers/num_examples"] == 64 == len(records)
+  # untrained: about never the answer (chance of the right 1-2 words + <eos> of 33: < 0.1%)
+  assert scalars["answers/normalized_match"] <= 0.05
+  assert {"image_id", "qtype", "prompt", "answer", "prediction"} <= set(records[0])
+  assert records[0]["answer"] in ("yes", "no") or records[0]["answer"].split()[0] in (
+      tokenizer.DIGIT_WORDS)
+  # greedy = teacher-forced argmax: the first new token is the argmax of the loss's logits at
+  # prompt_len; a row is answered exactly iff every answer token is a teacher-forced hit
+  forward = step_lib.make_eval_step(trainer.defs, trainer.mesh, trainer.shardings,
+                                    lambda model, batch: model(batch, batch["tokens"]))
+  with jax.set_mesh(trainer.mesh):
+    for local in evaluator.batches:
+      batch = step_lib.global_batch(local, trainer.mesh)
+      generated = np.asarray(evaluator.step(state.params, state.rest, batch))
+      logits = np.asarray(forward(state.params, state.rest, batch))
+      np.testing.assert_array_equal(generated[:, 0],
+                                    logits[np.arange(32), local["prompt_len"]].argmax(-1))
+      hits = (logits.argmax(-1) == local["tokens"]) | (np.asarray(vqa_task.answer_mask(local)) == 0)
+      exact = np.asarray(vqa_task.exact_match(jnp.asarray(generated), local))
+      np.testing.assert_array_equal(exact, hits.all(1))
+  report = evaluator.report(extras, str(tmp_path))
+  with open(tmp_path / report["predictions"]) as f:
+    assert json.load(f) == records
+  bad = c.copy_and_resolve_references()
+  bad.evals.answers.max_new_tokens = 0
+  with pytest.raises(ValueError, match=r"evals.answers.max_new_tokens=0 must be an integer"):
+    evaluators.validate(bad, trainer.task, trainer.mesh, False)
 
 
 @pytest.mark.slow  # ~3 min on 2 cores; the forward on the same mesh is in the default suite

@@ -76,9 +76,10 @@ def fewshot_eval(*, dataset: str | config_dict.FieldReference, train_split: str,
   return entry
 
 
-def generate_eval(*, dataset: str | config_dict.FieldReference, split: str, pp: str,
-                  batch_size: int, every_steps: int,
-                  max_new_tokens: int) -> ml_collections.ConfigDict:
+def generate_eval(*, dataset: str | config_dict.FieldReference,
+                  split: str | config_dict.FieldReference, pp: str,
+                  batch_size: int | config_dict.FieldReference, every_steps: int,
+                  max_new_tokens: int | config_dict.FieldReference) -> ml_collections.ConfigDict:
   """A generation entry: greedy answers of up to `max_new_tokens` tokens to the questions of
   `split` (`GenerateEvaluator`)."""
   entry = task_eval(GENERATE, dataset=dataset, split=split, pp=pp, batch_size=batch_size,
