@@ -201,21 +201,29 @@ def _batches(ctx: Context, src: EvalSource, batch_size: int, own_data: bool):
   return data.eval_dataset(ctx.task.config.data, src, **kwargs)
 
 
+def _task_data_and_step(name: str, entry: ml_collections.ConfigDict, ctx: Context, kind: str,
+                        fn) -> tuple:
+  """(this process's batches of the entry's split through the task's input pipeline,
+  `fn(model, batch)` of the eval-mode model compiled for the entry's batch size: once per
+  `kind`, `moe_jax.train.step.make_eval_step`)."""
+  batches = _batches(ctx, source(name, entry, ctx.task.config.data), entry.batch_size,
+                     own_data=True)
+  abstract_batch = ctx.task.abstract_batch(entry.batch_size, sharding.batch_sharding(ctx.mesh),
+                                           True)
+  step = ctx.compile_once(
+      kind, entry.batch_size,
+      lambda defs, mesh, shardings: step_lib.make_eval_step(defs, mesh, shardings, fn),
+      abstract_batch)
+  return batches, step
+
+
 class TaskEvaluator:
   """The task's own evaluation (`Task.eval_sums` summed over the split, `Task.eval_results`):
   data opened and the step compiled at construction."""
 
   def __init__(self, name: str, entry: ml_collections.ConfigDict, ctx: Context):
     self.name, self.entry, self.ctx = name, entry, ctx
-    self.batches = _batches(ctx, source(name, entry, ctx.task.config.data), entry.batch_size,
-                            own_data=True)
-    abstract_batch = ctx.task.abstract_batch(entry.batch_size,
-                                             sharding.batch_sharding(ctx.mesh), True)
-    self.step = ctx.compile_once(
-        "task", entry.batch_size,
-        lambda defs, mesh, shardings: step_lib.make_eval_step(defs, mesh, shardings,
-                                                              ctx.task.eval_sums),
-        abstract_batch)
+    self.batches, self.step = _task_data_and_step(name, entry, ctx, "task", ctx.task.eval_sums)
 
   def run(self, params, rest) -> tuple[dict[str, float], dict]:
     """(`<name>/...` scalars, the task's extras, e.g. routing statistics)."""
@@ -242,16 +250,10 @@ class GenerateEvaluator:
 
   def __init__(self, name: str, entry: ml_collections.ConfigDict, ctx: Context):
     self.name, self.entry, self.ctx = name, entry, ctx
-    self.batches = _batches(ctx, source(name, entry, ctx.task.config.data), entry.batch_size,
-                            own_data=True)
-    abstract_batch = ctx.task.abstract_batch(entry.batch_size,
-                                             sharding.batch_sharding(ctx.mesh), True)
     steps, field = entry.max_new_tokens, _field(name, "max_new_tokens")
     generate = lambda model, batch: ctx.task.generate_answers(model, batch, steps, field)
-    self.step = ctx.compile_once(
-        f"generate_{steps}", entry.batch_size,
-        lambda defs, mesh, shardings: step_lib.make_eval_step(defs, mesh, shardings, generate),
-        abstract_batch)
+    self.batches, self.step = _task_data_and_step(name, entry, ctx, f"generate_{steps}",
+                                                  generate)
 
   def run(self, params, rest) -> tuple[dict[str, float], dict]:
     """(`<name>/...` scalars, {"predictions": one record per real example})."""
