@@ -27,6 +27,13 @@ equals 95.8%, neighbours 94.8%), answer-token accuracy 98.2%; 18 min 5 s wall fo
 the busy CPU (6 min 52 s at load ~5.5 before). Majority-answer baseline: 39.1% (10% for which
 digit / neighbours, 50-53% for the yes/no questions). (Before the reference HGA / connector:
 95.7%, and 97.3% after 3,000 steps.)
+Rerun 2026-12-01 with the `answers` evaluation (the answers as text, by KV-cached greedy
+generation; `python eval.py ... --only answers` writes predictions_answers.json), same command,
+load ~15: answers/exact_match = answers/normalized_match = 95.19% on the 7,000 test questions,
+equal to that run's test/exact_match (95.19%; which digit 93.7%, neighbours 92.9%, yes/no
+94.1-96.8%), 15 min wall. The loss and its gradients on one batch equal the code before the
+`<image>` splicing to 3.5e-8 (relative): the 96.1% -> 95.2% difference is a different float
+trajectory, not a different objective.
 """
 from __future__ import annotations
 
