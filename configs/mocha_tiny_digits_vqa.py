@@ -32,8 +32,8 @@ generation; `python eval.py ... --only answers` writes predictions_answers.json)
 load ~15: answers/exact_match = answers/normalized_match = 95.19% on the 7,000 test questions,
 equal to that run's test/exact_match (95.19%; which digit 93.7%, neighbours 92.9%, yes/no
 94.1-96.8%), 15 min wall. The loss and its gradients on one batch equal the code before the
-`<image>` splicing to 3.5e-8 (relative): the 96.1% -> 95.2% difference is a different float
-trajectory, not a different objective.
+`<image>` splicing to 3.5e-8 (relative), so the 96.1% -> 95.2% difference is not from a changed
+objective (a different float trajectory, or other changes since that run).
 """
 from __future__ import annotations
 
