@@ -314,12 +314,22 @@ def main() -> None:
     abstract = lambda tree, shardings: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
     N = B * S // 8  # tokens per device
+    block = moe.default_config("top_k").dropless.block_size
+    routed_rows = N * k + E * (block - 1)  # at most, with block padding
+    P_rows = -(-routed_rows // block) * block  # dispatch rows per device
+    default_factor = moe.default_config("top_k").dropless.ragged_buffer_factor
     rows = []
-    for name, dispatch, cf in [("capacity cf=1.25", "capacity", 1.25),
-                               ("dropless: CPU fallback (cf=E/k)", "capacity", E / k),
-                               ("dropless: ragged (TPU)", "dropless", 1.0)]:
+    runs = [("capacity cf=1.25", "capacity", 1.25, None),
+            ("dropless: CPU fallback (cf=E/k)", "capacity", E / k, None)]
+    ep = mesh.shape[mesh_lib.EXPERT]
+    runs += [(f"dropless: ragged (TPU), f={f:g}" + (" (default)" if f == default_factor else "")
+              + (" = EP: worst-case buffer" if f == ep else ""), "dropless", 1.0, f)
+             for f in (float(ep), default_factor, 1.25, 1.0)]
+    for name, dispatch, cf, factor in runs:
       c = layer_config(E, k, F, cf, "bfloat16")
       c.dispatch = dispatch
+      if factor is not None:
+        c.dropless.ragged_buffer_factor = factor
       layer = nnx.eval_shape(lambda: moe.MoELayer(D, c, rngs=nnx.Rngs(0)))
       layer.eval()
       graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
@@ -343,12 +353,13 @@ def main() -> None:
              "n_ragged_all_to_all": collective_counts(hlo)["ragged-all-to-all"],
              "a2a_bytes": all_to_all_bytes(hlo),
              "ragged_buffer_bytes": collective_bytes(hlo, "ragged-all-to-all"),
-             # bf16 rows, out + back, forward + backward.
-             "ragged_moved_bytes_max": 4 * (N * k + E * (c.dropless.block_size - 1)) * D * 2
-             if ragged else 0,
-             # Expert FLOPs of the rows a grouped matmul must visit (2 matmuls, fwd + 2 bwd).
-             "routed_expert_flops_max": 12 * D * F * (N * k + E * (c.dropless.block_size - 1))
-             if ragged else None}
+             "window_rows": min(math.ceil(factor * P_rows), ep * P_rows) if ragged else None,
+             # bf16 rows: forward D + 1 columns out (the row weight), D back; backward x and dy
+             # rows out (2 D + 1), dx back (D + 1).
+             "ragged_moved_bytes_max": (5 * D + 3) * routed_rows * 2 if ragged else 0,
+             # Expert FLOPs of the rows a grouped matmul must visit: 2 matmuls, forward, the
+             # forward recomputed in the backward, and 2 backward products.
+             "routed_expert_flops_max": 16 * D * F * routed_rows if ragged else None}
       records.append(rec)
       rows.append(rec)
       print(f"  {name}: {rec['flops']:.3g} FLOPs, temp {rec['temp_bytes']:,} B", flush=True)
@@ -356,7 +367,7 @@ def main() -> None:
         ("config", "dispatch", ""), ("flops", "XLA FLOPs/device", ".3g"),
         ("temp_bytes", "temp/device", "bytes"), ("n_all_to_all", "a2a", "d"),
         ("a2a_bytes", "a2a B/device", ",d"), ("n_ragged_all_to_all", "ragged a2a", "d"),
-        ("ragged_buffer_bytes", "ragged buffers B/device", ",d"),
+        ("ragged_buffer_bytes", "ragged buffers B/device", ",d"), ("window_rows", "window R", "d"),
         ("ragged_moved_bytes_max", "ragged rows moved B/device (max)", ",d"),
         ("routed_expert_flops_max", "expert FLOPs of routed rows (max)", ".3g")],
         title=f"dropless expert parallelism, one MoE layer fwd+bwd: D={D}, F={F}, E={E}, k={k}, "
