@@ -31,10 +31,16 @@ Sections:
 3. ``dropless_ep``: one MoE layer's fwd+bwd (top-k, bf16 experts) on 8 chips of TPU v5p
    (v5p:2x2x2, mesh expert=8), AOT-compiled from this host (needs libtpu): capacity cf=1.25
    against dropless two ways, the CPU fallback (capacity buffers with room for every token,
-   cf = E/k) and the TPU path (ragged all-to-all + ragged dot). Per device: XLA FLOPs, temp,
-   dense all-to-all operand bytes, ragged-all-to-all buffer bytes (the receive buffers: an upper
-   bound, what arrives is data-dependent) and the rows a ragged exchange actually moves
-   (N k routed rows + at most E (block_size - 1) rows of block padding, each way, fwd and bwd).
+   cf = E/k) and the TPU path (ragged all-to-all + ragged dot) with receive windows of
+   f = 8 (= EP: the worst-case buffer, one round always), 2 (the default), 1.25 and 1 times a
+   device's P dispatch rows. Per device: XLA FLOPs, temp, dense all-to-all operand bytes,
+   ragged-all-to-all buffer bytes (the window buffers: an upper bound, what arrives is
+   data-dependent) and the rows a ragged exchange actually moves (N k routed rows + at most
+   E (block_size - 1) rows of block padding, (5 D + 3) bf16 values each over fwd and bwd).
+   XLA's FLOPs count a while loop's body once (`HloCostAnalysis::HandleWhile`: "compute the
+   cost of a single iteration"), so the ragged rows are one round's, and a ragged dot as the
+   dense product over all its rows (`HandleRaggedDot`: `GetDotFlops` of the full lhs shape),
+   rows past the group sizes included.
 4. ``pods``: the trainer's ViMoE step compiled ahead of time for TPU pod topologies
    (`python -m moe_jax.commands.aot ... --json`, one subprocess each): per-chip memory, FLOPs
    and the step time at 100% MFU. Needs libtpu (`pip install -e '.[tpu]'`); skipped with a note

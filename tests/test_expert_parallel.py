@@ -15,6 +15,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from moe_jax import moe
 from moe_jax.models import build_model
+from moe_jax.moe.experts import ExpertBank
 from moe_jax.parallel import mesh as mesh_lib, sharding
 from moe_jax.parallel.hlo import collective_counts
 from moe_jax.routing import ROUTERS
@@ -254,7 +255,7 @@ def test_bounded_receive_buffer_equals_single_device_dropless(monkeypatch, case)
       jnp.asarray(s.reshape(ep, ep, E // ep)), window=int(np.ceil(factor * P_rows)))
       for s in sizes.reshape(data, ep, E)]
   assert max(int(layout.rounds) for layout in layouts) == want_rounds
-  bank = moe.ExpertBank(E, D, 16, rngs=nnx.Rngs(0))
+  bank = ExpertBank(E, D, 16, rngs=nnx.Rngs(0))
   keys = jax.random.split(jax.random.key(2), 3)
   x = jax.random.normal(keys[0], (devices * P_rows, D))
   w = jax.random.uniform(keys[1], (devices * P_rows,))
