@@ -52,6 +52,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -360,6 +361,9 @@ def main() -> None:
              "a2a_bytes": all_to_all_bytes(hlo),
              "ragged_buffer_bytes": collective_bytes(hlo, "ragged-all-to-all"),
              "window_rows": min(math.ceil(factor * P_rows), ep * P_rows) if ragged else None,
+             # The TPU kernels, not the CPU ones: ragged dots; loops (rounds, searchsorted).
+             "n_ragged_dot": len(re.findall(r" ragged-dot\(", hlo)),
+             "n_while": len(re.findall(r" while\(", hlo)),
              # bf16 rows: forward D + 1 columns out (the row weight), D back; backward x and dy
              # rows out (2 D + 1), dx back (D + 1).
              "ragged_moved_bytes_max": (5 * D + 3) * routed_rows * 2 if ragged else 0,
@@ -374,6 +378,7 @@ def main() -> None:
         ("temp_bytes", "temp/device", "bytes"), ("n_all_to_all", "a2a", "d"),
         ("a2a_bytes", "a2a B/device", ",d"), ("n_ragged_all_to_all", "ragged a2a", "d"),
         ("ragged_buffer_bytes", "ragged buffers B/device", ",d"), ("window_rows", "window R", "d"),
+        ("n_ragged_dot", "ragged dots", "d"), ("n_while", "while loops", "d"),
         ("ragged_moved_bytes_max", "ragged rows moved B/device (max)", ",d"),
         ("routed_expert_flops_max", "expert FLOPs of routed rows (max)", ".3g")],
         title=f"dropless expert parallelism, one MoE layer fwd+bwd: D={D}, F={F}, E={E}, k={k}, "
