@@ -134,11 +134,16 @@ class ExpertsOverRaggedAllToAll:
     return _in_rounds(local_grouped, window, out, x, params, group_sizes.astype(jnp.int32))
 
 
+def _manual_axes(x: jax.Array) -> frozenset:
+  """The manual mesh axes `x` varies over inside `shard_map`."""
+  return jax.typeof(x).manual_axis_type.varying
+
+
 def _vary_like(tree, like: jax.Array):
   """`tree`'s arrays typed as varying over every manual mesh axis that `like` varies over."""
-  axes = jax.typeof(like).vma
+  axes = _manual_axes(like)
   return jax.tree.map(
-      lambda a: jax.lax.pcast(a, tuple(sorted(axes - jax.typeof(a).vma)), to="varying"), tree)
+      lambda a: jax.lax.pcast(a, tuple(sorted(axes - _manual_axes(a))), to="varying"), tree)
 
 
 def _exclusive_cumsum(a: jax.Array, axis: int) -> jax.Array:
@@ -191,7 +196,7 @@ def _start_rounds(window: int, x: jax.Array, group_sizes: jax.Array):
   ep, me = jax.lax.axis_size(EXPERT), jax.lax.axis_index(EXPERT)
   layout = ragged_layout(jax.lax.all_gather(group_sizes.reshape(ep, -1), EXPERT), window)
   rounds = layout.rounds
-  axes = tuple(sorted(jax.typeof(rounds).vma))
+  axes = tuple(sorted(_manual_axes(rounds)))
   layout = layout._replace(rounds=jax.lax.pmax(rounds, axes) if axes else rounds)
 
   def to_experts(r, operand):
