@@ -15,6 +15,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from moe_jax import moe
 from moe_jax.models import build_model
+from moe_jax.moe import grouped_matmul
 from moe_jax.moe.experts import ExpertBank
 from moe_jax.parallel import mesh as mesh_lib, sharding
 from moe_jax.parallel.hlo import collective_counts
@@ -165,16 +166,14 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
   """`jax.lax.ragged_all_to_all` (as its docstring specifies it) from a dense all_to_all, for
   XLA:CPU, which lacks the collective: every slice travels padded to the operand's rows."""
   EMULATED_CALLS.append(axis_name)
-  n, rows = jax.lax.axis_size(axis_name), jnp.arange(operand.shape[0])
-  chunks = jnp.stack([jnp.where((rows < send_sizes[j])[:, None],
-                                jnp.take(operand, input_offsets[j] + rows, axis=0, mode="clip"), 0)
-                      for j in range(n)])  # [destination, rows, D]
+  rows = jnp.arange(operand.shape[0])
+  chunks = jnp.where((rows < send_sizes[:, None])[..., None],
+                     jnp.take(operand, input_offsets[:, None] + rows, axis=0, mode="clip"),
+                     0)  # [destination, rows, D]
   got = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)  # [source, rows, D]
   offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
-  for s in range(n):
-    at = jnp.where(rows < recv_sizes[s], offsets[s] + rows, output.shape[0])
-    output = output.at[at].set(got[s], mode="drop")
-  return output
+  at = jnp.where(rows < recv_sizes[:, None], offsets[:, None] + rows, output.shape[0])
+  return output.at[at].set(got, mode="drop")
 
 
 EMULATED_CALLS = []
@@ -245,7 +244,7 @@ ROUNDS_CASES = {
 def test_bounded_receive_buffer_equals_single_device_dropless(monkeypatch, case):
   """`ExpertsOverRaggedAllToAll` in rounds of R = ceil(f P) rows (exchange emulated on CPU): the
   outputs and the gradients of rows, row weights and expert weights equal one device running
-  each device's rows through the whole bank (`ExpertBank.grouped`)."""
+  all rows through the whole bank (`ExpertBank.grouped`, single-device dropless)."""
   shape, factor, sizes, want_rounds = ROUNDS_CASES[case]
   sizes = np.asarray(sizes, np.int32)
   devices, E = sizes.shape
@@ -263,17 +262,19 @@ def test_bounded_receive_buffer_equals_single_device_dropless(monkeypatch, case)
   graphdef, params, rest = nnx.split(bank, nnx.Param, ...)
 
   def single_device(params, x, w):
-    bank = nnx.merge(graphdef, params, rest)
-    return jnp.concatenate([bank.grouped(x[i * P_rows:(i + 1) * P_rows], jnp.asarray(sizes[i]),
-                                         "blocked", 4, w[i * P_rows:(i + 1) * P_rows])
-                            for i in range(devices)])
+    """All devices' rows on one device: sorted by expert (padding last), one grouped call."""
+    expert = jnp.concatenate([grouped_matmul.row_groups(jnp.asarray(s), P_rows) for s in sizes])
+    order = jnp.argsort(expert, stable=True)
+    y = nnx.merge(graphdef, params, rest).grouped(x[order], jnp.asarray(sizes.sum(0)),
+                                                  "ragged_dot", 4, w[order])
+    return jnp.zeros_like(y).at[order].set(y)
 
   axes = (mesh_lib.DATA, mesh_lib.EXPERT)
 
   def per_device(params, x, w, group_sizes):
     local = nnx.merge(graphdef, params, rest)
     return moe.expert_parallel.ExpertsOverRaggedAllToAll(local, factor).grouped(
-        x, group_sizes, "blocked", 4, w)
+        x, group_sizes, "ragged_dot", 4, w)
 
   sharded = jax.shard_map(per_device, mesh=mesh_of(shape),
                           in_specs=(P(mesh_lib.EXPERT), P(axes), P(axes), P(axes)),
@@ -281,9 +282,10 @@ def test_bounded_receive_buffer_equals_single_device_dropless(monkeypatch, case)
   monkeypatch.setattr(moe.expert_parallel, "exchange_rows", emulated_ragged_all_to_all)
 
   def outputs_and_grads(fn, *extra):
-    loss = lambda params, x, w: jnp.sum(fn(params, x, w, *extra) * cotangent)
-    return jax.jit(lambda *a: (fn(*a, *extra), jax.grad(loss, argnums=(0, 1, 2))(*a)))(
-        params, x, w)
+    def run(*args):
+      y, vjp = jax.vjp(lambda *a: fn(*a, *extra), *args)
+      return y, vjp(cotangent)
+    return jax.jit(run)(params, x, w)
 
   want_y, want_grads = outputs_and_grads(single_device)
   y, grads = outputs_and_grads(sharded, jnp.asarray(sizes.reshape(-1)))
