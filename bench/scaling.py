@@ -360,7 +360,7 @@ def main() -> None:
              "n_ragged_all_to_all": collective_counts(hlo)["ragged-all-to-all"],
              "a2a_bytes": all_to_all_bytes(hlo),
              "ragged_buffer_bytes": collective_bytes(hlo, "ragged-all-to-all"),
-             "window_rows": min(math.ceil(factor * P_rows), ep * P_rows) if ragged else None,
+             "window_rows": moe.expert_parallel.window_rows(factor, P_rows, ep) if ragged else None,
              # The TPU kernels, not the CPU ones: ragged dots; loops (rounds, searchsorted).
              "n_ragged_dot": len(re.findall(r" ragged-dot\(", hlo)),
              "n_while": len(re.findall(r" while\(", hlo)),

@@ -68,6 +68,18 @@ class ExpertsOverAllToAll:
 # The name scope of the rounds' while loops (in the compiled program's op names).
 ROUNDS_SCOPE = "ragged_rounds"
 
+# Receive windows are a whole number of these rows: for TPU v5p, XLA compiled a ragged dot over
+# 2580 rows (not a multiple of 16, the bf16 sublane tile) to a dense product per local expert
+# (2.1x the FLOPs of the grouped kernel it used at 2592 rows; bench/RESULTS.md).
+WINDOW_ROW_TILE = 16
+
+
+def window_rows(buffer_factor: float, rows: int, expert_shards: int) -> int:
+  """The receive window R: `ceil(f P)` rows (f = buffer_factor, P = rows) rounded up to
+  `WINDOW_ROW_TILE`, at most `EP P` (every row of every device: always one round)."""
+  tile = WINDOW_ROW_TILE
+  return min(-(-math.ceil(buffer_factor * rows) // tile) * tile, expert_shards * rows)
+
 # The row exchange of `ExpertsOverRaggedAllToAll`: a module attribute, so that tests on XLA:CPU
 # (which lacks the collective) can put an emulation of its documented semantics in its place.
 exchange_rows = jax.lax.ragged_all_to_all
@@ -79,18 +91,19 @@ class ExpertsOverRaggedAllToAll:
   expert's rows computed on the device that holds it (experts `[i E_l, (i+1) E_l)` on device i
   of the `expert` axis, `E_l = E / EP`).
 
-  Receive buffer: a window of `R = min(ceil(f P), EP P)` rows, `f = buffer_factor`
-  (`dropless.ragged_buffer_factor`, default 2.0). Every device knows the whole count matrix
-  `[source, destination, E_l]` (one all_gather of the group sizes). The rows a destination
-  receives form one stream, source-major (each source's part expert-sorted, as it sits in the
-  source's rows); round r delivers positions `[r R, (r+1) R)` of every destination's stream at
-  once: each source sends each destination the part of its rows for it that falls in that
-  window (offsets and sizes from the count matrix, the same arithmetic on every device) with one
-  `ragged_all_to_all`; the destination sorts the window's rows by expert, runs the grouped
-  matmul on them (the window's group sizes) and a second `ragged_all_to_all` writes the results
-  back into the sources' output rows (it keeps the rows it does not write, so the output
-  accumulates over the rounds). Rounds: `ceil(max_d received_d / R)`, the max over the mesh
-  (every device runs the same number, so the collectives line up), a traced value.
+  Receive buffer: a window of `R = ceil(f P)` rows (rounded up to `WINDOW_ROW_TILE`, at most
+  EP P), `f = buffer_factor` (`dropless.ragged_buffer_factor`, default 2.0). Every device knows
+  the whole count matrix `[source, destination, E_l]` (one all_gather of the group sizes). The
+  rows a destination receives form one stream, source-major (each source's part expert-sorted,
+  as it sits in the source's rows); round r delivers positions `[r R, (r+1) R)` of every
+  destination's stream at once: each source sends each destination the part of its rows for it
+  that falls in that window (offsets and sizes from the count matrix, the same arithmetic on
+  every device) with one `ragged_all_to_all`; the destination sorts the window's rows by
+  expert, runs the grouped matmul on them (the window's group sizes) and a second
+  `ragged_all_to_all` writes the results back into the sources' output rows (it keeps the rows
+  it does not write, so the output accumulates over the rounds). Rounds:
+  `ceil(max_d received_d / R)`, the max over the mesh (every device runs the same number, so
+  the collectives line up), a traced value.
 
   Imbalance never drops a row: a destination that receives more than R rows takes more rounds
   (latency: two exchanges and one grouped matmul per round, on every device); balanced routing
@@ -128,8 +141,7 @@ class ExpertsOverRaggedAllToAll:
       return nnx.merge(graphdef, params, rest).grouped(rows[:, :width], sizes, backend,
                                                        block_size, weights)
 
-    rows = x.shape[0]
-    window = min(math.ceil(self.buffer_factor * rows), jax.lax.axis_size(EXPERT) * rows)
+    window = window_rows(self.buffer_factor, x.shape[0], jax.lax.axis_size(EXPERT))
     out = jax.ShapeDtypeStruct((self.local.fc2_kernel.shape[-1],), jnp.dtype(self.dtype))
     return _in_rounds(local_grouped, window, out, x, params, group_sizes.astype(jnp.int32))
 
@@ -206,10 +218,10 @@ def _start_rounds(window: int, x: jax.Array, group_sizes: jax.Array):
     return exchange_rows(operand, buffer, at_source[me], size[me], at_window[me], size[:, me],
                          axis_name=EXPERT)
 
-  def back(r, window_rows, out):
-    """Window rows `[R, W]` written into their sources' rows `out [P, W]`."""
+  def back(r, results, out):
+    """Window rows `results [R, W]` written into their sources' rows `out [P, W]`."""
     size, at_source, at_window = ragged_round(layout, r, window)
-    return exchange_rows(window_rows, out, at_window[:, me], size[:, me], at_source[:, me],
+    return exchange_rows(results, out, at_window[:, me], size[:, me], at_source[:, me],
                          size[me], axis_name=EXPERT)
 
   return me, layout, to_experts, back
@@ -256,7 +268,8 @@ def _in_rounds_bwd(local_grouped, window, out, residuals, dy):
     order, sizes = _window_by_expert(layout, me, r, window)
     received = to_experts(r, both)[order]
     rows, d_rows = received[:, :width].astype(x.dtype), received[:, width:].astype(dy.dtype)
-    _, vjp = jax.vjp(lambda p, window_rows: local_grouped(p, window_rows, sizes), varying, rows)
+    _, vjp = jax.vjp(lambda p, received_rows: local_grouped(p, received_rows, sizes), varying,
+                     rows)
     d_params_round, d_window = vjp(d_rows)
     d_params = jax.tree.map(jnp.add, d_params, d_params_round)
     return r + 1, back(r, _unsort(d_window, order), dx), d_params
