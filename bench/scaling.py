@@ -361,8 +361,10 @@ def main() -> None:
              "a2a_bytes": all_to_all_bytes(hlo),
              "ragged_buffer_bytes": collective_bytes(hlo, "ragged-all-to-all"),
              "window_rows": moe.expert_parallel.window_rows(factor, P_rows, ep) if ragged else None,
-             # The TPU kernels, not the CPU ones: ragged dots; loops (rounds, searchsorted).
-             "n_ragged_dot": len(re.findall(r" ragged-dot\(", hlo)),
+             # The TPU kernels, not the CPU ones: ragged dots (XLA's op, or the Mosaic kernel
+             # libtpu lowers it to: a custom call with a ragged_dot_tiling attribute); loops
+             # (rounds, searchsorted).
+             "n_ragged_dot": len(re.findall(r" ragged-dot\(|ragged_dot_tiling=", hlo)),
              "n_while": len(re.findall(r" while\(", hlo)),
              # bf16 rows: forward D + 1 columns out (the row weight), D back; backward x and dy
              # rows out (2 D + 1), dx back (D + 1).
