@@ -65,10 +65,10 @@ def default_config(router: str = "top_k") -> ml_collections.ConfigDict:
   # 'auto' = 'ragged_dot' where XLA has a real grouped GEMM (TPU), else 'blocked'.
   c.dropless.backend = "auto"
   # Under expert parallelism on TPU/GPU (ragged all-to-all): each device receives the rows routed
-  # to its experts in windows of ceil(f x its own row count) rows, f = this factor; a device that
-  # gets more takes more rounds (latency), nothing is dropped. 2.0: one round while no device
-  # receives more than twice its balanced share; >= the expert axis size: always one round (the
-  # worst-case buffer). See `moe_jax.moe.expert_parallel.ExpertsOverRaggedAllToAll`.
+  # to its experts in windows of ceil(f x its own row count) rows (rounded up to 16), f = this
+  # factor; a device that gets more takes more rounds (latency), nothing is dropped. 2.0: one
+  # round while no device receives more than twice its balanced share; >= the expert axis size:
+  # always one round (the worst-case buffer). See expert_parallel.ExpertsOverRaggedAllToAll.
   c.dropless.ragged_buffer_factor = 2.0
 
   c.router = ml_collections.ConfigDict(
