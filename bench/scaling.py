@@ -35,8 +35,8 @@ Sections:
    f = 8 (= EP: the worst-case buffer, one round always), 2 (the default), 1.25 and 1 times a
    device's P dispatch rows (rounded up to 16). Per device: XLA FLOPs, temp, dense all-to-all
    operand bytes, ragged-all-to-all buffer bytes (the window buffers: an upper bound, what
-   arrives is data-dependent) and the rows a ragged exchange actually moves (N k routed rows + at most
-   E (block_size - 1) rows of block padding, (5 D + 3) bf16 values each over fwd and bwd).
+   arrives is data-dependent) and the rows a ragged exchange actually moves (N k routed rows +
+   at most E (block_size - 1) rows of block padding, (5 D + 3) bf16 values each over fwd and bwd).
    XLA's FLOPs count a while loop's body once (`HloCostAnalysis::HandleWhile`: "compute the
    cost of a single iteration"), so the ragged rows are one round's, and a ragged dot as the
    dense product over all its rows (`HandleRaggedDot`: `GetDotFlops` of the full lhs shape),
