@@ -31,10 +31,16 @@ Sections:
 3. ``dropless_ep``: one MoE layer's fwd+bwd (top-k, bf16 experts) on 8 chips of TPU v5p
    (v5p:2x2x2, mesh expert=8), AOT-compiled from this host (needs libtpu): capacity cf=1.25
    against dropless two ways, the CPU fallback (capacity buffers with room for every token,
-   cf = E/k) and the TPU path (ragged all-to-all + ragged dot). Per device: XLA FLOPs, temp,
-   dense all-to-all operand bytes, ragged-all-to-all buffer bytes (the receive buffers: an upper
-   bound, what arrives is data-dependent) and the rows a ragged exchange actually moves
-   (N k routed rows + at most E (block_size - 1) rows of block padding, each way, fwd and bwd).
+   cf = E/k) and the TPU path (ragged all-to-all + ragged dot) with receive windows of
+   f = 8 (= EP: the worst-case buffer, one round always), 2 (the default), 1.25 and 1 times a
+   device's P dispatch rows (rounded up to 16). Per device: XLA FLOPs, temp, dense all-to-all
+   operand bytes, ragged-all-to-all buffer bytes (the window buffers: an upper bound, what
+   arrives is data-dependent) and the rows a ragged exchange actually moves (N k routed rows +
+   at most E (block_size - 1) rows of block padding, (5 D + 3) bf16 values each over fwd and bwd).
+   XLA's FLOPs count a while loop's body once (`HloCostAnalysis::HandleWhile`: "compute the
+   cost of a single iteration"), so the ragged rows are one round's, and a ragged dot as the
+   dense product over all its rows (`HandleRaggedDot`: `GetDotFlops` of the full lhs shape),
+   rows past the group sizes included.
 4. ``pods``: the trainer's ViMoE step compiled ahead of time for TPU pod topologies
    (`python -m moe_jax.commands.aot ... --json`, one subprocess each): per-chip memory, FLOPs
    and the step time at 100% MFU. Needs libtpu (`pip install -e '.[tpu]'`); skipped with a note
@@ -46,6 +52,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -314,12 +321,22 @@ def main() -> None:
     abstract = lambda tree, shardings: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
     N = B * S // 8  # tokens per device
+    block = moe.default_config("top_k").dropless.block_size
+    routed_rows = N * k + E * (block - 1)  # at most, with block padding
+    P_rows = -(-routed_rows // block) * block  # dispatch rows per device
+    default_factor = moe.default_config("top_k").dropless.ragged_buffer_factor
     rows = []
-    for name, dispatch, cf in [("capacity cf=1.25", "capacity", 1.25),
-                               ("dropless: CPU fallback (cf=E/k)", "capacity", E / k),
-                               ("dropless: ragged (TPU)", "dropless", 1.0)]:
+    runs = [("capacity cf=1.25", "capacity", 1.25, None),
+            ("dropless: CPU fallback (cf=E/k)", "capacity", E / k, None)]
+    ep = mesh.shape[mesh_lib.EXPERT]
+    runs += [(f"dropless: ragged (TPU), f={f:g}" + (" (default)" if f == default_factor else "")
+              + (" = EP: worst-case buffer" if f == ep else ""), "dropless", 1.0, f)
+             for f in (float(ep), default_factor, 1.25, 1.0)]
+    for name, dispatch, cf, factor in runs:
       c = layer_config(E, k, F, cf, "bfloat16")
       c.dispatch = dispatch
+      if factor is not None:
+        c.dropless.ragged_buffer_factor = factor
       layer = nnx.eval_shape(lambda: moe.MoELayer(D, c, rngs=nnx.Rngs(0)))
       layer.eval()
       graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
@@ -343,12 +360,18 @@ def main() -> None:
              "n_ragged_all_to_all": collective_counts(hlo)["ragged-all-to-all"],
              "a2a_bytes": all_to_all_bytes(hlo),
              "ragged_buffer_bytes": collective_bytes(hlo, "ragged-all-to-all"),
-             # bf16 rows, out + back, forward + backward.
-             "ragged_moved_bytes_max": 4 * (N * k + E * (c.dropless.block_size - 1)) * D * 2
-             if ragged else 0,
-             # Expert FLOPs of the rows a grouped matmul must visit (2 matmuls, fwd + 2 bwd).
-             "routed_expert_flops_max": 12 * D * F * (N * k + E * (c.dropless.block_size - 1))
-             if ragged else None}
+             "window_rows": moe.expert_parallel.window_rows(factor, P_rows, ep) if ragged else None,
+             # The TPU kernels, not the CPU ones: ragged dots (XLA's op, or the Mosaic kernel
+             # libtpu lowers it to: a custom call with a ragged_dot_tiling attribute); loops
+             # (rounds, searchsorted).
+             "n_ragged_dot": len(re.findall(r" ragged-dot\(|ragged_dot_tiling=", hlo)),
+             "n_while": len(re.findall(r" while\(", hlo)),
+             # bf16 rows: forward D + 1 columns out (the row weight), D back; backward x and dy
+             # rows out (2 D + 1), dx back (D + 1).
+             "ragged_moved_bytes_max": (5 * D + 3) * routed_rows * 2 if ragged else 0,
+             # Expert FLOPs of the rows a grouped matmul must visit: 2 matmuls, forward, the
+             # forward recomputed in the backward, and 2 backward products.
+             "routed_expert_flops_max": 16 * D * F * routed_rows if ragged else None}
       records.append(rec)
       rows.append(rec)
       print(f"  {name}: {rec['flops']:.3g} FLOPs, temp {rec['temp_bytes']:,} B", flush=True)
@@ -356,7 +379,8 @@ def main() -> None:
         ("config", "dispatch", ""), ("flops", "XLA FLOPs/device", ".3g"),
         ("temp_bytes", "temp/device", "bytes"), ("n_all_to_all", "a2a", "d"),
         ("a2a_bytes", "a2a B/device", ",d"), ("n_ragged_all_to_all", "ragged a2a", "d"),
-        ("ragged_buffer_bytes", "ragged buffers B/device", ",d"),
+        ("ragged_buffer_bytes", "ragged buffers B/device", ",d"), ("window_rows", "window R", "d"),
+        ("n_ragged_dot", "ragged dots", "d"), ("n_while", "while loops", "d"),
         ("ragged_moved_bytes_max", "ragged rows moved B/device (max)", ",d"),
         ("routed_expert_flops_max", "expert FLOPs of routed rows (max)", ".3g")],
         title=f"dropless expert parallelism, one MoE layer fwd+bwd: D={D}, F={F}, E={E}, k={k}, "

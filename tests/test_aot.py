@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from moe_jax import aot
+from moe_jax import aot, moe
 from moe_jax.parallel import hlo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,14 +161,17 @@ def test_v5p_dropless_expert_parallel_compiles_to_ragged_all_to_all(tmp_path):
                  "--config.batch_size=16", "--config.model.moe.dispatch=dropless",
                  f"--dump_hlo={tmp_path / 'step.hlo'}")
   text = (tmp_path / "step.hlo").read_text()
-  # 2 MoE layers x (out + back) x (forward + backward).
+  # 2 MoE layers x (out + back) x (forward + backward), each inside its layer's rounds loop.
   assert r["collectives"]["ragged-all-to-all"] == 8
   assert "ragged-dot" in text
-  # The only loops: searchsorted's (rows -> expert); none of the blocked kernel's tile loops.
+  # The only loops: the rounds of the bounded receive window (forward, backward) and
+  # searchsorted's (rows -> expert); none of the blocked kernel's tile loops.
   loops = re.findall(r" while\(.*?op_name=\"([^\"]*)\"", text)
-  assert loops and all("searchsorted" in name for name in loops), loops
-  # The remaining dense all-to-alls carry int32 offsets only (the transposed exchange's).
-  assert r["all_to_all_operand_bytes_per_device"] <= 1024
+  rounds = [name for name in loops if name.endswith(f"{moe.expert_parallel.ROUNDS_SCOPE}/while")]
+  assert len(rounds) == 4, loops
+  assert all("searchsorted" in name for name in loops if name not in rounds), loops
+  # No dense all-to-all: the backward is the rounds' own exchanges (a custom VJP).
+  assert r["all_to_all_operand_bytes_per_device"] == 0
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")

@@ -15,6 +15,8 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from moe_jax import moe
 from moe_jax.models import build_model
+from moe_jax.moe import grouped_matmul
+from moe_jax.moe.experts import ExpertBank
 from moe_jax.parallel import mesh as mesh_lib, sharding
 from moe_jax.parallel.hlo import collective_counts
 from moe_jax.routing import ROUTERS
@@ -31,13 +33,13 @@ def mesh_of(shape):
   return jax.make_mesh(shape, (mesh_lib.DATA, mesh_lib.EXPERT), axis_types=(AxisType.Auto,) * 2)
 
 
-def make_layer(router: str, dispatch: str = "capacity", **image):
+def make_layer(router: str, dispatch: str = "capacity", **updates):
   c = moe.default_config(router)
   c.num_experts, c.hidden_dim = 8, 16
   if "k" in c.router:  # token-choice routers
     c.router.k = 2
   c.dispatch = dispatch
-  c.update(image)
+  c.update(updates)
   if router == "clusters":
     c.router.clusters.num_clusters = 4
   layer = moe.MoELayer(8, c, rngs=nnx.Rngs(0))
@@ -161,19 +163,147 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
   """`jax.lax.ragged_all_to_all` (as its docstring specifies it) from a dense all_to_all, for
   XLA:CPU, which lacks the collective: every slice travels padded to the operand's rows."""
   EMULATED_CALLS.append(axis_name)
-  n, rows = jax.lax.axis_size(axis_name), jnp.arange(operand.shape[0])
-  chunks = jnp.stack([jnp.where((rows < send_sizes[j])[:, None],
-                                jnp.take(operand, input_offsets[j] + rows, axis=0, mode="clip"), 0)
-                      for j in range(n)])  # [destination, rows, D]
+  rows = jnp.arange(operand.shape[0])
+  chunks = jnp.where((rows < send_sizes[:, None])[..., None],
+                     jnp.take(operand, input_offsets[:, None] + rows, axis=0, mode="clip"),
+                     0)  # [destination, rows, D]
   got = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)  # [source, rows, D]
   offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
-  for s in range(n):
-    at = jnp.where(rows < recv_sizes[s], offsets[s] + rows, output.shape[0])
-    output = output.at[at].set(got[s], mode="drop")
-  return output
+  at = jnp.where(rows < recv_sizes[:, None], offsets[:, None] + rows, output.shape[0])
+  return output.at[at].set(got, mode="drop")
 
 
 EMULATED_CALLS = []
+
+
+def test_emulated_ragged_all_to_all_follows_the_documented_example():
+  """The 2-device example of `jax.lax.ragged_all_to_all`'s docstring, row for row."""
+  mesh = jax.make_mesh((2,), (mesh_lib.EXPERT,), devices=jax.devices()[:2],
+                       axis_types=(AxisType.Auto,))
+  args = (jnp.array([[1, 2, 2], [3, 4, 0]], jnp.float32)[..., None],  # operand, per device
+          jnp.zeros((2, 4, 1)),  # output
+          jnp.array([[0, 1], [0, 1]]), jnp.array([[1, 2], [1, 1]]),  # input offsets, send sizes
+          jnp.array([[0, 0], [1, 2]]), jnp.array([[1, 1], [2, 1]]))  # output offsets, recv sizes
+  run = jax.shard_map(
+      lambda *a: emulated_ragged_all_to_all(*(b[0] for b in a), axis_name=mesh_lib.EXPERT)[None],
+      mesh=mesh, in_specs=P(mesh_lib.EXPERT), out_specs=P(mesh_lib.EXPERT))
+  np.testing.assert_array_equal(jax.jit(run)(*args)[..., 0], [[1, 3, 0, 0], [2, 2, 4, 0]])
+
+
+def test_ragged_layout_counts_rounds_by_the_most_loaded_destination():
+  """2 devices, 1 expert each: device 0 receives 3 + 2 = 5 rows, device 1 receives 1 + 4 = 5."""
+  counts = jnp.array([[[3], [1]], [[2], [4]]])  # [source, destination, E_l]
+  layout = moe.expert_parallel.ragged_layout(counts, window=2)
+  assert int(layout.rounds) == 3  # ceil(5 / 2)
+  assert [int(moe.expert_parallel.ragged_layout(counts, w).rounds) for w in (4, 5, 6)] == [2, 1, 1]
+  np.testing.assert_array_equal(layout.stream_start, [[0, 0], [3, 1]])
+  np.testing.assert_array_equal(layout.send_start, [[0, 3], [0, 2]])
+  # Round 1 = stream positions [2, 4): device 0 gets source 0's row 2 and source 1's row 0;
+  # device 1 gets rows 1-2 of source 1's part for it: source 1's rows 3-4 (rows 0-1 go to device 0).
+  size, at_source, at_window = moe.expert_parallel.ragged_round(layout, jnp.int32(1), 2)
+  np.testing.assert_array_equal(size, [[1, 0], [1, 2]])
+  np.testing.assert_array_equal(at_source, [[2, 0], [0, 3]])
+  np.testing.assert_array_equal(at_window, [[0, 0], [1, 0]])
+
+
+def _one_hot_rows(*pairs):
+  """Group sizes `[E=16]` from (expert, rows) pairs."""
+  sizes = np.zeros(16, np.int32)
+  for e, n in pairs:
+    sizes[e] = n
+  return sizes.tolist()
+
+
+# (mesh, ragged_buffer_factor, group sizes [device, E] of P = 16 rows per device, rounds). The
+# window R = ceil(f P) rounded up to 16 rows (`WINDOW_ROW_TILE`). Rows past a device's total are
+# padding (they must come back as zeros). Experts 2d, 2d+1 live on device d of the expert axis
+# (E=16 on (1, 8); E=8 on (2, 4)).
+ROUNDS_CASES = {
+    # Every device sends two rows to every destination: 16 rows each, R = 32: one round.
+    "balanced": ((1, 8), 2.0, [[1] * 16] * 8, 1),
+    # Everything to expert 1 (device 0): 6 x 16 + 13 + 10 = 119 rows there, R = 24 -> 32:
+    # ceil(119/32) = 4 rounds, windows cutting through the sources' parts.
+    "one_expert": ((1, 8), 1.5, [_one_hot_rows((1, 16)), _one_hot_rows((1, 13))]
+                   + [_one_hot_rows((1, 16))] * 5 + [_one_hot_rows((1, 10))], 4),
+    # R = 16: device 0 receives 8 x 4 = 32 = 2R rows of experts 0 and 1 (exactly two rounds);
+    # devices 3 (experts 6, 7) and 7 (14, 15) receive 8 + 8 and 4 + 12 = R (exactly one).
+    "boundary": ((1, 8), 1.0, [
+        _one_hot_rows((0, 3), (1, 1), (6, 4), (7, 4), (2, 4)),
+        _one_hot_rows((0, 1), (1, 3), (6, 4), (7, 4), (15, 4)),
+        _one_hot_rows((0, 2), (1, 2), (4, 6), (5, 6)), _one_hot_rows((1, 4), (8, 12)),
+        _one_hot_rows((0, 4), (10, 12)), _one_hot_rows((0, 2), (1, 2), (12, 12)),
+        _one_hot_rows((0, 1), (1, 3), (14, 12)), _one_hot_rows((0, 3), (1, 1), (3, 8))], 2),
+    # Two data slices exchange apart: slice 0 sends everything to expert 0 (64 rows, R = 16: 4
+    # rounds), slice 1 is balanced (1 round, run 4 times: every device runs the mesh's max).
+    "two_slices": ((2, 4), 1.0, [[16] + [0] * 7] * 4 + [[2] * 8] * 4, 4),
+}
+
+
+@pytest.mark.parametrize("case", ROUNDS_CASES)
+def test_bounded_receive_buffer_equals_single_device_dropless(monkeypatch, case):
+  """`ExpertsOverRaggedAllToAll` in rounds of R = ceil(f P) rows (exchange emulated on CPU): the
+  outputs and the gradients of rows, row weights and expert weights equal one device running
+  all rows through the whole bank (`ExpertBank.grouped`, single-device dropless)."""
+  shape, factor, sizes, want_rounds = ROUNDS_CASES[case]
+  sizes = np.asarray(sizes, np.int32)
+  devices, E = sizes.shape
+  data, ep = shape
+  P_rows, D = 16, 8
+  layouts = [moe.expert_parallel.ragged_layout(
+      jnp.asarray(s.reshape(ep, ep, E // ep)),
+      window=moe.expert_parallel.window_rows(factor, P_rows, ep))
+      for s in sizes.reshape(data, ep, E)]
+  assert max(int(layout.rounds) for layout in layouts) == want_rounds
+  bank = ExpertBank(E, D, 16, rngs=nnx.Rngs(0))
+  keys = jax.random.split(jax.random.key(2), 3)
+  x = jax.random.normal(keys[0], (devices * P_rows, D))
+  w = jax.random.uniform(keys[1], (devices * P_rows,))
+  cotangent = jax.random.normal(keys[2], (devices * P_rows, D))
+  graphdef, params, rest = nnx.split(bank, nnx.Param, ...)
+
+  def single_device(params, x, w):
+    """All devices' rows on one device: sorted by expert (padding last), one grouped call."""
+    expert = jnp.concatenate([grouped_matmul.row_groups(jnp.asarray(s), P_rows) for s in sizes])
+    order = jnp.argsort(expert, stable=True)
+    y = nnx.merge(graphdef, params, rest).grouped(x[order], jnp.asarray(sizes.sum(0)),
+                                                  "ragged_dot", 4, w[order])
+    return jnp.zeros_like(y).at[order].set(y)
+
+  axes = (mesh_lib.DATA, mesh_lib.EXPERT)
+
+  def per_device(params, x, w, group_sizes):
+    local = nnx.merge(graphdef, params, rest)
+    return moe.expert_parallel.ExpertsOverRaggedAllToAll(local, factor).grouped(
+        x, group_sizes, "ragged_dot", 4, w)
+
+  sharded = jax.shard_map(per_device, mesh=mesh_of(shape),
+                          in_specs=(P(mesh_lib.EXPERT), P(axes), P(axes), P(axes)),
+                          out_specs=P(axes))
+  monkeypatch.setattr(moe.expert_parallel, "exchange_rows", emulated_ragged_all_to_all)
+
+  def outputs_and_grads(fn, *extra):
+    def run(*args):
+      y, vjp = jax.vjp(lambda *a: fn(*a, *extra), *args)
+      return y, vjp(cotangent)
+    return jax.jit(run)(params, x, w)
+
+  want_y, want_grads = outputs_and_grads(single_device)
+  y, grads = outputs_and_grads(sharded, jnp.asarray(sizes.reshape(-1)))
+  padding = np.arange(P_rows)[None] >= sizes.sum(1)[:, None]  # [device, row]
+  assert padding.any() == (case in ("one_expert", "boundary"))
+  np.testing.assert_array_equal(np.asarray(y).reshape(devices, P_rows, D)[padding], 0)
+  np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6)
+  # Weight gradients are summed round by round: f32 rounding of the order, relative to the scale.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-5 * np.abs(b).max()),
+               grads, want_grads)
+
+
+def test_ragged_buffer_factor_must_be_positive():
+  c = moe.default_config("top_k")
+  c.dispatch, c.dropless.ragged_buffer_factor = "dropless", 0.0
+  with pytest.raises(ValueError, match=r"^MoE config: dropless\.ragged_buffer_factor=0\.0 must"):
+    moe.MoELayer(8, c, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("router,granularity,shape", [
@@ -182,13 +312,17 @@ EMULATED_CALLS = []
     pytest.param("top_k", "image", (1, 8), marks=pytest.mark.slow)])
 def test_ragged_dropless_equals_single_device_dropless(monkeypatch, router, granularity, shape):
   """The TPU/GPU path (ragged all-to-all + grouped matmul) run on CPU through an emulated
-  collective: loss and gradients equal one device's dropless layer."""
+  collective, with a receive window of half a device's rows (so at least two rounds): loss and
+  gradients equal one device's dropless layer."""
   image = dict(granularity="image", images_per_group=2) if granularity == "image" else {}
   x = X_IMAGES if image else jax.random.normal(jax.random.key(1), (16, 6, 8))
   layer = make_layer(router, "dropless", **image)
   want_loss, want_grads = loss_and_grads(layer, x)
+  # ragged_dot: the TPU kernel (XLA:CPU expands it to a dense product; tiny here).
+  layer = make_layer(router, "dropless",
+                     dropless=dict(ragged_buffer_factor=0.5, backend="ragged_dot"), **image)
   monkeypatch.setattr(moe.expert_parallel, "RAGGED_PLATFORMS", ("cpu",))
-  monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
+  monkeypatch.setattr(moe.expert_parallel, "exchange_rows", emulated_ragged_all_to_all)
   EMULATED_CALLS.clear()
   with jax.set_mesh(mesh_of(shape)):
     loss, grads = loss_and_grads(layer, x)

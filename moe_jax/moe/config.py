@@ -64,6 +64,12 @@ def default_config(router: str = "top_k") -> ml_collections.ConfigDict:
   c.dropless.block_size = 16
   # 'auto' = 'ragged_dot' where XLA has a real grouped GEMM (TPU), else 'blocked'.
   c.dropless.backend = "auto"
+  # Under expert parallelism on TPU/GPU (ragged all-to-all): each device receives the rows routed
+  # to its experts in windows of ceil(f x its own row count) rows (rounded up to 16), f = this
+  # factor; a device that gets more takes more rounds (latency), nothing is dropped. 2.0: one
+  # round while no device receives more than twice its balanced share; >= the expert axis size:
+  # always one round (the worst-case buffer). See expert_parallel.ExpertsOverRaggedAllToAll.
+  c.dropless.ragged_buffer_factor = 2.0
 
   c.router = ml_collections.ConfigDict(
       {"name": router, **cls.default_config(), "loss_weights": dict(cls.loss_weights)})
@@ -131,6 +137,9 @@ def validate(c: ml_collections.ConfigDict, router: type[Router] | None = None) -
     fail("dropless.block_size", f"={c.dropless.block_size} must be >= 1")
   if c.dropless.backend not in ("auto", "blocked", "ragged_dot"):
     fail("dropless.backend", f"={c.dropless.backend!r}: use 'auto', 'blocked' or 'ragged_dot'")
+  if not c.dropless.ragged_buffer_factor > 0:
+    fail("dropless.ragged_buffer_factor", f"={c.dropless.ragged_buffer_factor} must be > 0 (the "
+         "receive window in units of a device's rows; 2.0 is the default)")
   router.validate(c)
   if c.eval_capacity_factor < 0:
     fail("eval_capacity_factor", f"={c.eval_capacity_factor} must be >= 0 (0 = capacity_factor)")

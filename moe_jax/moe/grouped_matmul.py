@@ -41,10 +41,12 @@ from moe_jax.parallel.mesh import target_platform
 TILES = dict(gmm=(512, 128), tgmm=(1024, 128))  # (largest tile, smallest full tile)
 
 
-def row_groups(group_sizes: jax.Array, num_rows: int) -> jax.Array:
-  """The group of every row: `[E] -> [P]` int32, E (out of range) for rows past the total."""
+def row_groups(group_sizes: jax.Array, num_rows: int, first_row: jax.Array | int = 0) -> jax.Array:
+  """The group of rows `[first_row, first_row + num_rows)`: `[E] -> [num_rows]` int32, E (out of
+  range) for rows past the total."""
   ends = jnp.cumsum(group_sizes)
-  return jnp.searchsorted(ends, jnp.arange(num_rows), side="right").astype(jnp.int32)
+  rows = first_row + jnp.arange(num_rows)
+  return jnp.searchsorted(ends, rows, side="right").astype(jnp.int32)
 
 
 def _tile_sizes(block: int, num_rows: int, largest: int, smallest_full: int):

@@ -137,8 +137,9 @@ class MoELayer(nnx.Module):
     if mesh is None:
       y, metrics = dispatch_fn(plan, groups, self.experts)
     else:
-      y, metrics = expert_parallel.dispatch(dispatch_fn, plan, groups, self.experts, mesh,
-                                            ragged=ragged)
+      y, metrics = expert_parallel.dispatch(
+          dispatch_fn, plan, groups, self.experts, mesh,
+          ragged_buffer_factor=c.dropless.ragged_buffer_factor if ragged else None)
     y = y.reshape(*x.shape[:-1], -1).astype(x.dtype)
     if c.check_finite:
       jax.debug.callback(_raise_if_not_finite, jnp.isfinite(x).all(), jnp.isfinite(y).all())
