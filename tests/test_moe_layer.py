@@ -176,7 +176,8 @@ def test_gradients_match_finite_differences(mode):
     return jnp.sum(jnp.sin(y)) + 10 * aux.total_loss
 
   # Routing decisions are piecewise constant: step sizes stay far below the gate margins.
-  check_grads(f, (params, x), order=1, modes=["rev"], eps=1e-3, atol=2e-2,
+  # Under jit: one compile of the step and of its VJP instead of ~150 eager ops (~3x faster).
+  check_grads(jax.jit(f), (params, x), order=1, modes=["rev"], eps=1e-3, atol=2e-2,
                             rtol=2e-2)
 
 
