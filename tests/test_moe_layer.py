@@ -64,6 +64,7 @@ def reference_top_k(layer, x):
   return y.reshape(x.shape), kept, losses
 
 
+@nnx.jit  # one compile per layer config instead of ~100 eager ops (~2x faster here)
 def run(layer, x):
   return moe.capture_aux(layer)(x)
 
