@@ -21,7 +21,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # True in the controller only
 if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="moe_jax_test_xla_cache_")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Only programs that took >= 1 s to compile are written (train / eval steps, models' forwards):
+# with a size limit set, jax scans every entry of the folder on each write (an O(entries) LRU
+# check), and the thousands of eager ops and tiny jits the unit tests compile (tens of ms each)
+# made that scan cost more than the compiles it saved: measured on 2 cores, 146 s vs 47 s for
+# test_routers.py::test_gradients[expert_choice-kw0] with a folder of 2348 entries.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # A size limit turns on jax's file lock around each read and write: the two xdist workers share
 # the folder.

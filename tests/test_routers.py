@@ -47,8 +47,13 @@ def make_layer(router, E=4, k=1, dim=8, F=16, **kw):
   return layer
 
 
+@nnx.jit  # one compile per layer config instead of ~100 eager ops
+def forward(layer, x):
+  return moe.capture_aux(layer)(x)
+
+
 def run(layer, x):
-  y, aux = moe.capture_aux(layer)(x)
+  y, aux = forward(layer, x)
   return np.asarray(y), next(iter(aux.layers.values()))
 
 
@@ -231,7 +236,9 @@ def test_gradients(router, kw):
     y, aux = moe.capture_aux(nnx.merge(graphdef, params, rest, copy=True))(x)
     return jnp.sum(jnp.sin(y)) + aux.total_loss
 
-  check_grads(f, (params, X[:1, :6]), order=1, modes=["rev"], eps=1e-3, atol=2e-2, rtol=2e-2)
+  # Under jit: one compile of the step and of its VJP instead of ~150 eager ops (~3x faster).
+  check_grads(jax.jit(f), (params, X[:1, :6]), order=1, modes=["rev"], eps=1e-3, atol=2e-2,
+              rtol=2e-2)
 
 
 @pytest.mark.parametrize("router,kw,field", [
@@ -318,8 +325,9 @@ def test_a_router_from_outside_the_package_is_one_class_and_one_registry_line(mi
     y, aux = moe.capture_aux(nnx.merge(graphdef, params, rest, copy=True))(x)
     return jnp.sum(jnp.sin(y)) + aux.total_loss
 
-  check_grads(f, (params, X[:1, :6]), order=1, modes=["rev"], eps=1e-3, atol=2e-2, rtol=2e-2)
-  assert np.abs(jax.grad(f)(params, X)["router"]["kernel"][...]).max() > 0
+  check_grads(jax.jit(f), (params, X[:1, :6]), order=1, modes=["rev"], eps=1e-3, atol=2e-2,
+              rtol=2e-2)
+  assert np.abs(jax.jit(jax.grad(f))(params, X)["router"]["kernel"][...]).max() > 0
   with pytest.raises(ValueError, match=r"^MoE config: router\.temperature=0\.0 must be > 0$"):
     make_layer(mine, router__temperature=0.0)
 
