@@ -54,6 +54,11 @@ def get_config(variant: str = "moec") -> ml_collections.ConfigDict:
   # then entropy coded ('lzma', or 'none' = bit-packed codes). Measured on anatomical.nii:
   # bench/RESULTS.md, MoEC section.
   c.quant_bits = 8
+  # Rate control (moe_jax/inr/codec.py encode_to_budget): widths are solved for quant_bits codes;
+  # after training the encoder re-quantises with the most levels (up to 2^quant_max_bits - 1)
+  # that keep the coded file within the budget (fewer than 2^quant_bits - 1 when it is over):
+  # files land within a few bytes of original/ratio. 0 = codes at quant_bits exactly.
+  c.quant_max_bits = 12
   c.quant_granularity = "tensor"
   c.entropy_coder = "lzma"
   c.param_dtype = "float16"
