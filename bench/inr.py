@@ -15,7 +15,9 @@ codes (configs/inr_compress.py `quant_max_bits`); a codec's quality knob is bise
 
 Tuning, equal for every INR: a trial is one learning rate of `--lrs` (same steps, batch and
 schedule); each seed keeps its best trial by PSNR (the encoder has the original, so choosing
-among trials is part of encoding: `encode_s` sums the trials). Inside a trial, `compress` trains
+among trials is part of encoding: `encode_s` sums the trials). `--method-lrs` fixes one learning
+rate per method instead (e.g. each method's best of the same lr trials in a tuning run at one
+ratio, bench/RESULTS.md). Inside a trial, `compress` trains
 up to `budget_trials` times to meet the ratio with the measured coded bytes per parameter
 (moe_jax/inr/budget.py), the same for every INR. A file still over the budget (the smallest model
 does not fit) is kept in the JSON with a note. Seeds `0..seeds-1` give mean and
@@ -171,6 +173,8 @@ def main() -> None:
                  help=f"subset of {METHODS}")
   p.add_argument("--seeds", type=int, default=0, help="seeds per INR (default 3; --quick 1)")
   p.add_argument("--lrs", default="", help="trial learning rates (default 1e-3,3e-3)")
+  p.add_argument("--method-lrs", default="", help="per-method trial learning rates replacing "
+                 "--lrs for those methods, e.g. 'single=3e-3,moec=1e-3' (one trial each)")
   p.add_argument("--steps", default="", help="Adam steps, comma-separated for a convergence "
                  "study (default 300; --quick 60)")
   p.add_argument("--batch", type=int, default=4096, help="points per step")
@@ -187,8 +191,11 @@ def main() -> None:
     raise SystemExit(f"--methods: {unknown} unknown; use a subset of {METHODS}")
   seeds = args.seeds or (1 if quick else 3)
   lrs = [float(x) for x in (args.lrs or ("1e-3" if quick else "1e-3,3e-3")).split(",")]
+  method_lrs = {m: [float(x)] for m, x in (kv.split("=") for kv in args.method_lrs.split(",")
+                                           if kv)}
   step_counts = [int(x) for x in (args.steps or ("60" if quick else "300")).split(",")]
-  records, setup = [], {"seeds": seeds, "lrs": lrs, "steps": step_counts,
+  records, setup = [], {"seeds": seeds, "lrs": lrs, "method_lrs": method_lrs,
+                        "steps": step_counts,
                         "batch_size": args.batch, "budget_trials": args.budget_trials or "config",
                         "load_average_start": os.getloadavg()}
   for name in names:
@@ -203,7 +210,8 @@ def main() -> None:
                     **({"steps": steps} if steps else {})}
           try:
             if method in INR_METHODS:
-              record.update(_inr_record(volume, method, ratio, seeds, lrs, steps, args.batch,
+              record.update(_inr_record(volume, method, ratio, seeds,
+                                        method_lrs.get(method, lrs), steps, args.batch,
                                         args.budget_trials))
             else:
               record.update(_classical_record(volume, method, ratio))
