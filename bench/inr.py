@@ -1,26 +1,33 @@
 """MoEC neural compression vs INR baselines and classical codecs at the same bytes.
 
-    python -m bench.inr [--quick] [--volumes example4d.nii.gz,anatomical.nii] \
-        [--ratios 50,200,1000,2000] [--seeds 3] [--lrs 1e-3,3e-3] [--steps 300] \
-        [--out bench/out/inr.json]
+    python -m bench.inr [--quick] [--volumes example4d.nii.gz,anatomical.nii,mni152_t1] \
+        [--ratios 50,200,1000,2000] [--seeds 3] [--lrs 1e-3,3e-3] [--steps 300[,1000,...]] \
+        [--methods moec,single,...] [--out bench/out/inr.json]
 
 Methods: the INR variants of configs/inr_compress.py (moec: linear gate on coordinates;
 moec_mlp: the paper's MLP gate on the encoder features; single SIREN; blocks: fixed 2x2x2 grid;
-octree: TINC-style tree) and the classical codecs of moe_jax.inr.classical (spline: downsample +
-cubic spline; jpeg2000; jpegxl), each at `original bytes / ratio`. INR widths are solved so the
-whole file fits; a codec's quality knob is bisected to fit.
+octree: TINC-style tree), variants for tuning studies (STUDY: MoEC's expert count, top-k, w0
+rule, no balancing losses; no rate control) and the classical codecs of moe_jax.inr.classical (spline:
+downsample + cubic spline; jpeg2000; jpegxl), each at `original bytes / ratio`. INR widths are
+solved so the whole file fits, then the encoder's rate control fills the bytes left with finer
+codes (configs/inr_compress.py `quant_max_bits`); a codec's quality knob is bisected to fit.
+`--steps` with several values repeats every INR row per step count (a convergence study).
 
 Tuning, equal for every INR: a trial is one learning rate of `--lrs` (same steps, batch and
 schedule); each seed keeps its best trial by PSNR (the encoder has the original, so choosing
-among trials is part of encoding: `encode_s` sums the trials). Inside a trial, `compress` trains
+among trials is part of encoding: `encode_s` sums the trials). `--method-lrs` fixes one learning
+rate per method instead (e.g. each method's best of the same lr trials in a tuning run at one
+ratio, bench/RESULTS.md). Inside a trial, `compress` trains
 up to `budget_trials` times to meet the ratio with the measured coded bytes per parameter
 (moe_jax/inr/budget.py), the same for every INR. A file still over the budget (the smallest model
 does not fit) is kept in the JSON with a note. Seeds `0..seeds-1` give mean and
 std. Classical codecs are deterministic (one run). PSNR / SSIM are measured on the decoded file;
-`decode_s` is a fresh decompress of seed 0's file (compile included, as for a user of the CLI).
+`decode_s` is the decompress inside `compress` of the file just written (a fresh compile for the
+model, as for a user of the CLI), every seed.
 
-Volumes: names in nibabel/tests/data (the first frame of a 4-D series) or paths to a NIfTI/TIFF.
-Writes the JSON (after every ratio, so a cut run keeps its rows), a table, and a PSNR vs ratio
+Volumes: names in nibabel/tests/data (the first frame of a 4-D series), `mni152_t1` (the MNI152
+2009a T1 template in the nilearn wheel, 197x233x189 uint8, 8.7 MB) or paths to a NIfTI/TIFF.
+Writes the JSON (after every row, so a cut run keeps its rows), a table, and a PSNR vs ratio
 plot per volume next to the JSON (bench/out/inr.png).
 """
 from __future__ import annotations
@@ -29,16 +36,29 @@ import os
 import statistics
 import time
 
-from bench import common
+from bench import common, inr_memory
 from moe_jax.commands.common import load_config
 from moe_jax.inr import classical, codec, metrics, volumes
 
-INR_METHODS = ("moec", "moec_mlp", "single", "blocks", "octree")
+VARIANTS = ("moec", "moec_mlp", "single", "blocks", "octree")  # configs/inr_compress.py
+STUDY = {  # MoEC knobs (the paper's): name -> (config variant, overrides)
+    "moec_e8": ("moec", ["model.moe.num_experts=8"]),  # experts: 8 (w0 up to 337.5)
+    "moec_k1": ("moec", ["model.moe.router.k=1"]),  # top-1 (the paper's hard assignment)
+    "moec_w0flat": ("moec", ["model.w0_expert=(30.0,0.0)"]),  # every expert at w0 = 30
+    "moec_nobal": ("moec", ["model.moe.router.loss_weights.importance=0.0",
+                            "model.moe.router.loss_weights.load=0.0"]),  # no balancing losses
+    # No rate control: 8-bit codes as solved (same seed = same training as moec / single, so
+    # the difference is the fill alone).
+    "moec_q8": ("moec", ["quant_max_bits=0"]),
+    "single_q8": ("single", ["quant_max_bits=0"]),
+}
+INR_METHODS = VARIANTS + tuple(STUDY)
 METHODS = INR_METHODS + classical.CODECS
 
 
 def _load(name: str) -> tuple[str, volumes.Volume]:
-  path = name if os.path.sep in name else volumes.example_path(name)
+  path = (inr_memory.mni_path() if name == "mni152_t1" else
+          name if os.path.sep in name else volumes.example_path(name))
   source = volumes.load(path)
   data = source.data if source.data.ndim <= 3 else source.data[(...,) + (0,) * (
       source.data.ndim - 3)]  # first frame of a 4-D series
@@ -47,19 +67,15 @@ def _load(name: str) -> tuple[str, volumes.Volume]:
 
 def _inr_trial(volume: volumes.Volume, method: str, ratio: float, seed: int, lr: float,
                steps: int, batch: int, budget_trials: int) -> dict:
-  config = load_config(f"configs/inr_compress.py:{method}", [
+  variant, overrides = STUDY.get(method, (method, []))
+  config = load_config(f"configs/inr_compress.py:{variant}", overrides + [
       f"train.steps={steps}", f"train.batch_size={batch}", "train.log_every=0",
       f"train.seed={seed}", f"train.learning_rate={lr}"]
       + ([f"budget_trials={budget_trials}"] if budget_trials else []))
-  blob, report = codec.compress(volume, ratio, config)
+  _, report = codec.compress(volume, ratio, config)
   keep = ("psnr", "ssim", "ratio_actual", "file_bytes", "header_bytes", "num_params", "width",
-          "tail_width", "compress_s")
-  out = {**{k: report[k] for k in keep}, "lr": lr}
-  if seed == 0:  # decode time does not depend on the seed: measured once per method and ratio
-    start = time.perf_counter()
-    codec.decompress(blob, config.render_chunk, config.chunk_batch)
-    out["decode_s"] = time.perf_counter() - start
-  return out
+          "tail_width", "levels", "code_bits", "base_file_bytes", "compress_s")
+  return {**{k: report[k] for k in keep}, "lr": lr, "decode_s": report["decompress_s"]}
 
 
 def _inr_record(volume, method, ratio, seeds, lrs, steps, batch, budget_trials) -> dict:
@@ -70,8 +86,8 @@ def _inr_record(volume, method, ratio, seeds, lrs, steps, batch, budget_trials) 
     best = max(trials, key=lambda t: t["psnr"])
     per_seed.append({**best, "encode_s": sum(t["compress_s"] for t in trials),
                      "trials": [{"lr": t["lr"], "psnr": t["psnr"]} for t in trials]})
-    print(f"  {method} {ratio:g}x seed {seed}: psnr {best['psnr']:.2f} (lr {best['lr']:g})",
-          flush=True)
+    print(f"  {method} {ratio:g}x {steps} steps seed {seed}: psnr {best['psnr']:.2f} (lr "
+          f"{best['lr']:g}, {best['file_bytes']} B, levels {best['levels']})", flush=True)
   return {"runs": per_seed, **_summary(per_seed)}
 
 
@@ -89,7 +105,7 @@ def _classical_record(volume, name, ratio) -> dict:
   run = {"psnr": metrics.psnr(data, decoded), "ssim": metrics.ssim(data, decoded),
          "ratio_actual": data.nbytes / len(stream.blob), "file_bytes": len(stream.blob),
          "knob": stream.knob, "encode_s": encode_s, "search_s": search_s, "decode_s": decode_s}
-  print(f"  {name} {ratio:g}x: psnr {run['psnr']:.2f}", flush=True)
+  print(f"  {name} {ratio:g}x: psnr {run['psnr']:.2f}, {len(stream.blob)} B", flush=True)
   return {"runs": [run], **_summary([run])}
 
 
@@ -102,22 +118,26 @@ def _summary(runs: list[dict]) -> dict:
   return out
 
 
+def _label(r: dict, many_steps: bool) -> str:
+  return f"{r['method']} {r['steps']} steps" if many_steps and "steps" in r else r["method"]
+
+
 def _plot(records: list[dict], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   names = sorted({r["volume"] for r in records})
+  many = len({r.get("steps") for r in records if "steps" in r}) > 1
   fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
   for ax, name in zip(axes[0], names):
-    for method in METHODS:
-      rows = sorted((r for r in records if r["volume"] == name and r["method"] == method
-                     and "psnr" in r and "note" not in r),  # over-budget files are not plotted
-                    key=lambda r: r["ratio_actual"])
-      if rows:
-        ax.errorbar([r["ratio_actual"] for r in rows], [r["psnr"] for r in rows],
-                    yerr=[r["psnr_std"] for r in rows], marker="o" if method in INR_METHODS
-                    else "s", linestyle="-" if method in INR_METHODS else "--", label=method,
-                    capsize=2)
+    ok = [r for r in records if r["volume"] == name and "psnr" in r
+          and "note" not in r]  # over-budget files are not plotted
+    for label in dict.fromkeys(_label(r, many) for r in ok):
+      rows = sorted((r for r in ok if _label(r, many) == label), key=lambda r: r["ratio_actual"])
+      inr = rows[0]["method"] in INR_METHODS
+      ax.errorbar([r["ratio_actual"] for r in rows], [r["psnr"] for r in rows],
+                  yerr=[r["psnr_std"] for r in rows], marker="o" if inr else "s",
+                  linestyle="-" if inr else "--", label=label, capsize=2)
     ax.set_xscale("log")
     ax.set_title(name)
     ax.set_xlabel("compression ratio (original bytes / file bytes)")
@@ -132,11 +152,13 @@ def _plot(records: list[dict], path: str) -> None:
 
 def _table(records: list[dict]) -> None:
   rows = [{**r, "psnr_pm": f"{r['psnr']:.2f} ± {r['psnr_std']:.2f}",
-           "ssim_pm": f"{r['ssim']:.3f} ± {r['ssim_std']:.3f}"} if "psnr" in r else r
+           "ssim_pm": f"{r['ssim']:.3f} ± {r['ssim_std']:.3f}",
+           "fill": 100 * r["file_bytes"] / r["budget_bytes"]} if "psnr" in r else r
           for r in records]
   common.print_table(rows, [
-      ("volume", "volume", ""), ("method", "method", ""), ("ratio_target", "target", "g"),
-      ("ratio_actual", "actual ratio", ".1f"), ("file_bytes", "file B", ".0f"),
+      ("volume", "volume", ""), ("method", "method", ""), ("steps", "steps", "d"),
+      ("ratio_target", "target", "g"), ("ratio_actual", "actual ratio", ".1f"),
+      ("file_bytes", "file B", ".0f"), ("fill", "% of budget", ".1f"),
       ("psnr_pm", "PSNR dB", ""), ("ssim_pm", "SSIM", ""), ("encode_s", "encode s", ".2f"),
       ("decode_s", "decode s", ".2f"), ("note", "note", "")],
       title="Compression at equal bytes (mean ± std over seeds; classical codecs: one run)")
@@ -145,12 +167,16 @@ def _table(records: list[dict]) -> None:
 def main() -> None:
   p = common.parser(__doc__.split("\n")[0], "bench/out/inr.json")
   p.add_argument("--volumes", default="", help="comma-separated (default example4d.nii.gz,"
-                 "anatomical.nii; --quick: anatomical.nii)")
+                 "anatomical.nii; --quick: anatomical.nii; mni152_t1: nilearn's template)")
   p.add_argument("--ratios", default="", help="comma-separated (default 50,200,1000,2000)")
-  p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {METHODS}")
+  p.add_argument("--methods", default=",".join(VARIANTS + classical.CODECS),
+                 help=f"subset of {METHODS}")
   p.add_argument("--seeds", type=int, default=0, help="seeds per INR (default 3; --quick 1)")
   p.add_argument("--lrs", default="", help="trial learning rates (default 1e-3,3e-3)")
-  p.add_argument("--steps", type=int, default=0, help="Adam steps (default 300; --quick 60)")
+  p.add_argument("--method-lrs", default="", help="per-method trial learning rates replacing "
+                 "--lrs for those methods, e.g. 'single=3e-3,moec=1e-3' (one trial each)")
+  p.add_argument("--steps", default="", help="Adam steps, comma-separated for a convergence "
+                 "study (default 300; --quick 60)")
   p.add_argument("--batch", type=int, default=4096, help="points per step")
   p.add_argument("--budget-trials", type=int, default=0,
                  help="trainings per INR file to meet the ratio (default: the config's)")
@@ -165,9 +191,12 @@ def main() -> None:
     raise SystemExit(f"--methods: {unknown} unknown; use a subset of {METHODS}")
   seeds = args.seeds or (1 if quick else 3)
   lrs = [float(x) for x in (args.lrs or ("1e-3" if quick else "1e-3,3e-3")).split(",")]
-  steps = args.steps or (60 if quick else 300)
-  records, setup = [], {"seeds": seeds, "lrs": lrs, "steps": steps, "batch_size": args.batch,
-                        "budget_trials": args.budget_trials or "config",
+  method_lrs = {m: [float(x)] for m, x in (kv.split("=") for kv in args.method_lrs.split(",")
+                                           if kv)}
+  step_counts = [int(x) for x in (args.steps or ("60" if quick else "300")).split(",")]
+  records, setup = [], {"seeds": seeds, "lrs": lrs, "method_lrs": method_lrs,
+                        "steps": step_counts,
+                        "batch_size": args.batch, "budget_trials": args.budget_trials or "config",
                         "load_average_start": os.getloadavg()}
   for name in names:
     name, volume = _load(name)
@@ -175,22 +204,25 @@ def main() -> None:
           flush=True)
     for ratio in ratios:
       for method in methods:
-        record = {"volume": name, "shape": list(volume.data.shape), "method": method,
-                  "ratio_target": ratio, "budget_bytes": int(volume.data.nbytes / ratio)}
-        try:
-          if method in INR_METHODS:
-            record.update(_inr_record(volume, method, ratio, seeds, lrs, steps, args.batch,
-                                      args.budget_trials))
-          else:
-            record.update(_classical_record(volume, method, ratio))
-          if any(r["file_bytes"] > record["budget_bytes"] for r in record["runs"]):
-            record["note"] = "over the byte budget: the smallest model does not fit"
-        except ValueError as e:  # the budget leaves no room for this method
-          record["note"] = str(e)[:70]
-          print(f"  {method} {ratio:g}x: {e}", flush=True)
-        records.append(record)
-      common.write_json(args.out, "inr", args, records,
-                        {**setup, "load_average_now": os.getloadavg()})
+        for steps in (step_counts if method in INR_METHODS else [None]):
+          record = {"volume": name, "shape": list(volume.data.shape), "method": method,
+                    "ratio_target": ratio, "budget_bytes": int(volume.data.nbytes / ratio),
+                    **({"steps": steps} if steps else {})}
+          try:
+            if method in INR_METHODS:
+              record.update(_inr_record(volume, method, ratio, seeds,
+                                        method_lrs.get(method, lrs), steps, args.batch,
+                                        args.budget_trials))
+            else:
+              record.update(_classical_record(volume, method, ratio))
+            if any(r["file_bytes"] > record["budget_bytes"] for r in record["runs"]):
+              record["note"] = "over the byte budget: the smallest model does not fit"
+          except ValueError as e:  # the budget leaves no room for this method
+            record["note"] = str(e)[:70]
+            print(f"  {method} {ratio:g}x: {e}", flush=True)
+          records.append(record)
+          common.write_json(args.out, "inr", args, records,
+                            {**setup, "load_average_now": os.getloadavg()})
   _table(records)
   if args.out:
     _plot(records, os.path.splitext(args.out)[0] + ".png")

@@ -31,19 +31,23 @@ CASES = {  # name: config overrides
 }
 
 
-def mni_volume(size: int):
-  """Centre crop (size <= 189) or trilinear upsampling to int16 (size > 189) of MNI152 T1."""
+def mni_path() -> str:
+  """The MNI152 2009a T1 template inside the installed nilearn wheel (197x233x189 uint8)."""
   try:
     import nilearn
   except ImportError:
-    raise SystemExit("error: bench.inr_memory reads the MNI152 template shipped in the nilearn "
-                     "wheel: pip install nilearn==0.14.1 (or .[bench])") from None
+    raise SystemExit("error: the MNI152 template ships in the nilearn wheel: pip install "
+                     "nilearn==0.14.1 (or .[bench])") from None
+  return os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data",
+                      "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+
+
+def mni_volume(size: int):
+  """Centre crop (size <= 189) or trilinear upsampling to int16 (size > 189) of MNI152 T1."""
   import numpy as np
   from scipy import ndimage
   from moe_jax.inr import volumes
-  path = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data",
-                      "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
-  source = volumes.load(path)
+  source = volumes.load(mni_path())
   data = source.data
   if size <= min(data.shape):
     start = [(n - size) // 2 for n in data.shape]

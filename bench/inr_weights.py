@@ -67,7 +67,8 @@ def main() -> None:
     for ratio in ratios:
       for name in args.settings.split(","):
         overrides = SETTINGS[name]
-        config = load_config("configs/inr_compress.py:moec", overrides + [
+        config = load_config("configs/inr_compress.py:moec", overrides + [  # no rate control:
+            "quant_max_bits=0",  # each row stores its setting's bits
             f"train.steps={steps}", "train.log_every=0", f"train.seed={seed}"])
         blob, report = codec.compress(volume, ratio, config)
         records.append({"setting": name, "seed": seed, **report})

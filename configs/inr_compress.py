@@ -42,9 +42,9 @@ def get_config(variant: str = "moec") -> ml_collections.ConfigDict:
     # 26.2 dB; gate on coords 27.3; + top-2 renormalised 28.3; + init_std 1.0 28.4.
   if variant == "moec_mlp":  # the paper's gating network: an MLP on the encoder's features
     c.model.gate, c.model.gate_input = "mlp", "features"
-    # Not the default: measured (bench/inr.py, example4d.nii.gz, 3 seeds, 200 steps) linear gate
-    # on coords vs this: 27.93 +- 0.21 vs 27.54 +- 1.02 dB at 50x, 24.04 vs 23.99 at 200x,
-    # 15.29 vs 12.83 at 1000x (bench/RESULTS.md).
+    # Not the default: measured (bench/inr.py, example4d.nii.gz, 3 seeds, 500 steps, lr 1e-3
+    # each) linear gate on coords vs this: 29.54 +- 0.37 vs 29.32 +- 0.20 dB at 50x, 27.96 vs
+    # 26.45 at 200x, 19.53 vs 16.14 at 1000x (bench/RESULTS.md, second pass).
   if variant == "blocks":
     c.model.grid = (2, 2, 2)
   if variant == "octree":  # TINC: root + 8 leaves (3-D); TINC's default has 2 levels (64 leaves)
@@ -54,6 +54,11 @@ def get_config(variant: str = "moec") -> ml_collections.ConfigDict:
   # then entropy coded ('lzma', or 'none' = bit-packed codes). Measured on anatomical.nii:
   # bench/RESULTS.md, MoEC section.
   c.quant_bits = 8
+  # Rate control (moe_jax/inr/codec.py encode_to_budget): widths are solved for quant_bits codes;
+  # after training the encoder re-quantises with the most levels (up to 2^quant_max_bits - 1)
+  # that keep the coded file within the budget (fewer than 2^quant_bits - 1 when it is over):
+  # files land within a few bytes of original/ratio. 0 = codes at quant_bits exactly.
+  c.quant_max_bits = 12
   c.quant_granularity = "tensor"
   c.entropy_coder = "lzma"
   c.param_dtype = "float16"

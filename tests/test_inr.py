@@ -183,7 +183,8 @@ def test_compress_decompress_round_trip(tmp_path, suffix, variant, chunks, capsy
       metrics.psnr(physical, volumes.physical(decoded)), abs=1e-9)
   assert report["file_bytes"] == len(open(packed, "rb").read())
   assert report["header_bytes"] < 160  # NIfTI: ~90 bytes of header fields in it
-  assert 8.0 <= report["ratio_actual"] < 9.0  # the file fits the budget (tiny: coarse widths)
+  # The file fits the budget and fills it (rate control of the code levels after training).
+  assert 8.0 <= report["ratio_actual"] <= 8.0 / 0.98 and report["levels"] != 255
   if partition:
     assert (tmp_path / "p.png").stat().st_size > 1000
   printed = capsys.readouterr().out
@@ -271,7 +272,8 @@ def test_chunked_file_layout_and_budget(chunked):
   assert len(compressed.records) == 9 and report["chunk_table_bytes"] == compressed.records[0]
   per_chunk = model_lib.num_params(fileformat.model_from_diff(header.model), 3)
   assert report["num_params"] == 8 * per_chunk <= report["budget_params"]
-  assert report["file_bytes"] == len(blob) <= volume.data.nbytes / 3
+  budget_bytes = volume.data.nbytes / 3  # filled by rate control, never exceeded
+  assert 0.98 * budget_bytes <= report["file_bytes"] == len(blob) <= budget_bytes
   # compress: one bar over chunks x steps; the decode of the report: one bar over chunks.
   assert f"{8 * CHUNKED_STEPS}/{8 * CHUNKED_STEPS}" in bars and "chunk-step" in bars
   assert "8/8" in bars and "chunk/s" in bars

@@ -14,36 +14,39 @@ from moe_jax.inr import budget, codec, fileformat as ff, quantise, volumes
 
 
 @pytest.mark.parametrize("granularity", quantise.GRANULARITIES)
-@pytest.mark.parametrize("bits", [8, 6, 2])
-def test_dequantised_values_are_within_half_a_step(bits, granularity):
+@pytest.mark.parametrize("bits,levels", [(8, 0), (6, 0), (2, 0), (12, 0), (10, 700)])
+def test_dequantised_values_are_within_half_a_step(bits, levels, granularity):
   rng = np.random.default_rng(bits)
+  top = levels or (1 << bits) - 1
   for shape in [(3, 7, 5), (4, 9), (6,), (2, 1, 3)]:
     x = rng.normal(0, 0.3, shape) * rng.uniform(0.1, 3, shape[-1:])  # channels of unlike range
-    q = quantise.quantise(x, bits, granularity)
-    assert q.codes.dtype == np.uint8 and q.codes.shape == shape and q.codes.max() < 1 << bits
+    q = quantise.quantise(x, bits, granularity, levels)
+    assert q.codes.dtype == (np.uint8 if bits <= 8 else np.uint16)
+    assert q.codes.shape == shape and q.codes.max() <= top
     assert q.lo.size == q.step.size == quantise.num_groups(shape, granularity)
     step = q.step.astype(np.float64).reshape(quantise.group_shape(shape, granularity))
     error = np.abs(quantise.dequantise(q, granularity) - x)
     assert np.all(error <= step / 2 * (1 + 1e-3) + 1e-7), (shape, error.max())
     if granularity == "channel" and shape == (3, 7, 5):  # one step per output channel
-      np.testing.assert_allclose(step[0, 0], np.ptp(x[0], axis=0) / ((1 << bits) - 1),
-                                 rtol=2e-3)
-  constant = quantise.quantise(np.full((4, 4), 0.125), bits, granularity)
+      np.testing.assert_allclose(step[0, 0], np.ptp(x[0], axis=0) / top, rtol=2e-3)
+  constant = quantise.quantise(np.full((4, 4), 0.125), bits, granularity, levels)
   np.testing.assert_array_equal(quantise.dequantise(constant, granularity), 0.125)
   with pytest.raises(ValueError, match="quant_bits=0"):
     quantise.quantise(np.array([1e5]), bits, granularity)
 
 
 def test_bad_quant_settings_name_the_config_field():
-  with pytest.raises(ValueError, match="quant_bits=9"):
-    quantise.check(9, "tensor")
+  with pytest.raises(ValueError, match="quant_bits=17"):
+    quantise.check(17, "tensor")
+  with pytest.raises(ValueError, match=r"levels=64 must be in \[1, 2\^6 - 1\]"):
+    quantise.quantise(np.ones(3), 6, "tensor", levels=64)
   with pytest.raises(ValueError, match="quant_granularity='row'"):
     quantise.check(8, "row")
 
 
-@pytest.mark.parametrize("bits", [8, 6, 3])
+@pytest.mark.parametrize("bits", [8, 6, 3, 11, 16])
 def test_packed_codes_round_trip(bits):
-  codes = np.random.default_rng(0).integers(0, 1 << bits, 101).astype(np.uint8)
+  codes = np.random.default_rng(0).integers(0, 1 << bits, 101).astype(quantise.code_dtype(bits))
   packed = ff.pack_codes(codes, bits)
   assert len(packed) == -(-101 * bits // 8)
   np.testing.assert_array_equal(ff.unpack_codes(packed, bits, 101), codes)
@@ -69,7 +72,8 @@ TENSORS = [np.random.default_rng(1).normal(0, 0.2, s).astype(np.float32)
 
 @pytest.mark.parametrize("storage,bits,granularity,coder", [
     ("quantised", 8, "tensor", "lzma"), ("quantised", 6, "channel", "none"),
-    ("quantised", 6, "tensor", "lzma"), ("float16", 0, "tensor", "lzma"),
+    ("quantised", 6, "tensor", "lzma"), ("quantised", 12, "tensor", "lzma"),
+    ("quantised", 10, "channel", "none"), ("float16", 0, "tensor", "lzma"),
     ("float32", 0, "tensor", "none")])
 def test_header_and_tensors_round_trip(storage, bits, granularity, coder):
   header = _header(storage, bits, granularity, coder)
@@ -131,6 +135,30 @@ def test_lzma_is_used_only_where_it_beats_the_packed_codes():
                                   quantise.dequantise(q, "tensor"))
 
 
+def test_rate_control_fills_the_byte_budget_and_never_exceeds_it():
+  """encode_to_budget: a file whose 8-bit codes leave 12% / 4% of the budget unused is re-coded
+  with more levels (finer steps, > 8 stored bits), one 4% over with fewer; every file lands
+  within 1% under its budget and decodes to within half of its own step."""
+  rng = np.random.default_rng(0)
+  tensors = [rng.normal(0, s, shape).astype(np.float32)  # trained-like: peaked, unlike ranges
+             for s, shape in [(0.3, (1, 3, 40)), (0.1, (1, 40)), (0.05, (4, 40, 40)),
+                              (0.2, (4, 40)), (0.1, (1, 40, 20)), (0.3, (1, 20, 1))]]
+  header = _header()
+  base = ff.encode(header, [tensors])
+  for fill, more in ((1.12, True), (1.04, True), (0.96, False)):
+    budget_bytes = int(len(base) * fill)
+    blob, levels, base_again = codec.encode_to_budget(header, [tensors], budget_bytes, 12)
+    assert base_again == base and 0.99 * budget_bytes <= len(blob) <= budget_bytes, fill
+    assert (levels > 255) == more and (levels < 255) == (not more), levels
+    got = ff.decode(blob)
+    assert got.header.weights.bits == max(levels.bit_length(), 2)
+    for t, x in zip(ff.decode_tensors(got, [t.shape for t in tensors], 0), tensors):
+      assert np.abs(t - x).max() <= np.ptp(x) / levels / 2 * 1.01 + 1e-6
+  # No rate control (quant_max_bits = 0) or no level count that fits: the 8-bit file.
+  assert codec.encode_to_budget(header, [tensors], len(base) // 2, 0) == (base, 255, base)
+  assert codec.encode_to_budget(header, [tensors], 100, 12) == (base, 255, base)
+
+
 def test_a_float_volume_keeps_its_exact_range():
   header = _header(dtype=np.float32)
   header.value_range = (-0.1, 1e10 / 3)
@@ -185,7 +213,7 @@ GOOD = ff.encode(_header(), [TENSORS])
     (_craft(dtype=200), "dtype code 200"),
     (_craft(value_range=struct.pack("<2d", 0.0, np.inf)), "not finite"),
     (_craft(weights=(7, 8, 0, 0)), "weight coding"),
-    (_craft(weights=(3, 12, 0, 0)), "quant_bits=12"),
+    (_craft(weights=(3, 17, 0, 0)), "quant_bits=17"),
     (_craft(weights=(3, 8, 9, 0)), "weight coding"),
     (_craft(model=ff._records({"kind": "nope"})), "model.kind"),
     (_craft(model=ff._records({"kind": "moec", "nope": 1})), "do not fit"),
@@ -323,7 +351,8 @@ def _fake_attempt(log: list, overhead: int, coded_bpp: float, params_per_bpp: fl
     n = int(params_per_bpp / bpp)
     size = overhead + int(np.ceil(n * coded_bpp))
     log.append(bpp)
-    return b"\0" * size, {"psnr": 10 + n / 100, "num_params": n, "param_bytes": size - overhead,
+    return b"\0" * size, {"psnr": 10 + n / 100, "num_params": n,
+                          "base_param_bytes": size - overhead,
                           "ratio_actual": 1e5 / size, "ratio_target": 1e5 / 1000,
                           "width": max(n // 100, 1), "tail_width": max(n // 100, 1)}, n
   return attempt

@@ -7,7 +7,9 @@ the last sine layer (count linear in T) fills the rest. The solver searches ever
 The coded size of trained, quantised, entropy-coded weights is known only after training, so
 `fit_to_budget` solves with an upper bound of the bytes per parameter (packed codes: the coder
 never stores more), then re-solves with the measured bytes per parameter and keeps the best file
-that fits. `search_psnr` bisects the ratio (log scale) for the smallest file reaching a PSNR.
+that fits. Each attempt's encoder fills the bytes its widths leave (rate control of the code
+levels, `codec.encode_to_budget`), so one training already lands within a few bytes of the
+budget; a re-solve trades those finer codes for more parameters. `search_psnr` bisects the ratio (log scale) for the smallest file reaching a PSNR.
 """
 from __future__ import annotations
 
@@ -72,9 +74,10 @@ def fit_to_budget(attempt: Callable[[float], Trial], max_bytes: float, bytes_per
   """The best file of at most `max_bytes` from up to `trials` attempts.
 
   `attempt(bytes_per_param)` solves the widths for that many bytes per parameter, trains and
-  codes; its report holds `psnr`, `num_params` and `param_bytes` (coded parameter bytes). The
-  first attempt uses `bytes_per_param` (an upper bound), each next one the bytes per parameter
-  the previous file measured. Best = highest PSNR among the files that fit. When none fits (the
+  codes; its report holds `psnr`, `num_params` and `base_param_bytes` (coded parameter bytes at
+  the bits the widths were solved for, before rate control). The first attempt uses
+  `bytes_per_param` (an upper bound), each next one the bytes per parameter the previous file
+  measured at those bits. Best = highest PSNR among the files that fit. When none fits (the
   smallest model is over the budget) it warns with the ratio reached and returns the smallest.
   """
   if trials < 1:
@@ -83,7 +86,7 @@ def fit_to_budget(attempt: Callable[[float], Trial], max_bytes: float, bytes_per
   for i in range(trials):
     results.append(attempt(bpp))
     blob, report = results[-1][:2]
-    measured = report["param_bytes"] / max(report["num_params"], 1)
+    measured = report["base_param_bytes"] / max(report["num_params"], 1)
     if log is not None:
       log(f"budget trial {i + 1}/{trials}: {len(blob)} bytes (budget {int(max_bytes)}), "
           f"{report['num_params']} params at {measured:.3f} B/param, psnr {report['psnr']:.2f}")

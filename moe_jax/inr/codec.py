@@ -11,12 +11,20 @@ decoded alone. Memory is bounded by the chunk batch (parameters, optimizer state
 coordinates) and the volume itself: no full-volume coordinate or float32 grid is made.
 TreeINR (kind 'octree') is one octree over one chunk: it takes no `chunk_shape`.
 
+Rate control: the widths are solved for `quant_bits`-bit codes, so the coded file (entropy coded:
+smaller) lands under the budget; after training, `encode_to_budget` raises the number of code
+levels (finer steps, up to `2^quant_max_bits - 1`) to the largest that still fits, or lowers it
+(coarser steps) when the file at `quant_bits` is over: the file lands within a few bytes of the
+budget from one training, never over it (when no level count fits, the smallest model is over
+the budget and `compress` warns).
+
 The quality reported by `compress` is measured on `decompress(file)` itself (quantised
 parameters, rounding to the volume's dtype, physical values of a scaled NIfTI), so it is what a
 reader of the file gets.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 import warnings
@@ -142,6 +150,52 @@ def _train_chunks(volume: Volume, c: ml_collections.ConfigDict, tiling: chunking
   return chunks, float(np.mean(np.concatenate(mses)))
 
 
+def _check_max_bits(config: ml_collections.ConfigDict) -> None:
+  q = config.quant_max_bits
+  if q and not (config.quant_bits <= q <= max(quantise.BITS)):
+    raise ValueError(f"quant_max_bits={q} must be 0 (no rate control) or in [quant_bits "
+                     f"({config.quant_bits}), {max(quantise.BITS)}]")
+
+
+def encode_to_budget(header: fileformat.Header, chunks: list[list[np.ndarray]],
+                     max_bytes: int, max_bits: int) -> tuple[bytes, int, bytes]:
+  """(file, its code levels, file at the header's bits): rate control of quantised weights.
+
+  The largest number of code levels L in [3, 2^max_bits - 1] (stored bits: those of L) whose file has at most
+  `max_bytes` bytes, bisected from the header's `2^bits - 1` (up when that file fits, down when
+  it does not; the coded size grows with L, so about log2(range) encodes). `max_bits` = 0, float
+  storage, or no L that fits: the file at the header's bits (levels 2^bits - 1; 0 for floats)."""
+  base = fileformat.encode(header, chunks)
+  w = header.weights
+  start = (1 << w.bits) - 1 if w.storage == "quantised" else 0
+  if not start or not max_bits:
+    return base, start, base
+
+  def at(levels: int) -> bytes:
+    bits = max(levels.bit_length(), min(quantise.BITS))
+    return fileformat.encode(dataclasses.replace(
+        header, weights=dataclasses.replace(w, bits=bits, levels=levels)), chunks)
+
+  # Invariant: `lo` fits (or is the sentinel 2: none tried fits), `hi` does not (or is past the
+  # range).
+  lo, hi, best = (start, 1 << max_bits, base) if len(base) <= max_bytes else (2, start, None)
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    blob = at(mid)
+    if len(blob) <= max_bytes:
+      lo, best = mid, blob
+    else:
+      hi = mid
+  return (base, start, base) if best is None else (best, lo, base)
+
+
+def _coded_param_bytes(blob: bytes, table_bytes: int) -> int:
+  """Bytes of the coded parameters of a file (payload less the chunk table and the quantisation
+  tables)."""
+  compressed = fileformat.decode(blob)
+  return len(blob) - compressed.header_bytes - int(compressed.records[0]) - table_bytes
+
+
 def _compress_once(volume: Volume, ratio: float, config: ml_collections.ConfigDict,
                    bytes_per_param: float, log: Callable[[str], None] | None
                    ) -> tuple[bytes, dict]:
@@ -151,7 +205,8 @@ def _compress_once(volume: Volume, ratio: float, config: ml_collections.ConfigDi
   lo, hi = float(np.min(volume.data)), float(np.max(volume.data))
   chunks, train_mse = _train_chunks(volume, c, tiling, config, log)
   train_s = time.perf_counter() - start
-  blob = fileformat.encode(_header(volume, c, lo, hi, weights, tiling), chunks)
+  blob, levels, base = encode_to_budget(_header(volume, c, lo, hi, weights, tiling), chunks,
+                                        int(volume.data.nbytes / ratio), config.quant_max_bits)
   compress_s = time.perf_counter() - start
   decode_start = time.perf_counter()
   decoded = decompress(blob, config.render_chunk, config.chunk_batch)
@@ -167,7 +222,9 @@ def _compress_once(volume: Volume, ratio: float, config: ml_collections.ConfigDi
       "ratio_actual": volume.data.nbytes / len(blob), "original_bytes": volume.data.nbytes,
       "file_bytes": len(blob), "header_bytes": compressed.header_bytes,
       "chunk_table_bytes": chunk_table, "table_bytes": table,
-      "param_bytes": len(blob) - compressed.header_bytes - chunk_table - table,
+      "param_bytes": _coded_param_bytes(blob, table),
+      "levels": levels, "code_bits": compressed.header.weights.bits,
+      "base_file_bytes": len(base), "base_param_bytes": _coded_param_bytes(base, table),
       "chunks": N, "chunk_shape": "x".join(map(str, tiling.chunk_block)),
       "num_params": sum(t.size for ts in chunks for t in ts), "budget_params": budget_params * N,
       "width": c.width, "tail_width": c.tail_width, "train_mse": train_mse, "train_s": train_s,
@@ -184,6 +241,7 @@ def compress(volume: Volume, ratio: float, config: ml_collections.ConfigDict,
   if config.chunk_batch < 1:
     raise ValueError(f"chunk_batch={config.chunk_batch} must be >= 1 (chunks trained at once)")
   weights = fileformat.weights_from_config(config)
+  _check_max_bits(config)
   blob, report = budget.fit_to_budget(
       lambda bpp: _compress_once(volume, ratio, config, bpp, log),
       volume.data.nbytes / ratio, _bytes_per_param(weights), config.budget_trials, log)
@@ -191,8 +249,9 @@ def compress(volume: Volume, ratio: float, config: ml_collections.ConfigDict,
     warnings.warn(f"the file is {len(blob)} bytes for a budget of {volume.data.nbytes / ratio:.0f} "
                   f"({report['ratio_actual']:.1f}x, not {ratio:g}x): the best of "
                   f"{report['budget_trials']} training(s) (width {report['width']}, tail_width "
-                  f"{report['tail_width']}) leaves that much unused; raise budget_trials, or "
-                  "lower --ratio / use fewer chunks for finer widths", stacklevel=2)
+                  f"{report['tail_width']}, {report['levels']} code levels) leaves that much "
+                  "unused; raise quant_max_bits or budget_trials, or lower --ratio / use fewer "
+                  "chunks for finer widths", stacklevel=2)
   return blob, report
 
 

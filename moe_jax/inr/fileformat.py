@@ -23,8 +23,9 @@
                     in C order of the chunk grid, each decodable alone (ROI decode). A record:
                     quantised: per parameter tensor (leaf order of `nnx.state(model,
                     nnx.Param)`) its float16 lo[groups] then step[groups], then the codes of
-                    every tensor (C order): raw LZMA2 of one byte per code (coder lzma) or the
-                    bit-packed codes (coder none, `pack_codes`); float storage: the
+                    every tensor (C order): raw LZMA2 of one byte per code (coder lzma; codes
+                    of more than 8 bits: the low bytes of every code, then the high bytes) or
+                    the bit-packed codes (coder none, `pack_codes`); float storage: the
                     little-endian floats, LZMA2-coded or raw
     crc32           uint32 little-endian of every byte before it
 
@@ -115,17 +116,22 @@ def param_dtype(name: str) -> np.dtype:
 
 @dataclasses.dataclass
 class Weights:
-  """How parameters are stored: `storage` in STORAGES; `bits`, `granularity` for quantised."""
+  """How parameters are stored: `storage` in STORAGES; `bits`, `granularity` for quantised.
+  `levels` (encode only, not stored: the decoder needs `bits`): codes in [0, levels], 0 =
+  2^bits - 1 (the codec's rate control picks it to fill a byte budget)."""
   storage: str
   bits: int  # 0 for float storage
   granularity: str
   coder: str  # requested (encode) or used (decode)
+  levels: int = 0
 
   def check(self) -> None:
     if self.storage not in STORAGES:
       raise ValueError(f"weight storage {self.storage!r}: use one of {STORAGES}")
     if self.storage == "quantised":
       quantise.check(self.bits, self.granularity)
+      if not 0 <= self.levels < 1 << self.bits:
+        raise ValueError(f"levels={self.levels} must be in [1, 2^{self.bits} - 1] (0 = all)")
     if self.coder not in CODERS:
       raise ValueError(f"entropy_coder={self.coder!r}: use one of {CODERS}")
 
@@ -353,16 +359,38 @@ class _Reader:
 
 # --- parameter payload ---------------------------------------------------------------------
 
+def _code_bytes(codes: np.ndarray) -> np.ndarray:
+  """Codes `[n]` as `[n, 1 or 2]` little-endian bytes (uint8 / uint16 codes)."""
+  return np.ascontiguousarray(codes.astype(codes.dtype.newbyteorder("<"))).view(
+      np.uint8).reshape(codes.size, codes.dtype.itemsize)
+
+
 def pack_codes(codes: np.ndarray, bits: int) -> bytes:
-  """uint8 codes < 2^bits as a little-endian bit stream, `ceil(n bits / 8)` bytes."""
-  planes = np.unpackbits(codes.reshape(-1, 1), axis=1, bitorder="little")[:, :bits]
+  """Codes < 2^bits (`quantise.code_dtype(bits)`) as a little-endian bit stream,
+  `ceil(n bits / 8)` bytes."""
+  planes = np.unpackbits(_code_bytes(codes.reshape(-1)), axis=1, bitorder="little")[:, :bits]
   return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
 
 
 def unpack_codes(data: bytes, bits: int, n: int) -> np.ndarray:
-  """Inverse of `pack_codes` for `n` codes."""
+  """Inverse of `pack_codes` for `n` codes (`quantise.code_dtype(bits)`)."""
+  dtype = quantise.code_dtype(bits)
   planes = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")[:n * bits]
-  return np.packbits(planes.reshape(n, bits), axis=1, bitorder="little").reshape(-1)
+  planes = np.pad(planes.reshape(n, bits), ((0, 0), (0, 8 * dtype.itemsize - bits)))
+  return np.packbits(planes, axis=1, bitorder="little").view(dtype.newbyteorder("<")).reshape(
+      -1).astype(dtype)
+
+
+def _byte_planes(codes: np.ndarray) -> bytes:
+  """The bytes lzma codes: one per code, or for 16-bit codes all low bytes then all high bytes
+  (each plane's symbols are alike: the high plane is near-constant)."""
+  return _code_bytes(codes).T.tobytes()
+
+
+def _from_byte_planes(data: bytes, bits: int, n: int) -> np.ndarray:
+  dtype = quantise.code_dtype(bits)
+  planes = np.frombuffer(data, np.uint8).reshape(dtype.itemsize, n)
+  return np.ascontiguousarray(planes.T).view(dtype.newbyteorder("<")).reshape(-1).astype(dtype)
 
 
 def _uncode(data: bytes, coder: str, size: int, what: str) -> bytes:
@@ -388,11 +416,12 @@ def _record(tensors: list[np.ndarray], w: Weights, coder: str) -> bytes:
   if w.storage != "quantised":
     raw = b"".join(np.ascontiguousarray(t, param_dtype(w.storage)).tobytes() for t in tensors)
     return _lzma(raw) if coder == "lzma" else raw
-  qs = [quantise.quantise(t, w.bits, w.granularity) for t in tensors]
+  qs = [quantise.quantise(t, w.bits, w.granularity, w.levels) for t in tensors]
   table = b"".join(np.concatenate([q.lo, q.step]).astype("<f2").tobytes() for q in qs)
-  codes = np.concatenate([q.codes.reshape(-1) for q in qs]) if qs else np.zeros(0, np.uint8)
-  # lzma of one byte per code: what it models best.
-  return table + (_lzma(codes.tobytes()) if coder == "lzma" else pack_codes(codes, w.bits))
+  codes = (np.concatenate([q.codes.reshape(-1) for q in qs]) if qs
+           else np.zeros(0, quantise.code_dtype(w.bits)))
+  # lzma of byte planes (one byte per code up to 8 bits): what it models best.
+  return table + (_lzma(_byte_planes(codes)) if coder == "lzma" else pack_codes(codes, w.bits))
 
 
 def _lzma(raw: bytes) -> bytes:
@@ -431,7 +460,8 @@ def decode_tensors(compressed: Compressed, shapes: list[tuple[int, ...]], chunk:
     tables = [np.frombuffer(reader.take(4 * g, "the quantisation table"), "<f2") for g in groups]
     rest = data[reader.pos:]
     if w.coder == "lzma":
-      codes = np.frombuffer(_uncode(rest, "lzma", n, "the code stream"), np.uint8)
+      width = quantise.code_dtype(w.bits).itemsize
+      codes = _from_byte_planes(_uncode(rest, "lzma", width * n, "the code stream"), w.bits, n)
     else:
       codes = unpack_codes(_uncode(rest, "none", -(-n * w.bits // 8), "the code stream"),
                            w.bits, n)

@@ -1,5 +1,7 @@
 """Uniform (asymmetric) quantisation of parameter tensors to `bits`-bit codes, as a codec stores
-weights: `x ≈ lo + code * step`, `code` in [0, 2^bits - 1], one (lo, step) pair per group.
+weights: `x ≈ lo + code * step`, `code` in [0, levels], one (lo, step) pair per group. `levels`
+is `2^bits - 1` unless the encoder's rate control (`codec`) picks fewer to fit a byte budget; the
+decoder needs only `bits` (codes are `< 2^bits`), so `levels` is not stored.
 
 Groups (`granularity`):
 - "tensor": one (lo, step) per tensor.
@@ -10,7 +12,7 @@ Measured on anatomical.nii (bench/RESULTS.md, MoEC section): per-tensor is the d
 
 `lo` and `step` are stored as float16. They are rounded outward (lo down, step up) so that every
 element lies inside `[lo, lo + (2^bits - 1) step]`: the dequantised value is within `step / 2` of
-the original (the round-trip bound `tests/test_inr.py` checks).
+the original (the round-trip bound `tests/test_inr_format.py` checks).
 """
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ import dataclasses
 import numpy as np
 
 GRANULARITIES = ("tensor", "channel")
-BITS = (2, 3, 4, 5, 6, 7, 8)  # codes are stored one per byte (the entropy coder packs them)
+BITS = tuple(range(2, 17))  # codes: uint8 up to 8 bits, uint16 above (the file packs or codes them)
 _F16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclasses.dataclass
 class Quantised:
-  codes: np.ndarray  # uint8, the tensor's shape
+  codes: np.ndarray  # code_dtype(bits), the tensor's shape
   lo: np.ndarray  # float16 [groups]: value of code 0
   step: np.ndarray  # float16 [groups]: value of one code step (>= 0)
 
@@ -36,6 +38,11 @@ def check(bits: int, granularity: str) -> None:
     raise ValueError(f"quant_bits={bits!r}: use one of {BITS} (or 0 for float parameters)")
   if granularity not in GRANULARITIES:
     raise ValueError(f"quant_granularity={granularity!r}: use one of {GRANULARITIES}")
+
+
+def code_dtype(bits: int) -> np.dtype:
+  """uint8 codes up to 8 bits, uint16 above."""
+  return np.dtype(np.uint8 if bits <= 8 else np.uint16)
 
 
 def group_shape(shape: tuple[int, ...], granularity: str) -> tuple[int, ...]:
@@ -56,20 +63,24 @@ def _outward_f16(x: np.ndarray, up: bool) -> np.ndarray:
   return np.where(wrong, np.nextafter(y, np.float16(np.inf if up else -np.inf)), y)
 
 
-def quantise(x: np.ndarray, bits: int, granularity: str) -> Quantised:
-  """Codes of `x` (any shape, finite, |x| < 65504) with their float16 (lo, step) groups."""
+def quantise(x: np.ndarray, bits: int, granularity: str, levels: int = 0) -> Quantised:
+  """Codes in [0, levels] of `x` (any shape, finite, |x| < 65504) with their float16 (lo, step)
+  groups; `levels` in [1, 2^bits - 1], 0 = 2^bits - 1."""
   check(bits, granularity)
+  if not 0 <= levels < 1 << bits:
+    raise ValueError(f"levels={levels} must be in [1, 2^{bits} - 1] (0 = 2^bits - 1)")
   x = np.asarray(x, np.float64)
   if not np.all(np.isfinite(x)) or (x.size and np.max(np.abs(x)) >= _F16_MAX / 2):
     raise ValueError(f"a parameter tensor holds non-finite values or values beyond float16's "
                      f"range (max |x| {np.max(np.abs(x)):.3g}): set quant_bits=0")
   axes = tuple(i for i, n in enumerate(group_shape(x.shape, granularity)) if n == 1)
-  levels = (1 << bits) - 1
+  levels = levels or (1 << bits) - 1
   lo = _outward_f16(np.min(x, axis=axes, keepdims=True), up=False)
   step = _outward_f16((np.max(x, axis=axes, keepdims=True) - lo.astype(np.float64)) / levels,
                       up=True)
   safe = np.where(step > 0, step.astype(np.float64), 1.0)
-  codes = np.clip(np.rint((x - lo.astype(np.float64)) / safe), 0, levels).astype(np.uint8)
+  codes = np.clip(np.rint((x - lo.astype(np.float64)) / safe), 0, levels).astype(
+      code_dtype(bits))
   return Quantised(codes, lo.reshape(-1), step.reshape(-1))
 
 
