@@ -25,8 +25,7 @@ class _Chain(nnx.Module):
 
   def __init__(self, dtype):
     rngs = nnx.Rngs(0)
-    self.attn = nnx.MultiHeadAttention(2, 16, dtype=dtype, decode=False, rngs=rngs,
-                                       **grad_precision.ATTENTION_KWARGS)
+    self.attn = grad_precision.MultiHeadAttention(2, 16, dtype=dtype, decode=False, rngs=rngs)
     self.mlp = vit.Mlp(16, 32, dropout_rate=0.0, dtype=dtype, rngs=rngs)
     self.experts = ExpertBank(2, 16, 8, dtype=dtype, rngs=rngs)
     self.scale = vit.LayerScale(16, 0.5)
