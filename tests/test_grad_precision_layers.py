@@ -193,10 +193,12 @@ def _gradient_dtypes_by_parameter(name: str, option: str) -> dict[str, tuple[int
   config, apply, batch = MODELS[name]()
   model = nnx.eval_shape(lambda: models.build_model(config, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  loss = lambda p, r, b: jnp.sum(apply(nnx.merge(graphdef, p, r), b).astype(jnp.float32) ** 2)
+  # The RNG counts (rest) are differentiated too (float0), so that the model mutates them in the
+  # gradient's trace.
+  loss = lambda pr, b: jnp.sum(apply(nnx.merge(graphdef, *pr), b).astype(jnp.float32) ** 2)
   with gp.reduce_in(option):
-    closed = jax.make_jaxpr(jax.grad(loss))(params, rest, batch)
-  paths = ["/".join(map(str, (getattr(k, "key", k) for k in path)))
+    closed = jax.make_jaxpr(jax.grad(loss, allow_int=True))((params, rest), batch)
+  paths = ["/".join(str(k.key) for k in path if hasattr(k, "key"))
            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   return {p: (int(np.prod(leaf.shape)), gradient_dtypes(closed.jaxpr, v))
           for p, leaf, v in zip(paths, jax.tree.leaves(params), closed.jaxpr.outvars)}
