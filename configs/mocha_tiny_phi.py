@@ -26,7 +26,7 @@ def get_config(variant: str = "float32") -> ml_collections.ConfigDict:
   check_variant(variant, VARIANTS)
   c = mocha_tiny_digits_vqa.get_config("stage2")
   c.model.decoder = phi.phi_config(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=4,
-                                   vocab_size=len(tokenizer.VOCAB), max_len=64, moe_layers="1")
+                                   vocab_size=len(tokenizer.VOCAB), max_len=64, moe_layers="last:1")
   c.model.decoder.dtype = c.model.connector.dtype = variant
   for encoder in c.model.encoders.values():
     encoder[encoder.kind].dtype = variant

@@ -49,7 +49,7 @@ def _params_and_outputs(layer, x):
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
   apply = lambda p, x: nnx.merge(graphdef, p, rest)(x)
   loss = lambda p, x: jnp.sum(apply(p, x).astype(jnp.float32) ** 2)
-  return params, apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x)
+  return params, jax.jit(apply)(params, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -104,7 +104,7 @@ def test_bias_gradient_is_an_f32_sum_by_default_and_bf16_as_the_option(name):
   out = {}
   for option in gp.GRAD_REDUCE_DTYPES:
     with gp.reduce_in(option):
-      value, grads = jax.value_and_grad(loss)(params)
+      value, grads = jax.jit(jax.value_and_grad(loss))(params)
     leaf = functools.reduce(lambda node, key: node[key], path, grads)
     out[option] = value, np.asarray(leaf[...])
   assert out["float32"][0] == out["bfloat16"][0]  # the same forward
@@ -177,7 +177,7 @@ def _tiny_mocha(decoder: str):
   c = mocha_tiny_phi.get_config("bfloat16").model
   if decoder == "llama":
     c.decoder = llama.llama_config(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=2,
-                                   vocab_size=len(tokenizer.VOCAB), max_len=64, moe_layers="1",
+                                   vocab_size=len(tokenizer.VOCAB), max_len=64, moe_layers="last:1",
                                    tie_embeddings=True)
     c.decoder.dtype = "bfloat16"
   batch = {"image": jnp.zeros((2, 28, 28, 1)), "tokens": jnp.zeros((2, 6), jnp.int32)}
