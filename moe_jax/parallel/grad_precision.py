@@ -74,18 +74,30 @@ def _f32_reduction(compute_dtype, param_dtype) -> bool:
           and jnp.dtype(compute_dtype) != jnp.float32)
 
 
-def cast_after(spread: Callable[[jax.Array], jax.Array], param: jax.Array, dtype) -> jax.Array:
+def cast_after(spread: Callable[[jax.Array], jax.Array], param: jax.Array, dtype,
+               like: jax.Array | None = None) -> jax.Array:
   """`spread(param)` in `dtype`, `spread` a linear map that copies `param` out (broadcast, take
   by row): under the f32 option it runs before the cast, so its transpose (the sum of the
-  cotangent over the copies, e.g. over the batch) is an f32 sum; else after it."""
+  cotangent over the copies, e.g. over the batch) is an f32 sum; else after it.
+
+  `like`: the array the result is combined with, inside `jax.shard_map`: `param` (replicated)
+  is first made varying over the manual mesh axes `like` varies over, so that the cross-device
+  sum of its gradient runs on `param`'s own shape (after the sum over the copies), not on the
+  spread cotangent (which JAX would psum otherwise: `[E, C, F]` instead of `[E, 1, F]`)."""
+  def vary(p):
+    axes = () if like is None else tuple(sorted(_varying(like) - _varying(p)))
+    return jax.lax.pcast(p, axes, to="varying") if axes else p
+
   if _f32_reduction(dtype, param.dtype):
-    return spread(param).astype(dtype)
-  return spread(param.astype(dtype))
+    return spread(vary(param)).astype(dtype)
+  return spread(vary(param.astype(dtype)))
 
 
-def broadcast_cast(param: jax.Array, shape: Sequence[int], dtype) -> jax.Array:
-  """`param` broadcast to `shape` in `dtype`, for an elementwise use (add, multiply, concat)."""
-  return cast_after(lambda p: jnp.broadcast_to(p, shape), param, dtype)
+def broadcast_cast(param: jax.Array, shape: Sequence[int], dtype,
+                   like: jax.Array | None = None) -> jax.Array:
+  """`param` broadcast to `shape` in `dtype`, for an elementwise use (add, multiply, concat)
+  with `like` (see `cast_after`)."""
+  return cast_after(lambda p: jnp.broadcast_to(p, shape), param, dtype, like)
 
 
 def weight_operand(kernel: jax.Array, compute_dtype) -> jax.Array:
@@ -234,7 +246,7 @@ def _compute_dtype(dtype, *arrays: jax.Array):
 
 def _add_bias(y: jax.Array, bias) -> jax.Array:
   """`y + bias` (an `nnx.Param` or None) broadcast over `y`'s leading axes by `broadcast_cast`."""
-  return y if bias is None else y + broadcast_cast(bias[...], y.shape, y.dtype)
+  return y if bias is None else y + broadcast_cast(bias[...], y.shape, y.dtype, like=y)
 
 
 class Linear(nnx.Linear):
