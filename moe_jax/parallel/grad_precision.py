@@ -14,8 +14,9 @@ either way).
   kernel gradient is a matmul with `preferred_element_type=float32` (a bf16 x bf16 -> f32 MXU
   product, no extra FLOPs; XLA:CPU, which has no such dot at run time, gets f32-upcast operands:
   the same exact products), so the partial sums, and the all-reduce, are f32. The convolution's
-  kernel gradient is computed from f32 inputs (patch embeddings and ConvNeXt convolutions: a few
-  % of those models' FLOPs). Parameters used elementwise (biases, position embeddings, layer
+  kernel gradient is computed from f32 inputs (the ViT patch embedding: about 1% of a ViT's
+  FLOPs; ConvNeXt's stem, downsampling and depthwise convolutions: their cost in f32 is not
+  measured). Parameters used elementwise (biases, position embeddings, layer
   scales, CLS tokens, embedding tables) go through `cast_after` / `broadcast_cast`: broadcast
   (or gathered) in f32, then cast, so the transposed broadcast (the sum over the batch) runs on
   the f32 cotangent. Norm scales and biases (`LayerNorm`) enter flax's f32 normalisation as f32
