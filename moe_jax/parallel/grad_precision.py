@@ -19,7 +19,9 @@ either way).
   measured). Parameters used elementwise (biases, position embeddings, layer
   scales, CLS tokens, embedding tables) go through `cast_after` / `broadcast_cast`: broadcast
   (or gathered) in f32, then cast, so the transposed broadcast (the sum over the batch) runs on
-  the f32 cotangent. Norm scales and biases (`LayerNorm`) enter flax's f32 normalisation as f32
+  the f32 cotangent (inside `shard_map`, `like=` the activation makes a replicated parameter
+  varying before the broadcast, so the cross-device sum runs on the parameter's own shape, not
+  on the broadcast cotangent). Norm scales and biases (`LayerNorm`) enter flax's f32 normalisation as f32
   arrays holding their bf16-rounded values (`round_in`), so their gradient is not rounded to
   bf16 either.
 - "bfloat16": the stock cast, gradients reduced in the compute dtype: half the bytes on the wire.
