@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.models.vit import DropPath, LayerScale, with_overrides
+from moe_jax.parallel.grad_precision import Conv, Linear
 
 # name -> (widths, depths), as in the paper (XXL: the LAION CLIP ConvNeXt-XXLarge).
 SIZES = {
@@ -67,11 +68,11 @@ class ConvNeXtBlock(nnx.Module):
   def __init__(self, c: ml_collections.ConfigDict, dim: int, drop_path: float, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(c.dtype)
     self.gelu_approximate = c.gelu_approximate
-    self.dwconv = nnx.Conv(dim, dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=dim,
-                           dtype=dtype, rngs=rngs)
+    self.dwconv = Conv(dim, dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=dim,
+                       dtype=dtype, rngs=rngs)
     self.norm = nnx.LayerNorm(dim, epsilon=c.layer_norm_eps, rngs=rngs)
-    self.fc1 = nnx.Linear(dim, 4 * dim, dtype=dtype, rngs=rngs)
-    self.fc2 = nnx.Linear(4 * dim, dim, dtype=dtype, rngs=rngs)
+    self.fc1 = Linear(dim, 4 * dim, dtype=dtype, rngs=rngs)
+    self.fc2 = Linear(4 * dim, dim, dtype=dtype, rngs=rngs)
     self.ls = LayerScale(dim, c.layer_scale) if c.layer_scale else None
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
@@ -88,8 +89,8 @@ class Stage(nnx.Module):
                downsample: bool, drop_paths: list[float], *, rngs: nnx.Rngs):
     self.downsample_norm = (nnx.LayerNorm(d_in, epsilon=c.layer_norm_eps, rngs=rngs)
                             if downsample else None)
-    self.downsample = (nnx.Conv(d_in, dim, (2, 2), strides=(2, 2), padding="VALID",
-                                dtype=jnp.dtype(c.dtype), rngs=rngs) if downsample else None)
+    self.downsample = (Conv(d_in, dim, (2, 2), strides=(2, 2), padding="VALID",
+                            dtype=jnp.dtype(c.dtype), rngs=rngs) if downsample else None)
     self.blocks = nnx.List([ConvNeXtBlock(c, dim, drop_paths[j], rngs=rngs) for j in range(depth)])
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -108,8 +109,8 @@ class ConvNeXt(nnx.Module):
     c = config
     self.dtype = jnp.dtype(c.dtype)
     widths, p = tuple(c.widths), c.patch_size
-    self.stem = nnx.Conv(c.channels, widths[0], (p, p), strides=(p, p), padding="VALID",
-                         dtype=self.dtype, rngs=rngs)
+    self.stem = Conv(c.channels, widths[0], (p, p), strides=(p, p), padding="VALID",
+                     dtype=self.dtype, rngs=rngs)
     self.stem_norm = nnx.LayerNorm(widths[0], epsilon=c.layer_norm_eps, rngs=rngs)
     rates = np.split(np.linspace(0.0, c.stochastic_depth, sum(c.depths)),
                      np.cumsum(c.depths)[:-1])

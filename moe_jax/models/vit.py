@@ -116,9 +116,8 @@ class Mlp(nnx.Module):
     self.gelu_approximate, self.quick_gelu = gelu_approximate, quick_gelu
     init = dict(kernel_init=nnx.initializers.xavier_uniform(),
                 bias_init=nnx.initializers.normal(1e-6))
-    init.update(grad_precision.LINEAR_KWARGS)
-    self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs, **init)
-    self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, rngs=rngs, **init)
+    self.fc1 = grad_precision.Linear(dim, hidden, dtype=dtype, rngs=rngs, **init)
+    self.fc2 = grad_precision.Linear(hidden, dim, dtype=dtype, rngs=rngs, **init)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -158,10 +157,9 @@ class Block(nnx.Module):
                rngs: nnx.Rngs):
     dtype = jnp.dtype(c.dtype)
     self.norm1 = nnx.LayerNorm(c.width, epsilon=c.layer_norm_eps, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(
+    self.attn = grad_precision.MultiHeadAttention(
         c.num_heads, c.width, dtype=dtype, dropout_rate=c.attention_dropout_rate,
-        kernel_init=nnx.initializers.xavier_uniform(), decode=False, rngs=rngs,
-        **grad_precision.ATTENTION_KWARGS)
+        kernel_init=nnx.initializers.xavier_uniform(), decode=False, rngs=rngs)
     self.norm2 = nnx.LayerNorm(c.width, epsilon=c.layer_norm_eps, rngs=rngs)
     self.mlp = mlp if mlp is not None else Mlp(c.width, c.mlp_dim, dropout_rate=c.dropout_rate,
                                                dtype=dtype, rngs=rngs,
@@ -189,9 +187,9 @@ class MAPHead(nnx.Module):
   def __init__(self, c: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(c.dtype)
     self.probe = nnx.Param(nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, c.width)))
-    self.attn = nnx.MultiHeadAttention(c.num_heads, c.width, dtype=dtype, decode=False,
-                                       kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs,
-                                       **grad_precision.ATTENTION_KWARGS)
+    self.attn = grad_precision.MultiHeadAttention(
+        c.num_heads, c.width, dtype=dtype, decode=False,
+        kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
     self.norm = nnx.LayerNorm(c.width, epsilon=c.layer_norm_eps, rngs=rngs)
     self.mlp = Mlp(c.width, c.mlp_dim, dropout_rate=0.0, dtype=dtype, rngs=rngs,
                    gelu_approximate=c.gelu_approximate, quick_gelu=c.quick_gelu)
@@ -214,9 +212,8 @@ class ViT(nnx.Module):
     self.remat_policy = c.remat_policy
     p, D = c.patch_size, c.width
     grid = c.image_size // p
-    self.patch_embed = nnx.Conv(c.channels, D, (p, p), strides=(p, p), padding="VALID",
-                                use_bias=c.patch_bias, dtype=self.dtype, rngs=rngs,
-                                **grad_precision.CONV_KWARGS)
+    self.patch_embed = grad_precision.Conv(c.channels, D, (p, p), strides=(p, p), padding="VALID",
+                                           use_bias=c.patch_bias, dtype=self.dtype, rngs=rngs)
     if c.posemb == "learned":
       self.posemb = nnx.Param(nnx.initializers.normal(1 / np.sqrt(D))(rngs.params(),
                                                                      (1, grid * grid, D)))

@@ -48,7 +48,8 @@ class ExpertBank(nnx.Module):
     `row_weights [E, N]` if given (see `weighted_linear`)."""
     dt = self.dtype
     h = grad_precision.weight_dot_general(x.astype(dt), self.fc1_kernel[...], _BATCHED_DIMS)
-    h = self.dropout(self.activation(h + broadcast_cast(self.fc1_bias[...][:, None], h.shape, dt)))
+    bias = broadcast_cast(self.fc1_bias[...][:, None], h.shape, dt, like=h)  # [E, N, F]
+    h = self.dropout(self.activation(h + bias))
     return weighted_linear(None, h, self.fc2_kernel[...], self.fc2_bias[...][:, None],
                            row_weights, None)
 
@@ -98,7 +99,7 @@ def weighted_linear(grouping: Grouping, h: jax.Array, kernel: jax.Array, bias: j
   """
   if row_weights is None:
     y = _matmul(grouping, h, kernel, group_sizes)
-    return y + broadcast_cast(bias, y.shape, y.dtype)
+    return y + broadcast_cast(bias, y.shape, y.dtype, like=y)
   return _weighted_linear(grouping, h, kernel, bias, row_weights, group_sizes)
 
 

@@ -25,8 +25,8 @@ class SharedExpert(nnx.Module):
   def __init__(self, dim: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     hidden = config.shared_expert.hidden_dim or config.hidden_dim
     self.dtype = jnp.dtype(config.dtype)
-    self.fc1 = nnx.Linear(dim, hidden, dtype=self.dtype, rngs=rngs, **grad_precision.LINEAR_KWARGS)
-    self.fc2 = nnx.Linear(hidden, dim, dtype=self.dtype, rngs=rngs, **grad_precision.LINEAR_KWARGS)
+    self.fc1 = grad_precision.Linear(dim, hidden, dtype=self.dtype, rngs=rngs)
+    self.fc2 = grad_precision.Linear(hidden, dim, dtype=self.dtype, rngs=rngs)
     self.activation = ACTIVATIONS[config.activation]
     self.gate = (nnx.Linear(dim, 1, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
                  if config.shared_expert.combine == "gate" else None)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from moe_jax.parallel.grad_precision import Linear
 from moe_jax.parallel.mesh import batch_axes, batch_shards
 from moe_jax.routing.ops import current_mesh
 
@@ -99,8 +100,8 @@ class SelfAttention(nnx.Module):
   def __init__(self, c: ml_collections.ConfigDict, *, bias: bool, rngs: nnx.Rngs):
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
     self.rotary_dims, self.rope_theta = c.rotary_dims, c.rope_theta
-    linear = lambda n_in, n_out: nnx.Linear(n_in, n_out, use_bias=bias, dtype=jnp.dtype(c.dtype),
-                                            param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+    linear = lambda n_in, n_out: Linear(n_in, n_out, use_bias=bias, dtype=jnp.dtype(c.dtype),
+                                        param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
     self.query = linear(c.width, c.num_heads * c.head_dim)
     self.key = linear(c.width, c.num_kv_heads * c.head_dim)
     self.value = linear(c.width, c.num_kv_heads * c.head_dim)

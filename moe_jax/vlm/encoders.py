@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.models import convnext, vit
+from moe_jax.parallel.grad_precision import Conv, Linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +120,11 @@ class ConvBlock(nnx.Module):
   """ConvNeXt block `[B, H, W, C] -> [B, H, W, C]`: depthwise conv, LN, MLP (C -> rC -> C), skip."""
 
   def __init__(self, dim: int, kernel_size: int, mlp_ratio: int, dtype, *, rngs: nnx.Rngs):
-    self.dwconv = nnx.Conv(dim, dim, (kernel_size, kernel_size), feature_group_count=dim,
-                           padding="SAME", dtype=dtype, rngs=rngs)
+    self.dwconv = Conv(dim, dim, (kernel_size, kernel_size), feature_group_count=dim,
+                       padding="SAME", dtype=dtype, rngs=rngs)
     self.norm = nnx.LayerNorm(dim, rngs=rngs)
-    self.fc1 = nnx.Linear(dim, mlp_ratio * dim, dtype=dtype, rngs=rngs)
-    self.fc2 = nnx.Linear(mlp_ratio * dim, dim, dtype=dtype, rngs=rngs)
+    self.fc1 = Linear(dim, mlp_ratio * dim, dtype=dtype, rngs=rngs)
+    self.fc2 = Linear(mlp_ratio * dim, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return x + self.fc2(nnx.gelu(self.fc1(self.norm(self.dwconv(x)))))
@@ -139,13 +140,13 @@ class ConvNet(nnx.Module):
                        "non-empty and of equal length")
     dtype = jnp.dtype(c.dtype)
     p = c.stem_patch
-    self.stem = nnx.Conv(channels, c.widths[0], (p, p), strides=(p, p), padding="VALID",
-                         dtype=dtype, rngs=rngs)
+    self.stem = Conv(channels, c.widths[0], (p, p), strides=(p, p), padding="VALID",
+                     dtype=dtype, rngs=rngs)
     self.stem_norm = nnx.LayerNorm(c.widths[0], rngs=rngs)
     self.downsample = nnx.List([
         nnx.Sequential(nnx.LayerNorm(c.widths[i - 1], rngs=rngs),
-                       nnx.Conv(c.widths[i - 1], c.widths[i], (2, 2), strides=(2, 2),
-                                padding="VALID", dtype=dtype, rngs=rngs))
+                       Conv(c.widths[i - 1], c.widths[i], (2, 2), strides=(2, 2),
+                            padding="VALID", dtype=dtype, rngs=rngs))
         for i in range(1, len(c.widths))])
     self.stages = nnx.List([
         nnx.Sequential(*[ConvBlock(w, c.kernel_size, c.mlp_ratio, dtype, rngs=rngs)

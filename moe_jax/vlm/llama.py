@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from moe_jax.parallel.grad_precision import Linear, broadcast_cast
 from moe_jax.vlm import attention, lm
 
 
@@ -36,15 +37,15 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+    return broadcast_cast(self.scale[...], x.shape, x.dtype) * normed.astype(x.dtype)
 
 
 class SwiGLU(nnx.Module):
   """`[..., D] -> [..., D]`: `down(silu(gate(x)) * up(x))`, gate / up D -> F, down F -> D."""
 
   def __init__(self, c: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    linear = lambda n_in, n_out: nnx.Linear(n_in, n_out, use_bias=False, dtype=jnp.dtype(c.dtype),
-                                            param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+    linear = lambda n_in, n_out: Linear(n_in, n_out, use_bias=False, dtype=jnp.dtype(c.dtype),
+                                        param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
     self.gate, self.up, self.down = (linear(c.width, c.mlp_dim), linear(c.width, c.mlp_dim),
                                      linear(c.mlp_dim, c.width))
 
@@ -73,7 +74,7 @@ class Llama(lm.CausalLM):
   def __init__(self, c: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     c = self.init_trunk(c, LlamaBlock, rngs=rngs)
     self.norm = RMSNorm(c)
-    self.head = None if c.tie_embeddings else nnx.Linear(
+    self.head = None if c.tie_embeddings else Linear(
         c.width, c.vocab_size, use_bias=False, dtype=self.dtype,
         param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
 

@@ -22,6 +22,7 @@ from flax import nnx
 
 from moe_jax import moe
 from moe_jax.models import vimoe
+from moe_jax.parallel.grad_precision import Embed
 from moe_jax.vlm import attention
 
 DTYPES = ("float32", "bfloat16")
@@ -115,8 +116,8 @@ class CausalLM(nnx.Module):
     c = resolved(c)
     self.max_len, self.dtype = c.max_len, jnp.dtype(c.dtype)
     self.num_kv_heads, self.head_dim = c.num_kv_heads, c.head_dim
-    self.embed = nnx.Embed(c.vocab_size, c.width, dtype=self.dtype,
-                           param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+    self.embed = Embed(c.vocab_size, c.width, dtype=self.dtype,
+                       param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
     self.blocks = nnx.List([block(c, mlp, rngs=rngs) for mlp in moe_mlps(c, rngs=rngs)])
     return c
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from moe_jax.parallel.grad_precision import LayerNorm, Linear
 from moe_jax.vlm import attention, lm
 
 
@@ -31,8 +32,8 @@ class PhiMlp(nnx.Module):
 
   def __init__(self, c: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
-    self.fc1 = nnx.Linear(c.width, c.mlp_dim, **kw)
-    self.fc2 = nnx.Linear(c.mlp_dim, c.width, **kw)
+    self.fc1 = Linear(c.width, c.mlp_dim, **kw)
+    self.fc2 = Linear(c.mlp_dim, c.width, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
@@ -52,9 +53,9 @@ class PhiBlock(nnx.Module):
     return x + a + self.mlp(h), cache
 
 
-def _layer_norm(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(c.width, epsilon=c.norm_eps, dtype=jnp.dtype(c.dtype),
-                       param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+def _layer_norm(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> LayerNorm:
+  return LayerNorm(c.width, epsilon=c.norm_eps, dtype=jnp.dtype(c.dtype),
+                   param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
 
 
 class Phi(lm.CausalLM):
@@ -64,8 +65,8 @@ class Phi(lm.CausalLM):
   def __init__(self, c: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     c = self.init_trunk(c, PhiBlock, rngs=rngs)
     self.norm = _layer_norm(c, rngs)
-    self.head = nnx.Linear(c.width, c.vocab_size, dtype=self.dtype,
-                           param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+    self.head = Linear(c.width, c.vocab_size, dtype=self.dtype,
+                       param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
 
   def logits(self, h):
     return self.head(h).astype(jnp.float32)
