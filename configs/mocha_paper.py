@@ -157,6 +157,9 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
                                    hf.vit_config_from_hf(DINOV2_L14)),
   }, image_size=c.data.get_ref("image_size"), channels=c.data.get_ref("channels"))
   c.model.decoder.dtype = c.model.connector.dtype = "bfloat16"
+  # The reference trains with --gradient_checkpointing True (HF: each decoder layer keeps only
+  # its input for the backward pass): remat 'full' on every Phi-2 block.
+  c.model.decoder.remat_policy = "full"
 
   c.optimizer = optim.default_config()
   c.optimizer.warmup_steps = int(0.03 * c.total_steps)
