@@ -141,6 +141,10 @@ class CausalLM(nnx.Module):
     P, L = prefix.shape[1], tokens.shape[1]
     if P + L > self.max_len:
       raise ValueError(f"model.decoder.max_len={self.max_len} < {P} visual + {L} text tokens")
-    x = jnp.concatenate([prefix.astype(self.dtype), self.embed(tokens)], axis=1)
+    # Batch-sharded embeddings and logits (`attention.shard_batch`): with the vocabulary-sharded
+    # table and head of the FSDP rules, XLA otherwise gathers the whole batch there and
+    # all-reduces [B, L, D] embeddings and [B, L, V] logit-sized tensors on every device.
+    embedded = attention.shard_batch(self.embed(tokens))
+    x = jnp.concatenate([prefix.astype(self.dtype), embedded], axis=1)
     positions = jnp.broadcast_to(jnp.arange(P + L), (tokens.shape[0], P + L))
-    return self.logits(self.forward(x, positions, None)[0][:, P:])
+    return attention.shard_batch(self.logits(self.forward(x, positions, None)[0][:, P:]))
