@@ -67,6 +67,7 @@ connectors + LM at lr 2e-5, batch 128; cosine, 3% warmup (the reference: batch 3
 AOT (compile only, from a CPU host with libtpu; bench/RESULTS.md "AOT: MoCHA paper config"):
     python -m moe_jax.commands.aot --config configs/mocha_paper.py:stage2 --topology v5p:4x4x4 \
         --config.mesh.data=1 --config.mesh.fsdp=16 --config.mesh.expert=4
+(per-depth compiles and the full one: `python -m bench.mocha_aot --full`).
 Expected result: not measured (needs accelerators and the data).
 """
 from __future__ import annotations
