@@ -69,6 +69,7 @@ connectors + LM at lr 2e-5, batch 128; cosine, 3% warmup (the reference: batch 3
 AOT (compile only, from a CPU host with libtpu; bench/RESULTS.md "AOT: MoCHA paper config"):
     python -m moe_jax.commands.aot --config configs/mocha_paper.py:stage2 --topology v5p:4x4x4 \
         --config.mesh.data=1 --config.mesh.fsdp=16 --config.mesh.expert=4
+(per-depth compiles and the full one: `python -m bench.mocha_aot --full`).
 Expected result: not measured (needs accelerators and the data).
 """
 from __future__ import annotations
@@ -162,6 +163,9 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
                                    hf.vit_config_from_hf(DINOV2_L14)),
   }, image_size=c.data.get_ref("image_size"), channels=c.data.get_ref("channels"))
   c.model.decoder.dtype = c.model.connector.dtype = "bfloat16"
+  # The reference trains with --gradient_checkpointing True (HF: each decoder layer keeps only
+  # its input for the backward pass): remat 'full' on every Phi-2 block.
+  c.model.decoder.remat_policy = "full"
 
   c.optimizer = optim.default_config()
   c.optimizer.warmup_steps = int(0.03 * c.total_steps)

@@ -25,15 +25,18 @@ task's batch shapes (`Task.batch_shapes`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
 import os
 import re
-from typing import Any
+import time
+from typing import Any, Iterator
 
 from moe_jax.parallel.hlo import (all_to_all_bytes, collective_counts, collective_dcn_bytes,
-                                  collective_elements_by_dtype, collective_wire_bytes)
+                                  collective_elements_by_dtype, collective_wire_bytes,
+                                  largest_collectives)
 
 # Dense bf16 peak per chip, TFLOP/s, from the vendors' spec sheets (Google Cloud TPU system
 # architecture pages: v4 275, v5e 197, v5p 459, v6e Trillium 918). HBM per chip, GiB, same source.
@@ -50,6 +53,8 @@ TPU_ICI_GBPS = {"v5e": 400.0, "v5p": 1200.0}  # bidirectional: half of it leaves
 # (cloud.google.com/tpu/docs/v5e) = 25 Gbps per chip.
 TPU_DCN_GBPS = {"v5e": 25 / 8, "v5p": 50 / 8}
 _TPU_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
+# How many of the largest collective instructions a report lists (with their JAX op names).
+LARGEST_COLLECTIVES = 12
 
 
 class TopologyError(ValueError):
@@ -250,6 +255,7 @@ def analyze(compiled, devices, topology: Topology, mesh=None, num_slices: int = 
          "all_to_all_operand_bytes_per_device": all_to_all_bytes(hlo),
          "collective_sent_bytes_per_device": collective_wire_bytes(hlo, len(devices)),
          "all_reduce_elements_by_dtype": collective_elements_by_dtype(hlo, "all-reduce"),
+         "largest_collectives": largest_collectives(hlo, len(devices), LARGEST_COLLECTIVES),
          "slices": num_slices,
          "split_torus_axes": {} if mesh is None else split_torus_axes(mesh)}
   if num_slices > 1 and mesh is not None:  # device assignment order = the mesh's devices
@@ -269,22 +275,34 @@ def analyze(compiled, devices, topology: Topology, mesh=None, num_slices: int = 
   return out
 
 
+@contextlib.contextmanager
+def _timed(seconds: dict[str, dict[str, float]], phase: str) -> Iterator[None]:
+  """Records the wall and CPU seconds (this process, all threads) of the block under `phase`."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  yield
+  seconds[phase] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+
+
 def compile_for_topology(config, topology: str | Topology,
                          hlo_path: str | None = None) -> dict[str, Any]:
-  """Compiles the train step of `config` for `topology` and returns `analyze`'s report (and
-  writes the compiled HLO text to `hlo_path` if given)."""
+  """Compiles the train step of `config` for `topology` and returns `analyze`'s report plus
+  `seconds` (wall and CPU seconds of this process per phase: tracing + lowering the step, XLA's
+  compile), and writes the compiled HLO text to `hlo_path` if given."""
   from moe_jax.parallel import mesh as mesh_lib
 
   topology = parse_topology(topology) if isinstance(topology, str) else topology
   slices = mesh_lib.num_slices(config.mesh)
   devices = topology_devices(topology, slices)
-  lowered, mesh, info = lower_train_step(config, devices)
-  compiled = lowered.compile()
+  seconds: dict[str, dict[str, float]] = {}
+  with _timed(seconds, "trace_and_lower"):
+    lowered, mesh, info = lower_train_step(config, devices)
+  with _timed(seconds, "compile"):
+    compiled = lowered.compile()
   if hlo_path:
     os.makedirs(os.path.dirname(hlo_path) or ".", exist_ok=True)
     with open(hlo_path, "w") as f:
       f.write(compiled.as_text())
-  return {**info, **analyze(compiled, devices, topology, mesh, slices)}
+  return {**info, **analyze(compiled, devices, topology, mesh, slices), "seconds": seconds}
 
 
 def _gib(n: float) -> str:
@@ -337,4 +355,11 @@ def format_report(r: dict[str, Any]) -> str:
   if r["split_torus_axes"]:
     lines.append("mesh axes sharing a physical torus axis: " + "; ".join(
         f"{dim}: {', '.join(names)}" for dim, names in r["split_torus_axes"].items()))
+  if r.get("largest_collectives"):
+    lines.append("largest collectives (MiB sent per device, group size, result, JAX op):")
+    lines += [f"  {c['op']} {c['sent_bytes'] / 2**20:.1f} MiB, {c['group']} devices, "
+              f"{c['shape']}, {c['op_name'] or '?'}" for c in r["largest_collectives"]]
+  if r.get("seconds"):
+    lines.append("seconds (wall / CPU): " + ", ".join(
+        f"{phase} {t['wall']:.1f} / {t['cpu']:.1f}" for phase, t in r["seconds"].items()))
   return "\n".join(lines)

@@ -119,6 +119,23 @@ def test_collective_parsing():
   assert hlo.stablehlo_all_to_all_bytes(lowered) == 8 * 16 * 4 + 2 * 3 * 2 + 5 * 4
 
 
+def test_largest_collectives_name_their_jax_ops():
+  text = """
+  %a2a = f32[4,8]{1,0} all-to-all(%c), channel_id=3, replica_groups={{0,1}}, dimensions={0}
+  %ag = bf16[2560,640]{1,0:T(8,128)(2,1)} all-gather(%b), channel_id=2, replica_groups=[4,16]<=[64], dimensions={1}, metadata={op_name="jit(step)/decoder/fc1/dot_general"}
+  %ar = f32[2560,10240]{1,0} all-reduce(%a), channel_id=1, replica_groups=[4,16]<=[64], to_apply=%sum, metadata={op_name="jit(step)/transpose(jvp(decoder))/dot_general" source_line=3}
+  """
+  top = hlo.largest_collectives(text, 64, count=2)
+  # 2 (n-1)/n of 2560 x 10240 f32 (n = 16), then (n-1)/n of 2560 x 640 bf16
+  assert top == [
+      dict(op="all-reduce", shape="f32[2560,10240]", sent_bytes=2560 * 10240 * 4 * 2 * 15 / 16,
+           group=16, op_name="jit(step)/transpose(jvp(decoder))/dot_general"),
+      dict(op="all-gather", shape="bf16[2560,640]", sent_bytes=2560 * 640 * 2 * 15 / 16, group=16,
+           op_name="jit(step)/decoder/fc1/dot_general")]
+  assert hlo.largest_collectives(text, 64)[2] == dict(
+      op="all-to-all", shape="f32[4,8]", sent_bytes=4 * 8 * 4 / 2, group=2, op_name="")
+
+
 def test_topology_names():
   assert aot.parse_topology("v5p:4x4x4") == aot.Topology("v5p:4x4x4", "tpu", "v5p", None)
   assert aot.parse_topology("cpu:8").num_devices == 8

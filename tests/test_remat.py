@@ -1,5 +1,6 @@
 """model.remat_policy: every policy gives the no-remat loss, aux losses and gradients, for ViT,
-ViMoE (top-k) and MoEC (clusters router, whose step counter is state updated in the block)."""
+ViMoE (top-k) and MoEC (clusters router, whose step counter is state updated in the block);
+model.decoder.remat_policy the same for the decoder LMs (Phi, the from-scratch transformer)."""
 from __future__ import annotations
 
 import jax
@@ -10,6 +11,7 @@ from flax import nnx
 
 from moe_jax import moe
 from moe_jax.models import build_model, vimoe
+from moe_jax.vlm import decoder, model, phi
 
 
 def _config(name: str, policy: str):
@@ -59,3 +61,36 @@ def test_remat_policies_give_the_same_gradients(name, policies):
 def test_an_unknown_policy_names_the_field():
   with pytest.raises(ValueError, match=r"model.remat_policy='dots' must be one of \['none'"):
     build_model(_config("vit", "dots"), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: phi.phi_config(width=16, depth=2, mlp_dim=32, num_heads=2, num_kv_heads=2,
+                           vocab_size=11, max_len=8, rotary_fraction=0.5),
+    lambda: decoder.decoder_config(width=16, depth=2, mlp_dim=32, num_heads=2, vocab_size=11,
+                                   max_len=8),
+], ids=["phi", "transformer"])
+def test_decoder_remat_gives_the_same_gradients(make):
+  """model.decoder.remat_policy='full' (the paper config's, as HF's gradient checkpointing):
+  the blocks are rematerialised and the loss and every gradient are unchanged."""
+  prefix = jax.random.normal(jax.random.key(1), (2, 3, 16))
+  tokens = jax.random.randint(jax.random.key(2), (2, 5), 0, 11)
+
+  def grads(policy):
+    c = make()
+    c.remat_policy = policy
+    graph, params, rest = nnx.split(model.build_decoder(c, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    loss = lambda p: jnp.mean(nnx.merge(graph, p, rest, copy=True)(prefix, tokens) ** 2)
+    traced = jax.jit(jax.value_and_grad(loss)).trace(params)
+    return traced.lower().compile()(params), str(traced.jaxpr)
+
+  (loss, expected), plain = grads("none")
+  (loss_full, got), jaxpr = grads("full")
+  assert "checkpoint" not in plain and "remat" not in plain
+  assert "checkpoint" in jaxpr or "remat" in jaxpr
+  assert float(loss_full) == pytest.approx(float(loss), rel=1e-6)
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+  c = make()
+  c.remat_policy = "dots"
+  with pytest.raises(ValueError, match=r"^model\.decoder\.remat_policy='dots' must be one of"):
+    model.build_decoder(c, rngs=nnx.Rngs(0))

@@ -1,5 +1,6 @@
-"""Rematerialisation of transformer blocks (`model.remat_policy`): which activations a block
-keeps for the backward pass, the rest recomputed (jax.checkpoint via `nnx.remat`)."""
+"""Rematerialisation of transformer blocks (`model.remat_policy`, `model.decoder.remat_policy`):
+which activations a block keeps for the backward pass, the rest recomputed (jax.checkpoint via
+`nnx.remat`)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -7,7 +8,7 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-# model.remat_policy -> jax.checkpoint policy (None: no remat, every activation is kept).
+# remat_policy -> jax.checkpoint policy (None: no remat, every activation is kept).
 POLICIES: dict[str, Callable[..., bool] | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only the block's input
@@ -17,13 +18,19 @@ POLICIES: dict[str, Callable[..., bool] | None] = {
 }
 
 
-def validate(policy: str) -> None:
+def validate(policy: str, field: str = "model.remat_policy") -> None:
   if policy not in POLICIES:
-    raise ValueError(f"model.remat_policy={policy!r} must be one of {list(POLICIES)}")
+    raise ValueError(f"{field}={policy!r} must be one of {list(POLICIES)}")
 
 
-def call(block: nnx.Module, policy: str, *args: Any) -> Any:
-  """`block(*args)`, rematerialised under `policy` (same values and gradients)."""
+def call_module(module: nnx.Module, *args: Any) -> Any:
+  return module(*args)
+
+
+def call(block: nnx.Module, policy: str, *args: Any,
+         fn: Callable[..., Any] = call_module) -> Any:
+  """`fn(block, *args)` (default `block(*args)`), rematerialised under `policy` (same values
+  and gradients)."""
   if POLICIES[policy] is None:
-    return block(*args)
-  return nnx.remat(lambda module, *a: module(*a), policy=POLICIES[policy])(block, *args)
+    return fn(block, *args)
+  return nnx.remat(fn, policy=POLICIES[policy])(block, *args)

@@ -188,3 +188,24 @@ def stablehlo_all_to_all_bytes(text: str) -> int:
   program asks to send, before a backend's own passes (XLA:CPU computes bf16 in f32)."""
   return sum(_tensor_bytes(operands) for operands in
              re.findall(r"stablehlo\.all_to_all.*?:\s*\((.*?)\)\s*->", text))
+
+
+def _op_name(line: str) -> str:
+  """The JAX operation an instruction comes from (`metadata={op_name="..."}`), or ""."""
+  m = re.search(r'op_name="([^"]*)"', line)
+  return m.group(1) if m else ""
+
+
+def largest_collectives(hlo: str, num_devices: int, count: int = 10) -> list[dict]:
+  """The `count` collective instructions of compiled HLO that send the most bytes per device,
+  largest first: `op`, result `shape` (text), `sent_bytes` (`_SENT_PER_RESULT_BYTE`), devices
+  per `group`, and the JAX `op_name` it was lowered from (which weight or activation it moves;
+  e.g. a `transpose(jvp(...))/dot_general` all-reduce is a weight gradient)."""
+  rows = []
+  for op in COLLECTIVES:
+    for shape, line in _collective_lines(hlo, op):
+      n = group_size(line, num_devices)
+      rows.append(dict(op=op, shape=re.sub(r"\{[^}]*\}", "", shape).strip(),
+                       sent_bytes=_shape_bytes(shape) * _SENT_PER_RESULT_BYTE[op](n), group=n,
+                       op_name=_op_name(line)))
+  return sorted(rows, key=lambda r: -r["sent_bytes"])[:count]

@@ -38,6 +38,10 @@ BATCH_AXES = (DATA, FSDP, EXPERT)  # the batch and routing groups; `model` never
 PARAM_RULES = ((r"(^|/)experts/fc1_kernel$", (EXPERT, None, FSDP)),  # [E, D, F]
                (r"(^|/)experts/(fc1_bias|fc2_kernel)$", (EXPERT, FSDP)),  # [E, F], [E, F, D]
                (r"(^|/)experts(/|$)", (EXPERT,)),  # fc2_bias [E, D]
+               # Depthwise convolution kernels [h, w, 1, C] (ConvNeXt) stay replicated: XLA's
+               # SPMD partitioner turns a grouped convolution with sharded features into a
+               # full-batch convolution on every device (all-gathered input, all-reduced output).
+               (r"(^|/)dwconv/kernel$", ()),
                (r".*", FSDP))  # the rest: its largest dimension that `fsdp` divides
 
 

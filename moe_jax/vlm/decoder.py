@@ -7,14 +7,12 @@ through `moe_jax.vlm.attention.attend` on the parameters of their `nnx.MultiHead
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moe_jax.models import vit
+from moe_jax.models import remat, vit
 from moe_jax.vlm import attention, lm
 
 
@@ -28,7 +26,8 @@ def decoder_config(width: int = 2560, depth: int = 32, mlp_dim: int = 10240, num
       width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads, vocab_size=vocab_size,
       max_len=max_len, dropout_rate=0.0,
       attention_dropout_rate=0.0,  # must stay 0: the cached attention has no dropout
-      dtype="float32", moe_layers=moe_layers, **vit.BLOCK_VARIANTS))
+      dtype="float32", moe_layers=moe_layers, remat_policy="none",  # as lm.lm_config's
+      **vit.BLOCK_VARIANTS))
   c.moe = lm.moe_node(mlp_dim, c.get_ref("dtype"))
   return c
 
@@ -46,7 +45,8 @@ class Decoder(lm.CausalLM):
     if c.attention_dropout_rate:
       raise ValueError(f"model.decoder.attention_dropout_rate={c.attention_dropout_rate} is not "
                        "supported by the cached attention; set it to 0.0")
-    self.max_len, self.dtype = c.max_len, jnp.float32
+    remat.validate(c.remat_policy, "model.decoder.remat_policy")
+    self.max_len, self.dtype, self.remat_policy = c.max_len, jnp.float32, c.remat_policy
     self.num_kv_heads, self.head_dim = c.num_heads, c.width // c.num_heads
     self.embed = nnx.Embed(c.vocab_size, c.width, rngs=rngs)
     self.posemb = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, c.max_len, c.width)))
@@ -56,8 +56,8 @@ class Decoder(lm.CausalLM):
     self.head = nnx.Linear(c.width, c.vocab_size, rngs=rngs)
 
   def forward(self, x, positions, cache):
-    blocks = [functools.partial(_block, block) for block in self.blocks]
-    return lm.run_blocks(blocks, x + self.posemb[0][positions], positions, cache, self.norm)
+    return lm.run_blocks(self.blocks, x + self.posemb[0][positions], positions, cache, self.norm,
+                         self.remat_policy, block_fn=_block)
 
   def logits(self, h):
     return self.head(h).astype(jnp.float32)

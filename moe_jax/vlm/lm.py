@@ -15,13 +15,15 @@ static shapes it is a gather with per-row offsets (`splice`).
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from moe_jax import moe
-from moe_jax.models import vimoe
+from moe_jax.models import remat, vimoe
 from moe_jax.parallel.grad_precision import Embed
 from moe_jax.vlm import attention
 
@@ -53,14 +55,17 @@ def lm_config(name: str, *, width: int, depth: int, mlp_dim: int, num_heads: int
   `extrapolate_positions`: then rotary angles are computed for positions the checkpoint never
   saw, as HF's rotary embeddings (and the MoCHA reference's Phi, trained at model_max_length 2560
   on Phi-2's 2048) recompute their cos / sin cache for longer inputs; `dtype` computes,
-  `param_dtype` stores the weights ('float32' or 'bfloat16').
+  `param_dtype` stores the weights ('float32' or 'bfloat16');
+  `remat_policy` rematerialises each block in training (`moe_jax.models.remat.POLICIES`; 'full'
+  keeps only the blocks' inputs, as HF's `gradient_checkpointing`).
   """
   c = ml_collections.ConfigDict(dict(
       name=name, width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
       num_kv_heads=num_kv_heads, head_dim=head_dim, vocab_size=vocab_size, max_len=max_len,
       rotary_fraction=rotary_fraction, rope_theta=rope_theta, norm_eps=norm_eps,
       tie_embeddings=tie_embeddings, dtype="float32", param_dtype="float32",
-      moe_layers=moe_layers, checkpoint=checkpoint, extrapolate_positions=False))
+      remat_policy="none", moe_layers=moe_layers, checkpoint=checkpoint,
+      extrapolate_positions=False))
   c.moe = moe_node(mlp_dim, c.get_ref("dtype"))
   return c
 
@@ -82,6 +87,7 @@ def resolved(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field in ("dtype", "param_dtype"):
     if c[field] not in DTYPES:
       raise ValueError(f"{f}{field}={c[field]!r}: use one of {DTYPES}")
+  remat.validate(c.remat_policy, f"{f}remat_policy")
   out = ml_collections.ConfigDict(c.to_dict())
   out.head_dim, out.rotary_dims = head_dim, rotary_dims
   return out
@@ -94,21 +100,27 @@ def moe_mlps(c: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> list[nnx.Module
 
 
 def run_blocks(blocks, x: jax.Array, positions: jax.Array,
-               cache: list[attention.LayerCache] | None, final_norm: nnx.Module
+               cache: list[attention.LayerCache] | None, final_norm: nnx.Module,
+               remat_policy: str = "none", block_fn: Callable[..., Any] = remat.call_module
                ) -> tuple[jax.Array, list[attention.LayerCache] | None]:
-  """`final_norm` of `x [B, T, D]` through `blocks` (each `block(x, positions, layer_cache) ->
-  (x, layer_cache)`), and the new cache (None without one)."""
+  """`final_norm` of `x [B, T, D]` through `blocks` (`block_fn(block, x, positions,
+  layer_cache) -> (x, layer_cache)`, default `block(x, positions, layer_cache)`), each
+  rematerialised under `remat_policy`, and the new cache (None without one). Each block's input
+  is constrained to the batch sharding of the current mesh (`attention.shard_batch`): FSDP
+  all-gathers the weights to the batch-sharded tokens instead of spreading the tokens over the
+  weights' shards and reducing the partial products."""
   new_cache = []
   for i, block in enumerate(blocks):
-    x, layer_cache = block(x, positions, None if cache is None else cache[i])
+    x, layer_cache = remat.call(block, remat_policy, attention.shard_batch(x), positions,
+                                None if cache is None else cache[i], fn=block_fn)
     new_cache.append(layer_cache)
-  return final_norm(x), None if cache is None else new_cache
+  return final_norm(attention.shard_batch(x)), None if cache is None else new_cache
 
 
 class CausalLM(nnx.Module):
   """Base of the decoders. Subclasses set `embed` (an `nnx.Embed`), `blocks`, `norm`,
-  `max_len`, `dtype`, `num_kv_heads`, `head_dim` (`init_trunk` does all but `norm` for blocks
-  built `block(c, mlp, rngs=...)`) and define `logits`."""
+  `max_len`, `dtype`, `num_kv_heads`, `head_dim`, `remat_policy` (`init_trunk` does all but
+  `norm` for blocks built `block(c, mlp, rngs=...)`) and define `logits`."""
 
   def init_trunk(self, c: ml_collections.ConfigDict, block: type[nnx.Module], *,
                  rngs: nnx.Rngs) -> ml_collections.ConfigDict:
@@ -116,6 +128,7 @@ class CausalLM(nnx.Module):
     c = resolved(c)
     self.max_len, self.dtype = c.max_len, jnp.dtype(c.dtype)
     self.num_kv_heads, self.head_dim = c.num_kv_heads, c.head_dim
+    self.remat_policy = c.remat_policy
     self.embed = Embed(c.vocab_size, c.width, dtype=self.dtype,
                        param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
     self.blocks = nnx.List([block(c, mlp, rngs=rngs) for mlp in moe_mlps(c, rngs=rngs)])
@@ -125,7 +138,7 @@ class CausalLM(nnx.Module):
               ) -> tuple[jax.Array, list[attention.LayerCache] | None]:
     """Final hidden states `[B, T, D]` of the embedded tokens `x [B, T, D]` at `positions
     [B, T]`, and the cache with their keys / values written (see `moe_jax.vlm.attention`)."""
-    return run_blocks(self.blocks, x, positions, cache, self.norm)
+    return run_blocks(self.blocks, x, positions, cache, self.norm, self.remat_policy)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """float32 next-token logits `[..., V]` of final hidden states `h [..., D]`."""
@@ -145,7 +158,11 @@ class CausalLM(nnx.Module):
     P, L = visual.shape[1], tokens.shape[1]
     if P + L > self.max_len:
       raise ValueError(f"model.decoder.max_len={self.max_len} < {P} visual + {L} text tokens")
-    return splice(visual.astype(self.dtype), self.embed(tokens), image_pos)
+    # Batch-sharded embeddings and logits (`attention.shard_batch`): with the vocabulary-sharded
+    # table and head of the FSDP rules, XLA otherwise gathers the whole batch there and
+    # all-reduces [B, L, D] embeddings and [B, L, V] logit-sized tensors on every device.
+    embedded = attention.shard_batch(self.embed(tokens))
+    return splice(visual.astype(self.dtype), embedded, image_pos)
 
   def logits_at(self, visual: jax.Array, tokens: jax.Array, image_pos: jax.Array | None,
                 positions: jax.Array) -> jax.Array:
@@ -154,7 +171,8 @@ class CausalLM(nnx.Module):
     x = self.embed_sequence(visual, tokens, image_pos)
     B, T, _ = x.shape
     h = self.forward(x, jnp.broadcast_to(jnp.arange(T), (B, T)), None)[0]
-    return self.logits(jnp.take_along_axis(h, positions[..., None], axis=1))
+    return attention.shard_batch(
+        self.logits(jnp.take_along_axis(h, positions[..., None], axis=1)))
 
   def __call__(self, visual: jax.Array, tokens: jax.Array,
                image_pos: jax.Array | None = None) -> jax.Array:
