@@ -320,8 +320,9 @@ def format_report(r: dict[str, Any]) -> str:
       f"FLOPs per step: {r['flops_per_device']:.4g} per device, {r['flops_total']:.4g} total",
       "collectives: " + ", ".join(f"{op} {n}" for op, n in r["collectives"].items()),
       f"all-to-all operand bytes per device: {r['all_to_all_operand_bytes_per_device']:,}",
-      "all-reduce elements per device by dtype: " + (", ".join(
-          f"{t} {n:,}" for t, n in r["all_reduce_elements_by_dtype"].items()) or "none"),
+      "reduced elements per device by dtype (all-reduces, fused reduce-scatters included): "
+      + (", ".join(f"{t} {n:,}" for t, n in r["all_reduce_elements_by_dtype"].items())
+         or "none"),
   ]
   if "predicted_step_s" in r:
     lines.append(f"memory per chip: {_gib(r['memory_per_chip'])} of {r['hbm_gib_per_chip']} GiB "

@@ -70,6 +70,29 @@ def test_collective_sent_bytes():
   assert sent["collective-permute"] == 0
 
 
+def test_libtpu_all_reduce_scatter_fusions_count_as_reduce_scatters():
+  # libtpu runs FSDP's gradient reduction (all-reduce + the dynamic-slice of this device's shard)
+  # as one fused reduce-scatter: counted as one, with the shard as its result.
+  text = """
+%all-reduce-scatter.3 (input.3: f32[64,128]) -> f32[64,32] {
+  %input.3 = f32[64,128]{0,1:T(8,128)} parameter(0)
+  %all-reduce.305 = f32[64,128]{0,1:T(8,128)} all-reduce(%input.3), channel_id=96, replica_groups={{0,1,2,3}}, to_apply=%add.9
+  ROOT %dynamic-slice.176 = f32[64,32]{0,1:T(8,128)} dynamic-slice(%all-reduce.305, %c, %m), dynamic_slice_sizes={64,32}
+}
+
+ENTRY %main (p: bf16[1024]) -> bf16[1024] {
+  %b = bf16[1024]{0} all-reduce(%p), channel_id=2, replica_groups={{0,1,2,3}}, to_apply=%sum
+}
+"""
+  assert hlo.collective_counts(text)["reduce-scatter"] == 1
+  assert hlo.collective_counts(text)["all-reduce"] == 1
+  sent = hlo.collective_wire_bytes(text, 4)
+  assert sent["reduce-scatter"] == 64 * 32 * 4 * 3  # the shard's bytes to each of 3 others
+  assert sent["all-reduce"] == 1024 * 2 * 2 * 3 / 4
+  # Precision of every gradient reduction: the fused all-reduce's full operand counts.
+  assert hlo.collective_elements_by_dtype(text, "all-reduce") == {"f32": 64 * 128, "bf16": 1024}
+
+
 def test_roofline_arithmetic():
   r = aot.roofline(4.59e12, 2.765e9, {"all-reduce": 6e8, "all-to-all": 0.0}, "v5p")
   assert r["compute_s"] == pytest.approx(0.01)  # 4.59e12 FLOPs at 459 TFLOP/s

@@ -56,12 +56,43 @@ def _is_no_op(line: str) -> bool:
   return bool(groups) and all("," not in g for g in re.findall(r"\{([\d,]*)\}", groups.group(1)))
 
 
-def _collective_lines(hlo: str, op: str) -> list[tuple[str, str]]:
+# libtpu's reduce-scatter: a fused computation `%all-reduce-scatter.N (...) -> f32[64,32] {` of an
+# all-reduce and the dynamic-slice that keeps this device's shard, run as one reduce-scatter
+# (backend config `SingleInputAllReduceScatterFusion`): FSDP's gradient reduction on TPU.
+_REDUCE_SCATTER_FUSION = re.compile(
+    r"^\s*%?all-reduce-scatter[\w.-]*\s*\(.*\)\s*->\s*(.*?)\s*\{\s*$")
+
+
+def _reduce_scatter_fusions(hlo: str) -> tuple[set[int], list[tuple[str, str]]]:
+  """Line numbers of the all-reduces inside libtpu's all-reduce-scatter fusions, and (fusion
+  result shape text, all-reduce line) for each: a reduce-scatter whose result is the shard."""
+  inside, fused, result = set(), [], None
+  for i, line in enumerate(hlo.splitlines()):
+    if (header := _REDUCE_SCATTER_FUSION.match(line)):
+      result = header.group(1)
+    elif result is not None and line.strip() == "}":
+      result = None
+    elif result is not None and re.search(r"\sall-reduce(-start)?\(", line):
+      inside.add(i)
+      fused.append((result, line))
+  return inside, fused
+
+
+def _collective_lines(hlo: str, op: str, *, fused_reduce_scatters: str = "reduce-scatter"
+                      ) -> list[tuple[str, str]]:
   """(result shape text, whole line) of each `op` (or async `op-start`) instruction of compiled
-  HLO text, no-op ones (single-member replica groups) left out."""
+  HLO text, no-op ones (single-member replica groups) left out. The all-reduces of libtpu's
+  all-reduce-scatter fusions count as reduce-scatters with the fusion's (shard) result
+  (`fused_reduce_scatters="reduce-scatter"`), or as all-reduces with their full result
+  ("all-reduce": what precision each reduction carries, full operand)."""
   pattern = re.compile(rf"=\s*(.*?)\s{op}(-start)?\(")
-  return [(m.group(1), line) for line in hlo.splitlines()
-          if (m := pattern.search(line)) and not _is_no_op(line)]
+  inside, fused = _reduce_scatter_fusions(hlo)
+  lines = [(m.group(1), line) for i, line in enumerate(hlo.splitlines())
+           if (m := pattern.search(line)) and not _is_no_op(line)
+           and not (op == "all-reduce" and fused_reduce_scatters != "all-reduce" and i in inside)]
+  if op == "reduce-scatter" and fused_reduce_scatters == "reduce-scatter":
+    lines += [(shape, line) for shape, line in fused if not _is_no_op(line)]
+  return lines
 
 
 def _collective_results(hlo: str, op: str) -> list[str]:
@@ -157,9 +188,11 @@ def collective_dcn_bytes(hlo: str, slice_of: Sequence[int]) -> dict[str, float]:
 
 def collective_elements_by_dtype(hlo: str, op: str) -> dict[str, int]:
   """Element dtype (HLO name: "f32", "bf16", ...) -> elements per device over the `op`
-  instructions' results (tuple results element by element): what precision `op` carries."""
+  instructions' results (tuple results element by element): what precision `op` carries. For
+  "all-reduce", the all-reduces libtpu fuses into reduce-scatters count too, with their full
+  operand (every gradient reduction, whichever collective runs it)."""
   totals: dict[str, int] = {}
-  for shape in _collective_results(hlo, op):
+  for shape, _ in _collective_lines(hlo, op, fused_reduce_scatters="all-reduce"):
     for dtype, n in _array_shapes(shape):
       totals[dtype] = totals.get(dtype, 0) + n
   return totals
