@@ -13,6 +13,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -33,6 +34,13 @@ def tiny_config(tfds_dir: str, **overrides):
   c.evals.test.split = "test[:200]"
   c.optimizer.warmup_steps = 2
   c.update_from_flattened_dict(overrides)
+  return c
+
+
+def without_evals(c):
+  """`c` with no eval entries: no eval step compiled (for tests that only compare training)."""
+  with c.unlocked():
+    c.evals = ml_collections.ConfigDict()
   return c
 
 
@@ -100,10 +108,19 @@ def cli_args(workdir, tfds_dir, steps, ckpt_every):
           "--config.model.moe.hidden_dim=64", "--config.batch_size=32"]
 
 
+def cli_config(workdir, tfds_dir, steps, ckpt_every):
+  """The config `train.py` builds from `cli_args(...)`, for runs in this process."""
+  args = cli_args(workdir, tfds_dir, steps, ckpt_every)
+  overrides = [a.removeprefix("--config.") for a in args if a.startswith("--config.")]
+  return common.load_config(args[0].removeprefix("--config="), overrides)
+
+
 def test_resume_after_kill_gives_identical_losses(tmp_path, tfds_dir):
+  """A `train.py` process killed after its step-6 checkpoint, resumed: steps 7-12 have the losses
+  of a straight run (both runs in this process: the same config, the same compiled programs)."""
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  assert run_cli(cli_args(straight, tfds_dir, 12, 6)).returncode == 0
-  # Kill the second run hard once its step-6 checkpoint is on disk, then rerun the command.
+  loop.train_and_evaluate(cli_config(straight, tfds_dir, 12, 6), str(straight))
+  # Kill the second run hard once its step-6 checkpoint is on disk, then resume it here.
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
                            *cli_args(resumed, tfds_dir, 12, 6)], env=env,
@@ -115,7 +132,7 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, tfds_dir):
   proc.wait()
   assert os.path.isdir(resumed / "checkpoints" / "6")
   assert not os.path.isdir(resumed / "checkpoints" / "12"), "killed too late to test a resume"
-  assert run_cli(cli_args(resumed, tfds_dir, 12, 6)).returncode == 0
+  loop.train_and_evaluate(cli_config(resumed, tfds_dir, 12, 6), str(resumed))
   want, got = losses(straight), losses(resumed)
   assert sorted(want) == list(range(1, 13))
   for step in range(7, 13):
@@ -175,7 +192,7 @@ def test_same_losses_on_data_parallel_and_fsdp_expert_parallel_meshes(tmp_path, 
   runs = {}
   for name, shape in {"dp": dict(data=8, fsdp=1, expert=1),
                       "fsdp_ep": dict(data=2, fsdp=2, expert=2)}.items():
-    c = tiny_config(tfds_dir, total_steps=3, log_every_steps=1)
+    c = without_evals(tiny_config(tfds_dir, total_steps=3, log_every_steps=1))
     for axis, size in shape.items():
       c.mesh[axis] = size
     loop.train_and_evaluate(c, str(tmp_path / name))
@@ -202,9 +219,9 @@ def test_fsdp_shards_dense_weights_and_expert_axis_shards_experts(tfds_dir):
 
 def test_nan_after_the_update_is_never_saved_and_a_resume_may_change_clipping(tmp_path, tfds_dir):
   from moe_jax.train import checkpoint
-  run = lambda steps, lr, clip: loop.train_and_evaluate(tiny_config(
+  run = lambda steps, lr, clip: loop.train_and_evaluate(without_evals(tiny_config(
       tfds_dir, total_steps=steps, checkpoint_every_steps=1, log_every_steps=100,
-      **{"optimizer.learning_rate": lr, "optimizer.grad_clip_norm": clip}), str(tmp_path))
+      **{"optimizer.learning_rate": lr, "optimizer.grad_clip_norm": clip})), str(tmp_path))
   run(2, 1e-3, 0.0)  # steps 1-2 ... then a rate that is inf in float32: the loss of step 3 (from
   with pytest.raises(FloatingPointError,  # the weights before its update) is still finite
                      match=r"nan/inf at step 3;.*last good checkpoint: step 2"):
