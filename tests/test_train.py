@@ -56,13 +56,13 @@ def losses(workdir):
 
 def test_end_to_end_writes_metrics_checkpoint_and_eval(tmp_path, tfds_dir):
   """Two evaluations on two datasets (`test`: mnist test[:200]; `digits`: the sklearn digits'
-  359 test images, every 5 steps), each under its own keys and in its own eval_<name>.json."""
+  359 test images, every 2 steps), each under its own keys and in its own eval_<name>.json."""
   from moe_jax.train import evaluators
-  c = tiny_config(tfds_dir, total_steps=10)
+  c = tiny_config(tfds_dir, total_steps=4)
   with c.unlocked():
     c.evals.digits = evaluators.task_eval("classification", dataset="sklearn_digits",
                                           split="test", pp="resize|normalize", batch_size=64,
-                                          every_steps=5)
+                                          every_steps=2)
   last = loop.train_and_evaluate(c, str(tmp_path))
   assert np.isfinite(last["train/loss"]) and 0 <= last["test/accuracy"] <= 1
   assert last["test/num_examples"] == 200 and last["digits/num_examples"] == 359
@@ -71,10 +71,10 @@ def test_end_to_end_writes_metrics_checkpoint_and_eval(tmp_path, tfds_dir):
   for k in ("train/loss", "train/learning_rate", "train/steps_per_sec", "test/accuracy",
             "digits/accuracy", "train/aux_loss", "train/examples_per_sec"):
     assert k in keys, k
-  assert [r["step"] for r in records if "digits/loss" in r] == [5, 10]
-  assert [r["step"] for r in records if "test/loss" in r] == [10]
+  assert [r["step"] for r in records if "digits/loss" in r] == [2, 4]
+  assert [r["step"] for r in records if "test/loss" in r] == [4]
   assert any(k.startswith("train/moe/") for k in keys)
-  assert os.path.isdir(tmp_path / "checkpoints" / "10")
+  assert os.path.isdir(tmp_path / "checkpoints" / "4")
   assert os.listdir(tmp_path / "tensorboard")
   results = loop.evaluate_checkpoint(c, str(tmp_path))
   assert sorted(results) == ["digits", "test"] and not os.path.exists(tmp_path / "eval.json")
@@ -83,7 +83,7 @@ def test_end_to_end_writes_metrics_checkpoint_and_eval(tmp_path, tfds_dir):
     assert {k.split("/")[0] for k in saved} == {"step", name, "routing"}
     assert saved[f"{name}/accuracy"] == pytest.approx(last[f"{name}/accuracy"], abs=1e-9)
   saved = json.load(open(tmp_path / "eval_test.json"))
-  assert saved["step"] == 10 and saved["test/num_examples"] == 200
+  assert saved["step"] == 4 and saved["test/num_examples"] == 200
   assert abs(saved["test/accuracy"] - results["test"]["test/accuracy"]) < 1e-9
   layer = saved["routing"]["layers"]["blocks/1/mlp"]
   assert "dropped_fraction" in layer and "normalized_mi" in layer
@@ -178,7 +178,7 @@ def test_eval_without_checkpoint_and_with_a_corrupt_one(tmp_path, tfds_dir):
       env=env, capture_output=True, text=True, timeout=300)
   proc = evaluate()
   assert proc.returncode != 0 and "no checkpoint" in proc.stderr.strip().splitlines()[-1]
-  assert run_cli(cli_args(tmp_path, tfds_dir, 2, 1)).returncode == 0
+  loop.train_and_evaluate(cli_config(tmp_path, tfds_dir, 2, 1), str(tmp_path))  # here: no CLI
   for root, _, files in os.walk(tmp_path / "checkpoints" / "2" / "state"):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
