@@ -2,6 +2,7 @@
 collectives it compiles to."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -60,13 +61,20 @@ def loss_and_grads(layer, x):
   return f(params, x)
 
 
+@functools.cache
+def single_device_dropless(router: str):
+  """(loss, grads) of `make_layer(router, "dropless")` on `X_IMAGES`, one device, no mesh."""
+  return loss_and_grads(make_layer(router, "dropless"), X_IMAGES)
+
+
 @pytest.mark.parametrize("router,dispatch", [(r, "capacity") for r in ROUTERS.names()] +
                          [("top_k", "dropless"), ("clusters", "dropless")])
 def test_sharded_equals_unsharded_for_every_mesh(router, dispatch):
   """Dropless under an expert axis > 1 runs capacity buffers with room for every token."""
   layer = make_layer(router, dispatch)
-  x = jax.random.normal(jax.random.key(1), (16, 6, 8))
-  want_loss, want_grads = loss_and_grads(layer, x)
+  x = X_IMAGES
+  want_loss, want_grads = (single_device_dropless(router) if dispatch == "dropless"
+                           else loss_and_grads(layer, x))
   for shape in MESHES:
     with jax.set_mesh(mesh_of(shape)):
       loss, grads = loss_and_grads(layer, x)
@@ -217,14 +225,14 @@ def _one_hot_rows(*pairs):
 # (mesh, ragged_buffer_factor, group sizes [device, E] of P = 16 rows per device, rounds). The
 # window R = ceil(f P) rounded up to 16 rows (`WINDOW_ROW_TILE`). Rows past a device's total are
 # padding (they must come back as zeros). Experts 2d, 2d+1 live on device d of the expert axis
-# (E=16 on (1, 8); E=8 on (2, 4)).
+# (E=16 on (1, 8); E=8 on (2, 4)). Cases on the same (mesh, f) share one compiled program.
 ROUNDS_CASES = {
-    # Every device sends two rows to every destination: 16 rows each, R = 32: one round.
-    "balanced": ((1, 8), 2.0, [[1] * 16] * 8, 1),
-    # Everything to expert 1 (device 0): 6 x 16 + 13 + 10 = 119 rows there, R = 24 -> 32:
-    # ceil(119/32) = 4 rounds, windows cutting through the sources' parts.
-    "one_expert": ((1, 8), 1.5, [_one_hot_rows((1, 16)), _one_hot_rows((1, 13))]
-                   + [_one_hot_rows((1, 16))] * 5 + [_one_hot_rows((1, 10))], 4),
+    # Every device sends two rows to every destination: 16 rows each, R = 16: one round.
+    "balanced": ((1, 8), 1.0, [[1] * 16] * 8, 1),
+    # Everything to expert 1 (device 0): 6 x 16 + 13 + 10 = 119 rows there, R = 16:
+    # ceil(119/16) = 8 rounds, windows cutting through the sources' parts.
+    "one_expert": ((1, 8), 1.0, [_one_hot_rows((1, 16)), _one_hot_rows((1, 13))]
+                   + [_one_hot_rows((1, 16))] * 5 + [_one_hot_rows((1, 10))], 8),
     # R = 16: device 0 receives 8 x 4 = 32 = 2R rows of experts 0 and 1 (exactly two rounds);
     # devices 3 (experts 6, 7) and 7 (14, 15) receive 8 + 8 and 4 + 12 = R (exactly one).
     "boundary": ((1, 8), 1.0, [
@@ -237,36 +245,23 @@ ROUNDS_CASES = {
     # rounds), slice 1 is balanced (1 round, run 4 times: every device runs the mesh's max).
     "two_slices": ((2, 4), 1.0, [[16] + [0] * 7] * 4 + [[2] * 8] * 4, 4),
 }
+ROUNDS_ROWS, ROUNDS_D = 16, 8  # P rows per device, model width
 
 
-@pytest.mark.parametrize("case", ROUNDS_CASES)
-def test_bounded_receive_buffer_equals_single_device_dropless(monkeypatch, case):
-  """`ExpertsOverRaggedAllToAll` in rounds of R = ceil(f P) rows (exchange emulated on CPU): the
-  outputs and the gradients of rows, row weights and expert weights equal one device running
-  all rows through the whole bank (`ExpertBank.grouped`, single-device dropless)."""
-  shape, factor, sizes, want_rounds = ROUNDS_CASES[case]
-  sizes = np.asarray(sizes, np.int32)
-  devices, E = sizes.shape
-  data, ep = shape
-  P_rows, D = 16, 8
-  layouts = [moe.expert_parallel.ragged_layout(
-      jnp.asarray(s.reshape(ep, ep, E // ep)),
-      window=moe.expert_parallel.window_rows(factor, P_rows, ep))
-      for s in sizes.reshape(data, ep, E)]
-  assert max(int(layout.rounds) for layout in layouts) == want_rounds
-  bank = ExpertBank(E, D, 16, rngs=nnx.Rngs(0))
-  keys = jax.random.split(jax.random.key(2), 3)
-  x = jax.random.normal(keys[0], (devices * P_rows, D))
-  w = jax.random.uniform(keys[1], (devices * P_rows,))
-  cotangent = jax.random.normal(keys[2], (devices * P_rows, D))
+@functools.cache
+def bounded_window_programs(shape: tuple[int, int], factor: float, E: int):
+  """(params, jitted single-device reference, jitted sharded layer): each maps
+  `(params, x [devices P, D], w [devices P], sizes [devices, E], cotangent)` to the outputs and
+  their VJP (gradients of params, x, w). Compiled once per (mesh, factor, E)."""
+  bank = ExpertBank(E, ROUNDS_D, 16, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(bank, nnx.Param, ...)
 
-  def single_device(params, x, w):
+  def single_device(params, x, w, sizes):
     """All devices' rows on one device: sorted by expert (padding last), one grouped call."""
-    expert = jnp.concatenate([grouped_matmul.row_groups(jnp.asarray(s), P_rows) for s in sizes])
+    expert = jax.vmap(lambda s: grouped_matmul.row_groups(s, ROUNDS_ROWS))(sizes).reshape(-1)
     order = jnp.argsort(expert, stable=True)
-    y = nnx.merge(graphdef, params, rest).grouped(x[order], jnp.asarray(sizes.sum(0)),
-                                                  "ragged_dot", 4, w[order])
+    y = nnx.merge(graphdef, params, rest).grouped(x[order], sizes.sum(0), "ragged_dot", 4,
+                                                  w[order])
     return jnp.zeros_like(y).at[order].set(y)
 
   axes = (mesh_lib.DATA, mesh_lib.EXPERT)
@@ -279,16 +274,41 @@ def test_bounded_receive_buffer_equals_single_device_dropless(monkeypatch, case)
   sharded = jax.shard_map(per_device, mesh=mesh_of(shape),
                           in_specs=(P(mesh_lib.EXPERT), P(axes), P(axes), P(axes)),
                           out_specs=P(axes))
-  monkeypatch.setattr(moe.expert_parallel, "exchange_rows", emulated_ragged_all_to_all)
 
-  def outputs_and_grads(fn, *extra):
-    def run(*args):
-      y, vjp = jax.vjp(lambda *a: fn(*a, *extra), *args)
+  def with_vjp(fn, flat_sizes):
+    @jax.jit
+    def run(params, x, w, sizes, cotangent):
+      extra = sizes.reshape(-1) if flat_sizes else sizes
+      y, vjp = jax.vjp(lambda *a: fn(*a, extra), params, x, w)
       return y, vjp(cotangent)
-    return jax.jit(run)(params, x, w)
+    return run
 
-  want_y, want_grads = outputs_and_grads(single_device)
-  y, grads = outputs_and_grads(sharded, jnp.asarray(sizes.reshape(-1)))
+  return params, with_vjp(single_device, False), with_vjp(sharded, True)
+
+
+@pytest.mark.parametrize("case", ROUNDS_CASES)
+def test_bounded_receive_buffer_equals_single_device_dropless(monkeypatch, case):
+  """`ExpertsOverRaggedAllToAll` in rounds of R = ceil(f P) rows (exchange emulated on CPU): the
+  outputs and the gradients of rows, row weights and expert weights equal one device running
+  all rows through the whole bank (`ExpertBank.grouped`, single-device dropless)."""
+  shape, factor, sizes, want_rounds = ROUNDS_CASES[case]
+  sizes = np.asarray(sizes, np.int32)
+  devices, E = sizes.shape
+  data, ep = shape
+  P_rows, D = ROUNDS_ROWS, ROUNDS_D
+  layouts = [moe.expert_parallel.ragged_layout(
+      jnp.asarray(s.reshape(ep, ep, E // ep)),
+      window=moe.expert_parallel.window_rows(factor, P_rows, ep))
+      for s in sizes.reshape(data, ep, E)]
+  assert max(int(layout.rounds) for layout in layouts) == want_rounds
+  keys = jax.random.split(jax.random.key(2), 3)
+  x = jax.random.normal(keys[0], (devices * P_rows, D))
+  w = jax.random.uniform(keys[1], (devices * P_rows,))
+  cotangent = jax.random.normal(keys[2], (devices * P_rows, D))
+  monkeypatch.setattr(moe.expert_parallel, "exchange_rows", emulated_ragged_all_to_all)
+  params, single_device, sharded = bounded_window_programs(shape, factor, E)
+  want_y, want_grads = single_device(params, x, w, jnp.asarray(sizes), cotangent)
+  y, grads = sharded(params, x, w, jnp.asarray(sizes), cotangent)
   padding = np.arange(P_rows)[None] >= sizes.sum(1)[:, None]  # [device, row]
   assert padding.any() == (case in ("one_expert", "boundary"))
   np.testing.assert_array_equal(np.asarray(y).reshape(devices, P_rows, D)[padding], 0)
@@ -315,9 +335,9 @@ def test_ragged_dropless_equals_single_device_dropless(monkeypatch, router, gran
   collective, with a receive window of half a device's rows (so at least two rounds): loss and
   gradients equal one device's dropless layer."""
   image = dict(granularity="image", images_per_group=2) if granularity == "image" else {}
-  x = X_IMAGES if image else jax.random.normal(jax.random.key(1), (16, 6, 8))
-  layer = make_layer(router, "dropless", **image)
-  want_loss, want_grads = loss_and_grads(layer, x)
+  x = X_IMAGES
+  want_loss, want_grads = (loss_and_grads(make_layer(router, "dropless", **image), x) if image
+                           else single_device_dropless(router))
   # ragged_dot: the TPU kernel (XLA:CPU expands it to a dense product; tiny here).
   layer = make_layer(router, "dropless",
                      dropless=dict(ragged_buffer_factor=0.5, backend="ragged_dot"), **image)

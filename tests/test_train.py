@@ -13,6 +13,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -36,6 +37,13 @@ def tiny_config(tfds_dir: str, **overrides):
   return c
 
 
+def without_evals(c):
+  """`c` with no eval entries: no eval step compiled (for tests that only compare training)."""
+  with c.unlocked():
+    c.evals = ml_collections.ConfigDict()
+  return c
+
+
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
@@ -48,13 +56,13 @@ def losses(workdir):
 
 def test_end_to_end_writes_metrics_checkpoint_and_eval(tmp_path, tfds_dir):
   """Two evaluations on two datasets (`test`: mnist test[:200]; `digits`: the sklearn digits'
-  359 test images, every 5 steps), each under its own keys and in its own eval_<name>.json."""
+  359 test images, every 2 steps), each under its own keys and in its own eval_<name>.json."""
   from moe_jax.train import evaluators
-  c = tiny_config(tfds_dir, total_steps=10)
+  c = tiny_config(tfds_dir, total_steps=4)
   with c.unlocked():
     c.evals.digits = evaluators.task_eval("classification", dataset="sklearn_digits",
                                           split="test", pp="resize|normalize", batch_size=64,
-                                          every_steps=5)
+                                          every_steps=2)
   last = loop.train_and_evaluate(c, str(tmp_path))
   assert np.isfinite(last["train/loss"]) and 0 <= last["test/accuracy"] <= 1
   assert last["test/num_examples"] == 200 and last["digits/num_examples"] == 359
@@ -63,10 +71,10 @@ def test_end_to_end_writes_metrics_checkpoint_and_eval(tmp_path, tfds_dir):
   for k in ("train/loss", "train/learning_rate", "train/steps_per_sec", "test/accuracy",
             "digits/accuracy", "train/aux_loss", "train/examples_per_sec"):
     assert k in keys, k
-  assert [r["step"] for r in records if "digits/loss" in r] == [5, 10]
-  assert [r["step"] for r in records if "test/loss" in r] == [10]
+  assert [r["step"] for r in records if "digits/loss" in r] == [2, 4]
+  assert [r["step"] for r in records if "test/loss" in r] == [4]
   assert any(k.startswith("train/moe/") for k in keys)
-  assert os.path.isdir(tmp_path / "checkpoints" / "10")
+  assert os.path.isdir(tmp_path / "checkpoints" / "4")
   assert os.listdir(tmp_path / "tensorboard")
   results = loop.evaluate_checkpoint(c, str(tmp_path))
   assert sorted(results) == ["digits", "test"] and not os.path.exists(tmp_path / "eval.json")
@@ -75,7 +83,7 @@ def test_end_to_end_writes_metrics_checkpoint_and_eval(tmp_path, tfds_dir):
     assert {k.split("/")[0] for k in saved} == {"step", name, "routing"}
     assert saved[f"{name}/accuracy"] == pytest.approx(last[f"{name}/accuracy"], abs=1e-9)
   saved = json.load(open(tmp_path / "eval_test.json"))
-  assert saved["step"] == 10 and saved["test/num_examples"] == 200
+  assert saved["step"] == 4 and saved["test/num_examples"] == 200
   assert abs(saved["test/accuracy"] - results["test"]["test/accuracy"]) < 1e-9
   layer = saved["routing"]["layers"]["blocks/1/mlp"]
   assert "dropped_fraction" in layer and "normalized_mi" in layer
@@ -100,10 +108,19 @@ def cli_args(workdir, tfds_dir, steps, ckpt_every):
           "--config.model.moe.hidden_dim=64", "--config.batch_size=32"]
 
 
+def cli_config(workdir, tfds_dir, steps, ckpt_every):
+  """The config `train.py` builds from `cli_args(...)`, for runs in this process."""
+  args = cli_args(workdir, tfds_dir, steps, ckpt_every)
+  overrides = [a.removeprefix("--config.") for a in args if a.startswith("--config.")]
+  return common.load_config(args[0].removeprefix("--config="), overrides)
+
+
 def test_resume_after_kill_gives_identical_losses(tmp_path, tfds_dir):
+  """A `train.py` process killed after its step-6 checkpoint, resumed: steps 7-12 have the losses
+  of a straight run (both runs in this process: the same config, the same compiled programs)."""
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  assert run_cli(cli_args(straight, tfds_dir, 12, 6)).returncode == 0
-  # Kill the second run hard once its step-6 checkpoint is on disk, then rerun the command.
+  loop.train_and_evaluate(cli_config(straight, tfds_dir, 12, 6), str(straight))
+  # Kill the second run hard once its step-6 checkpoint is on disk, then resume it here.
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
                            *cli_args(resumed, tfds_dir, 12, 6)], env=env,
@@ -115,7 +132,7 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, tfds_dir):
   proc.wait()
   assert os.path.isdir(resumed / "checkpoints" / "6")
   assert not os.path.isdir(resumed / "checkpoints" / "12"), "killed too late to test a resume"
-  assert run_cli(cli_args(resumed, tfds_dir, 12, 6)).returncode == 0
+  loop.train_and_evaluate(cli_config(resumed, tfds_dir, 12, 6), str(resumed))
   want, got = losses(straight), losses(resumed)
   assert sorted(want) == list(range(1, 13))
   for step in range(7, 13):
@@ -161,7 +178,7 @@ def test_eval_without_checkpoint_and_with_a_corrupt_one(tmp_path, tfds_dir):
       env=env, capture_output=True, text=True, timeout=300)
   proc = evaluate()
   assert proc.returncode != 0 and "no checkpoint" in proc.stderr.strip().splitlines()[-1]
-  assert run_cli(cli_args(tmp_path, tfds_dir, 2, 1)).returncode == 0
+  loop.train_and_evaluate(cli_config(tmp_path, tfds_dir, 2, 1), str(tmp_path))  # here: no CLI
   for root, _, files in os.walk(tmp_path / "checkpoints" / "2" / "state"):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
@@ -175,7 +192,7 @@ def test_same_losses_on_data_parallel_and_fsdp_expert_parallel_meshes(tmp_path, 
   runs = {}
   for name, shape in {"dp": dict(data=8, fsdp=1, expert=1),
                       "fsdp_ep": dict(data=2, fsdp=2, expert=2)}.items():
-    c = tiny_config(tfds_dir, total_steps=3, log_every_steps=1)
+    c = without_evals(tiny_config(tfds_dir, total_steps=3, log_every_steps=1))
     for axis, size in shape.items():
       c.mesh[axis] = size
     loop.train_and_evaluate(c, str(tmp_path / name))
@@ -202,9 +219,9 @@ def test_fsdp_shards_dense_weights_and_expert_axis_shards_experts(tfds_dir):
 
 def test_nan_after_the_update_is_never_saved_and_a_resume_may_change_clipping(tmp_path, tfds_dir):
   from moe_jax.train import checkpoint
-  run = lambda steps, lr, clip: loop.train_and_evaluate(tiny_config(
+  run = lambda steps, lr, clip: loop.train_and_evaluate(without_evals(tiny_config(
       tfds_dir, total_steps=steps, checkpoint_every_steps=1, log_every_steps=100,
-      **{"optimizer.learning_rate": lr, "optimizer.grad_clip_norm": clip}), str(tmp_path))
+      **{"optimizer.learning_rate": lr, "optimizer.grad_clip_norm": clip})), str(tmp_path))
   run(2, 1e-3, 0.0)  # steps 1-2 ... then a rate that is inf in float32: the loss of step 3 (from
   with pytest.raises(FloatingPointError,  # the weights before its update) is still finite
                      match=r"nan/inf at step 3;.*last good checkpoint: step 2"):
