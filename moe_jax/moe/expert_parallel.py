@@ -3,8 +3,9 @@
 Under a mesh (`jax.set_mesh(mesh)`) with more than one device, the layer's dispatch runs on each
 device's own routing groups: groups are sharded over the batch axes
 (`moe_jax.parallel.mesh.batch_axes`: data, fsdp, expert) and expert weights over `expert`
-(their `fsdp` shards are gathered on the way in, so gradients are reduce-scattered on the way
-out). Every buffer-based path builds local buffers `[E, N, D]` (all E experts, this device's
+(their `fsdp` shards are gathered before the shard_map; their gradients are summed whole over
+the batch axes inside it, an all-reduce, and then sliced to the shard: not a reduce-scatter,
+see bench/RESULTS.md "FSDP gradients on TPU"). Every buffer-based path builds local buffers `[E, N, D]` (all E experts, this device's
 tokens); `ExpertsOverAllToAll` sends each expert's slice to the device that holds it
 (`all_to_all` over `expert` only), runs the local experts on `[E / EP, EP * N, D]` and sends the
 results back. Soft MoE and expert choice group tokens per routing group exactly as on one device,
