@@ -35,7 +35,7 @@ import time
 from typing import Any, Iterator
 
 from moe_jax.parallel.hlo import (all_to_all_bytes, collective_counts, collective_dcn_bytes,
-                                  collective_elements_by_dtype, collective_wire_bytes,
+                                  reduction_elements_by_dtype, collective_wire_bytes,
                                   largest_collectives)
 
 # Dense bf16 peak per chip, TFLOP/s, from the vendors' spec sheets (Google Cloud TPU system
@@ -254,7 +254,7 @@ def analyze(compiled, devices, topology: Topology, mesh=None, num_slices: int = 
          "collectives": collective_counts(hlo),
          "all_to_all_operand_bytes_per_device": all_to_all_bytes(hlo),
          "collective_sent_bytes_per_device": collective_wire_bytes(hlo, len(devices)),
-         "all_reduce_elements_by_dtype": collective_elements_by_dtype(hlo, "all-reduce"),
+         "all_reduce_elements_by_dtype": reduction_elements_by_dtype(hlo, len(devices)),
          "largest_collectives": largest_collectives(hlo, len(devices), LARGEST_COLLECTIVES),
          "slices": num_slices,
          "split_torus_axes": {} if mesh is None else split_torus_axes(mesh)}
@@ -320,7 +320,7 @@ def format_report(r: dict[str, Any]) -> str:
       f"FLOPs per step: {r['flops_per_device']:.4g} per device, {r['flops_total']:.4g} total",
       "collectives: " + ", ".join(f"{op} {n}" for op, n in r["collectives"].items()),
       f"all-to-all operand bytes per device: {r['all_to_all_operand_bytes_per_device']:,}",
-      "reduced elements per device by dtype (all-reduces, fused reduce-scatters included): "
+      "reduced elements per device by dtype (all-reduce and reduce-scatter operands): "
       + (", ".join(f"{t} {n:,}" for t, n in r["all_reduce_elements_by_dtype"].items())
          or "none"),
   ]

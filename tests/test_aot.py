@@ -90,7 +90,9 @@ ENTRY %main (p: bf16[1024]) -> bf16[1024] {
   assert sent["reduce-scatter"] == 64 * 32 * 4 * 3  # the shard's bytes to each of 3 others
   assert sent["all-reduce"] == 1024 * 2 * 2 * 3 / 4
   # Precision of every gradient reduction: the fused all-reduce's full operand counts.
-  assert hlo.collective_elements_by_dtype(text, "all-reduce") == {"f32": 64 * 128, "bf16": 1024}
+  assert hlo.reduction_elements_by_dtype(text, 4) == {"f32": 64 * 128, "bf16": 1024}
+  native = "%d = f32[16]{0} reduce-scatter(%w), replica_groups={{0,1,2,3}}, dimensions={0}"
+  assert hlo.reduction_elements_by_dtype(native, 4) == {"f32": 64}  # its operand: 4 x 16
 
 
 def test_roofline_arithmetic():

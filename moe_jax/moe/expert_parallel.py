@@ -3,9 +3,8 @@
 Under a mesh (`jax.set_mesh(mesh)`) with more than one device, the layer's dispatch runs on each
 device's own routing groups: groups are sharded over the batch axes
 (`moe_jax.parallel.mesh.batch_axes`: data, fsdp, expert) and expert weights over `expert`
-(their `fsdp` shards are gathered before the shard_map; their gradients are summed whole over
-the batch axes inside it, an all-reduce, and then sliced to the shard: not a reduce-scatter,
-see bench/RESULTS.md "FSDP gradients on TPU"). Every buffer-based path builds local buffers `[E, N, D]` (all E experts, this device's
+(their hidden dimension F enters split over `fsdp`, as `mesh.PARAM_RULES` stores it, and is
+all-gathered inside, so the gradient's sum over `fsdp` is a reduce-scatter to the shard). Every buffer-based path builds local buffers `[E, N, D]` (all E experts, this device's
 tokens); `ExpertsOverAllToAll` sends each expert's slice to the device that holds it
 (`all_to_all` over `expert` only), runs the local experts on `[E / EP, EP * N, D]` and sends the
 results back. Soft MoE and expert choice group tokens per routing group exactly as on one device,
@@ -34,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from moe_jax.moe import grouped_matmul
 from moe_jax.moe.experts import ExpertBank
 from moe_jax.parallel.grad_precision import sum_to_primal_type
-from moe_jax.parallel.mesh import EXPERT, batch_axes, batch_shards, target_platform
+from moe_jax.parallel.mesh import EXPERT, FSDP, batch_axes, batch_shards, target_platform
 from moe_jax.routing.plan import RoutingPlan
 
 
@@ -307,6 +306,28 @@ def dropless_as_capacity(num_experts: int, k: int) -> tuple[str, float]:
   return "capacity", num_experts / k
 
 
+# The hidden dimension F of an expert bank's parameters, which `mesh.PARAM_RULES` shards over
+# `fsdp`: fc1_kernel [E, D, F], fc1_bias [E, F], fc2_kernel [E, F, D] (fc2_bias [E, D] has none).
+BANK_HIDDEN_AXIS = {"fc1_kernel": 2, "fc1_bias": 1, "fc2_kernel": 1}
+
+
+def fsdp_hidden_axis(path: tuple, shape: tuple[int, ...], fsdp: int) -> int:
+  """The axis of an expert-bank parameter (`path` in the bank's state) that enters the MoE
+  shard_map split over `fsdp`: its F when `fsdp` > 1 divides it, else -1 (whole)."""
+  names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  axis = next((BANK_HIDDEN_AXIS[n] for n in names if n in BANK_HIDDEN_AXIS), -1)
+  return axis if fsdp > 1 and axis >= 0 and shape[axis] % fsdp == 0 else -1
+
+
+def bank_spec(rank: int, over_experts: bool, hidden_axis: int) -> P:
+  """shard_map spec of an expert-bank parameter: E over `expert` (when EP > 1), F over `fsdp`
+  (`hidden_axis` >= 0)."""
+  spec = [EXPERT if over_experts else None] + [None] * (rank - 1)
+  if hidden_axis >= 0:
+    spec[hidden_axis] = FSDP
+  return P(*spec)
+
+
 def dispatch(dispatch_fn: Callable[..., tuple[jax.Array, dict]], plan: RoutingPlan,
              groups: jax.Array, experts: ExpertBank, mesh: jax.sharding.AbstractMesh, *,
              ragged_buffer_factor: float | None = None,
@@ -324,12 +345,21 @@ def dispatch(dispatch_fn: Callable[..., tuple[jax.Array, dict]], plan: RoutingPl
     raise ValueError("MoE: dropout_rate > 0 is not supported with expert parallelism yet; set "
                      "dropout_rate=0 or an expert axis of size 1")
   graphdef, params, rest = nnx.split(experts, nnx.Param, ...)
-  param_specs = jax.tree.map(lambda _: P(EXPERT) if ep > 1 else P(), params)
+  fsdp = mesh.shape.get(FSDP, 1)
+  hidden_axes = jax.tree_util.tree_map_with_path(
+      lambda path, x: fsdp_hidden_axis(path, x.shape, fsdp), params)
+  param_specs = jax.tree.map(lambda x, axis: bank_spec(len(x.shape), ep > 1, axis),
+                             params, hidden_axes)
   rest_specs = jax.tree.map(lambda _: P(), rest)
   plan = plan.replace(aux_losses={}, metrics={})
   plan_specs = jax.tree.map(lambda _: P(axes), plan)
 
   def per_device(plan, groups, params, rest):
+    # Gathered here (not before the shard_map), so the gradient's sum over `fsdp` is the
+    # transpose of this all_gather: a reduce-scatter to the shard, not an all-reduce.
+    params = jax.tree.map(
+        lambda x, axis: x if axis < 0 else jax.lax.all_gather(x, FSDP, axis=axis, tiled=True),
+        params, hidden_axes)
     local = nnx.merge(graphdef, params, rest, copy=True)
     if ep > 1:
       local = (ExpertsOverAllToAll(local) if ragged_buffer_factor is None else

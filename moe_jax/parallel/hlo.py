@@ -186,15 +186,19 @@ def collective_dcn_bytes(hlo: str, slice_of: Sequence[int]) -> dict[str, float]:
   return out
 
 
-def collective_elements_by_dtype(hlo: str, op: str) -> dict[str, int]:
-  """Element dtype (HLO name: "f32", "bf16", ...) -> elements per device over the `op`
-  instructions' results (tuple results element by element): what precision `op` carries. For
-  "all-reduce", the all-reduces libtpu fuses into reduce-scatters count too, with their full
-  operand (every gradient reduction, whichever collective runs it)."""
+def reduction_elements_by_dtype(hlo: str, num_devices: int) -> dict[str, int]:
+  """Element dtype (HLO name: "f32", "bf16", ...) -> elements per device that the cross-device
+  sums carry (what precision the gradient reductions run in), over every all-reduce (those
+  libtpu fuses into reduce-scatters included, full operand) and reduce-scatter (its operand:
+  the result times the group size); tuple results element by element."""
   totals: dict[str, int] = {}
-  for shape, _ in _collective_lines(hlo, op, fused_reduce_scatters="all-reduce"):
+  reductions = ([(shape, 1) for shape, _ in
+                 _collective_lines(hlo, "all-reduce", fused_reduce_scatters="all-reduce")]
+                + [(shape, group_size(line, num_devices)) for shape, line in
+                   _collective_lines(hlo, "reduce-scatter", fused_reduce_scatters="all-reduce")])
+  for shape, operand_per_result in reductions:
     for dtype, n in _array_shapes(shape):
-      totals[dtype] = totals.get(dtype, 0) + n
+      totals[dtype] = totals.get(dtype, 0) + n * operand_per_result
   return totals
 
 
