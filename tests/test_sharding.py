@@ -11,7 +11,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.parallel import mesh as mesh_lib, sharding
+from moe_jax.parallel import hlo, mesh as mesh_lib, sharding
 from moe_jax.train import loop, optim, state as state_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -121,6 +121,12 @@ def test_fsdp_shards_expert_banks_and_the_compiled_arguments_follow():
   args = zip(jax.tree.leaves(lowered.args_info), jax.tree.leaves(compiled.input_shardings))
   assert compiled.memory_analysis().argument_size_in_bytes == sum(
       math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in args)
+  # The banks' gradients are reduce-scattered to those shards (the transpose of the all_gather
+  # inside the MoE shard_map), never all-reduced whole.
+  collectives = hlo.largest_collectives(compiled.as_text(), 8, count=10_000)
+  shapes = lambda op: " ".join(r["shape"] for r in collectives if r["op"] == op)
+  assert not re.search(r"f32\[4,(64,128|128,64)\]", shapes("all-reduce")), shapes("all-reduce")
+  assert re.search(r"f32\[4,(64,16|16,64)\]", shapes("reduce-scatter")), shapes("reduce-scatter")
 
 
 def test_a_model_axis_is_refused_with_the_field_named():
