@@ -78,19 +78,19 @@ def _reduce_scatter_fusions(hlo: str) -> tuple[set[int], list[tuple[str, str]]]:
   return inside, fused
 
 
-def _collective_lines(hlo: str, op: str, *, fused_reduce_scatters: str = "reduce-scatter"
+def _collective_lines(hlo: str, op: str, *, fused_as_all_reduce: bool = False
                       ) -> list[tuple[str, str]]:
   """(result shape text, whole line) of each `op` (or async `op-start`) instruction of compiled
   HLO text, no-op ones (single-member replica groups) left out. The all-reduces of libtpu's
-  all-reduce-scatter fusions count as reduce-scatters with the fusion's (shard) result
-  (`fused_reduce_scatters="reduce-scatter"`), or as all-reduces with their full result
-  ("all-reduce": what precision each reduction carries, full operand)."""
+  all-reduce-scatter fusions count as reduce-scatters with the fusion's (shard) result, or, with
+  `fused_as_all_reduce`, as all-reduces with their full result (what precision each reduction
+  carries, full operand)."""
   pattern = re.compile(rf"=\s*(.*?)\s{op}(-start)?\(")
   inside, fused = _reduce_scatter_fusions(hlo)
   lines = [(m.group(1), line) for i, line in enumerate(hlo.splitlines())
            if (m := pattern.search(line)) and not _is_no_op(line)
-           and not (op == "all-reduce" and fused_reduce_scatters != "all-reduce" and i in inside)]
-  if op == "reduce-scatter" and fused_reduce_scatters == "reduce-scatter":
+           and not (op == "all-reduce" and not fused_as_all_reduce and i in inside)]
+  if op == "reduce-scatter" and not fused_as_all_reduce:
     lines += [(shape, line) for shape, line in fused if not _is_no_op(line)]
   return lines
 
@@ -193,9 +193,9 @@ def reduction_elements_by_dtype(hlo: str, num_devices: int) -> dict[str, int]:
   the result times the group size); tuple results element by element."""
   totals: dict[str, int] = {}
   reductions = ([(shape, 1) for shape, _ in
-                 _collective_lines(hlo, "all-reduce", fused_reduce_scatters="all-reduce")]
+                 _collective_lines(hlo, "all-reduce", fused_as_all_reduce=True)]
                 + [(shape, group_size(line, num_devices)) for shape, line in
-                   _collective_lines(hlo, "reduce-scatter", fused_reduce_scatters="all-reduce")])
+                   _collective_lines(hlo, "reduce-scatter", fused_as_all_reduce=True)])
   for shape, operand_per_result in reductions:
     for dtype, n in _array_shapes(shape):
       totals[dtype] = totals.get(dtype, 0) + n * operand_per_result
