@@ -106,6 +106,10 @@ PHI_ROLES = dict(system="A chat between a curious user and an artificial intelli
                  "questions.", user="USER: ", assistant="ASSISTANT: ", separator=" ")
 VISUAL_TOKENS = 440 + 100 + 576 + 576  # SigLIP, ConvNeXt, CLIP, DINOv2 at 336 px
 MODEL_MAX_LENGTH = 2560  # the reference scripts' --model_max_length (visual + text tokens)
+PHI_PAD = "<|extra_0|>"  # the reference's pad token for Phi-2, added to its tokenizer
+EVAL_MAX_NEW_TOKENS = 128  # the reference's model_vqa_loader --max_new_tokens default
+# VQAv2 val in LLaVA format with the 10 annotators' answers (`moe_jax.vlm.llava_data` docstring)
+VQAV2_VAL = "./playground/data/eval/vqav2/llava_vqav2_val_answers.json"
 # The reference scripts' data per stage: (JSON, image folder, template, image preprocessing).
 CLIP_PROCESSOR = "resize_small(method='bicubic')|central_crop|normalize"
 STAGE_DATA = {
@@ -136,12 +140,21 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
   c.evals.train_1024 = evaluators.task_eval(
       "vqa", dataset=c.data.get_ref("name"), split="train[:1024]", pp=c.data.pp_train,
       batch_size=256, every_steps=0)
+  if variant == "stage2":  # VQAv2 val as the reference asks and scores it
+    c.data.files.vqav2_val = VQAV2_VAL
+    c.evals.vqav2_val = evaluators.generate_eval(
+        dataset=c.data.get_ref("name"), split="vqav2_val", pp=c.data.pp_train, batch_size=256,
+        every_steps=0, max_new_tokens=EVAL_MAX_NEW_TOKENS,
+        max_prompt_len=MODEL_MAX_LENGTH - VISUAL_TOKENS - EVAL_MAX_NEW_TOKENS)
   c.data.image_size, c.data.normalization = 336, "clip"  # CLIP's processor, for every encoder
   c.data.text_len = MODEL_MAX_LENGTH - VISUAL_TOKENS
   c.data.overflow = "truncate"
   c.data.tokenizer.path = "./models/microsoft-phi-2/tokenizer.json"
   c.data.tokenizer.bos = ""  # Phi-2's tokenizer adds no <bos>
-  c.data.tokenizer.eos = c.data.tokenizer.pad = "<|endoftext|>"
+  c.data.tokenizer.eos = "<|endoftext|>"
+  # the reference's Phi-2 padding: add_special_tokens({'unk_token': '<|extra_0|>'}), pad = unk
+  c.data.tokenizer.added_tokens = (PHI_PAD,)
+  c.data.tokenizer.pad = PHI_PAD
   c.data.roles.update(PHI_ROLES)
   c.data.prefetch_threads = 8  # JPEG decoding of 128-256 images per step
 
@@ -170,10 +183,8 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
   c.optimizer = optim.default_config()
   c.optimizer.warmup_steps = int(0.03 * c.total_steps)
   c.optimizer.weight_decay = 0.0
-  if variant == "stage1":
-    c.optimizer.learning_rate, c.optimizer.schedule = 1e-3, "constant"
-  else:
-    c.optimizer.learning_rate, c.optimizer.schedule = 2e-5, "cosine"
+  c.optimizer.schedule = "cosine"  # both stages' --lr_scheduler_type
+  c.optimizer.learning_rate = 1e-3 if variant == "stage1" else 2e-5
   c.optimizer.trainable = model.trainable_pattern(c.model, variant)
   c.mesh = mesh.default_config()
   c.init_from = init_from.default_config()

@@ -66,7 +66,8 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
   c.evals.answers = evaluators.generate_eval(
       dataset=c.data.get_ref("name"), split=c.evals.test.get_ref("split"),
       pp="resize|normalize", batch_size=c.evals.test.get_ref("batch_size"), every_steps=0,
-      max_new_tokens=c.data.get_ref("answer_len"))  # split and batch size: those of evals.test
+      max_new_tokens=c.data.get_ref("answer_len"),  # split and batch size: those of evals.test
+      max_prompt_len=8)  # <bos> + the longest question (7 words)
 
   lm = decoder.decoder_config(width=64, depth=2, mlp_dim=128, num_heads=4,
                               vocab_size=len(tokenizer.VOCAB), max_len=64)

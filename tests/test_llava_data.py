@@ -1,6 +1,8 @@
 """LLaVA-format instruction data: loss on assistant turns only, tokenizer files of real LMs, and
 the `vqa` task's LLaVA input pipeline through the Trainer."""
 import json
+import pathlib
+import runpy
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ from tokenizers import models, pre_tokenizers, trainers
 
 from moe_jax.data import EvalSource, preprocess, transforms
 from moe_jax.tasks import vqa
-from moe_jax.train import evaluators, loop
+from moe_jax.train import evaluators, loop, step as step_lib
 from moe_jax.vlm import decoder, encoders, llava_data, model, phi, tokenizer
 
 from configs import mocha_tiny_digits_vqa  # noqa: I100
@@ -273,7 +275,7 @@ def test_the_trainer_trains_mocha_on_llava_data(tmp_path):
   c = _tiny_mocha_on_llava(tmp_path)
   c.evals.answers = evaluators.generate_eval(
       dataset=c.data.get_ref("name"), split="validation[:4]", pp=llava_data.CLIP_PP,
-      batch_size=8, every_steps=0, max_new_tokens=4)
+      batch_size=8, every_steps=0, max_new_tokens=4, max_prompt_len=11)
   trainer = loop.Trainer(c, str(tmp_path / "run"))
   result = trainer.train()
   assert result["val/num_examples"] == 4 and trainer.ckpt.latest_step() == 2
@@ -284,5 +286,179 @@ def test_the_trainer_trains_mocha_on_llava_data(tmp_path):
   with open(tmp_path / "run" / written["predictions"]) as f:
     predictions = json.load(f)
   assert [p["answer"] for p in predictions] == [
-      e["conversations"][1]["value"].replace(".", " .") for e in
-      llava_data.read_examples(c.data.files.validation)[:4]]  # the word tokenizer splits "."
+      e["conversations"][1]["value"] for e in llava_data.read_examples(c.data.files.validation)[:4]]
+
+
+def _vqa_file(tmp_path, answers: list[list[str]]) -> str:
+  """Question-only LLaVA examples (one human turn) with the annotators' `answers`, on the images
+  of `write_example_dataset`."""
+  examples = [{"id": f"q{n}", "image": f"images/{n:04d}.png", "answers": a, "conversations": [
+      {"from": "human", "value": "<image>\nWhat colour is the square?"}]}
+      for n, a in enumerate(answers)]
+  path = tmp_path / "vqa.json"
+  path.write_text(json.dumps(examples))
+  return str(path)
+
+
+# k of 10 annotators say "red" (normalised): accuracy 0.6, 0.9, 0.0, 0.3 for a "red" prediction
+VQA_ANSWERS = [["red"] * 2 + ["blue"] * 8, ["Red."] * 3 + ["green"] * 7, ["blue"] * 10,
+               ["a red"] + ["blue"] * 9]
+
+
+def test_generation_prompt_is_the_references_eval_prompt_and_must_fit(tmp_path):
+  c = _data_config(tmp_path, num_examples=4)
+  c.files.vqa = _vqa_file(tmp_path, VQA_ANSWERS)
+  tok = llava_data.build_tokenizer(c.tokenizer)
+  example = llava_data.read_examples(c.files.train)[0]
+  # the reference's eval prompt "USER: <image>\nWhat colour is the square? ASSISTANT:" (its
+  # get_prompt() with the assistant's message None), each side of <image> tokenised on its own
+  tokens, prompt_len, image_pos = llava_data.encode_prompt(example, tok, c, 12)
+  want = ([tok.bos] + tok.encode("USER: ") + tok.encode("\nWhat colour is the square? ASSISTANT:"))
+  np.testing.assert_array_equal(tokens, want + [tok.pad])
+  assert prompt_len == 11 and image_pos == 3
+  # the training encoding's generation start is the same prompt
+  train_tokens, _, train_prompt_len, _ = llava_data.encode_conversation(example, tok, c)
+  np.testing.assert_array_equal(train_tokens[:train_prompt_len], want)
+  plain = c.copy_and_resolve_references()
+  plain.template = "plain"
+  assert llava_data.prompt_ids(example, tok, plain) == ([tok.bos], 1)  # <bos>, then the image
+  # question-only examples serve generate evaluations, scored against their answers
+  question = llava_data.read_examples(c.files.vqa)[0]
+  assert llava_data.prompt_ids(question, tok, c)[0] == want
+  with pytest.raises(ValueError, match="'q0': a question without a gpt turn serves generate"):
+    llava_data.encode_conversation(question, tok, c)
+  source = EvalSource(llava_data.NAME, "vqa", llava_data.CLIP_PP, "evals.vqa", None)
+  make = lambda length, n=10: llava_data.generate_dataset(
+      c, source, max_prompt_len=length, field="evals.vqa.max_prompt_len", num_answers=n,
+      batch_size=4)
+  batch = next(iter(make(11)))
+  assert batch["tokens"].shape == (4, 11) and set(batch["prompt_len"]) == {11}
+  with pytest.raises(ValueError, match=r"evals.vqa.max_prompt_len=10: example 'q0' of "
+                     r"data.files.vqa has a prompt of 11 text tokens; raise it"):
+    make(10)
+  with pytest.raises(ValueError, match=r"data.files.vqa: example 'q0' has 10 'answers'; the VQA "
+                     r"accuracy scores against the 9"):
+    make(11, n=9)
+  mixed = [json.loads(json.dumps(e)) for e in llava_data.read_examples(c.files.vqa)]
+  mixed[1].pop("answers")
+  mixed[1]["conversations"].append({"from": "gpt", "value": "red"})
+  c.files.vqa = str(tmp_path / "mixed.json")
+  (tmp_path / "mixed.json").write_text(json.dumps(mixed))
+  with pytest.raises(ValueError, match="data.files.vqa: some examples have 'answers' and some"):
+    make(11)
+
+
+def test_generate_eval_fits_the_position_budget_exactly_and_scores_vqa_accuracy(tmp_path):
+  c = _tiny_mocha_on_llava(tmp_path)
+  c.data.files.vqa = _vqa_file(tmp_path, VQA_ANSWERS)
+  visual, longest, new = 4, 11, 4  # 2x2 patches of 8 px; the prompts above; new tokens
+  c.model.decoder.max_len = visual + longest + new  # exactly: prompt + new tokens fit
+  entry = lambda split: evaluators.generate_eval(
+      dataset=c.data.get_ref("name"), split=split, pp=llava_data.CLIP_PP, batch_size=8,
+      every_steps=0, max_new_tokens=new, max_prompt_len=longest)
+  c.evals = ml_collections.ConfigDict({"answers": entry("validation[:4]"), "vqa": entry("vqa")})
+  trainer = loop.Trainer(c, str(tmp_path / "run"))
+  state, _ = trainer.restore_or_init()
+  built = trainer.evaluators()  # one compiled generation step for both (the same shapes)
+  assert len([k for k in built["vqa"].ctx.compiled if k[0].startswith("generate")]) == 1
+  scalars, extras = built["answers"].run(state.params, state.rest)
+  records = extras["predictions"]
+  examples = llava_data.read_examples(c.data.files.validation)
+  assert scalars["answers/num_examples"] == 4 and set(scalars) == {
+      "answers/exact_match", "answers/normalized_match", "answers/num_examples"}
+  assert [r["answer"] for r in records] == [e["conversations"][1]["value"] for e in examples[:4]]
+  assert records[0]["prompt"] == "USER : What colour is the square ? ASSISTANT :"
+  # greedy: the first new token is the argmax after the prompt of the full forward
+  forward = step_lib.make_eval_step(
+      trainer.defs, trainer.mesh, trainer.shardings,
+      lambda model, batch: model(batch, jnp.pad(batch["tokens"], ((0, 0), (0, 1)))))
+  with jax.set_mesh(trainer.mesh):
+    local = next(iter(built["answers"].batches))
+    batch = step_lib.global_batch(local, trainer.mesh)
+    generated = np.asarray(built["answers"].step(state.params, state.rest, batch))
+    logits = np.asarray(forward(state.params, state.rest, batch))
+  np.testing.assert_array_equal(generated[:, 0],
+                                logits[np.arange(8), local["prompt_len"]].argmax(-1))
+  # annotators' answers: the VQA accuracy, per record and averaged
+  scalars, extras = built["vqa"].run(state.params, state.rest)
+  assert set(scalars) == {"vqa/vqa_accuracy", "vqa/num_examples"}
+  assert extras["predictions"][0]["answers"] == VQA_ANSWERS[0]
+  assert scalars["vqa/vqa_accuracy"] == pytest.approx(
+      np.mean([r["vqa_accuracy"] for r in extras["predictions"]]))
+  red = np.full((8, new), tokenizer.PAD, np.int32)
+  red[:, :2] = [trainer.task.tokenizer.encode("red")[0], trainer.task.tokenizer.eos]
+  local = next(iter(built["vqa"].batches))
+  scores = [r["vqa_accuracy"] for r in trainer.task.answer_records(local, red,
+                                                                   built["vqa"].source)]
+  np.testing.assert_allclose(scores, [0.6, 0.9, 0.0, 0.3], atol=1e-12)
+  # one position short: a one-line error naming the three fields, before compiling
+  c.model.decoder.max_len -= 1
+  small = model.MoCHA(c.model, rngs=nnx.Rngs(0))
+  shapes = trainer.task.generate_batch_shapes(8, longest)
+  with pytest.raises(ValueError, match=r"^evals.answers.max_prompt_len=11 \+ "
+                     r"evals.answers.max_new_tokens=4 \+ 4 visual tokens exceed "
+                     r"model.decoder.max_len=18; lower them to fit$"):
+    jax.eval_shape(lambda b: trainer.task.generate_answers(small, b, new, "evals.answers"),
+                   shapes)
+
+
+def test_phi2_padding_as_the_reference_changes_no_loss(tmp_path):
+  # the reference adds <|extra_0|> to Phi-2's tokenizer (HF add_special_tokens: the next id) and
+  # pads with it; an added token already in the vocabulary keeps its id
+  c = _data_config(tmp_path, num_examples=2)
+  base = llava_data.build_tokenizer(c.tokenizer)
+  c.tokenizer.added_tokens, c.tokenizer.pad = ("<|extra_0|>", "</s>"), "<|extra_0|>"
+  tok = llava_data.build_tokenizer(c.tokenizer)
+  assert tok.pad == len(base) and len(tok) == len(base) + 1 and tok.eos == base.eos
+  text = "USER: What colour is the square? ASSISTANT: The square is red."
+  assert tok.encode(text) == base.encode(text)
+  example = llava_data.read_examples(c.files.train)[0]
+  tokens, loss_mask, prompt_len, image_pos = llava_data.encode_conversation(example, tok, c)
+  real = int(np.flatnonzero(tokens != tok.pad)[-1]) + 1  # 29 tokens, then padding
+  assert real == 29 and not loss_mask[real:].any()
+  # the same batch padded with <|extra_0|> (the reference) or with <eos> (Phi-2's <|endoftext|>
+  # as pad): padding is outside the loss and after every real token under the causal mask, so
+  # the loss and every real position's logits are the same to the bit
+  lm = phi.phi_config(width=16, depth=1, mlp_dim=32, num_heads=2, num_kv_heads=2, vocab_size=32,
+                      max_len=48, rotary_fraction=0.5)
+  vlm = model.MoCHA(model.mocha_config(lm, {"vit": encoders.encoder_config(
+      "vit", vit_variant="Ti/8", width=16, depth=1, mlp_dim=32, num_heads=2,
+      posemb="sincos2d")}, image_size=16, channels=3), rngs=nnx.Rngs(0))
+  batch = {"image": np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32),
+           "tokens": np.stack([tokens, np.where(np.arange(32) < real, tokens, tok.eos)]),
+           "loss_mask": np.stack([loss_mask] * 2), "prompt_len": np.array([prompt_len] * 2),
+           "image_pos": np.array([image_pos] * 2)}
+  batch["image"][1] = batch["image"][0]
+  logits = np.asarray(vlm(batch, jnp.asarray(batch["tokens"])))
+  np.testing.assert_array_equal(logits[0, :real], logits[1, :real])
+  assert not np.array_equal(logits[0, real:], logits[1, real:])  # the padding itself differs
+  per_row = [vqa.vqa_loss(vlm, jax.tree.map(lambda x, b=b: x[b:b + 1], batch))[0]
+             for b in range(2)]
+  assert float(per_row[0]) == float(per_row[1])
+  c.tokenizer.path = str(tmp_path / "sp.model")  # SentencePiece cannot add tokens
+  with pytest.raises(ValueError, match="data.tokenizer.added_tokens=.*a SentencePiece model"):
+    tokenizer.PretrainedTokenizer(c.tokenizer.path, bos="<s>", eos="</s>", pad="<unk>",
+                                  added_tokens=("<|extra_0|>",))
+
+
+def test_official_vqa_files_convert_to_a_llava_eval_file(tmp_path):
+  questions = {"data_subtype": "val2014", "questions": [
+      {"image_id": 262148, "question": "Where is he looking?", "question_id": 262148000}]}
+  annotations = {"annotations": [{"question_id": 262148000, "image_id": 262148, "answers": [
+      {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+      for i, a in enumerate(["down"] * 7 + ["at table", "skateboard", "table"])]}]}
+  for name, content in (("q.json", questions), ("a.json", annotations)):
+    (tmp_path / name).write_text(json.dumps(content))
+  out = tmp_path / "eval" / "vqav2.json"
+  argv = ["--questions", str(tmp_path / "q.json"), "--annotations", str(tmp_path / "a.json"),
+          "--image_folder", "coco/val2014", "--out", str(out)]
+  tool = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "tools" / "vqa_to_llava.py"))
+  tool["main"](argv)
+  (example,) = llava_data.read_examples(str(out))  # a valid LLaVA-format file
+  assert example == {
+      "id": "262148000", "image": "coco/val2014/COCO_val2014_000000262148.jpg",
+      "conversations": [{"from": "human", "value": "<image>\nWhere is he looking?\nAnswer the "
+                         "question using a single word or phrase."}],
+      "answers": ["down"] * 7 + ["at table", "skateboard", "table"]}
+  with pytest.raises(SystemExit, match="exists; remove it"):
+    tool["main"](argv)  # never overwrites

@@ -1,7 +1,10 @@
 """MoCHA: HGA, MoE connectors, encoders, decoder, stage freezing, sharding, digit-VQA learning."""
+import functools
 import importlib.util
 import json
 import math
+import pathlib
+import shlex
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +17,12 @@ from flax import nnx
 from moe_jax import aot, moe, tasks
 from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import sharding
-from moe_jax.tasks import vqa as vqa_task
+from moe_jax.tasks import vqa as vqa_task, vqa_scoring
 from moe_jax.train import checkpoint, evaluators, loop, optim, state as state_lib
 from moe_jax.train import step as step_lib
 from moe_jax.vlm import connector, decoder, encoders, hga, model, phi, tokenizer
 from moe_jax.data import transforms
-from moe_jax.vlm import vqa_data
+from moe_jax.vlm import llava_data, vqa_data
 
 from configs import mocha_paper, mocha_tiny_digits_vqa  # noqa: I100  (`common` registers it)
 
@@ -255,7 +258,7 @@ def test_exact_match_and_answer_mask():
       "which digits are next to this digit ?")
   assert t.encode("is it blue") == [t.ids["is"], tokenizer.UNK, tokenizer.UNK]
   # VQA's answer normalisation: case, punctuation, articles, number words; decimals stay
-  norm = vqa_task.normalize_answer
+  norm = vqa_scoring.normalize_answer
   assert norm("The square is Two.\n") == "square is 2" == norm("square, is   2")
   assert norm("An apple costs 1.5 dollars!") == "apple costs 1.5 dollars" != norm("a pear")
 
@@ -367,7 +370,16 @@ def test_configs_shapes_and_stages():
                                           "./models/microsoft-phi-2")
   assert c.optimizer.learning_rate == 2e-5 and c.optimizer.schedule == "cosine"
   assert c.optimizer.warmup_steps == int(0.03 * c.total_steps)
-  assert mocha_paper.get_config("stage1").optimizer.learning_rate == 1e-3
+  stage1 = mocha_paper.get_config("stage1")
+  assert (stage1.optimizer.learning_rate, stage1.optimizer.schedule) == (1e-3, "cosine")
+  # the reference's Phi-2 pad token; VQAv2 generation in the 2,560 positions: 1,692 visual +
+  # a 740-token prompt buffer + 128 new tokens
+  assert (c.data.tokenizer.pad, c.data.tokenizer.added_tokens) == ("<|extra_0|>",
+                                                                   ("<|extra_0|>",))
+  vqav2 = c.evals.vqav2_val
+  assert (sum(abstract.group_sizes) + vqav2.max_prompt_len + vqav2.max_new_tokens
+          == c.model.decoder.max_len == 2560)
+  assert "vqav2_val" not in stage1.evals
   tiny = {v: mocha_tiny_digits_vqa.get_config(v).optimizer.trainable for v in ("stage1", "stage2")}
   assert tiny == {"stage1": "^(connectors|hga)/",
                   "stage2": "^(connectors|hga|decoder|encoders/0|encoders/1)/"}
@@ -445,7 +457,7 @@ def test_generate_eval_answers_with_the_teacher_forced_argmax_and_writes_them(tm
   c.optimizer.warmup_steps = 0
   c.evals = ml_collections.ConfigDict({"answers": evaluators.generate_eval(
       dataset=c.data.get_ref("name"), split="test[:16]", pp="resize|normalize", batch_size=8,
-      every_steps=0, max_new_tokens=3)})
+      every_steps=0, max_new_tokens=3, max_prompt_len=8)})
   trainer = loop.Trainer(c, str(tmp_path))
   state = stage1_run[1]
   evaluator = trainer.evaluators()["answers"]
@@ -461,10 +473,18 @@ def test_generate_eval_answers_with_the_teacher_forced_argmax_and_writes_them(tm
   # prompt_len; a row is answered exactly iff every answer token is a teacher-forced hit
   forward = step_lib.make_eval_step(trainer.defs, trainer.mesh, trainer.shardings,
                                     lambda model, batch: model(batch, batch["tokens"]))
+  # the prompt batches hold the prompts only; the task's eval batches (same rows) the answers
+  full_batches = trainer.task.eval_batches(evaluator.source, batch_size=8, process_index=0,
+                                           process_count=1)
   with jax.set_mesh(trainer.mesh):
-    for local in evaluator.batches:
+    for prompts, local in zip(evaluator.batches, full_batches, strict=True):
+      np.testing.assert_array_equal(prompts["prompt_len"], local["prompt_len"])
+      in_prompt = np.arange(8)[None] < local["prompt_len"][:, None]
+      np.testing.assert_array_equal(prompts["tokens"], np.where(in_prompt, local["tokens"][:, :8],
+                                                                tokenizer.PAD))
+      generated = np.asarray(evaluator.step(state.params, state.rest,
+                                            step_lib.global_batch(prompts, trainer.mesh)))
       batch = step_lib.global_batch(local, trainer.mesh)
-      generated = np.asarray(evaluator.step(state.params, state.rest, batch))
       logits = np.asarray(forward(state.params, state.rest, batch))
       np.testing.assert_array_equal(generated[:, 0],
                                     logits[np.arange(8), local["prompt_len"]].argmax(-1))
@@ -547,3 +567,37 @@ def test_digit_vqa_pipeline_normalises_and_repeats_grey_to_rgb():
   source = evaluators.source("test", config.evals.test, c)
   eval_batch = next(iter(vqa_data.make_dataset(c, source, batch_size=4, train=False)))
   assert eval_batch["image"].shape == (4, 28, 28, 3) and eval_batch["mask"].shape == (4,)
+
+
+def _readme_mocha_commands() -> list[list[str]]:
+  """The shell commands of the README's "MoCHA with real weights" code block, as argv lists."""
+  readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  section = readme[readme.index("### MoCHA with real weights"):]
+  block = section[section.index("```bash\n") + 8:section.index("```\n", 10)]
+  lines = [line for line in block.replace("\\\n", " ").splitlines()
+           if line.strip() and not line.lstrip().startswith("#")]
+  return [shlex.split(line) for line in lines]
+
+
+def test_readme_mocha_commands_name_real_config_fields_and_flags():
+  commands = _readme_mocha_commands()
+  assert [argv[1] for argv in commands] == ["train.py", "tools/vqa_to_llava.py", "train.py",
+                                            "eval.py"]
+  for argv in commands:
+    flags = dict(a.removeprefix("--").partition("=")[::2] if "=" in a else (a[2:], None)
+                 for a in argv[2:] if a.startswith("--"))
+    if argv[1] == "tools/vqa_to_llava.py":  # its flags (exercised in tests/test_llava_data.py)
+      assert set(flags) == {"questions", "annotations", "image_folder", "out"}
+      continue
+    path, variant = argv[argv.index("--config") + 1].split(":")
+    assert path == "configs/mocha_paper.py" and "--workdir" in argv
+    c = mocha_paper.get_config(variant)
+    for key, value in flags.items():
+      if key.startswith("config."):
+        *parents, leaf = key.removeprefix("config.").split(".")
+        node = functools.reduce(lambda n, k: n[k], parents, c)
+        assert leaf in node, key  # an override of a field the config has
+        node[leaf] = type(node[leaf])(value.strip("'"))
+    if argv[1] == "eval.py":
+      assert flags["only"] in c.evals and c.evals.vqav2_val.split == "vqav2_val[:2000]"
+      assert llava_data.split_rows(c.data, c.evals.vqav2_val.split, "split")[0] in c.data.files

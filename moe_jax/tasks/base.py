@@ -82,5 +82,10 @@ class Task:
   def abstract_batch(self, batch_size: int, sharding: jax.sharding.Sharding,
                      eval_: bool) -> dict[str, jax.ShapeDtypeStruct]:
     """`batch_shapes` with `sharding` attached (for lowering before data arrives)."""
-    return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
-            for k, s in self.batch_shapes(batch_size, eval_).items()}
+    return with_sharding(self.batch_shapes(batch_size, eval_), sharding)
+
+
+def with_sharding(shapes: dict[str, jax.ShapeDtypeStruct],
+                  sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """`shapes` with `sharding` attached."""
+  return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for k, s in shapes.items()}

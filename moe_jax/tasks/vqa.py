@@ -11,12 +11,13 @@ Two input pipelines, by `data.name`:
   accuracy).
 Eval batches add `mask float32 [B]`. On either, a 'generate' entry of `config.evals`
 (`moe_jax.train.evaluators.GenerateEvaluator`) answers each example's first question by greedy
-generation (`generate_answers`) and scores the answers as text (`answer_records`).
+generation (`generate_answers`) from batches of the prompts alone (`generate_batches`, sized by
+the entry's `max_prompt_len`) and scores the answers as text (`answer_records`, `scores`:
+exact / normalised match, or the VQA accuracy against the annotators' `answers`).
 """
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from flax import nnx
 from moe_jax import moe
 from moe_jax.tasks.base import Batch, Task
 from moe_jax.tasks.classification import check_model_matches_data, moe_scalars
+from moe_jax.tasks.vqa_scoring import NUM_ANNOTATORS, normalize_answer, vqa_accuracy
 from moe_jax.vlm import llava_data, model as model_lib, pretrained, tokenizer as tok, vqa_data
 
 
@@ -62,20 +64,16 @@ def vqa_loss(model: nnx.Module, batch: Batch):
                 "train/token_accuracy": jnp.sum(hits * mask) / n, **moe_scalars(aux, "train")}
 
 
-# VQA's answer normalisation (the evaluation's EvalAIAnswerProcessor, which LLaVA's m4c_evaluator
-# uses), in short: lower case, punctuation dropped, number words as digits, articles dropped.
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-                "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = ("a", "an", "the")
-
-
-def normalize_answer(text: str) -> str:
-  """`text` lower-cased, without punctuation (a period between digits kept), number words as
-  digits and articles dropped, words single-spaced (VQA's normalisation, simplified: no
-  contraction table)."""
-  text = re.sub(r"(?!(?<=\d)\.(?=\d))[^\w\s]", "", text.lower().replace("\n", " "))
-  words = [NUMBER_WORDS.get(w, w) for w in text.split()]
-  return " ".join(w for w in words if w not in ARTICLES)
+def scores(record: dict) -> dict[str, float]:
+  """The scores of `record["prediction"]`: against the annotators' `answers`, `vqa_accuracy`;
+  against one `answer`, `exact_match` (the stripped strings equal) and `normalized_match`
+  (equal after VQA's normalisation), 1.0 / 0.0."""
+  prediction = record["prediction"]
+  if "answers" in record:
+    return {"vqa_accuracy": vqa_accuracy(prediction, record["answers"])}
+  answer = record["answer"]
+  return {"exact_match": float(prediction.strip() == answer.strip()),
+          "normalized_match": float(normalize_answer(prediction) == normalize_answer(answer))}
 
 
 def exact_match(generated: jax.Array, batch: Batch) -> jax.Array:
@@ -107,38 +105,83 @@ class VqaTask(Task):
     return llava_data.build_tokenizer(self.config.data.tokenizer) if self.llava else (
         tok.Tokenizer())
 
+  def generate_batches(self, source, *, max_prompt_len: int, field: str, batch_size: int,
+                       process_index: int, process_count: int):
+    """Re-iterable single pass over a generate evaluation's prompts (`source`: its
+    `moe_jax.data.EvalSource`): `tokens [B, max_prompt_len]` hold each row's prompt only
+    (the first question, as the reference's eval builds it; `<pad>` after it), with `prompt_len`,
+    ids, `mask` (and on the digit task `answer_tokens`); ValueError naming `field` (the entry's
+    max_prompt_len) for a longer prompt."""
+    kwargs = dict(max_prompt_len=max_prompt_len, field=field, batch_size=batch_size,
+                  process_index=process_index, process_count=process_count)
+    if self.llava:
+      kwargs["num_answers"] = NUM_ANNOTATORS
+    return self.data_module.generate_dataset(self.config.data, source, **kwargs)
+
+  def generate_batch_shapes(self, batch_size: int,
+                            max_prompt_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of a global batch of `generate_batches`."""
+    return self.data_module.generate_batch_shapes(self.config, batch_size, max_prompt_len)
+
   def generate_answers(self, model: model_lib.MoCHA, batch: Batch, max_new_tokens: int,
-                       field: str) -> jax.Array:
+                       entry: str) -> jax.Array:
     """`[B, max_new_tokens]` greedy tokens after each row's prompt `tokens[:prompt_len]` (the
-    first question, with the image spliced in as in training), through the KV cache, `<pad>`
-    after a row's `<eos>`. The text gets `max_new_tokens - 1` columns of room, so every prompt
-    fits; ValueError naming `field` when the sequence outgrows `model.decoder.max_len`."""
+    image spliced in as in training), through the KV cache, `<pad>` after a row's `<eos>`.
+    The prompt buffer + the new tokens must fit the positions, as the reference's generation
+    (prompt + max_new_tokens): ValueError naming the fields of `entry` (`evals.<name>`) and
+    `model.decoder.max_len` when `visual + max_prompt_len + max_new_tokens` exceeds it."""
     tokens = batch["tokens"]
-    visual, room = sum(model.group_sizes), tokens.shape[1] + max_new_tokens - 1
-    if visual + room > model.decoder.max_len:
-      raise ValueError(f"{field}={max_new_tokens}: {visual} visual + {tokens.shape[1]} text + "
-                       f"{max_new_tokens - 1} new tokens exceed model.decoder.max_len="
-                       f"{model.decoder.max_len}; lower it or data.text_len, or raise "
-                       "model.decoder.max_len")
+    visual, length = sum(model.group_sizes), tokens.shape[1]
+    if visual + length + max_new_tokens > model.decoder.max_len:
+      raise ValueError(f"{entry}.max_prompt_len={length} + {entry}.max_new_tokens="
+                       f"{max_new_tokens} + {visual} visual tokens exceed model.decoder.max_len="
+                       f"{model.decoder.max_len}; lower them to fit")
+    # the last generated token is never fed back: max_new_tokens - 1 columns of room
     tokens = jnp.pad(tokens, ((0, 0), (0, max_new_tokens - 1)), constant_values=self.tokenizer.pad)
     return model_lib.generate(model, batch, tokens, batch["prompt_len"], max_new_tokens,
                               eos_id=self.tokenizer.eos, pad_id=self.tokenizer.pad)
 
-  def answer_records(self, batch: dict[str, np.ndarray], generated: np.ndarray) -> list[dict]:
-    """One dict per real row of a host batch: its ids (`example`, or `image_id` and `qtype`),
-    `prompt`, reference `answer` (the text after the prompt up to `<eos>`), `prediction` (of
-    `generated [B, N]`), `exact_match` and `normalized_match` (1.0 / 0.0)."""
+  def _eval_examples(self, source) -> tuple[tuple[dict, ...], int]:
+    """(the LLaVA examples of `source`'s file, by JSON row; the first row of its split)."""
+    field = f"{source.field}.{source.split_key}"
+    name = llava_data.split_rows(self.config.data, source.split, field)[0]
+    examples = llava_data.read_examples(self.config.data.files[name])
+    return examples, llava_data.split_rows(self.config.data, source.split, field,
+                                           len(examples))[1] or 0
+
+  def answer_metrics(self, source) -> tuple[str, ...]:
+    """The per-example scores `answer_records` gives on `source`'s split: `vqa_accuracy` where
+    the examples have the annotators' `answers` (LLaVA data), else `exact_match`,
+    `normalized_match`."""
+    if self.llava:
+      examples, first = self._eval_examples(source)
+      if llava_data.ANSWERS in examples[first]:
+        return ("vqa_accuracy",)
+    return ("exact_match", "normalized_match")
+
+  def answer_records(self, batch: dict[str, np.ndarray], generated: np.ndarray,
+                     source) -> list[dict]:
+    """One dict per real row of a host batch of `generate_batches(source)`: its ids (`example`,
+    or `image_id` and `qtype`), `prompt`, the reference `answer` (LLaVA: the first gpt turn) or
+    `answers` (the annotators'), `prediction` (of `generated [B, N]`) and its scores
+    (`answer_metrics`): `exact_match` and `normalized_match` (1.0 / 0.0; the stripped strings
+    equal, equal after VQA's normalisation) or `vqa_accuracy` (`vqa_scoring`)."""
+    examples = self._eval_examples(source)[0] if self.llava else None
     records = []
     for b in np.flatnonzero(np.asarray(batch["mask"]) > 0):
       n = int(batch["prompt_len"][b])
-      answer = self.tokenizer.decode(batch["tokens"][b, n:])
-      prediction = self.tokenizer.decode(generated[b])
-      records.append({
-          **{k: int(batch[k][b]) for k in ("example", "image_id", "qtype") if k in batch},
-          "prompt": self.tokenizer.decode(batch["tokens"][b, :n]), "answer": answer,
-          "prediction": prediction,
-          "exact_match": float(prediction.strip() == answer.strip()),
-          "normalized_match": float(normalize_answer(prediction) == normalize_answer(answer))})
+      record = {**{k: int(batch[k][b]) for k in ("example", "image_id", "qtype") if k in batch},
+                "prompt": self.tokenizer.decode(batch["tokens"][b, :n])}
+      if examples is None:
+        record["answer"] = self.tokenizer.decode(batch["answer_tokens"][b])
+      else:
+        example = examples[int(batch["example"][b])]
+        if llava_data.ANSWERS in example:
+          record["answers"] = example[llava_data.ANSWERS]
+        else:
+          record["answer"] = example["conversations"][1]["value"]
+      record["prediction"] = self.tokenizer.decode(generated[b])
+      records.append({**record, **scores(record)})
     return records
 
   def check(self) -> None:

@@ -18,13 +18,18 @@ Entry fields (all required: no hidden defaults; `validate` names `evals.<name>.<
   train steps (0 = only after the last step); `eval.py` runs every entry (or one: `--only`).
 - fewshot only: `train_split` (where the shots come from), `shots` (list of n), `l2_regs`
   (list), `select_l2_shots` (the n at which the reported l2 is chosen), `seed` (shot sampling).
-- generate only: `max_new_tokens` (greedy steps; each row stops at its `<eos>`).
+- generate only: `max_new_tokens` (greedy steps; each row stops at its `<eos>`) and
+  `max_prompt_len` (text tokens of the prompt buffer: every prompt of the split must fit, and
+  visual tokens + max_prompt_len + max_new_tokens must fit `model.decoder.max_len`, as the
+  reference's prompt + max_new_tokens; one-line errors naming the fields otherwise).
 
 Metrics: `<name>/<metric>` (task: `<name>/accuracy`, `<name>/loss`, ...; fewshot:
-`<name>/<n>shot`, `<name>/l2_reg`; generate: `<name>/exact_match`, `<name>/normalized_match`,
-`<name>/num_examples`) in metrics.jsonl and TensorBoard; with an EMA of the parameters
-(`optimizer.ema_decay > 0`) also `<name>_ema/<metric>`. `eval.py` writes `eval_<name>.json` per
-entry (and a generate entry's predictions to `predictions_<name>.json`).
+`<name>/<n>shot`, `<name>/l2_reg`; generate: `<name>/exact_match`, `<name>/normalized_match`
+against one reference answer, or `<name>/vqa_accuracy` against the 10 annotators' `answers`
+(`moe_jax.tasks.vqa_scoring`), and `<name>/num_examples`) in metrics.jsonl and TensorBoard;
+with an EMA of the parameters (`optimizer.ema_decay > 0`) also `<name>_ema/<metric>`. `eval.py`
+writes `eval_<name>.json` per entry (and a generate entry's predictions to
+`predictions_<name>.json`).
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from moe_jax import data, paths
 from moe_jax.data import EvalSource
 from moe_jax.parallel import sharding
 from moe_jax.tasks import Task
+from moe_jax.tasks.base import with_sharding
 from moe_jax.train import fewshot, step as step_lib
 from moe_jax.train.state import ModelDefs, TrainState
 
@@ -49,7 +55,7 @@ FEWSHOT = "fewshot"
 GENERATE = "generate"
 TASK_FIELDS = ("type", "dataset", "split", "pp", "batch_size", "every_steps")
 FEWSHOT_FIELDS = TASK_FIELDS + ("train_split", "shots", "l2_regs", "select_l2_shots", "seed")
-GENERATE_FIELDS = TASK_FIELDS + ("max_new_tokens",)
+GENERATE_FIELDS = TASK_FIELDS + ("max_new_tokens", "max_prompt_len")
 # The single-eval fields that `config.evals` replaced: old -> the entry field that holds it now.
 REPLACED = {"eval_batch_size": "batch_size", "eval_every_steps": "every_steps",
             "data.eval_split": "split", "data.pp_eval": "pp"}
@@ -79,12 +85,13 @@ def fewshot_eval(*, dataset: str | config_dict.FieldReference, train_split: str,
 def generate_eval(*, dataset: str | config_dict.FieldReference,
                   split: str | config_dict.FieldReference, pp: str,
                   batch_size: int | config_dict.FieldReference, every_steps: int,
-                  max_new_tokens: int | config_dict.FieldReference) -> ml_collections.ConfigDict:
+                  max_new_tokens: int | config_dict.FieldReference,
+                  max_prompt_len: int | config_dict.FieldReference) -> ml_collections.ConfigDict:
   """A generation entry: greedy answers of up to `max_new_tokens` tokens to the questions of
-  `split` (`GenerateEvaluator`)."""
+  `split`, each prompt in a buffer of `max_prompt_len` text tokens (`GenerateEvaluator`)."""
   entry = task_eval(GENERATE, dataset=dataset, split=split, pp=pp, batch_size=batch_size,
                     every_steps=every_steps)
-  entry.max_new_tokens = max_new_tokens
+  entry.max_new_tokens, entry.max_prompt_len = max_new_tokens, max_prompt_len
   return entry
 
 
@@ -113,10 +120,9 @@ def _check_numbers(name: str, entry: ml_collections.ConfigDict) -> None:
   if not isinstance(entry.every_steps, int) or entry.every_steps < 0:
     raise ValueError(f"{_field(name, 'every_steps')}={entry.every_steps!r} must be an integer "
                      ">= 0 (0 = only after the last step)")
-  if entry.type == GENERATE and (not isinstance(entry.max_new_tokens, int)
-                                 or entry.max_new_tokens < 1):
-    raise ValueError(f"{_field(name, 'max_new_tokens')}={entry.max_new_tokens!r} must be an "
-                     "integer >= 1")
+  for key in ("max_new_tokens", "max_prompt_len") if entry.type == GENERATE else ():
+    if not isinstance(entry[key], int) or entry[key] < 1:
+      raise ValueError(f"{_field(name, key)}={entry[key]!r} must be an integer >= 1")
   if entry.type != FEWSHOT:
     return
   shots, l2 = tuple(entry.shots), tuple(entry.l2_regs)
@@ -191,11 +197,16 @@ class Context(NamedTuple):
     return self.compiled[key]
 
 
+def _this_process(batch_size: int) -> dict[str, int]:
+  """The keywords of this process's share of a global batch of `batch_size`."""
+  pc = jax.process_count()
+  return dict(batch_size=batch_size // pc, process_index=jax.process_index(), process_count=pc)
+
+
 def _batches(ctx: Context, src: EvalSource, batch_size: int, own_data: bool):
   """This process's batches of `src` (`own_data`: through the task's input pipeline, else the
   image pipeline `moe_jax.data`)."""
-  pc, pi = jax.process_count(), jax.process_index()
-  kwargs = dict(batch_size=batch_size // pc, process_index=pi, process_count=pc)
+  kwargs = _this_process(batch_size)
   if own_data:
     return ctx.task.eval_batches(src, **kwargs)
   return data.eval_dataset(ctx.task.config.data, src, **kwargs)
@@ -243,17 +254,31 @@ class TaskEvaluator:
 
 class GenerateEvaluator:
   """Greedy answers (`Task.generate_answers`: KV-cached generation from each row's prompt, up to
-  `max_new_tokens`, stopping at `<eos>`) to the questions of `split`, scored on the host against
-  the reference answers (`Task.answer_records`). Reports `<name>/exact_match` (the stripped
-  strings equal), `<name>/normalized_match` (equal after `moe_jax.tasks.vqa.normalize_answer`:
-  VQA's answer normalisation) and `<name>/num_examples`; `report` writes the predictions."""
+  `max_new_tokens`, stopping at `<eos>`) to the questions of `split`, asked as the reference's
+  eval asks them (`Task.generate_batches`: the prompt only, in a buffer of `max_prompt_len` text
+  tokens, so that visual + max_prompt_len + max_new_tokens positions fit
+  `model.decoder.max_len`), scored on the host against the reference answers
+  (`Task.answer_records`). Reports the mean of each of the task's scores
+  (`Task.answer_metrics`: `<name>/exact_match` and `<name>/normalized_match`, or, against the
+  annotators' answers, `<name>/vqa_accuracy`) and `<name>/num_examples`; `report` writes the
+  predictions."""
 
   def __init__(self, name: str, entry: ml_collections.ConfigDict, ctx: Context):
     self.name, self.entry, self.ctx = name, entry, ctx
-    steps, field = entry.max_new_tokens, _field(name, "max_new_tokens")
-    generate = lambda model, batch: ctx.task.generate_answers(model, batch, steps, field)
-    self.batches, self.step = _task_data_and_step(name, entry, ctx, f"generate_{steps}",
-                                                  generate)
+    self.source = source(name, entry, ctx.task.config.data)
+    steps, length = entry.max_new_tokens, entry.max_prompt_len
+    self.batches = ctx.task.generate_batches(
+        self.source, max_prompt_len=length, field=_field(name, "max_prompt_len"),
+        **_this_process(entry.batch_size))
+    self.metrics = ctx.task.answer_metrics(self.source)
+    generate = lambda model, batch: ctx.task.generate_answers(model, batch, steps,
+                                                              f"evals.{name}")
+    abstract_batch = with_sharding(ctx.task.generate_batch_shapes(entry.batch_size, length),
+                                   sharding.batch_sharding(ctx.mesh))
+    self.step = ctx.compile_once(
+        f"generate_{length}_{steps}", entry.batch_size,
+        lambda defs, mesh, shardings: step_lib.make_eval_step(defs, mesh, shardings, generate),
+        abstract_batch)
 
   def run(self, params, rest) -> tuple[dict[str, float], dict]:
     """(`<name>/...` scalars, {"predictions": one record per real example})."""
@@ -262,10 +287,9 @@ class GenerateEvaluator:
       for local in self.batches:
         generated = jax.device_get(self.step(params, rest,
                                              step_lib.global_batch(local, self.ctx.mesh)))
-        records += self.ctx.task.answer_records(local, _local_rows(generated))
+        records += self.ctx.task.answer_records(local, _local_rows(generated), self.source)
     n = len(records)
-    scalars = {f"{self.name}/{k}": sum(r[k] for r in records) / max(n, 1)
-               for k in ("exact_match", "normalized_match")}
+    scalars = {f"{self.name}/{k}": sum(r[k] for r in records) / max(n, 1) for k in self.metrics}
     scalars[f"{self.name}/num_examples"] = float(n)
     return scalars, {"predictions": records}
 

@@ -45,6 +45,19 @@ Batches: `image float32 [B, H, W, 3]`, `tokens int32 [B, L]` (L = data.text_len,
 assistant prefix: where generation starts), `image_pos int32 [B]` (where the visual tokens
 go), `example int32 [B]` (row in the JSON); eval batches add `mask float32 [B]`.
 `moe_jax.tasks.vqa` trains on them (its loss reads `loss_mask`).
+
+Generate evaluations (`moe_jax.train.evaluators.generate_eval`, `generate_dataset`) ask each
+example's first question as the reference's eval does (`model_vqa_loader`): the prompt only,
+ending in the assistant's role ("... ASSISTANT:", `prompt_ids`), in a buffer of the entry's
+`max_prompt_len` text tokens (`tokens [B, max_prompt_len]`, `prompt_len`, `image_pos`,
+`example`, `mask`); a longer prompt is a one-line error naming that field before the run (the
+reference does not truncate prompts). The reference answer is the first gpt turn, or, where
+the examples carry `answers` (a list of the 10 annotators' answers, as VQAv2, VizWiz,
+TextVQA ship them; all examples of the file or none), those, scored by the VQA accuracy
+(`moe_jax.tasks.vqa_scoring`). Such an example may be a question alone (one human turn):
+`{"id": "262148000", "image": "coco/val2014/COCO_val2014_000000262148.jpg", "conversations":
+[{"from": "human", "value": "<image>\nWhere is he looking?\nAnswer the question using a single
+word or phrase."}], "answers": ["down", "down", "at table", ...]}` (LLaVA-1.5's VQAv2 prompt).
 """
 from __future__ import annotations
 
@@ -67,6 +80,7 @@ from moe_jax.vlm.tokenizer import PretrainedTokenizer
 
 NAME = "llava_json"
 IMAGE = "<image>"
+ANSWERS = "answers"  # an example's reference answers for generate evaluations (VQA: 10)
 TEMPLATES = ("conversation", "plain")
 OVERFLOW = ("error", "truncate")
 # CLIP's image processor: shorter side to data.image_size bicubic, centre crop, CLIP mean / std.
@@ -81,9 +95,14 @@ def roles_config() -> ml_collections.ConfigDict:
 
 
 def tokenizer_config() -> ml_collections.ConfigDict:
-  """`data.tokenizer`: the LM's tokenizer file and its special tokens (LLaMA's names; `bos` ''
-  adds none, as Phi-2's tokenizer)."""
-  return ml_collections.ConfigDict(dict(path="", bos="<s>", eos="</s>", pad="<unk>"))
+  """`data.tokenizer`: the LM's tokenizer file, special tokens added to it (`added_tokens`, as
+  HF's `add_special_tokens`) and the names of its special tokens (LLaMA's, as LLaVA pads LLaMA
+  with `<unk>`; `bos` '' adds none, as Phi-2's tokenizer). Padding never reaches the loss
+  (`loss_mask` 0) nor a real token's attention (right padding under the causal mask; the
+  decoders take no padding mask), so the pad id changes no loss; it is the reference's so that
+  the batches are its batches too."""
+  return ml_collections.ConfigDict(dict(path="", bos="<s>", eos="</s>", pad="<unk>",
+                                        added_tokens=()))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -111,24 +130,37 @@ def build_tokenizer(c: ml_collections.ConfigDict) -> PretrainedTokenizer:
                      "SentencePiece .model")
   if not epath.Path(c.path).is_file():
     raise ValueError(f"data.tokenizer.path={c.path!r} does not exist")
-  return PretrainedTokenizer(c.path, bos=c.bos, eos=c.eos, pad=c.pad)
+  return PretrainedTokenizer(c.path, bos=c.bos, eos=c.eos, pad=c.pad,
+                             added_tokens=tuple(c.added_tokens))
+
+
+def _name(example, n: int) -> str:
+  return f"example {example.get('id', n)!r}" if isinstance(example, dict) else f"example {n}"
 
 
 def _check_example(example, n: int) -> None:
   """ValueError naming example `n` unless it has an image and alternating human / gpt turns
-  with one `<image>`, in a human turn."""
-  name = f"example {example.get('id', n)!r}" if isinstance(example, dict) else f"example {n}"
+  with one `<image>`, in a human turn (a lone human turn: a question with `answers`), and, if it
+  has `answers`, a non-empty list of strings."""
+  name = _name(example, n)
   if not isinstance(example, dict) or not isinstance(example.get("conversations"), list):
     raise ValueError(f"{name}: needs a 'conversations' list (LLaVA format)")
   if "image" not in example:
     raise ValueError(f"{name}: has no 'image' (text-only); MoCHA needs one image per example: "
                      "remove text-only rows from the JSON")
+  answers = example.get(ANSWERS)
+  if answers is not None and (not isinstance(answers, list) or not answers or not all(
+      isinstance(a, str) for a in answers)):
+    raise ValueError(f"{name}: '{ANSWERS}' must be a non-empty list of strings (the annotators' "
+                     "answers)")
   turns = example["conversations"]
-  if not turns or len(turns) % 2 or any(
+  question_only = answers is not None and len(turns) == 1
+  if not turns or (len(turns) % 2 and not question_only) or any(
       not isinstance(t, dict) or t.get("from") != ("human" if i % 2 == 0 else "gpt")
       or not isinstance(t.get("value"), str) for i, t in enumerate(turns)):
     raise ValueError(f"{name}: conversations must alternate human, gpt turns ({{'from', "
-                     "'value'}}), starting with human and ending with gpt")
+                     "'value'}}), starting with human and ending with gpt (or be one human turn: "
+                     f"a question, with its '{ANSWERS}')")
   if sum(t["value"].count(IMAGE) for t in turns[::2]) != 1 or any(
       IMAGE in t["value"] for t in turns[1::2]):
     raise ValueError(f"{name}: {IMAGE} must appear once, in a human turn (one image per "
@@ -157,6 +189,13 @@ def _tokens_around_image(tokenizer: PretrainedTokenizer, text: str, answer_start
   return head + ids, [0.0] * len(head) + [float(end > start) for _, end in offsets], len(head)
 
 
+def _round_prefix(roles: ml_collections.ConfigDict, turns: list[dict], r: int) -> str:
+  """The text of round `r // 2` before its answer: `[system + separator, first round only] +
+  user + question + separator + assistant` (LLaVA's `SeparatorStyle.TWO`)."""
+  return (roles.system + roles.separator if r == 0 and roles.system else "") + (
+      roles.user + image_first(turns[r]["value"]) + roles.separator + roles.assistant)
+
+
 def encode_conversation(example: dict, tokenizer: PretrainedTokenizer,
                         config: ml_collections.ConfigDict
                         ) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -166,6 +205,10 @@ def encode_conversation(example: dict, tokenizer: PretrainedTokenizer,
   _check_example(example, 0)
   name = f"example {example.get('id', '?')!r}"
   turns = example["conversations"]
+  if len(turns) < 2:
+    raise ValueError(f"{name}: a question without a gpt turn serves generate evaluations only "
+                     f"(scored against its '{ANSWERS}'); training and 'vqa' evaluations need "
+                     "the answer turn")
   roles = config.roles
   tokens = [] if tokenizer.bos is None else [tokenizer.bos]
   mask = [0.0] * len(tokens)
@@ -177,8 +220,7 @@ def encode_conversation(example: dict, tokenizer: PretrainedTokenizer,
   else:
     prompt_len = image_pos = 0
     for r in range(0, len(turns), 2):
-      prefix = (roles.system + roles.separator if r == 0 and roles.system else "") + (
-          roles.user + image_first(turns[r]["value"]) + roles.separator + roles.assistant)
+      prefix = _round_prefix(roles, turns, r)
       ids, answer, image_at = _tokens_around_image(tokenizer, prefix + turns[r + 1]["value"],
                                                    len(prefix))
       if image_at is not None:
@@ -199,6 +241,34 @@ def encode_conversation(example: dict, tokenizer: PretrainedTokenizer,
   pad = L - len(tokens)
   return (np.asarray(tokens + [tokenizer.pad] * pad, np.int32),
           np.asarray(mask + [0.0] * pad, np.float32), prompt_len, image_pos)
+
+
+def prompt_ids(example: dict, tokenizer: PretrainedTokenizer,
+               config: ml_collections.ConfigDict) -> tuple[list[int], int]:
+  """(text token ids, image position) of the generation prompt of the example's first question,
+  as the reference's eval builds it (`model_vqa_loader`: the question's turn, then the
+  assistant's role with no message, so its `get_prompt()` ends in "ASSISTANT:", i.e.
+  `roles.assistant` without its trailing space; no answer). 'plain' template: only `<bos>` (if
+  any) and the image (a stage-1 model captions it)."""
+  _check_example(example, 0)
+  tokens = [] if tokenizer.bos is None else [tokenizer.bos]
+  if config.template == "plain":
+    return tokens, len(tokens)
+  prefix = _round_prefix(config.roles, example["conversations"], 0)
+  prompt = prefix[:len(prefix) - len(config.roles.assistant)] + config.roles.assistant.rstrip()
+  ids, _, image_at = _tokens_around_image(tokenizer, prompt, len(prompt))
+  if image_at is None:
+    raise ValueError(f"example {example.get('id', '?')!r}: its {IMAGE} is not in the first "
+                     "question, the one generate evaluations ask")
+  return tokens + ids, len(tokens) + image_at
+
+
+def encode_prompt(example: dict, tokenizer: PretrainedTokenizer,
+                  config: ml_collections.ConfigDict, length: int) -> tuple[np.ndarray, int, int]:
+  """(tokens int32 `[length]`: `prompt_ids` padded with `tokenizer.pad`, prompt length, image
+  position); the prompt must fit (`Conversations.check_prompts`)."""
+  ids, image_pos = prompt_ids(example, tokenizer, config)
+  return np.asarray(ids + [tokenizer.pad] * (length - len(ids)), np.int32), len(ids), image_pos
 
 
 @functools.lru_cache(maxsize=4)
@@ -295,6 +365,7 @@ class Conversations:
   def __init__(self, config: ml_collections.ConfigDict, split: str, start: int | None = None,
                stop: int | None = None):
     self.config = config
+    self.split = split
     self.examples = read_examples(config.files[split])[start:stop]
     self.first = start or 0  # the JSON row of self.examples[0]
     self.root = epath.Path(config.image_dir)
@@ -316,6 +387,54 @@ class Conversations:
             "prompt_len": np.asarray(prompt_len, np.int32),
             "image_pos": np.asarray(image_pos, np.int32), "example": rows + np.int32(self.first)}
 
+  def with_prompt(self, batch: dict[str, np.ndarray], *, length: int) -> dict[str, np.ndarray]:
+    """An image batch whose `label` holds rows -> the prompt batch of a generate evaluation:
+    `tokens [B, length]` (`encode_prompt`), `prompt_len`, `image_pos`, `example`."""
+    rows = batch.pop("label")
+    tokens, prompt_len, image_pos = zip(
+        *[encode_prompt(self.examples[i], self.tokenizer, self.config, length) for i in rows])
+    return {**batch, "tokens": np.stack(tokens), "prompt_len": np.asarray(prompt_len, np.int32),
+            "image_pos": np.asarray(image_pos, np.int32), "example": rows + np.int32(self.first)}
+
+  @property
+  def has_annotator_answers(self) -> bool:
+    """Whether the examples carry `answers` (scored by the VQA accuracy)."""
+    return ANSWERS in self.examples[0]
+
+  def check_prompts(self, length: int, field: str) -> None:
+    """ValueError naming `field` when a row's generation prompt (`prompt_ids`) is longer than
+    `length` text tokens (the reference does not truncate prompts at eval time)."""
+    sizes = [len(prompt_ids(e, self.tokenizer, self.config)[0]) for e in self.examples]
+    longest = int(np.argmax(sizes))
+    if sizes[longest] > length:
+      raise ValueError(f"{field}={length}: {_name(self.examples[longest], self.first + longest)} "
+                       f"of data.files.{self.split} has a prompt of {sizes[longest]} text "
+                       "tokens; raise it")
+
+  def check_references(self, n: int) -> None:
+    """ValueError naming the file unless all or none of the rows have `answers`, and all those
+    have `n` of them (the annotators' answers the VQA accuracy needs)."""
+    where = f"data.files.{self.split}"
+    if any((ANSWERS in e) != self.has_annotator_answers for e in self.examples):
+      raise ValueError(f"{where}: some examples have '{ANSWERS}' and some do not; give every "
+                       "question its annotators' answers, or none")
+    for row, e in enumerate(self.examples):
+      if self.has_annotator_answers and len(e[ANSWERS]) != n:
+        raise ValueError(f"{where}: {_name(e, self.first + row)} has {len(e[ANSWERS])} "
+                         f"'{ANSWERS}'; the VQA accuracy scores against the {n} annotators' "
+                         "answers (single-answer data: drop it and give the answer as the gpt "
+                         "turn)")
+
+
+def eval_reader(config: ml_collections.ConfigDict, source: pipeline.EvalSource
+                ) -> tuple[preprocess.Pipeline, "Conversations"]:
+  """(the eval pipeline, the rows) of `source` (one `config.evals` entry), files checked."""
+  pp, field = check_eval_source(config, source), f"{source.field}.{source.split_key}"
+  split = split_rows(config, source.split, field)[0]
+  validate(config, split)
+  return pp, Conversations(config, *split_rows(config, source.split, field,
+                                               len(read_examples(config.files[split]))))
+
 
 def make_dataset(config: ml_collections.ConfigDict, source: pipeline.EvalSource | None = None, *,
                  batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1,
@@ -328,19 +447,36 @@ def make_dataset(config: ml_collections.ConfigDict, source: pipeline.EvalSource 
     validate(config, split)
     reader = Conversations(config, split)
   else:
-    pp, field = check_eval_source(config, source), f"{source.field}.{source.split_key}"
-    split = split_rows(config, source.split, field)[0]
-    validate(config, split)
-    reader = Conversations(config, *split_rows(config, source.split, field,
-                                               len(read_examples(config.files[split]))))
-  pp.check_source(None, True, f"{NAME}:{split}")
-  return pipeline.extended_dataset(
-      reader, pp, config, reader.with_text, train=train, batch_size=batch_size, seed=seed,
-      process_index=process_index, process_count=process_count, what=f"data.files.{split}")
+    pp, reader = eval_reader(config, source)
+  return _batches(reader, pp, config, reader.with_text, train=train, batch_size=batch_size,
+                  seed=seed, process_index=process_index, process_count=process_count)
+
+
+def _batches(reader: Conversations, pp: preprocess.Pipeline, config: ml_collections.ConfigDict,
+             extend, **kwargs) -> grain.DatasetIterator | grain.IterDataset:
+  pp.check_source(None, True, f"{NAME}:{reader.split}")
+  return pipeline.extended_dataset(reader, pp, config, extend, what=f"data.files.{reader.split}",
+                                   **kwargs)
 
 
 train_dataset = functools.partial(make_dataset, train=True)
 eval_dataset = functools.partial(make_dataset, train=False)
+
+
+def generate_dataset(config: ml_collections.ConfigDict, source: pipeline.EvalSource, *,
+                     max_prompt_len: int, field: str, num_answers: int, batch_size: int,
+                     process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """The split of `source` (a generate entry of `config.evals`) as prompt batches
+  (`Conversations.with_prompt`: `tokens [B, max_prompt_len]`); ValueError naming `field` (the
+  entry's max_prompt_len) when a prompt does not fit, and naming the file when only some of its
+  examples have `answers`, or, where they have them, not `num_answers` (the VQA accuracy's
+  10)."""
+  pp, reader = eval_reader(config, source)
+  reader.check_prompts(max_prompt_len, field)
+  reader.check_references(num_answers)
+  extend = functools.partial(reader.with_prompt, length=max_prompt_len)
+  return _batches(reader, pp, config, extend, train=False, batch_size=batch_size, seed=0,
+                  process_index=process_index, process_count=process_count)
 
 
 def batch_shapes(config: ml_collections.ConfigDict, batch_size: int,
@@ -355,6 +491,37 @@ def batch_shapes(config: ml_collections.ConfigDict, batch_size: int,
     fields["mask"] = ((), jnp.float32)
   return {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
           for k, (shape, dtype) in fields.items()}
+
+
+def generate_batch_shapes(config: ml_collections.ConfigDict, batch_size: int,
+                          max_prompt_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a global batch of a generate evaluation (`generate_dataset`)."""
+  d = config.data
+  fields = {"image": ((d.image_size, d.image_size, d.channels), jnp.float32),
+            "tokens": ((max_prompt_len,), jnp.int32), "prompt_len": ((), jnp.int32),
+            "image_pos": ((), jnp.int32), "example": ((), jnp.int32), "mask": ((), jnp.float32)}
+  return {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
+          for k, (shape, dtype) in fields.items()}
+
+
+# LLaVA-1.5's short-answer instruction (its VQAv2 / GQA / VizWiz eval question files)
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+
+
+def vqa_examples(questions: dict, annotations: dict, image_folder: str,
+                 instruction: str = SHORT_ANSWER) -> list[dict]:
+  """LLaVA-format examples (one human turn + the 10 `answers`) of the official VQA JSON files
+  (`v2_OpenEnded_mscoco_<subtype>_questions.json` and `v2_mscoco_<subtype>_annotations.json`):
+  the question + "\n" + `instruction`, the image `image_folder/COCO_<subtype>_<image id, 12
+  digits>.jpg` (relative to data.image_dir), id = the question id."""
+  answers = {a["question_id"]: [x["answer"] for x in a["answers"]]
+             for a in annotations["annotations"]}
+  subtype = questions["data_subtype"]
+  return [{"id": str(q["question_id"]),
+           "image": f"{image_folder}/COCO_{subtype}_{q['image_id']:012d}.jpg",
+           "conversations": [{"from": "human",
+                              "value": f"{IMAGE}\n{q['question']}\n{instruction}"}],
+           ANSWERS: answers[q["question_id"]]} for q in questions["questions"]]
 
 
 def write_example_dataset(directory: str, num_examples: int = 8, seed: int = 0) -> str:

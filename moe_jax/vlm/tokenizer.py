@@ -49,14 +49,24 @@ class Tokenizer:
 class PretrainedTokenizer:
   """A real LM's tokenizer from its file: `tokenizer.json` (HF `tokenizers`) or a SentencePiece
   `.model` (`sentencepiece`). `encode(text)` gives ids without special tokens; `bos`, `eos`,
-  `pad` are the ids of the named special tokens (they must be in the vocabulary); `bos` ''
-  names none (None: texts start without one, as Phi-2's tokenizer, which adds no bos)."""
+  `pad` are the ids of the named special tokens (they must be in the vocabulary, after
+  `added_tokens`); `bos` '' names none (None: texts start without one, as Phi-2's tokenizer,
+  which adds no bos). `added_tokens`: special tokens added to a tokenizer.json's vocabulary
+  (ids from its size on, in order; one already in it keeps its id), as HF's
+  `add_special_tokens`: the MoCHA reference adds `<|extra_0|>` to Phi-2's 50,295 tokens (id
+  50,295, a row of Phi-2's 51,200-row embedding that no text uses) and pads with it."""
 
-  def __init__(self, path: str, *, bos: str, eos: str, pad: str):
+  def __init__(self, path: str, *, bos: str, eos: str, pad: str,
+               added_tokens: tuple[str, ...] = ()):
     if path.endswith(".json"):
       self._hf, self._sp = tokenizers.Tokenizer.from_file(path), None
+      self._hf.add_special_tokens(list(added_tokens))
       lookup, self.vocab_size = self._hf.token_to_id, self._hf.get_vocab_size()
     elif path.endswith(".model"):
+      if added_tokens:
+        raise ValueError(f"data.tokenizer.added_tokens={tuple(added_tokens)}: a SentencePiece "
+                         "model cannot add tokens; name one of its own (e.g. pad='<unk>', as "
+                         "LLaVA pads LLaMA)")
       self._hf, self._sp = None, sentencepiece.SentencePieceProcessor(model_file=path)
       lookup, self.vocab_size = self._piece_id, self._sp.get_piece_size()
     else:

@@ -131,6 +131,7 @@ class Examples:
                    ("qtype", r["qtype"]), ("label", r["label"]), ("image_id", r["image_id"])):
         self.text[k][n] = v
     self.features = {name: np.load(path, mmap_mode="r") for name, path in config.features.items()}
+    self.answer_len = config.answer_len
 
   def __len__(self) -> int:
     return len(self.images)
@@ -142,6 +143,23 @@ class Examples:
     ids = batch["image_id"]
     batch.update({f"features/{n}": np.asarray(f[ids], np.float32)
                   for n, f in self.features.items()})
+    return batch
+
+
+  def with_prompt(self, batch: dict[str, np.ndarray], *, length: int) -> dict[str, np.ndarray]:
+    """`with_text`, then the prompt batch of a generate evaluation: `tokens [B, length]` holding
+    each row's `<bos>` + question only (`<pad>` after it) and `answer_tokens [B, answer_len]`
+    its answer + `<eos>` (`<pad>` after)."""
+    batch = self.with_text(batch)
+    tokens, prompt_len = batch["tokens"], batch["prompt_len"]
+    answer = np.full((len(tokens), self.answer_len), tok.PAD, np.int32)
+    for b, (start, n) in enumerate(zip(prompt_len, batch["answer_len"])):
+      answer[b, :n] = tokens[b, start:start + n]
+    width = tokens.shape[1]
+    prompt = np.where(np.arange(width)[None] < prompt_len[:, None], tokens, tok.PAD)
+    batch["tokens"] = np.pad(prompt, ((0, 0), (0, max(length - width, 0))),
+                             constant_values=tok.PAD)[:, :length]
+    batch["answer_tokens"] = answer
     return batch
 
 
@@ -160,10 +178,12 @@ def check_eval_source(config: ml_collections.ConfigDict,
 
 def make_dataset(config: ml_collections.ConfigDict, source: pipeline.EvalSource | None = None, *,
                  batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1,
-                 train: bool) -> grain.DatasetIterator | grain.IterDataset:
+                 train: bool, prompt: tuple[int, str] | None = None
+                 ) -> grain.DatasetIterator | grain.IterDataset:
   """`data.train_split` (train=True: an iterator) or the split and pp string of `source` (one
   `config.evals` entry; a re-iterable dataset) like `moe_jax.data.make_dataset` (same batching,
-  shuffling, pp ops, padding, resumption), with the VQA fields above."""
+  shuffling, pp ops, padding, resumption), with the VQA fields above; `prompt` (max_prompt_len,
+  its field name): the prompt batches of a generate evaluation (`Examples.with_prompt`)."""
   validate(config)
   if train:
     pp, split = preprocess.train_pipeline(config), config.train_split
@@ -172,14 +192,31 @@ def make_dataset(config: ml_collections.ConfigDict, source: pipeline.EvalSource 
   examples = Examples(config, split)
   reader = readers.ArrayReader(examples.images, np.arange(len(examples)))  # label = row
   pp.check_source(examples.images.shape[1:3], False, NAME)
+  if prompt is None:
+    extend = examples.with_text
+  else:
+    length, field = prompt
+    longest = int(examples.text["prompt_len"].max())
+    if longest > length:
+      raise ValueError(f"{field}={length}: split {split!r} has a prompt of {longest} tokens; "
+                       "raise it")
+    extend = functools.partial(examples.with_prompt, length=length)
   return pipeline.extended_dataset(
-      reader, pp, config, examples.with_text, train=train, batch_size=batch_size, seed=seed,
+      reader, pp, config, extend, train=train, batch_size=batch_size, seed=seed,
       process_index=process_index, process_count=process_count,
       what=f"{NAME}:{config.train_split}")
 
 
 train_dataset = functools.partial(make_dataset, train=True)
 eval_dataset = functools.partial(make_dataset, train=False)
+
+
+def generate_dataset(config: ml_collections.ConfigDict, source: pipeline.EvalSource, *,
+                     max_prompt_len: int, field: str, batch_size: int, process_index: int = 0,
+                     process_count: int = 1) -> grain.IterDataset:
+  """The split of `source` (a generate entry of `config.evals`) as prompt batches."""
+  return make_dataset(config, source, batch_size=batch_size, process_index=process_index,
+                      process_count=process_count, train=False, prompt=(max_prompt_len, field))
 
 
 def batch_shapes(config: ml_collections.ConfigDict, batch_size: int,
@@ -194,4 +231,13 @@ def batch_shapes(config: ml_collections.ConfigDict, batch_size: int,
     batch[f"features/{name}"] = spec((e.tokens, e.dim), jnp.float32)
   if eval_:
     batch["mask"] = spec((), jnp.float32)
+  return batch
+
+
+def generate_batch_shapes(config: ml_collections.ConfigDict, batch_size: int,
+                          max_prompt_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a global batch of a generate evaluation (`generate_dataset`)."""
+  batch = batch_shapes(config, batch_size, True)
+  batch["tokens"] = jax.ShapeDtypeStruct((batch_size, max_prompt_len), jnp.int32)
+  batch["answer_tokens"] = jax.ShapeDtypeStruct((batch_size, config.data.answer_len), jnp.int32)
   return batch
