@@ -402,6 +402,20 @@ def test_generate_eval_fits_the_position_budget_exactly_and_scores_vqa_accuracy(
                    shapes)
 
 
+class _PhiOnVisualTokens(nnx.Module):
+  """MoCHA's interface (`model(batch, tokens)`: the logits predicting each text token) over
+  given visual tokens `batch["visual"]` and a tiny Phi-2-style decoder: what the loss sees of
+  the text, without encoders."""
+
+  def __init__(self):
+    self.decoder = phi.Phi(phi.phi_config(width=16, depth=1, mlp_dim=32, num_heads=2,
+                                          num_kv_heads=2, vocab_size=32, max_len=48,
+                                          rotary_fraction=0.5), rngs=nnx.Rngs(0))
+
+  def __call__(self, batch, tokens):
+    return self.decoder.target_logits(batch["visual"], tokens, batch["image_pos"])
+
+
 def test_phi2_padding_as_the_reference_changes_no_loss(tmp_path):
   # the reference adds <|extra_0|> to Phi-2's tokenizer (HF add_special_tokens: the next id) and
   # pads with it; an added token already in the vocabulary keeps its id
@@ -419,22 +433,22 @@ def test_phi2_padding_as_the_reference_changes_no_loss(tmp_path):
   # the same batch padded with <|extra_0|> (the reference) or with <eos> (Phi-2's <|endoftext|>
   # as pad): padding is outside the loss and after every real token under the causal mask, so
   # the loss and every real position's logits are the same to the bit
-  lm = phi.phi_config(width=16, depth=1, mlp_dim=32, num_heads=2, num_kv_heads=2, vocab_size=32,
-                      max_len=48, rotary_fraction=0.5)
-  vlm = model.MoCHA(model.mocha_config(lm, {"vit": encoders.encoder_config(
-      "vit", vit_variant="Ti/8", width=16, depth=1, mlp_dim=32, num_heads=2,
-      posemb="sincos2d")}, image_size=16, channels=3), rngs=nnx.Rngs(0))
-  batch = {"image": np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32),
+  vlm = _PhiOnVisualTokens()
+  visual = np.random.default_rng(0).normal(size=(1, 3, 16)).astype(np.float32)
+  batch = {"visual": np.concatenate([visual] * 2),
            "tokens": np.stack([tokens, np.where(np.arange(32) < real, tokens, tok.eos)]),
            "loss_mask": np.stack([loss_mask] * 2), "prompt_len": np.array([prompt_len] * 2),
            "image_pos": np.array([image_pos] * 2)}
-  batch["image"][1] = batch["image"][0]
-  logits = np.asarray(vlm(batch, jnp.asarray(batch["tokens"])))
+
+  @nnx.jit
+  def logits_and_losses(vlm, batch):
+    row = lambda b: jax.tree.map(lambda x: x[b:b + 1], batch)
+    return vlm(batch, batch["tokens"]), [vqa.vqa_loss(vlm, row(b))[0] for b in range(2)]
+
+  logits, losses = jax.device_get(logits_and_losses(vlm, batch))
   np.testing.assert_array_equal(logits[0, :real], logits[1, :real])
   assert not np.array_equal(logits[0, real:], logits[1, real:])  # the padding itself differs
-  per_row = [vqa.vqa_loss(vlm, jax.tree.map(lambda x, b=b: x[b:b + 1], batch))[0]
-             for b in range(2)]
-  assert float(per_row[0]) == float(per_row[1])
+  assert float(losses[0]) == float(losses[1])
   c.tokenizer.path = str(tmp_path / "sp.model")  # SentencePiece cannot add tokens
   with pytest.raises(ValueError, match="data.tokenizer.added_tokens=.*a SentencePiece model"):
     tokenizer.PretrainedTokenizer(c.tokenizer.path, bos="<s>", eos="</s>", pad="<unk>",
