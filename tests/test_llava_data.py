@@ -348,6 +348,7 @@ def test_generation_prompt_is_the_references_eval_prompt_and_must_fit(tmp_path):
     make(11)
 
 
+@pytest.mark.slow  # end-to-end through the Trainer, ~40 s on the shared 2 cores (3 compiles)
 def test_generate_eval_fits_the_position_budget_exactly_and_scores_vqa_accuracy(tmp_path):
   c = _tiny_mocha_on_llava(tmp_path)
   c.data.files.vqa = _vqa_file(tmp_path, VQA_ANSWERS)
@@ -391,26 +392,29 @@ def test_generate_eval_fits_the_position_budget_exactly_and_scores_vqa_accuracy(
   scores = [r["vqa_accuracy"] for r in trainer.task.answer_records(local, red,
                                                                    built["vqa"].source)]
   np.testing.assert_allclose(scores, [0.6, 0.9, 0.0, 0.3], atol=1e-12)
-  # one position short: a one-line error naming the three fields, before compiling
+  # one position short: a one-line error naming the three fields, when the step is traced
   c.model.decoder.max_len -= 1
-  small = model.MoCHA(c.model, rngs=nnx.Rngs(0))
+  small = nnx.eval_shape(lambda: model.MoCHA(c.model, rngs=nnx.Rngs(0)))
   shapes = trainer.task.generate_batch_shapes(8, longest)
   with pytest.raises(ValueError, match=r"^evals.answers.max_prompt_len=11 \+ "
                      r"evals.answers.max_new_tokens=4 \+ 4 visual tokens exceed "
                      r"model.decoder.max_len=18; lower them to fit$"):
-    jax.eval_shape(lambda b: trainer.task.generate_answers(small, b, new, "evals.answers"),
-                   shapes)
+    trainer.task.generate_answers(small, shapes, new, "evals.answers")
 
 
 class _PhiOnVisualTokens(nnx.Module):
-  """MoCHA's interface (`model(batch, tokens)`: the logits predicting each text token) over
-  given visual tokens `batch["visual"]` and a tiny Phi-2-style decoder: what the loss sees of
-  the text, without encoders."""
+  """MoCHA's interface (`model(batch, tokens)`: the logits predicting each text token;
+  `encode`, `group_sizes`, `decoder`) over given visual tokens `batch["visual"]` and a tiny
+  Phi-2-style decoder: what the loss and generation see, without encoders."""
 
-  def __init__(self):
+  def __init__(self, max_len: int = 48, visual_tokens: int = 3):
     self.decoder = phi.Phi(phi.phi_config(width=16, depth=1, mlp_dim=32, num_heads=2,
-                                          num_kv_heads=2, vocab_size=32, max_len=48,
+                                          num_kv_heads=2, vocab_size=32, max_len=max_len,
                                           rotary_fraction=0.5), rngs=nnx.Rngs(0))
+    self.group_sizes = (visual_tokens,)  # of batch["visual"] [B, visual_tokens, 16]
+
+  def encode(self, batch):
+    return batch["visual"]
 
   def __call__(self, batch, tokens):
     return self.decoder.target_logits(batch["visual"], tokens, batch["image_pos"])
@@ -441,14 +445,14 @@ def test_phi2_padding_as_the_reference_changes_no_loss(tmp_path):
            "image_pos": np.array([image_pos] * 2)}
 
   @nnx.jit
-  def logits_and_losses(vlm, batch):
-    row = lambda b: jax.tree.map(lambda x: x[b:b + 1], batch)
-    return vlm(batch, batch["tokens"]), [vqa.vqa_loss(vlm, row(b))[0] for b in range(2)]
+  def logits_and_losses(vlm, batch):  # each row's vqa_loss: its mean answer-token CE
+    ce, mask, _, _ = vqa.answer_token_loss(vlm, batch)
+    return vlm(batch, batch["tokens"]), (ce * mask).sum(1) / mask.sum(1)
 
   logits, losses = jax.device_get(logits_and_losses(vlm, batch))
   np.testing.assert_array_equal(logits[0, :real], logits[1, :real])
   assert not np.array_equal(logits[0, real:], logits[1, real:])  # the padding itself differs
-  assert float(losses[0]) == float(losses[1])
+  assert losses[0] == losses[1] and np.isfinite(losses[0])
   c.tokenizer.path = str(tmp_path / "sp.model")  # SentencePiece cannot add tokens
   with pytest.raises(ValueError, match="data.tokenizer.added_tokens=.*a SentencePiece model"):
     tokenizer.PretrainedTokenizer(c.tokenizer.path, bos="<s>", eos="</s>", pad="<unk>",
@@ -476,3 +480,37 @@ def test_official_vqa_files_convert_to_a_llava_eval_file(tmp_path):
       "answers": ["down"] * 7 + ["at table", "skateboard", "table"]}
   with pytest.raises(SystemExit, match="exists; remove it"):
     tool["main"](argv)  # never overwrites
+
+
+def test_generation_fills_the_position_budget_exactly(tmp_path):
+  # visual + the prompt buffer (the longest prompt) + the new tokens = model.decoder.max_len
+  c = ml_collections.ConfigDict({"data": _data_config(tmp_path, num_examples=2)})
+  task = vqa.VqaTask(c)
+  P, longest, new = 3, 11, 4
+  vlm = _PhiOnVisualTokens(max_len=P + longest + new)
+  prompts = [llava_data.encode_prompt(e, task.tokenizer, c.data, longest)
+             for e in llava_data.read_examples(c.data.files.train)]
+  short = llava_data.encode_prompt({**llava_data.read_examples(c.data.files.train)[0],
+                                    "conversations": [{"from": "human", "value": "<image>\nleft?"},
+                                                      {"from": "gpt", "value": "left"}]},
+                                   task.tokenizer, c.data, longest)
+  tokens, prompt_len, image_pos = (np.asarray(x) for x in zip(prompts[0], short))
+  batch = {"visual": np.random.default_rng(0).normal(size=(2, P, 16)).astype(np.float32),
+           "tokens": tokens, "prompt_len": prompt_len, "image_pos": image_pos}
+  assert list(prompt_len) == [longest, 7]  # rows of different lengths
+
+  @nnx.jit
+  def generate_and_first_logits(vlm, batch):
+    generated = task.generate_answers(vlm, batch, new, "evals.answers")
+    last = (P + batch["prompt_len"] - 1)[:, None]  # the prompt's last position
+    return generated, vlm.decoder.logits_at(batch["visual"], batch["tokens"],
+                                            batch["image_pos"], last)[:, 0]
+
+  generated, first = jax.device_get(generate_and_first_logits(vlm, batch))
+  assert generated.shape == (2, new)
+  np.testing.assert_array_equal(generated[:, 0], first.argmax(-1))
+  small = nnx.eval_shape(lambda: _PhiOnVisualTokens(max_len=P + longest + new - 1))
+  with pytest.raises(ValueError, match=r"^evals.answers.max_prompt_len=11 \+ "
+                     r"evals.answers.max_new_tokens=4 \+ 3 visual tokens exceed "
+                     r"model.decoder.max_len=17; lower them to fit$"):
+    task.generate_answers(small, batch, new, "evals.answers")
