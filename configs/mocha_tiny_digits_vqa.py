@@ -67,7 +67,7 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
       dataset=c.data.get_ref("name"), split=c.evals.test.get_ref("split"),
       pp="resize|normalize", batch_size=c.evals.test.get_ref("batch_size"), every_steps=0,
       max_new_tokens=c.data.get_ref("answer_len"),  # split and batch size: those of evals.test
-      max_prompt_len=8)  # <bos> + the longest question (7 words)
+      max_prompt_len=9)  # <bos> + the longest question (8 words: "which digits are ... ?")
 
   lm = decoder.decoder_config(width=64, depth=2, mlp_dim=128, num_heads=4,
                               vocab_size=len(tokenizer.VOCAB), max_len=64)

@@ -457,7 +457,7 @@ def test_generate_eval_answers_with_the_teacher_forced_argmax_and_writes_them(tm
   c.optimizer.warmup_steps = 0
   c.evals = ml_collections.ConfigDict({"answers": evaluators.generate_eval(
       dataset=c.data.get_ref("name"), split="test[:16]", pp="resize|normalize", batch_size=8,
-      every_steps=0, max_new_tokens=3, max_prompt_len=8)})
+      every_steps=0, max_new_tokens=3, max_prompt_len=9)})
   trainer = loop.Trainer(c, str(tmp_path))
   state = stage1_run[1]
   evaluator = trainer.evaluators()["answers"]
@@ -479,8 +479,8 @@ def test_generate_eval_answers_with_the_teacher_forced_argmax_and_writes_them(tm
   with jax.set_mesh(trainer.mesh):
     for prompts, local in zip(evaluator.batches, full_batches, strict=True):
       np.testing.assert_array_equal(prompts["prompt_len"], local["prompt_len"])
-      in_prompt = np.arange(8)[None] < local["prompt_len"][:, None]
-      np.testing.assert_array_equal(prompts["tokens"], np.where(in_prompt, local["tokens"][:, :8],
+      in_prompt = np.arange(9)[None] < local["prompt_len"][:, None]
+      np.testing.assert_array_equal(prompts["tokens"], np.where(in_prompt, local["tokens"][:, :9],
                                                                 tokenizer.PAD))
       generated = np.asarray(evaluator.step(state.params, state.rest,
                                             step_lib.global_batch(prompts, trainer.mesh)))
@@ -584,13 +584,16 @@ def test_readme_mocha_commands_name_real_config_fields_and_flags():
   assert [argv[1] for argv in commands] == ["train.py", "tools/vqa_to_llava.py", "train.py",
                                             "eval.py"]
   for argv in commands:
-    flags = dict(a.removeprefix("--").partition("=")[::2] if "=" in a else (a[2:], None)
-                 for a in argv[2:] if a.startswith("--"))
+    flags = {}  # --name=value or --name value
+    for i, a in enumerate(argv[2:], 2):
+      if a.startswith("--"):
+        name, _, value = a[2:].partition("=")
+        flags[name] = value or argv[i + 1]
     if argv[1] == "tools/vqa_to_llava.py":  # its flags (exercised in tests/test_llava_data.py)
       assert set(flags) == {"questions", "annotations", "image_folder", "out"}
       continue
-    path, variant = argv[argv.index("--config") + 1].split(":")
-    assert path == "configs/mocha_paper.py" and "--workdir" in argv
+    path, variant = flags["config"].split(":")
+    assert path == "configs/mocha_paper.py" and "workdir" in flags
     c = mocha_paper.get_config(variant)
     for key, value in flags.items():
       if key.startswith("config."):
