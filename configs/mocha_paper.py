@@ -18,9 +18,11 @@ scripts' paths relative to the working folder (override with `--config.data.file
            answers end in <|endoftext|>, loss on the assistant turns only); images padded to a
            square with CLIP's mean colour first (`image_aspect_ratio='pad'`). Text-only rows of
            mix665k are refused (one-line error): remove them from the JSON first.
-  both     Phi-2's tokenizer.json from the decoder checkpoint folder (<|endoftext|> as eos and
-           pad, no <bos>: Phi-2's tokenizer adds none, so the reference's prompts start with the
-           system prompt / the image); the visual tokens spliced in at <image> (after the system
+  both     Phi-2's tokenizer.json from the decoder checkpoint folder (<|endoftext|> as eos, no
+           <bos>: Phi-2's tokenizer adds none, so the reference's prompts start with the system
+           prompt / the image; padded as the reference pads Phi-2: <|extra_0|> added to the
+           tokenizer, id 50295, as its `add_special_tokens({'unk_token': '<|extra_0|>'})` and
+           `pad_token = unk_token`; the pad id changes no loss, see `llava_data.tokenizer_config`); the visual tokens spliced in at <image> (after the system
            prompt and "USER: " in stage 2, first in stage 1), as the reference does. Sequences
            as the reference's: model_max_length 2560 = 1692 visual + data.text_len 868 text
            tokens, longer conversations truncated (`data.overflow='truncate'`), and Phi-2's
@@ -28,7 +30,14 @@ scripts' paths relative to the working folder (override with `--config.data.file
            (`model.decoder.max_len=2560`, `extrapolate_positions=True`: the reference's Phi
            recomputes its cos / sin cache for longer inputs). Evaluation: `evals.train_1024`, a
            teacher-forced loss readout on split 'train[:1024]' (the first 1,024 training
-           examples) at the end (the reference evaluates on separate benchmarks only).
+           examples) at the end; stage 2 also `evals.vqav2_val`, VQAv2 val as the reference's
+           `model_vqa_loader` asks it (greedy, up to 128 new tokens, the prompt alone in a
+           buffer of 740 text tokens: 1692 + 740 + 128 = the 2560 positions) scored by the
+           10-annotator VQA accuracy of its m4c evaluator (`vqav2_val/vqa_accuracy`), from
+           `data.files.vqav2_val` (`VQAV2_VAL`, written by `tools/vqa_to_llava.py` from the
+           official files; its images under data.image_dir). Run it alone on a checkpoint:
+               python eval.py --config configs/mocha_paper.py:stage2 --workdir gs://.../mocha_s2 \
+                   --only vqav2_val
 Differences from the reference data path: JPEGs decode through PIL's draft mode when shrunk >= 2x
 (`moe_jax.data.preprocess`), not at full size; text-only rows are refused.
 
