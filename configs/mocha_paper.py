@@ -21,9 +21,10 @@ scripts' paths relative to the working folder (override with `--config.data.file
   both     Phi-2's tokenizer.json from the decoder checkpoint folder (<|endoftext|> as eos, no
            <bos>: Phi-2's tokenizer adds none, so the reference's prompts start with the system
            prompt / the image; padded as the reference pads Phi-2: <|extra_0|> added to the
-           tokenizer, id 50295, as its `add_special_tokens({'unk_token': '<|extra_0|>'})` and
-           `pad_token = unk_token`; the pad id changes no loss, see `llava_data.tokenizer_config`); the visual tokens spliced in at <image> (after the system
-           prompt and "USER: " in stage 2, first in stage 1), as the reference does. Sequences
+           tokenizer (the next id), as its `add_special_tokens({'unk_token': '<|extra_0|>'})` and
+           `pad_token = unk_token`; the pad id changes no loss, see
+           `llava_data.tokenizer_config`); the visual tokens spliced in at <image> (after the
+           system prompt and "USER: " in stage 2, first in stage 1), as the reference does. Sequences
            as the reference's: model_max_length 2560 = 1692 visual + data.text_len 868 text
            tokens, longer conversations truncated (`data.overflow='truncate'`), and Phi-2's
            rotary embedding run past its 2048 max_position_embeddings

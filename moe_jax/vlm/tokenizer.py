@@ -53,8 +53,9 @@ class PretrainedTokenizer:
   `added_tokens`); `bos` '' names none (None: texts start without one, as Phi-2's tokenizer,
   which adds no bos). `added_tokens`: special tokens added to a tokenizer.json's vocabulary
   (ids from its size on, in order; one already in it keeps its id), as HF's
-  `add_special_tokens`: the MoCHA reference adds `<|extra_0|>` to Phi-2's 50,295 tokens (id
-  50,295, a row of Phi-2's 51,200-row embedding that no text uses) and pads with it."""
+  `add_special_tokens`: the MoCHA reference adds `<|extra_0|>` to Phi-2's tokenizer (the next
+  id, one of the rows of Phi-2's 51,200-row embedding past its tokenizer's, which no text uses)
+  and pads with it."""
 
   def __init__(self, path: str, *, bos: str, eos: str, pad: str,
                added_tokens: tuple[str, ...] = ()):
