@@ -24,9 +24,9 @@ scripts' paths relative to the working folder (override with `--config.data.file
            tokenizer (the next id), as its `add_special_tokens({'unk_token': '<|extra_0|>'})` and
            `pad_token = unk_token`; the pad id changes no loss, see
            `llava_data.tokenizer_config`); the visual tokens spliced in at <image> (after the
-           system prompt and "USER: " in stage 2, first in stage 1), as the reference does. Sequences
-           as the reference's: model_max_length 2560 = 1692 visual + data.text_len 868 text
-           tokens, longer conversations truncated (`data.overflow='truncate'`), and Phi-2's
+           system prompt and "USER: " in stage 2, first in stage 1), as the reference does.
+           Sequences as the reference's: model_max_length 2560 = 1692 visual + data.text_len 868
+           text tokens, longer conversations truncated (`data.overflow='truncate'`), and Phi-2's
            rotary embedding run past its 2048 max_position_embeddings
            (`model.decoder.max_len=2560`, `extrapolate_positions=True`: the reference's Phi
            recomputes its cos / sin cache for longer inputs). Evaluation: `evals.train_1024`, a
