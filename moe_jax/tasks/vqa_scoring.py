@@ -16,6 +16,10 @@ included, so that our numbers are the reference's:
   `min(#annotators in the subset who gave the prediction / 3, 1)`, all answers normalised. So 1
   of 10 matching scores 0.3, 2 score 0.6, 3 score 0.9 and 4 or more 1.0. As the reference
   (`assert len(answers) == 10`), it needs the 10 annotators' answers.
+The official VQA evaluation (`vqaEval.py`, EvalAI's VQAv2 server) differs in two details the
+reference's code does not have: no `word_tokenize` step, and the ground-truth answers only get
+the punctuation step, and only when the 10 disagree. Where they disagree, we follow the
+reference (its TextVQA numbers are computed this way; its VQAv2 numbers come from the server).
 """
 from __future__ import annotations
 
