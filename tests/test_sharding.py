@@ -208,9 +208,9 @@ def test_conv_encoders_keep_the_batch_sharded_in_a_trainable_fsdp_step(kind):
   encoder = encoders.Encoder(kind, c, image_size=28, channels=1, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
   loss = lambda params, image: (nnx.merge(graphdef, params, rest)({"image": image}) ** 2).sum()
-  c = mesh_lib.default_config()
-  c.data, c.fsdp, c.expert = 1, 4, 2
-  mesh = mesh_lib.build_mesh(c, num_experts=4)
+  mesh_config = mesh_lib.default_config()
+  mesh_config.data, mesh_config.fsdp, mesh_config.expert = 1, 4, 2
+  mesh = mesh_lib.build_mesh(mesh_config, num_experts=4)
   B = 16
   with jax.set_mesh(mesh):
     params = jax.device_put(params, sharding.tree_shardings(params, mesh))
