@@ -127,7 +127,8 @@ def test_without_cross_group_terms_groups_do_not_mix(kind, k):
 
 def test_reference_hga_on_a_mesh_builds_each_devices_graphs_without_collectives():
   # Batch 8 over fsdp=4 x expert=2. Before: XLA all-gathered the whole batch for the graph's
-  # top_k (4 all-gathers) and all-reduced the [B, T, T] graph of its scatter-add.
+  # 4 top_k and for its scatter's transpose (5 all-gathers) and all-reduced the [B, T, T] graph
+  # of its scatter-add.
   sizes = (6, 3)
   groups = hga.group_ids(sizes)
   x = _inputs_with_ties(sizes, 8)
