@@ -23,6 +23,7 @@ from flax import nnx
 
 from moe_jax.models.vit import DropPath, LayerScale, with_overrides
 from moe_jax.parallel.grad_precision import Conv, Linear
+from moe_jax.vlm.attention import shard_batch
 
 # name -> (widths, depths), as in the paper (XXL: the LAION CLIP ConvNeXt-XXLarge).
 SIZES = {
@@ -77,7 +78,8 @@ class ConvNeXtBlock(nnx.Module):
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.fc2(nnx.gelu(self.fc1(self.norm(self.dwconv(x))), self.gelu_approximate))
+    h = shard_batch(self.fc1(self.norm(self.dwconv(x))))  # as `moe_jax.vlm.encoders.ConvBlock`
+    y = self.fc2(nnx.gelu(h, self.gelu_approximate))
     return x + self.drop_path(y if self.ls is None else self.ls(y))
 
 

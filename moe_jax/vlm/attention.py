@@ -12,6 +12,7 @@ prompt, still to be overwritten) are never attended because they lie after the q
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,20 @@ def shard_batch(x: jax.Array) -> jax.Array:
   if mesh is None or x.shape[0] % batch_shards(mesh):
     return x
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(batch_axes(mesh)))
+
+
+def map_batch_shards(fn: Callable[..., Any], *args: jax.Array) -> Any:
+  """`fn(*args)` run by each device on its own batch shard: `jax.shard_map` over the batch axes
+  of the current mesh, every arg and output `[B, ...]` split along B only. For per-example code
+  that XLA's SPMD partitioner would otherwise run on the whole batch (a scatter whose batch is an
+  index, `lax.top_k`: all-gathered inputs, all-reduced results). `fn` must treat the examples
+  independently; the result is then the same as `fn(*args)`, which is what runs without a mesh or
+  when the batch shards do not divide B."""
+  mesh = current_mesh()
+  if mesh is None or any(a.shape[0] % batch_shards(mesh) for a in args):
+    return fn(*args)
+  spec = jax.sharding.PartitionSpec(batch_axes(mesh))
+  return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)(*args)
 
 
 def rope(x: jax.Array, positions: jax.Array, rotary_dims: int, theta: float) -> jax.Array:

@@ -44,6 +44,7 @@ from flax import nnx
 
 from moe_jax.models import convnext, vit
 from moe_jax.parallel.grad_precision import Conv, Linear
+from moe_jax.vlm import attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +128,10 @@ class ConvBlock(nnx.Module):
     self.fc2 = Linear(mlp_ratio * dim, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return x + self.fc2(nnx.gelu(self.fc1(self.norm(self.dwconv(x)))))
+    # hidden batch-sharded: else on small maps FSDP gathers the batch to the F-sharded fc1
+    # (cheaper than gathering fc1) and all-reduces fc2's whole-batch partial sums
+    h = attention.shard_batch(self.fc1(self.norm(self.dwconv(x))))
+    return x + self.fc2(nnx.gelu(h))
 
 
 class ConvNet(nnx.Module):

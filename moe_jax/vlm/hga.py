@@ -17,6 +17,9 @@ Both variants aggregate `x_agg` from the token's own group (intra) and from the 
   5. `x_agg = sum_s w_ts x_s / (sum_s w_ts + 1e-8)`; `g = sigmoid(gate_scale * (mean_d |x -
      x_agg| - gate_threshold))` (10, 0.2 there);
   6. LayerNorm without parameters (eps 1e-5). The reference HGA has no parameters at all.
+  Under a mesh each device builds the graphs of its own images (`attention.map_batch_shards`):
+  the same per-image math, no collective (XLA's partitioner would gather the whole batch for the
+  graph's `top_k` and scatter-add and all-reduce the `[B, T, T]` graph).
 - `learned` (ours, not in the paper): multi-head attention restricted to the own group plus
   `cross_weight` times attention restricted to the other groups; `g = sigmoid(Linear([x,
   x_agg]))`; LayerNorm with scale and bias.
@@ -28,6 +31,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+
+from moe_jax.vlm import attention
 
 KINDS = ("reference", "learned", "none")
 LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, as the reference uses it
@@ -113,8 +118,9 @@ class ReferenceHGA(nnx.Module):
     self.c = ml_collections.FrozenConfigDict(c)
 
   def aggregate(self, x: jax.Array, groups: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """`(x_agg [B, T, H], gate [B, T, 1])` in float32."""
-    return _reference_aggregate(x.astype(jnp.float32), groups, self.c)
+    """`(x_agg [B, T, H], gate [B, T, 1])` in float32, each device on its own images."""
+    return attention.map_batch_shards(lambda x: _reference_aggregate(x, groups, self.c),
+                                      x.astype(jnp.float32))
 
   def __call__(self, x: jax.Array, groups: np.ndarray) -> jax.Array:
     """`x [B, T, H]`, `groups [T]` (static) -> `[B, T, H]` float32."""
