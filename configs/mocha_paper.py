@@ -70,9 +70,10 @@ Scan over layers wherever it is exact (`moe_jax.models.stacked`; the same functi
 unrolled blocks, tests/test_scan.py): Phi-2's 32 blocks (`model.decoder.scan_layers`), each
 ViT's blocks up to its feature layer and each ConvNeXt stage's blocks
 (`model.encoders.<name>.backbone.scan_layers`), so XLA compiles one block per kind instead of
-unrolling 32 + 22 + 23 + 24 + 40 (Phi-2, SigLIP, CLIP, DINOv2, ConvNeXt-XXL). Parameters then sit at `.../blocks/stacked/...` `[depth, ...]`; the
-checkpoints above are stacked on import (`moe_jax.checkpoints.layout`), and a stage-1 run with
-or without scan hands over to stage 2 either way. Set them False for the per-block layout.
+unrolling 32 + 22 + 23 + 24 + 40 (Phi-2, SigLIP, CLIP, DINOv2, ConvNeXt-XXL). Parameters then
+sit at `.../blocks/stacked/...` `[depth, ...]`; the checkpoints above are stacked on import
+(`moe_jax.checkpoints.layout`), and a stage-1 run with or without scan hands over to stage 2
+either way. Set them False for the per-block layout.
 
 AOT (compile only, from a CPU host with libtpu; bench/RESULTS.md "AOT: MoCHA paper config"):
     python -m moe_jax.commands.aot --config configs/mocha_paper.py:stage2 --topology v5p:4x4x4 \

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from moe_jax.checkpoints import hf_decoders, importers, init_from, layout, tree
 from moe_jax.models import build_model, convnext, vit
@@ -162,7 +163,7 @@ def test_sharded_scanned_step_equals_the_unsharded_one(phi_pair):
   params = nnx.state(scan, nnx.Param)
   shardings = sharding.tree_shardings(params, mesh)
   # [2, 32, 64]: the layer axis whole, FSDP on the per-layer largest dimension
-  assert by_path(shardings)["decoder/blocks/stacked/mlp/fc1/kernel"].spec == (None, None, "fsdp")
+  assert by_path(shardings)["decoder/blocks/stacked/mlp/fc1/kernel"].spec == P(None, None, "fsdp")
   sharded = nnx.clone(scan)
   nnx.update(sharded, jax.device_put(params, shardings))
   inputs, tokens = batch()
@@ -187,7 +188,7 @@ def test_stacked_parameters_shard_and_decay_as_their_layers():
   for k in stacked:
     prefix, path = layout.split_stacked(k)
     per_layer = layout.layer_key(prefix, 0, path)
-    assert specs[True][k] == (None, *specs[False][per_layer]), k
+    assert specs[True][k] == P(None, *specs[False][per_layer]), k
     assert decays[True][k] == decays[False][per_layer], k
   assert any("fsdp" in specs[True][k] for k in stacked)
 
