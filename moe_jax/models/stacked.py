@@ -8,7 +8,11 @@ blocks built once with their parameters stacked on a leading layer axis and run 
 same blocks holds `.../<i>/<the block's path>` (`moe_jax.checkpoints.layout` converts between
 the two; `moe_jax.parallel.sharding` never shards the layer axis). `stacked.scan(fn, x)` runs
 `fn` once per layer, in order, on the first `length` layers (all by default), each call
-rematerialised under a `moe_jax.models.remat` policy.
+rematerialised under a `moe_jax.models.remat` policy, each layer's input (the carry `[B, ...]`)
+constrained to the batch sharding of the current mesh (`attention.shard_batch`): without it XLA
+may shard a scanned carry over the weights' FSDP dimension and all-reduce whole-batch partial
+products in every layer (measured on the paper config's scanned encoders: `f32[128, 16, 577,
+577]` attention scores all-reduced over 16 chips, bench/RESULTS.md).
 
 Only for blocks whose forward pass changes no state: the scanned body's updates to a block's
 non-parameter variables (dropout RNG counters) are not written back, so the callers refuse
@@ -23,6 +27,7 @@ from flax import nnx
 
 from moe_jax.models import remat
 from moe_jax.parallel.sharding import STACKED
+from moe_jax.vlm.attention import shard_batch
 
 # fn(block, carry, per-layer slice of xs or None) -> (carry, per-layer output or None)
 LayerFn = Callable[[nnx.Module, Any, Any], tuple[Any, Any]]
@@ -50,7 +55,7 @@ class Stacked(nnx.Module):
   def scan(self, fn: LayerFn, x: Any, xs: Any = None, *, length: int | None = None,
            policy: str = "none") -> tuple[Any, Any]:
     """(final carry, stacked per-layer outputs) of `fn` applied to layers 0 .. length - 1 in
-    order, starting from carry `x`; `xs`: a pytree with a leading `[depth]` axis (e.g. a KV
+    order, starting from carry `x [B, ...]` (batch-sharded at each layer's input); `xs`: a pytree with a leading `[depth]` axis (e.g. a KV
     cache), layer i's slice given to its call (None: None). `policy`: the remat policy of each
     layer's call (`remat.POLICIES`)."""
     n = self.depth if length is None else length
@@ -62,7 +67,7 @@ class Stacked(nnx.Module):
 
     def body(carry, layer):
       layer_state, layer_xs = layer
-      return fn(nnx.merge(graphdef, layer_state), carry, layer_xs)
+      return fn(nnx.merge(graphdef, layer_state), shard_batch(carry), layer_xs)
 
     if remat.POLICIES[policy] is not None:
       body = jax.checkpoint(body, policy=remat.POLICIES[policy], prevent_cse=False)

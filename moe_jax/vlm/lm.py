@@ -116,9 +116,8 @@ def run_blocks(blocks, x: jax.Array, positions: jax.Array, cache, final_norm: nn
   is constrained to the batch sharding of the current mesh (`attention.shard_batch`): FSDP
   all-gathers the weights to the batch-sharded tokens instead of spreading the tokens over the
   weights' shards and reducing the partial products."""
-  if isinstance(blocks, stacked.Stacked):
-    layer = lambda block, x, layer_cache: block_fn(block, attention.shard_batch(x), positions,
-                                                   layer_cache)
+  if isinstance(blocks, stacked.Stacked):  # each layer's input batch-sharded by the scan
+    layer = lambda block, x, layer_cache: block_fn(block, x, positions, layer_cache)
     x, new_cache = blocks.scan(layer, x, cache, policy=remat_policy)
     return final_norm(attention.shard_batch(x)), new_cache
   new_cache = []
