@@ -1,6 +1,6 @@
 """AOT compiles of the MoCHA paper step (`configs/mocha_paper.py:stage2`) on a TPU pod, per depth.
 
-    python -m bench.mocha_aot [--decoder_depths 1 2 4] [--full] [--reuse] \
+    python -m bench.mocha_aot [--decoder_depths 1 2 4] [--full] [--unscanned 1 2] [--reuse] \
         [--out_dir bench/out/mocha_aot]
 
 Each compile is `python -m moe_jax.commands.aot --config configs/mocha_paper.py:stage2
@@ -11,7 +11,10 @@ Each compile is `python -m moe_jax.commands.aot --config configs/mocha_paper.py:
 - `dec<d>`: d Phi-2 blocks (of 32) and the shallowest encoders that keep the reference's feature
   layers (SigLIP 2 blocks, for its hidden_states[-3]; CLIP and DINOv2 1; ConvNeXt-XXL one block
   per stage); widths, vocabulary, sequence, batch and mesh as the paper config.
-- `full`: the paper config as it is (`--full`).
+- `full`: the paper config as it is (`--full`; scan over layers on in the decoder and every
+  encoder backbone).
+- `dec<d>_unscanned`: `dec<d>` with every `scan_layers` off (`--unscanned d ...`): the blocks
+  unrolled, as before scan; the same memory expected up to the scan's own buffers.
 
 Then a least-squares line through the `dec<d>` rows per quantity (memory, FLOPs, collective
 bytes, seconds): the cost of one more decoder block, and the line's value at 32 blocks with the
@@ -38,6 +41,9 @@ SHALLOW_ENCODERS = [
     "--config.model.encoders.clip_vit_l14_336.backbone.depth=1",
     "--config.model.encoders.dinov2_vit_l14.backbone.depth=1",
     "--config.model.encoders.convnext_xxl.backbone.depths=(1,1,1,1)"]
+UNSCANNED = ["--config.model.decoder.scan_layers=False", *(
+    f"--config.model.encoders.{name}.backbone.scan_layers=False" for name in (
+        "siglip_vit_l16_384", "clip_vit_l14_336", "dinov2_vit_l14", "convnext_xxl"))]
 PAPER_DECODER_DEPTH = 32
 GIB, MIB = 2.0 ** 30, 2.0 ** 20
 # (column, unit, value of a report)
@@ -94,6 +100,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--decoder_depths", type=int, nargs="*", default=[1, 2, 4])
   parser.add_argument("--full", action="store_true", help="also compile the whole paper config")
+  parser.add_argument("--unscanned", type=int, nargs="*", default=[],
+                      help="decoder depths to compile also with scan_layers off")
   parser.add_argument("--reuse", action="store_true", help="read existing JSONs, compile the rest")
   parser.add_argument("--out_dir", default="bench/out/mocha_aot")
   args = parser.parse_args()
@@ -101,6 +109,10 @@ def main() -> None:
   rows = {f"dec{d}": compile_row(f"dec{d}", [f"--config.model.decoder.depth={d}",
                                              *SHALLOW_ENCODERS], args.out_dir, args.reuse)
           for d in args.decoder_depths}
+  for d in args.unscanned:
+    rows[f"dec{d}_unscanned"] = compile_row(
+        f"dec{d}_unscanned", [f"--config.model.decoder.depth={d}", *SHALLOW_ENCODERS, *UNSCANNED],
+        args.out_dir, args.reuse)
   if args.full:
     rows["full"] = compile_row("full", [], args.out_dir, args.reuse)
   print(table(rows, args.decoder_depths))

@@ -76,6 +76,15 @@ width 2560, 32 heads, rotary on 40% of each head's dims, vocab 51200, gelu_new, 
 Stage 1: connectors (+ HGA) at lr 1e-3, batch 256, one epoch of the 558K captions; stage 2:
 connectors + LM at lr 2e-5, batch 128; cosine, 3% warmup (the reference: batch 32 on 8 GPUs).
 
+Scan over layers wherever it is exact (`moe_jax.models.stacked`; the same function as the
+unrolled blocks, tests/test_scan.py): Phi-2's 32 blocks (`model.decoder.scan_layers`), each
+ViT's blocks up to its feature layer and each ConvNeXt stage's blocks
+(`model.encoders.<name>.backbone.scan_layers`), so XLA compiles one block per kind instead of
+unrolling 32 + 22 + 23 + 24 + 40 (Phi-2, SigLIP, CLIP, DINOv2, ConvNeXt-XXL). Parameters then
+sit at `.../blocks/stacked/...` `[depth, ...]`; the checkpoints above are stacked on import
+(`moe_jax.checkpoints.layout`), and a stage-1 run with or without scan hands over to stage 2
+either way. Set them False for the per-block layout.
+
 AOT (compile only, from a CPU host with libtpu; bench/RESULTS.md "AOT: MoCHA paper config"):
     python -m moe_jax.commands.aot --config configs/mocha_paper.py:stage2 --topology v5p:4x4x4 \
         --config.mesh.data=1 --config.mesh.fsdp=16 --config.mesh.expert=4
@@ -170,10 +179,11 @@ def get_config(variant: str = "stage2") -> ml_collections.ConfigDict:
 
   frozen = dict(trainable=False, dtype="bfloat16")
   pretrained = lambda kind, hub, backbone, **kw: encoders.encoder_config(
-      kind, checkpoint=f"./models/{hub}", backbone=backbone, **frozen, **kw)
+      kind, checkpoint=f"./models/{hub}", backbone=backbone, scan_layers=True, **frozen, **kw)
   phi_2 = hf_decoders.decoder_config_from_hf(PHI_2)
   phi_2.checkpoint = "./models/microsoft-phi-2"
   phi_2.max_len, phi_2.extrapolate_positions = MODEL_MAX_LENGTH, True
+  phi_2.scan_layers = True
   c.model = model.mocha_config(phi_2, {  # the reference's order
       "siglip_vit_l16_384": pretrained("siglip", "google-siglip-large-patch16-384",
                                        hf.vit_config_from_hf(SIGLIP_L16_384)),

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moe_jax.checkpoints import tree
+from moe_jax.checkpoints import layout, tree
 from moe_jax.checkpoints.hf import read_safetensors
 from moe_jax.checkpoints.rules import ImportReport, Rule, Shape, apply_rules
 from moe_jax.checkpoints.tree import CheckpointMismatch
@@ -138,15 +138,19 @@ def import_hf_decoder(path: str) -> tuple[ml_collections.ConfigDict, dict[str, n
   return config, params, report
 
 
-def load_hf_decoder(path: str, *, dtype: str = "float32", param_dtype: str = "float32"
+def load_hf_decoder(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
+                    scan_layers: bool = False
                     ) -> tuple[lm.CausalLM, ml_collections.ConfigDict, ImportReport]:
   """(decoder with the weights of `path`, its config, report); `dtype` computes, the weights
-  are stored as `param_dtype` ('float32' or 'bfloat16')."""
+  are stored as `param_dtype` ('float32' or 'bfloat16'); `scan_layers` stacks the blocks
+  (`moe_jax.checkpoints.layout`)."""
   config, params, report = import_hf_decoder(path)
-  config.dtype, config.param_dtype = dtype, param_dtype
+  config.dtype, config.param_dtype, config.scan_layers = dtype, param_dtype, scan_layers
   lm.resolved(config)  # checks the dtypes
   decoder = nnx.eval_shape(lambda: model.build_decoder(config, rngs=nnx.Rngs(0)))
   state = nnx.state(decoder, nnx.Param)
+  shapes = {k: v.shape for k, v in tree.flatten(nnx.to_pure_dict(state)).items()}
+  params = layout.to_layout(params, shapes, path)
   nnx.replace_by_pure_dict(state, tree.unflatten(
       {k: jnp.asarray(v, jnp.dtype(param_dtype)) for k, v in params.items()}))
   nnx.update(decoder, state)

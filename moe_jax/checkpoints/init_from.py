@@ -39,7 +39,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from moe_jax.checkpoints import importers, tree
+from moe_jax.checkpoints import importers, layout, tree
 from moe_jax.checkpoints.tree import CheckpointMismatch
 from moe_jax.models import vimoe
 from moe_jax.train.state import TrainState
@@ -206,7 +206,9 @@ def resize_posemb(posemb: np.ndarray, tokens: int, method: str = "bilinear") -> 
 
 def initialise(fresh: dict[str, np.ndarray], source: dict[str, np.ndarray],
                c: ml_collections.ConfigDict, moe_layer_indices: list[int]) -> dict[str, np.ndarray]:
-  """The model's flat parameters from its `fresh` ones and `source` by `c`'s rules."""
+  """The model's flat parameters from its `fresh` ones and `source` (either layer layout:
+  `layout.to_layout`) by `c`'s rules."""
+  source = layout.to_layout(source, {k: v.shape for k, v in fresh.items()}, f"init_from {c.path}")
   reinit = [re.compile(r) for r in c.reinit.split(",") if r]
   fresh_init = lambda k: any(r.fullmatch(k) for r in reinit)
   if c.upcycle:

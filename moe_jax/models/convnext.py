@@ -12,6 +12,10 @@ features `[B, D]` when num_classes=0):
 
 Every LayerNorm has epsilon `layer_norm_eps` (1e-6) except the final pooled one:
 `head_norm_eps` (HF's `config.layer_norm_eps`, 1e-12 by default; 1e-6 in the official code).
+
+`scan_layers=True` builds each stage's blocks once, stacked on a leading layer axis
+(`stages/{s}/blocks/stacked/...` `[depths[s], ...]`), and runs them with one scan per stage
+(`moe_jax.models.stacked`); it needs `stochastic_depth=0` (the blocks' drop rates differ).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from moe_jax.models import stacked
 from moe_jax.models.vit import DropPath, LayerScale, with_overrides
 from moe_jax.parallel.grad_precision import Conv, Linear
 from moe_jax.vlm.attention import shard_batch
@@ -46,7 +51,8 @@ def convnext_config(variant: str = "T", **overrides) -> ml_collections.ConfigDic
       layer_norm_eps=1e-6, head_norm_eps=1e-6,
       gelu_approximate=False,  # exact erf GELU (the official code, HF)
       layer_scale=1e-6,  # LayerScale init value; 0 = no LayerScale
-      head_zero_init=True))
+      head_zero_init=True,
+      scan_layers=False))  # True: each stage's blocks stacked and scanned (moe_jax.models.stacked)
   return with_overrides(c, overrides, "convnext_config")
 
 
@@ -61,6 +67,10 @@ def _validate(c: ml_collections.ConfigDict) -> None:
   if c.layer_scale < 0 or c.layer_norm_eps <= 0 or c.head_norm_eps <= 0:
     raise ValueError(f"model.layer_scale={c.layer_scale} must be >= 0, model.layer_norm_eps="
                      f"{c.layer_norm_eps} and model.head_norm_eps={c.head_norm_eps} > 0")
+  if c.scan_layers and c.stochastic_depth:
+    raise ValueError(f"model.scan_layers=True needs identical blocks, but model.stochastic_depth="
+                     f"{c.stochastic_depth} gives each its own drop rate: set it to 0 or "
+                     "model.scan_layers=False")
 
 
 class ConvNeXtBlock(nnx.Module):
@@ -93,11 +103,17 @@ class Stage(nnx.Module):
                             if downsample else None)
     self.downsample = (Conv(d_in, dim, (2, 2), strides=(2, 2), padding="VALID",
                             dtype=jnp.dtype(c.dtype), rngs=rngs) if downsample else None)
-    self.blocks = nnx.List([ConvNeXtBlock(c, dim, drop_paths[j], rngs=rngs) for j in range(depth)])
+    if c.scan_layers:
+      self.blocks = stacked.Stacked(lambda r: ConvNeXtBlock(c, dim, 0.0, rngs=r), depth, rngs=rngs)
+    else:
+      self.blocks = nnx.List([ConvNeXtBlock(c, dim, drop_paths[j], rngs=rngs)
+                              for j in range(depth)])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.downsample is not None:
       x = self.downsample(self.downsample_norm(x))
+    if isinstance(self.blocks, stacked.Stacked):
+      return self.blocks.scan(lambda block, x, _: (block(x), None), x)[0]
     for block in self.blocks:
       x = block(x)
     return x

@@ -8,6 +8,12 @@ tokens after any block (HF's `hidden_states[layer]`; CLIP features for MoCHA are
 Knobs that pretrained checkpoints need (`BLOCK_VARIANTS`, `EMBED_VARIANTS`, `pool="map"`) cover
 HF ViT, DINOv2 (LayerScale, registers), CLIP (pre-LN, QuickGELU, no patch bias) and SigLIP /
 big_vision (no class token, MAP head); `moe_jax.checkpoints` sets them from the checkpoint.
+
+`scan_layers=True` builds the blocks once, stacked on a leading layer axis (`blocks/stacked/...`
+`[depth, ...]`), and runs them with one scan (`moe_jax.models.stacked`); `hidden_states(images,
+layer)` then scans only the blocks before `layer` (CLIP's penultimate layer runs depth - 1).
+Identical deterministic blocks only: refused with an `mlp_factory` (ViMoE's MoE blocks), dropout
+or stochastic depth (one-line ValueError naming the field).
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moe_jax.models import remat
+from moe_jax.models import remat, stacked
 from moe_jax.parallel import grad_precision
 from moe_jax.parallel.grad_precision import broadcast_cast
 
@@ -64,7 +70,8 @@ def vit_config(variant: str = "S/16", **overrides) -> ml_collections.ConfigDict:
       # features and the head (big_vision / vmoe `representation_size`); 0 = none.
       representation_size=0,
       **BLOCK_VARIANTS, **EMBED_VARIANTS,
-      remat_policy="none"))  # per block: moe_jax.models.remat.POLICIES (e.g. 'dots_saveable')
+      remat_policy="none",  # per block: moe_jax.models.remat.POLICIES (e.g. 'dots_saveable')
+      scan_layers=False))  # True: blocks stacked and scanned (moe_jax.models.stacked)
   return with_overrides(c, overrides, "vit_config")
 
 
@@ -95,6 +102,11 @@ def _validate(c: ml_collections.ConfigDict) -> None:
   if c.layer_scale < 0 or c.num_registers < 0 or c.layer_norm_eps <= 0:
     raise ValueError(f"model.layer_scale={c.layer_scale} and model.num_registers="
                      f"{c.num_registers} must be >= 0, model.layer_norm_eps={c.layer_norm_eps} > 0")
+  random = {f: c[f] for f in ("dropout_rate", "attention_dropout_rate", "stochastic_depth") if c[f]}
+  if c.scan_layers and random:
+    field, value = next(iter(random.items()))
+    raise ValueError(f"model.scan_layers=True runs deterministic blocks only, but model.{field}="
+                     f"{value}: set it to 0 or model.scan_layers=False")
 
 
 def sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -224,10 +236,16 @@ class ViT(nnx.Module):
                       if c.num_registers else None)
     self.dropout = nnx.Dropout(c.dropout_rate, rngs=rngs)
     self.pre_norm = nnx.LayerNorm(D, epsilon=c.layer_norm_eps, rngs=rngs) if c.pre_norm else None
-    rates = np.linspace(0.0, c.stochastic_depth, c.depth)
-    factory = mlp_factory or (lambda i, d, r: None)
-    self.blocks = nnx.List([Block(c, float(rates[i]), factory(i, D, rngs), rngs=rngs)
-                            for i in range(c.depth)])
+    if c.scan_layers and mlp_factory is not None:
+      raise ValueError("model.scan_layers=True needs identical blocks, but this model builds its "
+                       "own MLPs per block (ViMoE's MoE layers): set model.scan_layers=False")
+    if c.scan_layers:
+      self.blocks = stacked.Stacked(lambda r: Block(c, 0.0, None, rngs=r), c.depth, rngs=rngs)
+    else:
+      rates = np.linspace(0.0, c.stochastic_depth, c.depth)
+      factory = mlp_factory or (lambda i, d, r: None)
+      self.blocks = nnx.List([Block(c, float(rates[i]), factory(i, D, rngs), rngs=rngs)
+                              for i in range(c.depth)])
     self.norm = nnx.LayerNorm(D, epsilon=c.layer_norm_eps, rngs=rngs)
     self.map_head = MAPHead(c, rngs=rngs) if c.pool == "map" else None
     R = c.representation_size
@@ -256,7 +274,13 @@ class ViT(nnx.Module):
     x = self.dropout(x)
     if self.pre_norm is not None:
       x = self.pre_norm(x)
-    for i in range(layer % (depth + 1)):
+    n = layer % (depth + 1)
+    if isinstance(self.blocks, stacked.Stacked):
+      if n:
+        x = self.blocks.scan(lambda block, x, _: (block(x), None), x, length=n,
+                             policy=self.remat_policy)[0]
+      return x
+    for i in range(n):
       x = remat.call(self.blocks[i], self.remat_policy, x)
     return x
 

@@ -18,6 +18,12 @@ The defaults shard expert banks (`.../experts/...`) over `expert` (experts E) an
 
     c.mesh.param_rules = ((r"/router/", ()),) + mesh.PARAM_RULES
 
+Parameters of blocks stacked for scan over layers (`moe_jax.models.stacked`: a `STACKED`
+component in the path, e.g. `decoder/blocks/stacked/attn/query/kernel [depth, D, H*Dh]`) take the
+rules of their per-layer path and shape (the regexes see `.../blocks/stacked/attn/...`, the
+specs `[D, H*Dh]`), with the leading layer axis never sharded: FSDP splits the same weight
+dimension as without scan.
+
 Rules are checked before anything compiles; a bad one is a one-line ValueError naming
 `mesh.param_rules[i]`. Batches are sharded over `moe_jax.parallel.mesh.batch_axes(mesh)`.
 """
@@ -33,6 +39,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax.parallel.mesh import AXES, PARAM_RULES, batch_axes
 
+# Path component of variables stacked on a leading layer axis (`moe_jax.models.stacked.Stacked`).
+STACKED = "stacked"
 Spec = str | Sequence[str | Sequence[str] | None]
 Rule = tuple[str, Spec]
 _RULE_FORM = ("must be (regex, spec), spec an axis name or a tuple of per-dimension entries "
@@ -119,9 +127,11 @@ def _rule_spec(i: int, rule: Rule, name: str, shape: tuple[int, ...],
 def _spec(compiled: list[tuple[re.Pattern, Rule]], path: tuple, shape: tuple[int, ...],
           mesh: jax.sharding.Mesh) -> P:
   name = path_name(path)
+  stacked = STACKED in name.split("/")
   for i, (regex, rule) in enumerate(compiled):
     if regex.search(name):
-      return _rule_spec(i, rule, name, shape, dict(mesh.shape))
+      spec = _rule_spec(i, rule, name, shape[1:] if stacked else shape, dict(mesh.shape))
+      return P(None, *spec) if stacked else spec
   return P()
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from moe_jax.parallel import sharding
 
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 
@@ -125,10 +126,12 @@ def _path(path) -> str:
 
 
 def decay_mask(params):
-  """True for weights that get weight decay: matrices and kernels, not biases/norms/embeddings."""
+  """True for weights that get weight decay: matrices and kernels, not biases/norms/embeddings
+  (by the per-layer rank of blocks stacked for scan, `sharding.STACKED`)."""
   def rule(path, x):
     names = _path(path)
-    return x.ndim >= 2 and "posemb" not in names and "cls" not in names
+    ndim = x.ndim - (sharding.STACKED in names.split("/"))
+    return ndim >= 2 and "posemb" not in names and "cls" not in names
   return jax.tree_util.tree_map_with_path(rule, params)
 
 

@@ -69,7 +69,8 @@ class LlamaBlock(nnx.Module):
 
 class Llama(lm.CausalLM):
   """LLaMA causal LM; see the module docstring. Parameters: `embed`, `blocks/{i}/{norm1, attn,
-  norm2, mlp}`, `norm`, `head` (kernel; absent when tied: logits = h @ embed^T)."""
+  norm2, mlp}` (`blocks/stacked/...` `[depth, ...]` with `scan_layers`), `norm`, `head`
+  (kernel; absent when tied: logits = h @ embed^T)."""
 
   def __init__(self, c: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     c = self.init_trunk(c, LlamaBlock, rngs=rngs)

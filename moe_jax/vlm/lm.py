@@ -23,7 +23,7 @@ import ml_collections
 from flax import nnx
 
 from moe_jax import moe
-from moe_jax.models import remat, vimoe
+from moe_jax.models import remat, stacked, vimoe
 from moe_jax.parallel.grad_precision import Embed
 from moe_jax.vlm import attention
 
@@ -57,14 +57,17 @@ def lm_config(name: str, *, width: int, depth: int, mlp_dim: int, num_heads: int
   on Phi-2's 2048) recompute their cos / sin cache for longer inputs; `dtype` computes,
   `param_dtype` stores the weights ('float32' or 'bfloat16');
   `remat_policy` rematerialises each block in training (`moe_jax.models.remat.POLICIES`; 'full'
-  keeps only the blocks' inputs, as HF's `gradient_checkpointing`).
+  keeps only the blocks' inputs, as HF's `gradient_checkpointing`); `scan_layers` builds the
+  blocks once, stacked on a leading layer axis, and runs them with one `jax.lax.scan`
+  (`moe_jax.models.stacked`; the same function, parameters `blocks/stacked/...`; dense blocks
+  only: refused with `moe_layers`). The KV cache is then stacked per layer too.
   """
   c = ml_collections.ConfigDict(dict(
       name=name, width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
       num_kv_heads=num_kv_heads, head_dim=head_dim, vocab_size=vocab_size, max_len=max_len,
       rotary_fraction=rotary_fraction, rope_theta=rope_theta, norm_eps=norm_eps,
       tie_embeddings=tie_embeddings, dtype="float32", param_dtype="float32",
-      remat_policy="none", moe_layers=moe_layers, checkpoint=checkpoint,
+      remat_policy="none", scan_layers=False, moe_layers=moe_layers, checkpoint=checkpoint,
       extrapolate_positions=False))
   c.moe = moe_node(mlp_dim, c.get_ref("dtype"))
   return c
@@ -88,6 +91,10 @@ def resolved(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c[field] not in DTYPES:
       raise ValueError(f"{f}{field}={c[field]!r}: use one of {DTYPES}")
   remat.validate(c.remat_policy, f"{f}remat_policy")
+  if c.scan_layers and c.moe_layers:
+    raise ValueError(f"{f}scan_layers=True needs identical blocks, but {f}moe_layers="
+                     f"{c.moe_layers!r} makes some MoE: set {f}moe_layers='' or "
+                     f"{f}scan_layers=False")
   out = ml_collections.ConfigDict(c.to_dict())
   out.head_dim, out.rotary_dims = head_dim, rotary_dims
   return out
@@ -99,16 +106,20 @@ def moe_mlps(c: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> list[nnx.Module
   return [moe.MoELayer(c.width, c.moe, rngs=rngs) if i in ids else None for i in range(c.depth)]
 
 
-def run_blocks(blocks, x: jax.Array, positions: jax.Array,
-               cache: list[attention.LayerCache] | None, final_norm: nnx.Module,
-               remat_policy: str = "none", block_fn: Callable[..., Any] = remat.call_module
-               ) -> tuple[jax.Array, list[attention.LayerCache] | None]:
-  """`final_norm` of `x [B, T, D]` through `blocks` (`block_fn(block, x, positions,
-  layer_cache) -> (x, layer_cache)`, default `block(x, positions, layer_cache)`), each
-  rematerialised under `remat_policy`, and the new cache (None without one). Each block's input
+def run_blocks(blocks, x: jax.Array, positions: jax.Array, cache, final_norm: nnx.Module,
+               remat_policy: str = "none", block_fn: Callable[..., Any] = remat.call_module):
+  """(`final_norm` of `x [B, T, D]` through `blocks`, the new cache or None without one):
+  `block_fn(block, x, positions, layer_cache) -> (x, layer_cache)` (default `block(x,
+  positions, layer_cache)`) per block, each rematerialised under `remat_policy`. `blocks` is an
+  `nnx.List` with `cache` a list of `attention.LayerCache`, or a `stacked.Stacked` run by one
+  scan with `cache` one `LayerCache` of `[depth, B, S, Hkv, Dh]` arrays. Each block's input
   is constrained to the batch sharding of the current mesh (`attention.shard_batch`): FSDP
   all-gathers the weights to the batch-sharded tokens instead of spreading the tokens over the
   weights' shards and reducing the partial products."""
+  if isinstance(blocks, stacked.Stacked):  # each layer's input batch-sharded by the scan
+    layer = lambda block, x, layer_cache: block_fn(block, x, positions, layer_cache)
+    x, new_cache = blocks.scan(layer, x, cache, policy=remat_policy)
+    return final_norm(attention.shard_batch(x)), new_cache
   new_cache = []
   for i, block in enumerate(blocks):
     x, layer_cache = remat.call(block, remat_policy, attention.shard_batch(x), positions,
@@ -131,25 +142,33 @@ class CausalLM(nnx.Module):
     self.remat_policy = c.remat_policy
     self.embed = Embed(c.vocab_size, c.width, dtype=self.dtype,
                        param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
-    self.blocks = nnx.List([block(c, mlp, rngs=rngs) for mlp in moe_mlps(c, rngs=rngs)])
+    if c.scan_layers:
+      self.blocks = stacked.Stacked(lambda r: block(c, None, rngs=r), c.depth, rngs=rngs)
+    else:
+      self.blocks = nnx.List([block(c, mlp, rngs=rngs) for mlp in moe_mlps(c, rngs=rngs)])
     return c
 
-  def forward(self, x: jax.Array, positions: jax.Array, cache: list[attention.LayerCache] | None
-              ) -> tuple[jax.Array, list[attention.LayerCache] | None]:
+  def forward(self, x: jax.Array, positions: jax.Array, cache):
     """Final hidden states `[B, T, D]` of the embedded tokens `x [B, T, D]` at `positions
-    [B, T]`, and the cache with their keys / values written (see `moe_jax.vlm.attention`)."""
+    [B, T]`, and the cache (`init_cache`'s layout) with their keys / values written (see
+    `moe_jax.vlm.attention`)."""
     return run_blocks(self.blocks, x, positions, cache, self.norm, self.remat_policy)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """float32 next-token logits `[..., V]` of final hidden states `h [..., D]`."""
     raise NotImplementedError
 
-  def init_cache(self, batch: int, length: int) -> list[attention.LayerCache]:
-    """An empty KV cache of `length` slots (positions 0 .. length - 1)."""
+  def init_cache(self, batch: int, length: int):
+    """An empty KV cache of `length` slots (positions 0 .. length - 1): a list of one
+    `attention.LayerCache` per block, or with scanned blocks one `LayerCache` whose arrays
+    `[depth, B, S, Hkv, Dh]` stack the layers (the batch sharded as each layer's)."""
     if length > self.max_len:
       raise ValueError(f"model.decoder.max_len={self.max_len} < {length} positions to cache")
-    return attention.init_cache(len(self.blocks), batch, length, self.num_kv_heads,
-                                self.head_dim, self.dtype)
+    layer = lambda: attention.init_cache(1, batch, length, self.num_kv_heads, self.head_dim,
+                                         self.dtype)[0]
+    if isinstance(self.blocks, stacked.Stacked):
+      return jax.vmap(lambda _: layer(), axis_size=len(self.blocks))(None)
+    return [layer() for _ in self.blocks]
 
   def embed_sequence(self, visual: jax.Array, tokens: jax.Array,
                      image_pos: jax.Array | None = None) -> jax.Array:

@@ -60,7 +60,8 @@ def _layer_norm(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> LayerNorm:
 
 class Phi(lm.CausalLM):
   """Phi causal LM; see the module docstring. Parameters: `embed`, `blocks/{i}/{norm, attn,
-  mlp}`, `norm` (HF `final_layernorm`), `head` (kernel + bias)."""
+  mlp}` (`blocks/stacked/...` `[depth, ...]` with `scan_layers`), `norm` (HF
+  `final_layernorm`), `head` (kernel + bias)."""
 
   def __init__(self, c: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     c = self.init_trunk(c, PhiBlock, rngs=rngs)

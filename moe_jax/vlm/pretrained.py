@@ -8,8 +8,10 @@ every parameter of a component with a checkpoint must come from it; a checkpoint
 another function than its component's config (`importers.check_architecture` for encoders,
 `DECODER_FIELDS` for the decoder) is a one-line CheckpointMismatch naming the field. SigLIP's
 and DINOv2's position embeddings are resized to `model.image_size`'s grid first
-(`encoders.resize_posemb_bicubic`). The trainer calls `with_checkpoints` for a fresh MoCHA run;
-a later stage started with `init_from` takes every parameter from its source run instead.
+(`encoders.resize_posemb_bicubic`). Checkpoints come in the per-layer layout and are stacked
+for components built with `scan_layers` (`moe_jax.checkpoints.layout`). The trainer calls
+`with_checkpoints` for a fresh MoCHA run; a later stage started with `init_from` takes every
+parameter from its source run instead (in either layout).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moe_jax.checkpoints import hf_decoders, importers, tree
+from moe_jax.checkpoints import hf_decoders, importers, layout, tree
 from moe_jax.checkpoints.tree import CheckpointMismatch
 from moe_jax.vlm import encoders, lm
 
@@ -96,12 +98,16 @@ def with_checkpoints(params: nnx.State, model_config: ml_collections.ConfigDict)
   if not loaded:
     return params
   flat = tree.flatten(nnx.to_pure_dict(params))
-  for field, prefix, _ in components(model_config):
+  for field, prefix, path in components(model_config):
     is_decoder = prefix == "decoder/"
     what = "decoder" if is_decoder else "encoder"
     fix = ("set model.decoder to the checkpoint's config: hf_decoders.import_hf_decoder(path)[0]"
            if is_decoder else "set the encoder's backbone to the checkpoint's config")
-    theirs = {k: v for k, v in loaded.items() if k.startswith(prefix)}
+    source = f"{field}.checkpoint={path}"
+    values = layout.to_layout({k: v for k, (_, v) in loaded.items() if k.startswith(prefix)},
+                              {k: v.shape for k, v in flat.items() if k.startswith(prefix)},
+                              source)
+    theirs = {k: (source, v) for k, v in values.items()}
     differ = sorted(theirs.keys() ^ {k for k in flat if k.startswith(prefix)})
     if differ:
       raise CheckpointMismatch(
