@@ -9,6 +9,7 @@ for the same HLO, options and devices, so what runs is unchanged. A `JAX_COMPILA
 set by the caller is used as it is and kept; `JAX_COMPILATION_CACHE_DIR=` (empty) turns caching
 off.
 """
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -17,6 +18,14 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU without its LLVM optimisation passes (jax's own switch: xla_backend_optimization_level=0,
+# xla_llvm_disable_expensive_passes): the tests' programs are tiny, so compiling them, not running
+# them, is most of the suite's time, and the thousands of eager ops compile ~4x faster. The HLO
+# (partitioning, collectives, buffer assignment) is unchanged. Inherited by the train.py/eval.py/aot
+# subprocesses (`JAX_*`); `JAX_DISABLE_MOST_OPTIMIZATIONS=0` turns it off. Left off where libtpu
+# is installed: TPU AOT compiles there keep their default pipeline (their memory reports).
+if importlib.util.find_spec("libtpu") is None:
+  os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # True in the controller only
 if _OWN_CACHE:

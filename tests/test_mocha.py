@@ -431,6 +431,7 @@ def test_aot_of_the_vqa_step_with_expert_sharded_connectors():
   c.mesh.data, c.mesh.expert = -1, 4
   r = aot.compile_for_topology(c, "cpu:8")
   assert r["task"] == "vqa" and r["mesh"]["expert"] == 4 and r["mesh"]["data"] == 2
+  assert r["flops_per_device"] > 0 and r["memory_per_device"]["total"] > 0
   # two connectors, each: 2 all-to-alls forward (dispatch, combine) and 2 backward
   assert r["collectives"]["all-to-all"] == 8 and r["all_to_all_operand_bytes_per_device"] > 0
 

@@ -72,6 +72,10 @@ def test_unknown_task_names_the_field():
     tasks.build_task(c)
 
 
+# Covered in the default suite by test_mocha.py::test_aot_of_the_vqa_step_with_expert_sharded_connectors
+# (the same VQA train step through aot.compile_for_topology on cpu:8, the same assertions and the
+# expert-sharded connectors' all-to-alls): ~27 s on 2 cores for a second compile of it.
+@pytest.mark.slow
 def test_aot_compiles_the_vqa_train_step():
   c = mocha_tiny_digits_vqa.get_config("quick")
   c.batch_size = 16
