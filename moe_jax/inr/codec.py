@@ -7,8 +7,9 @@ coded by its own model of the same config, widths solved for the same per-chunk 
 stored bytes per parameter; `budget.fit_to_budget` re-solves with the coded size measured).
 `config.chunk_batch` chunks train at once (one vmapped step, `fitting`). Every chunk's tensors are
 quantised with their own groups and coded into their own record (`fileformat`), so a chunk is
-decoded alone. Memory is bounded by the chunk batch (parameters, optimizer state, a batch of
-coordinates) and the volume itself: no full-volume coordinate or float32 grid is made.
+decoded alone. Memory is bounded by the chunk batch (parameters, optimizer state, the float32
+training targets of its chunks' voxels, a batch of coordinates) and the volume itself: no
+full-volume coordinate grid is made (with one chunk, the targets are a float32 copy of the volume).
 TreeINR (kind 'octree') is one octree over one chunk: it takes no `chunk_shape`.
 
 Rate control: the widths are solved for `quant_bits`-bit codes, so the coded file (entropy coded:
