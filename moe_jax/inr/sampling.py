@@ -73,7 +73,8 @@ class CellSampler:
   `cell_coords` turns `j` into the coordinates `layout.points(j, cells)` gives, bit for bit.
   """
 
-  SLAB = 1 << 20  # points per cell gathered at a time when building `values`
+  SLAB = 1 << 16  # points per cell gathered at a time when building `values` (host temporaries:
+  # ~50 B per point and cell of the batch)
 
   def __init__(self, layout: GridLayout, data: np.ndarray, lo: float, hi: float,
                points_per_group: int, seed: int, cells: np.ndarray):
