@@ -20,7 +20,8 @@ rate per method instead (e.g. each method's best of the same lr trials in a tuni
 ratio, bench/RESULTS.md). Inside a trial, `compress` trains
 up to `budget_trials` times to meet the ratio with the measured coded bytes per parameter
 (moe_jax/inr/budget.py), the same for every INR. A file still over the budget (the smallest model
-does not fit) is kept in the JSON with a note. Seeds `0..seeds-1` give mean and
+does not fit) is kept in the JSON with a note. Seeds `first..first+seeds-1` (`--first-seed`, so a
+later run adds seeds to a table) give mean and
 std. Classical codecs are deterministic (one run). PSNR / SSIM are measured on the decoded file;
 `decode_s` is the decompress inside `compress` of the file just written (a fresh compile for the
 model, as for a user of the CLI), every seed.
@@ -80,11 +81,11 @@ def _inr_trial(volume: volumes.Volume, method: str, ratio: float, seed: int, lr:
 
 def _inr_record(volume, method, ratio, seeds, lrs, steps, batch, budget_trials) -> dict:
   per_seed = []
-  for seed in range(seeds):
+  for seed in seeds:
     trials = [_inr_trial(volume, method, ratio, seed, lr, steps, batch, budget_trials)
               for lr in lrs]
     best = max(trials, key=lambda t: t["psnr"])
-    per_seed.append({**best, "encode_s": sum(t["compress_s"] for t in trials),
+    per_seed.append({**best, "seed": seed, "encode_s": sum(t["compress_s"] for t in trials),
                      "trials": [{"lr": t["lr"], "psnr": t["psnr"]} for t in trials]})
     print(f"  {method} {ratio:g}x {steps} steps seed {seed}: psnr {best['psnr']:.2f} (lr "
           f"{best['lr']:g}, {best['file_bytes']} B, levels {best['levels']})", flush=True)
@@ -172,6 +173,7 @@ def main() -> None:
   p.add_argument("--methods", default=",".join(VARIANTS + classical.CODECS),
                  help=f"subset of {METHODS}")
   p.add_argument("--seeds", type=int, default=0, help="seeds per INR (default 3; --quick 1)")
+  p.add_argument("--first-seed", type=int, default=0, help="the first INR seed")
   p.add_argument("--lrs", default="", help="trial learning rates (default 1e-3,3e-3)")
   p.add_argument("--method-lrs", default="", help="per-method trial learning rates replacing "
                  "--lrs for those methods, e.g. 'single=3e-3,moec=1e-3' (one trial each)")
@@ -189,12 +191,12 @@ def main() -> None:
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
     raise SystemExit(f"--methods: {unknown} unknown; use a subset of {METHODS}")
-  seeds = args.seeds or (1 if quick else 3)
+  seeds = range(args.first_seed, args.first_seed + (args.seeds or (1 if quick else 3)))
   lrs = [float(x) for x in (args.lrs or ("1e-3" if quick else "1e-3,3e-3")).split(",")]
   method_lrs = {m: [float(x)] for m, x in (kv.split("=") for kv in args.method_lrs.split(",")
                                            if kv)}
   step_counts = [int(x) for x in (args.steps or ("60" if quick else "300")).split(",")]
-  records, setup = [], {"seeds": seeds, "lrs": lrs, "method_lrs": method_lrs,
+  records, setup = [], {"seeds": list(seeds), "lrs": lrs, "method_lrs": method_lrs,
                         "steps": step_counts,
                         "batch_size": args.batch, "budget_trials": args.budget_trials or "config",
                         "load_average_start": os.getloadavg()}

@@ -69,9 +69,12 @@ def get_config(variant: str = "moec") -> ml_collections.ConfigDict:
   c.psnr_search = ml_collections.ConfigDict(dict(min_ratio=5.0, max_ratio=2000.0, trials=6))
   c.train = ml_collections.ConfigDict(dict(
       steps=2000, batch_size=8192, learning_rate=1e-3, final_lr_fraction=0.05, seed=0,
-      prefetch_threads=1, log_every=500))
+      steps_per_call=100, log_every=500))
+  # steps_per_call: training steps per jitted call (a lax.scan; points drawn on the device), so
+  # the host dispatches once per call (moe_jax/inr/fitting.py).
   # Chunks coded independently (moe_jax.inr.chunking): the largest chunk, () = one chunk (the
-  # whole volume), e.g. (64, 64, 64) for big volumes; chunk_batch chunks train in one jitted step.
+  # whole volume), e.g. (64, 64, 64) for big volumes; chunk_batch chunks train at once (one
+  # vmapped step).
   c.chunk_shape = ()
   c.chunk_batch = 8
   c.render_chunk = 65536  # points per call (over the chunk batch) when rendering the volume back

@@ -353,27 +353,69 @@ def test_chunk_config_errors_name_the_field():
     codec.compress(volume, 3, config)
 
 
+def test_device_points_are_the_host_layouts_points():
+  """`CellSampler` + `cell_coords` (on the device) give the points `GridLayout.points` gives on
+  the host, bit for bit, on uneven cells (edge cells clip onto their last voxel); each epoch's
+  indices are one permutation of the cell's points, the next epoch another."""
+  from moe_jax.inr import sampling
+  data = np.random.default_rng(0).integers(-50, 900, (7, 5, 3)).astype(np.int16)
+  layout = sampling.GridLayout(data.shape, (2, 2, 1))  # blocks 4 x 3 x 3: edge cells smaller
+  cells = np.array([[0, 1], [3, 2]])  # B = 2 chunks of G = 2 cells
+  sampler = sampling.CellSampler(layout, data, -50.0, 899.0, 10, 5, cells)
+  assert sampler.values.shape == (2, 2, 36) and sampler.steps_per_epoch == 3
+  j = sampler.indices(0, 7)  # 2 epochs and a step
+  assert j.shape == (7, 10) and j.dtype == np.int32
+  for epoch in range(2):
+    seen = j[3 * epoch:3 * epoch + 3].reshape(-1)
+    assert len(set(seen.tolist())) == 30 and seen.max() < 36
+  assert not np.array_equal(j[:3], j[3:6])
+  coords = jax.jit(sampling.cell_coords, static_argnums=1)
+  for step in (0, 4, 6):
+    voxel, want = layout.points(j[step], cells)
+    np.testing.assert_array_equal(np.asarray(coords(j[step], sampler.block, sampler.extent)),
+                                  want)
+    np.testing.assert_array_equal(sampler.values[:, :, j[step]],
+                                  sampling.to_unit(data.reshape(-1)[voxel], -50.0, 899.0))
+
+
 def test_chunks_train_independently_in_one_vmapped_step():
   """Chunk 0 trained beside chunk 1 or beside chunk 2 (same sampling seed) ends with the same
-  parameters: the batch axis is a vmap, not a shared model."""
+  parameters: the batch axis is a vmap, not a shared model. Steps in jitted calls of 2 (the last
+  one half skipped) train as one call of all 5, and a new fitter of the same model reuses the
+  compiled call."""
   from moe_jax.inr import chunking, fitting
   data = (np.arange(8 * 4 * 4) % 13).reshape(8, 4, 4).astype(np.int16)
-  config = common.load_config(f"{COMPRESS_CONFIG}:single", [
-      "train.steps=3", "train.batch_size=32", "model.width=4", "model.tail_width=4"])
+  overrides = ["train.steps=5", "train.batch_size=32", "model.width=4", "model.tail_width=4"]
+  config = common.load_config(f"{COMPRESS_CONFIG}:single", overrides + ["train.steps_per_call=2"])
   tiling = chunking.Tiling(data.shape, (4, 2, 4), (1, 1, 1))  # 2 x 2 x 1 chunks
-  fitter = fitting.ChunkFitter(config.model, 3, config.train)
   results = []
   for ids in (np.array([0, 1]), np.array([0, 2])):
-    batches = fitting.training_batches(tiling.cells, tiling.cells_of(ids), data, 0, 12,
-                                       config.train, 0)
-    params, mse = fitter.fit(ids, batches)
+    fitter = fitting.ChunkFitter(config.model, 3, config.train)  # a new one: compiled once
+    sampler = fitting.sampler_for(tiling.cells, tiling.cells_of(ids), data, 0, 12,
+                                  config.train, 0)
+    calls = []
+    params, mse = fitter.fit(ids, sampler, lambda *call: calls.append(call[:2]))
     results.append((jax.tree.leaves(params), mse))
+    assert calls == [(2, 2), (4, 2), (5, 1)]
+    if len(results) == 1:
+      compiled = fitting._train_steps._cache_size()
+  assert fitting._train_steps._cache_size() == compiled
   (first, mse_first), (second, mse_second) = results
   for a, b in zip(first, second):
     assert a.shape[0] == 2
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(a[1], b[1])  # chunks 1 and 2: other data, other init
   assert mse_first.shape == (2,) and mse_first[0] == pytest.approx(mse_second[0], rel=1e-5)
+  config = common.load_config(f"{COMPRESS_CONFIG}:single", overrides + ["train.steps_per_call=5"])
+  ids = np.array([0, 1])
+  params, mse = fitting.ChunkFitter(config.model, 3, config.train).fit(ids, fitting.sampler_for(
+      tiling.cells, tiling.cells_of(ids), data, 0, 12, config.train, 0))
+  for a, b in zip(jax.tree.leaves(params), first):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(mse, mse_first, rtol=1e-5)
+  with pytest.raises(ValueError, match="train.steps_per_call=0 must be >= 1"):
+    fitting.ChunkFitter(config.model, 3, common.load_config(
+        f"{COMPRESS_CONFIG}:single", ["train.steps_per_call=0"]).train)
 
 
 def test_psnr_target_keeps_the_most_compressed_file_that_meets_it(monkeypatch, tmp_path, capsys):

@@ -5,10 +5,11 @@ The volume is tiled into chunks (`config.chunk_shape`, `chunking.Tiling`; () = o
 coded by its own model of the same config, widths solved for the same per-chunk budget
 ((original bytes / ratio - header - chunk table - N quantisation tables) / N chunks, at the
 stored bytes per parameter; `budget.fit_to_budget` re-solves with the coded size measured).
-`config.chunk_batch` chunks train at once in one jitted step. Every chunk's tensors are
+`config.chunk_batch` chunks train at once (one vmapped step, `fitting`). Every chunk's tensors are
 quantised with their own groups and coded into their own record (`fileformat`), so a chunk is
-decoded alone. Memory is bounded by the chunk batch (parameters, optimizer state, a batch of
-coordinates) and the volume itself: no full-volume coordinate or float32 grid is made.
+decoded alone. Memory is bounded by the chunk batch (parameters, optimizer state, the float32
+training targets of its chunks' voxels, a batch of coordinates) and the volume itself: no
+full-volume coordinate grid is made (with one chunk, the targets are a float32 copy of the volume).
 TreeINR (kind 'octree') is one octree over one chunk: it takes no `chunk_shape`.
 
 Rate control: the widths are solved for `quant_bits`-bit codes, so the coded file (entropy coded:
@@ -122,8 +123,8 @@ def solve_model(volume: Volume, ratio: float, config: ml_collections.ConfigDict,
 def _train_chunks(volume: Volume, c: ml_collections.ConfigDict, tiling: chunking.Tiling,
                   config: ml_collections.ConfigDict, log: Callable[[str], None] | None
                   ) -> tuple[list[list[np.ndarray]], float]:
-  """Every chunk's trained float32 parameter tensors (leaf order), chunk_batch chunks per jitted
-  step, and the mean training MSE of the last steps."""
+  """Every chunk's trained float32 parameter tensors (leaf order), chunk_batch chunks trained at
+  once, and the mean training MSE of the last steps."""
   tc, N = config.train, tiling.num_chunks
   B = min(config.chunk_batch, N)
   lo, hi = float(np.min(volume.data)), float(np.max(volume.data))
@@ -134,16 +135,17 @@ def _train_chunks(volume: Volume, c: ml_collections.ConfigDict, tiling: chunking
     for index, first in enumerate(range(0, N, B)):
       real = min(B, N - first)
       ids = np.minimum(np.arange(first, first + B), N - 1)  # a short batch repeats a chunk
-      batches = fitting.training_batches(tiling.cells, tiling.cells_of(ids), volume.data, lo, hi,
-                                         tc, tc.seed + index)
+      sampler = fitting.sampler_for(tiling.cells, tiling.cells_of(ids), volume.data, lo, hi, tc,
+                                    tc.seed + index)
 
-      def on_step(i, mse, first=first, real=real):
-        bar.update(real)
-        if log is not None and tc.log_every and i % tc.log_every == 0:
-          log(f"chunks {first}-{first + real - 1}/{N}  step {i}/{tc.steps}  "
-              f"mse {float(np.mean(np.asarray(mse)[:real])):.3e}")
+      def on_call(done, count, mse, first=first, real=real):
+        bar.update(real * count)
+        every = tc.log_every
+        if log is not None and every and done // every > (done - count) // every:
+          log(f"chunks {first}-{first + real - 1}/{N}  step {done}/{tc.steps}  "
+              f"mse {float(np.mean(mse[:real])):.3e}")
 
-      params, mse = fitter.fit(ids, batches, on_step)
+      params, mse = fitter.fit(ids, sampler, on_call)
       leaves = [np.asarray(p, np.float32) for p in jax.tree.leaves(params)]
       chunks += [[leaf[b] for leaf in leaves] for b in range(real)]
       mses.append(mse[:real])

@@ -1,19 +1,19 @@
-"""Coordinates of a volume split by a grid, and a grain pipeline of random coordinate batches.
+"""Coordinates of a volume split by a grid, and the random training points of its cells.
 
 A `GridLayout` cuts a volume of shape `[n_1, ..., n_d]` into `G = prod(grid)` cells of
 `ceil(n_i / grid_i)` voxels per axis (cells at the far edges are smaller: their out-of-range
 local indices are clipped onto their last voxel, which then just counts twice). Point j of every
 cell has a flat voxel index and coordinates in [-1, 1] local to its cell. Grid all ones = the
 whole volume in global coordinates (MoEC, single INR). Coordinates are computed per batch of
-points, never for the whole volume at once.
+points, never for the whole volume at once (training: on the device, `CellSampler`).
 """
 from __future__ import annotations
 
 import math
-import sys
 from typing import Sequence
 
-import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -62,34 +62,54 @@ class GridLayout:
     return voxel, coords.astype(np.float32)
 
 
-class CoordinateBatches:
-  """Batch number -> `{'coords': [..., b, d], 'values': [..., b]}` for `cells [...]`: epoch e is
-  a permutation of a cell's points seeded by (seed, e), cut into `group_size // b` batches.
-  `data` is the volume in its stored dtype; each batch's values are scaled by `to_unit`."""
+class CellSampler:
+  """Random training points of `cells [B, G]` (cells of `layout`), drawn on the device.
+
+  Host side, once: `values [B, G, S]`, every point's target of every cell (`to_unit` of `data`,
+  the volume in its stored dtype; S = `group_size`, gathered in slabs: no coordinate grid is
+  made), and per cell its `extent` `[B, G, d]` (voxels per axis). Per step: the point indices
+  `j [b]`, the same for every cell; epoch e is a permutation of range(S) seeded by (seed, e),
+  cut into `S // b` batches of b = min(points_per_group, S) points (`indices`). On the device,
+  `cell_coords` turns `j` into the coordinates `layout.points(j, cells)` gives, bit for bit.
+  """
+
+  SLAB = 1 << 16  # points per cell gathered at a time when building `values` (host temporaries:
+  # ~50 B per point and cell of the batch)
 
   def __init__(self, layout: GridLayout, data: np.ndarray, lo: float, hi: float,
-               points_per_group: int, seed: int, cells: np.ndarray | None = None):
-    self.layout, self.data, self.range, self.seed = layout, data.reshape(-1), (lo, hi), seed
-    self.cells = cells
+               points_per_group: int, seed: int, cells: np.ndarray):
+    self.block = tuple(int(b) for b in layout.block)
     self.batch = min(points_per_group, layout.group_size)
     self.steps_per_epoch = layout.group_size // self.batch
+    self.seed, self.group_size = seed, layout.group_size
+    cells, flat = np.asarray(cells), data.reshape(-1)
+    self.extent = layout.extent[cells].astype(np.int32)
+    self.values = np.empty(cells.shape + (layout.group_size,), np.float32)
+    for first in range(0, layout.group_size, self.SLAB):
+      j = np.arange(first, min(first + self.SLAB, layout.group_size))
+      self.values[..., j] = to_unit(flat[layout.points(j, cells)[0]], lo, hi)
     self._order = (-1, None)  # (epoch, its permutation); the last one is kept
 
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    epoch, i = divmod(step, self.steps_per_epoch)
-    if self._order[0] != epoch:
-      perm = np.random.default_rng([self.seed, epoch]).permutation(self.layout.group_size)
-      self._order = (epoch, perm)
-    voxel, coords = self.layout.points(self._order[1][i * self.batch:(i + 1) * self.batch],
-                                       self.cells)
-    return {"coords": coords, "values": to_unit(self.data[voxel], *self.range)}
+  def indices(self, first_step: int, count: int) -> np.ndarray:
+    """Point indices of steps `first_step .. first_step + count - 1`: `[count, b]` int32."""
+    out = np.empty((count, self.batch), np.int32)
+    for k in range(count):
+      epoch, i = divmod(first_step + k, self.steps_per_epoch)
+      if self._order[0] != epoch:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.group_size)
+        self._order = (epoch, perm)
+      out[k] = self._order[1][i * self.batch:(i + 1) * self.batch]
+    return out
 
 
-def batches(layout: GridLayout, data: np.ndarray, lo: float, hi: float, points_per_group: int,
-            seed: int, cells: np.ndarray | None = None,
-            prefetch_threads: int = 1) -> grain.IterDataset:
-  """Endless grain pipeline of `CoordinateBatches` (`points_per_group` points of each of
-  `cells` per step)."""
-  return grain.MapDataset.range(sys.maxsize).map(
-      CoordinateBatches(layout, data, lo, hi, points_per_group, seed, cells)).to_iter_dataset(
-          grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=2))
+def cell_coords(j: jax.Array, block: tuple[int, ...], extent: jax.Array) -> jax.Array:
+  """Device twin of `GridLayout.points`' coordinates (local to each cell): point indices `j [b]`
+  of cells with `extent [..., d]` (int32) of a layout with cells of `block` voxels ->
+  `[..., b, d]` float32 in [-1, 1] (`(2 l - s) / s` for local index l and span s: exact
+  integers, one rounding, the value the host's float64 formula rounds to)."""
+  local = jnp.stack(jnp.unravel_index(j, block), -1)  # [b, d]
+  extent = extent[..., None, :]
+  local = jnp.minimum(local, extent - 1)  # [..., b, d]
+  span = jnp.maximum(extent - 1, 1)
+  coords = (2 * local - span).astype(jnp.float32) / span.astype(jnp.float32)
+  return jnp.where(extent > 1, coords, 0.0)
