@@ -1,10 +1,14 @@
 """Reading compiled programs: array bytes of HLO / StableHLO shapes, collectives and their bytes.
 
 Compiled (SPMD) HLO text is the program one device runs, so every count and byte total here is
-per device.
+per device. Byte totals and FLOPs are per step: an instruction inside a `while` body counts once
+per iteration (`loop_weights`: the product of the `known_trip_count`s of the loops around it;
+XLA's own `cost_analysis()` counts every loop body once).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import re
 from typing import Sequence
@@ -56,6 +60,93 @@ def _is_no_op(line: str) -> bool:
   return bool(groups) and all("," not in g for g in re.findall(r"\{([\d,]*)\}", groups.group(1)))
 
 
+# A computation header `%name (p: f32[2]) -> f32[2] {` (`ENTRY %main ...` for the entry).
+_COMPUTATION_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+# Attributes naming the computations an instruction runs once per execution.
+_CALLED_ONCE = re.compile(
+    r"\b(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_CALLED_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopWeights:
+  """How often each line of an HLO module runs per step.
+
+  line_weight[i]: executions per step of the instruction on line i (the product of the trip
+  counts of the `while` loops around it; 1 outside any loop and for lines outside computations).
+  trip_counts: `while` instruction name -> its `known_trip_count`.
+  loops_without_trip_count: `while` instructions without one: their bodies are counted once per
+  execution of the loop instruction (a lower bound), never guessed.
+  """
+  line_weight: tuple[float, ...]
+  trip_counts: dict[str, int]
+  loops_without_trip_count: tuple[str, ...]
+
+
+def _instruction_name(line: str) -> str:
+  m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
+  return m.group(1) if m else ""
+
+
+@functools.lru_cache(maxsize=4)
+def loop_weights(hlo: str) -> LoopWeights:
+  """Executions per step of every line of compiled HLO text, from its call graph: a while's
+  `body=` runs n times and its `condition=` n + 1 times per execution of the loop (n its
+  backend config's `known_trip_count`, which XLA writes for `lax.scan` / `fori_loop` loops);
+  `calls=` (fusions, async wrappers), `to_apply=`, and every branch of a conditional
+  (`branch_computations`, `true_/false_computation`: counted as if each ran, an upper bound)
+  once per execution of the calling instruction. A computation called from several places
+  sums its callers."""
+  lines = hlo.splitlines()
+  body_lines: dict[str, list[int]] = {}  # computation -> its instruction line numbers
+  owner: list[str | None] = [None] * len(lines)
+  entry, current = None, None
+  for i, line in enumerate(lines):
+    if not line.startswith((" ", "\t")) and (header := _COMPUTATION_HEADER.match(line)):
+      current = header.group(2)
+      body_lines[current] = []
+      entry = current if header.group(1) else entry
+    elif current is not None and line.strip() == "}":
+      current = None
+    elif current is not None:
+      body_lines[current].append(i)
+      owner[i] = current
+  callers: dict[str, list[tuple[str, int]]] = {}  # callee -> (caller, executions per call)
+  trips: dict[str, int] = {}
+  untripped: list[str] = []
+  for name, numbers in body_lines.items():
+    for i in numbers:
+      line = lines[i]
+      calls = [(c, 1) for c in _CALLED_ONCE.findall(line)]
+      calls += [(c.strip().lstrip("%"), 1) for group in _CALLED_LISTS.findall(line)
+                for c in group.split(",") if c.strip()]
+      body = re.search(r"\bbody=%?([\w.\-]+)", line)
+      if body:
+        trip = _TRIP_COUNT.search(line)
+        if trip:
+          n = trips[_instruction_name(line)] = int(trip.group(1))
+        else:
+          n = 1
+          untripped.append(_instruction_name(line))
+        calls.append((body.group(1), n))
+        cond = re.search(r"\bcondition=%?([\w.\-]+)", line)
+        if cond:
+          calls.append((cond.group(1), n + 1 if trip else 1))
+      for callee, n in calls:
+        if callee in body_lines:
+          callers.setdefault(callee, []).append((name, n))
+
+  @functools.cache
+  def executions(name: str) -> float:
+    if name == entry or entry is None:
+      return 1.0
+    return float(sum(executions(caller) * n for caller, n in callers.get(name, [])))
+
+  weight = tuple(1.0 if c is None else executions(c) for c in owner)
+  return LoopWeights(weight, trips, tuple(untripped))
+
+
 # libtpu's reduce-scatter: a fused computation `%all-reduce-scatter.N (...) -> f32[64,32] {` of an
 # all-reduce and the dynamic-slice that keeps this device's shard, run as one reduce-scatter
 # (backend config `SingleInputAllReduceScatterFusion`): FSDP's gradient reduction on TPU.
@@ -63,9 +154,9 @@ _REDUCE_SCATTER_FUSION = re.compile(
     r"^\s*%?all-reduce-scatter[\w.-]*\s*\(.*\)\s*->\s*(.*?)\s*\{\s*$")
 
 
-def _reduce_scatter_fusions(hlo: str) -> tuple[set[int], list[tuple[str, str]]]:
-  """Line numbers of the all-reduces inside libtpu's all-reduce-scatter fusions, and (fusion
-  result shape text, all-reduce line) for each: a reduce-scatter whose result is the shard."""
+def _reduce_scatter_fusions(hlo: str) -> tuple[set[int], list[tuple[int, str, str]]]:
+  """Line numbers of the all-reduces inside libtpu's all-reduce-scatter fusions, and (line
+  number, fusion result shape text, all-reduce line) for each: a reduce-scatter whose result is the shard."""
   inside, fused, result = set(), [], None
   for i, line in enumerate(hlo.splitlines()):
     if (header := _REDUCE_SCATTER_FUSION.match(line)):
@@ -74,29 +165,27 @@ def _reduce_scatter_fusions(hlo: str) -> tuple[set[int], list[tuple[str, str]]]:
       result = None
     elif result is not None and re.search(r"\sall-reduce(-start)?\(", line):
       inside.add(i)
-      fused.append((result, line))
+      fused.append((i, result, line))
   return inside, fused
 
 
 def _collective_lines(hlo: str, op: str, *, fused_as_all_reduce: bool = False
-                      ) -> list[tuple[str, str]]:
-  """(result shape text, whole line) of each `op` (or async `op-start`) instruction of compiled
-  HLO text, no-op ones (single-member replica groups) left out. The all-reduces of libtpu's
+                      ) -> list[tuple[str, str, float]]:
+  """(result shape text, whole line, executions per step `loop_weights`) of each `op` (or async
+  `op-start`) instruction of compiled HLO text, no-op ones (single-member replica groups) left
+  out. The all-reduces of libtpu's
   all-reduce-scatter fusions count as reduce-scatters with the fusion's (shard) result, or, with
   `fused_as_all_reduce`, as all-reduces with their full result (what precision each reduction
   carries, full operand)."""
   pattern = re.compile(rf"=\s*(.*?)\s{op}(-start)?\(")
   inside, fused = _reduce_scatter_fusions(hlo)
-  lines = [(m.group(1), line) for i, line in enumerate(hlo.splitlines())
+  weight = loop_weights(hlo).line_weight
+  lines = [(m.group(1), line, weight[i]) for i, line in enumerate(hlo.splitlines())
            if (m := pattern.search(line)) and not _is_no_op(line)
            and not (op == "all-reduce" and not fused_as_all_reduce and i in inside)]
   if op == "reduce-scatter" and not fused_as_all_reduce:
-    lines += [(shape, line) for shape, line in fused if not _is_no_op(line)]
+    lines += [(shape, line, weight[i]) for i, shape, line in fused if not _is_no_op(line)]
   return lines
-
-
-def _collective_results(hlo: str, op: str) -> list[str]:
-  return [shape for shape, _ in _collective_lines(hlo, op)]
 
 
 def group_size(line: str, num_devices: int) -> int:
@@ -116,10 +205,11 @@ _SENT_PER_RESULT_BYTE = {
 
 
 def collective_wire_bytes(hlo: str, num_devices: int) -> dict[str, float]:
-  """Bytes each device sends per op (all its instructions of that op together), from the
-  result sizes and replica-group sizes of the compiled SPMD HLO (`_SENT_PER_RESULT_BYTE`)."""
+  """Bytes each device sends per step and op (all its instructions of that op together, each
+  times its executions per step), from the result sizes and replica-group sizes of the compiled
+  SPMD HLO (`_SENT_PER_RESULT_BYTE`)."""
   return {op: sum(_shape_bytes(shape) * _SENT_PER_RESULT_BYTE[op](group_size(line, num_devices))
-                  for shape, line in _collective_lines(hlo, op)) for op in COLLECTIVES}
+                  * n for shape, line, n in _collective_lines(hlo, op)) for op in COLLECTIVES}
 
 
 def replica_groups(line: str, num_devices: int) -> np.ndarray:
@@ -160,7 +250,7 @@ _DCN_PER_RESULT_BYTE = {
 
 
 def collective_dcn_bytes(hlo: str, slice_of: Sequence[int]) -> dict[str, float]:
-  """Bytes each device sends across slices per op (`_DCN_PER_RESULT_BYTE`), `slice_of[i]` the
+  """Bytes each device sends across slices per step and op (`_DCN_PER_RESULT_BYTE`), `slice_of[i]` the
   slice of device i of the program's device assignment (s = the number of slices).
 
   A multi-slice TPU program (libtpu) is one slice's: its cross-slice steps are host transfers to
@@ -170,49 +260,59 @@ def collective_dcn_bytes(hlo: str, slice_of: Sequence[int]) -> dict[str, float]:
   slice_of = np.asarray(slice_of)
   out = {op: 0.0 for op in COLLECTIVES}
   slices = len(set(slice_of.tolist()))
-  for line in hlo.splitlines():
+  weight = loop_weights(hlo).line_weight
+  for i, line in enumerate(hlo.splitlines()):
     transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
     if transfer and re.search(r"=\s*\(?\s*\w+\[[\d,]*\][^=]*\ssend\(", line):
       op = transfer.group(1).lower().replace("_", "-")
-      out[op] += _array_bytes(line.split("=", 1)[1]) * _DCN_PER_RESULT_BYTE[op](slices, 1)
+      out[op] += (_array_bytes(line.split("=", 1)[1]) * _DCN_PER_RESULT_BYTE[op](slices, 1)
+                  * weight[i])
   if any(out.values()):  # one slice's program: its replica groups never leave the slice
     return out
   for op in COLLECTIVES:
-    for shape, line in _collective_lines(hlo, op):
+    for shape, line, n in _collective_lines(hlo, op):
       groups = slice_of[replica_groups(line, len(slice_of))]
       s = max(len(set(g.tolist())) for g in groups)
       if s > 1:
-        out[op] += _shape_bytes(shape) * _DCN_PER_RESULT_BYTE[op](s, groups.shape[1] / s)
+        out[op] += _shape_bytes(shape) * _DCN_PER_RESULT_BYTE[op](s, groups.shape[1] / s) * n
   return out
 
 
 def reduction_elements_by_dtype(hlo: str, num_devices: int) -> dict[str, int]:
   """Element dtype (HLO name: "f32", "bf16", ...) -> elements per device that the cross-device
-  sums carry (what precision the gradient reductions run in), over every all-reduce (those
+  sums carry per step (what precision the gradient reductions run in), over every all-reduce (those
   libtpu fuses into reduce-scatters included, full operand) and reduce-scatter (its operand:
   the result times the group size); tuple results element by element."""
   totals: dict[str, int] = {}
-  reductions = ([(shape, 1) for shape, _ in
+  reductions = ([(shape, n) for shape, _, n in
                  _collective_lines(hlo, "all-reduce", fused_as_all_reduce=True)]
-                + [(shape, group_size(line, num_devices)) for shape, line in
+                + [(shape, group_size(line, num_devices) * n) for shape, line, n in
                    _collective_lines(hlo, "reduce-scatter", fused_as_all_reduce=True)])
   for shape, operand_per_result in reductions:
     for dtype, n in _array_shapes(shape):
-      totals[dtype] = totals.get(dtype, 0) + n * operand_per_result
+      totals[dtype] = totals.get(dtype, 0) + int(n * operand_per_result)
   return totals
 
 
 def collective_counts(hlo: str) -> dict[str, int]:
-  """Collective instructions of compiled HLO text by op (async `-start`s counted once)."""
-  return {op: len(_collective_results(hlo, op)) for op in COLLECTIVES}
+  """Collective instructions of compiled HLO text by op (async `-start`s counted once; an
+  instruction in a loop body once, see `collective_executions`)."""
+  return {op: len(_collective_lines(hlo, op)) for op in COLLECTIVES}
+
+
+def collective_executions(hlo: str) -> dict[str, int]:
+  """Collectives each device runs per step, by op: `collective_counts` with every instruction
+  times its executions per step (`loop_weights`)."""
+  return {op: int(sum(n for _, _, n in _collective_lines(hlo, op))) for op in COLLECTIVES}
 
 
 def collective_bytes(hlo: str, op: str) -> int:
-  """Sum over the `op` instructions (all-to-all, all-reduce, ...) of their operand sizes, in
-  bytes, per device (the compiled SPMD HLO is the program one device runs). These collectives'
+  """Sum over the `op` instructions (all-to-all, all-reduce, ...) of their operand sizes times
+  their executions per step, in bytes, per device (the compiled SPMD HLO is the program one
+  device runs). These collectives'
   results have exactly their operands' shapes (compiled HLO prints operands without shapes), so
   the result shapes are summed."""
-  return sum(_shape_bytes(shape) for shape in _collective_results(hlo, op))
+  return int(sum(_shape_bytes(shape) * n for shape, _, n in _collective_lines(hlo, op)))
 
 
 def all_to_all_bytes(hlo: str) -> int:
@@ -227,6 +327,48 @@ def stablehlo_all_to_all_bytes(text: str) -> int:
              re.findall(r"stablehlo\.all_to_all.*?:\s*\((.*?)\)\s*->", text))
 
 
+# An instruction `%name = f32[8,16]{1,0} op(%a, %b), attrs` (array result): name, dims, op, rest.
+_ARRAY_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[a-z]+\d*\[([\d,]*)\]\S*\s+([\w\-]+)\((.*)$")
+
+
+def _dims(text: str) -> list[int]:
+  return [int(d) for d in text.split(",") if d]
+
+
+def dot_conv_flops(hlo: str, *, per_step: bool = True) -> float:
+  """FLOPs per device of the dots and convolutions of compiled HLO text: a dot 2 x output
+  elements x the product of its lhs contracting dims; a convolution 2 x output elements x its
+  kernel's elements per output feature (spatial x input features per group, `dim_labels`).
+  `per_step`: each instruction times its executions per step (`loop_weights`); else every
+  loop body once, as XLA's `cost_analysis()` counts. Elementwise ops and custom calls are not
+  counted (on a matmul-heavy step they are a few % of XLA's FLOPs)."""
+  lines = hlo.splitlines()
+  weight = loop_weights(hlo).line_weight
+  dims: dict[str, list[int]] = {}  # instruction name -> result dims (names are module-unique)
+  products = []
+  for i, line in enumerate(lines):
+    m = _ARRAY_INSTRUCTION.match(line)
+    if not m:
+      continue
+    name, out_dims, op, rest = m.groups()
+    dims[name] = _dims(out_dims)
+    if op in ("dot", "convolution"):
+      products.append((i, op, math.prod(dims[name]), re.findall(r"%([\w.\-]+)", rest), line))
+  total = 0.0
+  for i, op, out_elements, operands, line in products:
+    if op == "dot":
+      contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+      lhs = dims[operands[0]]
+      per_output = math.prod(lhs[d] for d in _dims(contracting.group(1))) if contracting else 1
+    else:
+      kernel_labels = re.search(r"dim_labels=[^_]*_([^-]*)->", line).group(1)
+      kernel = dims[operands[1]]
+      per_output = math.prod(n for n, label in zip(kernel, kernel_labels) if label != "o")
+    total += 2 * out_elements * per_output * (weight[i] if per_step else 1)
+  return total
+
+
 def _op_name(line: str) -> str:
   """The JAX operation an instruction comes from (`metadata={op_name="..."}`), or ""."""
   m = re.search(r'op_name="([^"]*)"', line)
@@ -234,15 +376,15 @@ def _op_name(line: str) -> str:
 
 
 def largest_collectives(hlo: str, num_devices: int, count: int = 10) -> list[dict]:
-  """The `count` collective instructions of compiled HLO that send the most bytes per device,
-  largest first: `op`, result `shape` (text), `sent_bytes` (`_SENT_PER_RESULT_BYTE`), devices
-  per `group`, and the JAX `op_name` it was lowered from (which weight or activation it moves;
+  """The `count` collective instructions of compiled HLO that send the most bytes per device
+  and step, largest first: `op`, result `shape` (text), `sent_bytes` per step
+  (`_SENT_PER_RESULT_BYTE` times `executions` per step), devices per `group`, and the JAX `op_name` it was lowered from (which weight or activation it moves;
   e.g. a `transpose(jvp(...))/dot_general` all-reduce is a weight gradient)."""
   rows = []
   for op in COLLECTIVES:
-    for shape, line in _collective_lines(hlo, op):
+    for shape, line, runs in _collective_lines(hlo, op):
       n = group_size(line, num_devices)
       rows.append(dict(op=op, shape=re.sub(r"\{[^}]*\}", "", shape).strip(),
-                       sent_bytes=_shape_bytes(shape) * _SENT_PER_RESULT_BYTE[op](n), group=n,
-                       op_name=_op_name(line)))
+                       sent_bytes=_shape_bytes(shape) * _SENT_PER_RESULT_BYTE[op](n) * runs,
+                       executions=int(runs), group=n, op_name=_op_name(line)))
   return sorted(rows, key=lambda r: -r["sent_bytes"])[:count]
