@@ -336,10 +336,39 @@ def _dims(text: str) -> list[int]:
   return [int(d) for d in text.split(",") if d]
 
 
+def _window_attr(window: str, key: str, spatial: int, default: int) -> list[str]:
+  m = re.search(rf"\b{key}=(\S+)", window)
+  return m.group(1).split("x") if m else [str(default)] * spatial
+
+
+def _conv_flops(line: str, lhs: list[int], kernel: list[int], out: list[int]) -> int:
+  """2 x (output batch x features) x input features per group x the (output position, kernel
+  tap) pairs per spatial dim that land inside the (dilated) input: padding taps are not
+  counted, as XLA's HloCostAnalysis does."""
+  lhs_labels, kernel_labels, out_labels = re.search(
+      r"dim_labels=([^_]*)_([^-]*)->(\S+?)[,\s]", line + " ").groups()
+  spatial = sum(c.isdigit() for c in out_labels)
+  window = re.search(r"window=\{([^}]*)\}", line)
+  window = window.group(1) if window else ""
+  size = [int(n) for n in _window_attr(window, "size", spatial, 1)]
+  stride = [int(n) for n in _window_attr(window, "stride", spatial, 1)]
+  pad = [int(p.split("_")[0]) for p in _window_attr(window, "pad", spatial, 0)]
+  lhs_dilate = [int(n) for n in _window_attr(window, "lhs_dilate", spatial, 1)]
+  rhs_dilate = [int(n) for n in _window_attr(window, "rhs_dilate", spatial, 1)]
+  pairs = 1
+  for d in range(spatial):
+    extent = (lhs[lhs_labels.index(str(d))] - 1) * lhs_dilate[d] + 1
+    positions = [o * stride[d] + k * rhs_dilate[d] - pad[d]
+                 for o in range(out[out_labels.index(str(d))]) for k in range(size[d])]
+    pairs *= sum(0 <= p < extent and p % lhs_dilate[d] == 0 for p in positions)
+  non_spatial = math.prod(n for n, c in zip(out, out_labels) if not c.isdigit())
+  return 2 * non_spatial * kernel[kernel_labels.index("i")] * pairs
+
+
 def dot_conv_flops(hlo: str, *, per_step: bool = True) -> float:
   """FLOPs per device of the dots and convolutions of compiled HLO text: a dot 2 x output
-  elements x the product of its lhs contracting dims; a convolution 2 x output elements x its
-  kernel's elements per output feature (spatial x input features per group, `dim_labels`).
+  elements x the product of its lhs contracting dims; a convolution 2 x output elements x
+  kernel taps x input features per group, padding taps left out (`_conv_flops`).
   `per_step`: each instruction times its executions per step (`loop_weights`); else every
   loop body once, as XLA's `cost_analysis()` counts. Elementwise ops and custom calls are not
   counted (on a matmul-heavy step they are a few % of XLA's FLOPs)."""
@@ -354,18 +383,18 @@ def dot_conv_flops(hlo: str, *, per_step: bool = True) -> float:
     name, out_dims, op, rest = m.groups()
     dims[name] = _dims(out_dims)
     if op in ("dot", "convolution"):
-      products.append((i, op, math.prod(dims[name]), re.findall(r"%([\w.\-]+)", rest), line))
+      products.append((i, op, dims[name], re.findall(r"%([\w.\-]+)", rest), line))
   total = 0.0
-  for i, op, out_elements, operands, line in products:
+  for i, op, out_dims, operands, line in products:
+    out_elements = math.prod(out_dims)
     if op == "dot":
       contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
       lhs = dims[operands[0]]
       per_output = math.prod(lhs[d] for d in _dims(contracting.group(1))) if contracting else 1
+      flops = 2 * out_elements * per_output
     else:
-      kernel_labels = re.search(r"dim_labels=[^_]*_([^-]*)->", line).group(1)
-      kernel = dims[operands[1]]
-      per_output = math.prod(n for n, label in zip(kernel, kernel_labels) if label != "o")
-    total += 2 * out_elements * per_output * (weight[i] if per_step else 1)
+      flops = _conv_flops(line, dims[operands[0]], dims[operands[1]], out_dims)
+    total += flops * (weight[i] if per_step else 1)
   return total
 
 
