@@ -360,8 +360,8 @@ def format_report(r: dict[str, Any]) -> str:
       f"{r['flops_per_device']:.4g} with every loop body once, plus the dots / convolutions of "
       f"the other iterations: {r['dot_conv_flops_per_device']:.4g} per step, "
       f"{r['dot_conv_flops_bodies_once']:.4g} bodies once)",
-      "collectives (instructions): " + ", ".join(f"{op} {n}" for op, n in
-                                                 r["collectives"].items()),
+      "collectives: " + ", ".join(f"{op} {n}" for op, n in r["collectives"].items())
+      + " (instructions, a loop body's once)",
       "collectives run per step: " + ", ".join(
           f"{op} {n}" for op, n in r["collective_executions_per_step"].items()),
       f"while loops: {len(r['loop_trip_counts'])} with a known trip count, "

@@ -64,7 +64,7 @@ def _is_no_op(line: str) -> bool:
 _COMPUTATION_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 # Attributes naming the computations an instruction runs once per execution.
 _CALLED_ONCE = re.compile(
-    r"\b(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+    r"\b(?:calls|to_apply|true_computation|false_computation|select|scatter)=%?([\w.\-]+)")
 _CALLED_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
 
@@ -97,7 +97,7 @@ def loop_weights(hlo: str) -> LoopWeights:
   `calls=` (fusions, async wrappers), `to_apply=`, and every branch of a conditional
   (`branch_computations`, `true_/false_computation`: counted as if each ran, an upper bound)
   once per execution of the calling instruction. A computation called from several places
-  sums its callers."""
+  sums its callers; one that no instruction names (a fragment of a module) counts once."""
   lines = hlo.splitlines()
   body_lines: dict[str, list[int]] = {}  # computation -> its instruction line numbers
   owner: list[str | None] = [None] * len(lines)
@@ -139,7 +139,7 @@ def loop_weights(hlo: str) -> LoopWeights:
 
   @functools.cache
   def executions(name: str) -> float:
-    if name == entry or entry is None:
+    if name == entry or entry is None or name not in callers:
       return 1.0
     return float(sum(executions(caller) * n for caller, n in callers.get(name, [])))
 
