@@ -2,6 +2,8 @@
 `while` body count once per iteration (`moe_jax.parallel.hlo.loop_weights`)."""
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -140,3 +142,46 @@ ENTRY %main (x: f32[4]) -> f32[4] {
   assert hlo.loop_weights(text).trip_counts == {"w1": 6, "w2": 2}
   assert hlo.collective_executions(text)["all-reduce"] == 8
   assert hlo.collective_bytes(text, "all-reduce") == 8 * 16
+
+
+def test_trip_count_read_off_the_loop_counter_without_known_trip_count():
+  """libtpu writes no `known_trip_count`: the count comes from the counter (start 0, + 1 in the
+  body, `< 4` in the condition; on XLA:CPU the compare sits in a fusion)."""
+  text = re.sub(r',"known_trip_count":\{"n":"\d+"\}', "", scanned(unroll=False))
+  assert '"known_trip_count"' not in text
+  loops = hlo.loop_weights(text)
+  assert list(loops.trip_counts.values()) == [4] and loops.counted_from_counter == tuple(
+      loops.trip_counts) and loops.loops_without_trip_count == ()
+  assert hlo.collective_executions(text)["all-reduce"] == 4
+  # libtpu's form (from a v5p compile of the same scan, trimmed): the compare at the ROOT.
+  tpu = """
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[]{:T(128)}, f32[8]{0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %copy.7 = s32[]{:T(128)S(6)} copy(%i)
+  %one = s32[]{:T(128)} constant(2)
+  %add.25 = s32[]{:T(128)} add(%copy.7, %one)
+  %ar = f32[8]{0} all-reduce(%x), channel_id=1, replica_groups={{0,1}}, to_apply=%sum
+  ROOT %t = (s32[]{:T(128)}, f32[8]{0}) tuple(%add.25, %ar)
+}
+%cond (q: (s32[], f32[8])) -> pred[] {
+  %limit = s32[]{:T(128)} constant(7)
+  %q = (s32[]{:T(128)}, f32[8]{0}) parameter(0)
+  %j = s32[]{:T(128)} get-tuple-element(%q), index=0
+  ROOT %lt.4 = pred[]{:T(512)} compare(%j, %limit), direction=LT
+}
+ENTRY %main (x: f32[8]) -> (s32[], f32[8]) {
+  %x0 = f32[8]{0} parameter(0)
+  %zero = s32[]{:T(128)} constant(1)
+  %copy.5 = s32[]{:T(128)} copy(%zero)
+  %init = (s32[]{:T(128)}, f32[8]{0}) tuple(%copy.5, %x0)
+  ROOT %while.11 = (s32[]{:T(128)}, f32[8]{0}) while(%init), condition=%cond, body=%body
+}
+"""
+  assert hlo.loop_weights(tpu).trip_counts == {"while.11": 3}  # i = 1, 3, 5
+  assert hlo.collective_executions(tpu)["all-reduce"] == 3
+  # A counter compared with a value the loop computes: no trip count, flagged.
+  data_dependent = tpu.replace("%limit = s32[]{:T(128)} constant(7)",
+                               "%limit = s32[]{:T(128)} get-tuple-element(%q), index=0")
+  assert hlo.loop_weights(data_dependent).loops_without_trip_count == ("while.11",)

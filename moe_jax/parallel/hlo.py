@@ -75,12 +75,16 @@ class LoopWeights:
 
   line_weight[i]: executions per step of the instruction on line i (the product of the trip
   counts of the `while` loops around it; 1 outside any loop and for lines outside computations).
-  trip_counts: `while` instruction name -> its `known_trip_count`.
-  loops_without_trip_count: `while` instructions without one: their bodies are counted once per
-  execution of the loop instruction (a lower bound), never guessed.
+  trip_counts: `while` instruction name -> its trip count: the backend config's
+  `known_trip_count` (XLA:CPU writes it) or else read off the loop's counter
+  (`_counter_trip_count`; libtpu's compiled HLO has no `known_trip_count`).
+  counted_from_counter: the loops of `trip_counts` whose count was read off the counter.
+  loops_without_trip_count: `while` instructions with neither: their bodies are counted once
+  per execution of the loop instruction (a lower bound), never guessed.
   """
   line_weight: tuple[float, ...]
   trip_counts: dict[str, int]
+  counted_from_counter: tuple[str, ...]
   loops_without_trip_count: tuple[str, ...]
 
 
@@ -89,11 +93,96 @@ def _instruction_name(line: str) -> str:
   return m.group(1) if m else ""
 
 
+# Any instruction: name, op, operand text (up to the first ")": compiled HLO prints operands as
+# bare `%names`).
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([\w\-]+)\(([^)]*)\)")
+
+
+class _Module:
+  """Instructions by name (names are unique in an HLO module) and computations' ROOTs."""
+
+  def __init__(self, lines: list[str], body_lines: dict[str, list[int]]):
+    self.lines = lines
+    self.instructions: dict[str, tuple[str, list[str], str]] = {}  # name -> op, operands, line
+    self.roots: dict[str, str] = {}
+    self.parameters: dict[tuple[str, int], str] = {}  # (computation, number) -> name
+    for computation, numbers in body_lines.items():
+      for i in numbers:
+        m = _INSTRUCTION.match(lines[i])
+        if not m:
+          continue
+        name, op, operands = m.groups()
+        self.instructions[name] = (op, re.findall(r"%([\w.\-]+)", operands), lines[i])
+        if lines[i].lstrip().startswith("ROOT"):
+          self.roots[computation] = name
+        if op == "parameter":
+          self.parameters[(computation, int(operands))] = name
+
+  def through_copies(self, name: str) -> tuple[str, list[str], str, str]:
+    """(op, operands, line, name) of `name`, looking through copies and bitcasts, and through a
+    fusion of one op on its parameters (XLA:CPU wraps scalar adds and compares so): that op
+    with the fusion's operands."""
+    op, operands, line = self.instructions.get(name, ("", [], ""))
+    while op in ("copy", "bitcast") and operands:
+      name = operands[0]
+      op, operands, line = self.instructions.get(name, ("", [], ""))
+    fused = re.search(r"\bcalls=%?([\w.\-]+)", line) if op == "fusion" else None
+    if fused:
+      inner_op, inner, inner_line = self.instructions.get(
+          self.roots.get(fused.group(1), ""), ("", [], ""))
+      numbers = {v: k for (c, k), v in self.parameters.items() if c == fused.group(1)}
+      if inner_op != "fusion" and inner and all(x in numbers for x in inner):
+        return inner_op, [operands[numbers[x]] for x in inner], inner_line, name
+    return op, operands, line, name
+
+  def constant(self, name: str) -> int | None:
+    op, _, line, _ = self.through_copies(name)
+    m = re.search(r"\sconstant\((-?\d+)\)", line) if op == "constant" else None
+    return int(m.group(1)) if m else None
+
+  def tuple_index(self, name: str) -> int | None:
+    """k when `name` is `get-tuple-element(parameter), index=k`."""
+    op, operands, line, _ = self.through_copies(name)
+    if op != "get-tuple-element" or self.through_copies(operands[0])[0] != "parameter":
+      return None
+    return int(re.search(r"\bindex=(\d+)", line).group(1))
+
+  def compare_operands(self, computation: str) -> tuple[str, str] | None:
+    """The (lhs, rhs) of the `direction=LT` compare at the ROOT of `computation`."""
+    op, operands, line, _ = self.through_copies(self.roots.get(computation, ""))
+    return (operands[0], operands[1]) if op == "compare" and "direction=LT" in line else None
+
+
+def _counter_trip_count(module: _Module, while_line: str, body: str, condition: str
+                        ) -> int | None:
+  """The trip count of a `while` whose condition is `counter < N` (N a constant), the counter a
+  tuple element that starts at a constant and that the body raises by a positive constant:
+  ceil((N - start) / step), the pattern of `lax.scan` / `fori_loop` (what XLA's own trip count
+  analysis matches). None for any other loop."""
+  compared = module.compare_operands(condition)
+  if compared is None:
+    return None
+  k, limit = module.tuple_index(compared[0]), module.constant(compared[1])
+  init = module.through_copies(re.search(r"\swhile\(%?([\w.\-]+)", while_line).group(1))
+  root = module.through_copies(module.roots.get(body, ""))
+  if k is None or limit is None or init[0] != "tuple" or root[0] != "tuple":
+    return None
+  start = module.constant(init[1][k])
+  op, operands, _, _ = module.through_copies(root[1][k])
+  if start is None or op != "add" or len(operands) != 2:
+    return None
+  steps = [module.constant(b) for a, b in (operands, operands[::-1]) if module.tuple_index(a) == k]
+  if not steps or steps[0] is None or steps[0] <= 0:
+    return None
+  return max(0, -(-(limit - start) // steps[0]))
+
+
 @functools.lru_cache(maxsize=4)
 def loop_weights(hlo: str) -> LoopWeights:
   """Executions per step of every line of compiled HLO text, from its call graph: a while's
   `body=` runs n times and its `condition=` n + 1 times per execution of the loop (n its
-  backend config's `known_trip_count`, which XLA writes for `lax.scan` / `fori_loop` loops);
+  backend config's `known_trip_count`, which XLA:CPU writes for `lax.scan` / `fori_loop` loops,
+  else `_counter_trip_count`);
   `calls=` (fusions, async wrappers), `to_apply=`, and every branch of a conditional
   (`branch_computations`, `true_/false_computation`: counted as if each ran, an upper bound)
   once per execution of the calling instruction. A computation called from several places
@@ -114,7 +203,9 @@ def loop_weights(hlo: str) -> LoopWeights:
       owner[i] = current
   callers: dict[str, list[tuple[str, int]]] = {}  # callee -> (caller, executions per call)
   trips: dict[str, int] = {}
+  from_counter: list[str] = []
   untripped: list[str] = []
+  module = None
   for name, numbers in body_lines.items():
     for i in numbers:
       line = lines[i]
@@ -122,17 +213,19 @@ def loop_weights(hlo: str) -> LoopWeights:
       calls += [(c.strip().lstrip("%"), 1) for group in _CALLED_LISTS.findall(line)
                 for c in group.split(",") if c.strip()]
       body = re.search(r"\bbody=%?([\w.\-]+)", line)
-      if body:
-        trip = _TRIP_COUNT.search(line)
-        if trip:
-          n = trips[_instruction_name(line)] = int(trip.group(1))
+      cond = re.search(r"\bcondition=%?([\w.\-]+)", line)
+      if body and cond:
+        loop, trip = _instruction_name(line), _TRIP_COUNT.search(line)
+        n = int(trip.group(1)) if trip else None
+        if n is None:
+          module = module or _Module(lines, body_lines)
+          n = _counter_trip_count(module, line, body.group(1), cond.group(1))
+          from_counter += [loop] if n is not None else []
+        if n is None:
+          untripped.append(loop)
         else:
-          n = 1
-          untripped.append(_instruction_name(line))
-        calls.append((body.group(1), n))
-        cond = re.search(r"\bcondition=%?([\w.\-]+)", line)
-        if cond:
-          calls.append((cond.group(1), n + 1 if trip else 1))
+          trips[loop] = n
+        calls += [(body.group(1), 1 if n is None else n), (cond.group(1), 1 if n is None else n + 1)]
       for callee, n in calls:
         if callee in body_lines:
           callers.setdefault(callee, []).append((name, n))
@@ -144,7 +237,7 @@ def loop_weights(hlo: str) -> LoopWeights:
     return float(sum(executions(caller) * n for caller, n in callers.get(name, [])))
 
   weight = tuple(1.0 if c is None else executions(c) for c in owner)
-  return LoopWeights(weight, trips, tuple(untripped))
+  return LoopWeights(weight, trips, tuple(from_counter), tuple(untripped))
 
 
 # libtpu's reduce-scatter: a fused computation `%all-reduce-scatter.N (...) -> f32[64,32] {` of an
