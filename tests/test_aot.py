@@ -185,7 +185,7 @@ def test_v5p_topology_compiles(tmp_path):
   assert "predicted step time" in stdout and "HBM" in stdout
   # The roofline from this compile's own numbers and v5p's documented bandwidths.
   roof, sent = r["roofline"], r["collective_sent_bytes_per_device"]
-  assert roof["compute_s"] == pytest.approx(r["flops_per_device"] / 459e12)
+  assert roof["compute_s"] == pytest.approx(r["step_flops_per_device"] / 459e12)
   assert roof["hbm_s"] == pytest.approx(r["bytes_accessed_per_device"] / 2765e9)
   assert roof["collective_s"] == {op: pytest.approx(b / 600e9) for op, b in sent.items() if b}
   assert set(roof["collective_s"]) == {"all-to-all", "all-reduce"}
