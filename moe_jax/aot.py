@@ -2,8 +2,10 @@ r"""Ahead-of-time compilation of a train step for a device topology, from this (
 
 The command is `python -m moe_jax.commands.aot` (see there). `compile_for_topology(config,
 topology)` reports per-device memory (`compiled.memory_analysis()`), FLOPs
-(`compiled.cost_analysis()`), the collectives of the compiled HLO (counts by op,
-`moe_jax.parallel.hlo`), a predicted step time `flops / (chips * peak)`, and on TPU
+(`compiled.cost_analysis()`, which counts every loop body once, and `step_flops_per_device`
+with the dots / convolutions of every loop iteration), the collectives of the compiled HLO
+(counts by op, bytes per step: `moe_jax.parallel.hlo`, loops weighted by their trip counts), a
+predicted step time `step flops / (chips * peak)`, and on TPU
 generations with documented bandwidths a roofline (`roofline`: compute, HBM traffic and each
 collective's bytes against the chip's peak, HBM and ICI bandwidth) plus the mesh axes that share
 a physical torus axis (`split_torus_axes`). Nothing is
