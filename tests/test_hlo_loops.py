@@ -185,3 +185,28 @@ ENTRY %main (x: f32[8]) -> (s32[], f32[8]) {
   data_dependent = tpu.replace("%limit = s32[]{:T(128)} constant(7)",
                                "%limit = s32[]{:T(128)} get-tuple-element(%q), index=0")
   assert hlo.loop_weights(data_dependent).loops_without_trip_count == ("while.11",)
+
+
+def test_recount_command_redoes_the_hlo_counts_from_a_dump(tmp_path, capsys):
+  """`python -m moe_jax.commands.hlo_recount`: a report's HLO counts from its dumped text;
+  step FLOPs = XLA's (the scan body once) + the dots of the 3 other iterations."""
+  import json
+
+  from moe_jax.commands import hlo_recount
+
+  text = scanned(unroll=False)
+  report = {"topology": "cpu:8", "devices": 8, "chips": 8, "device_kind": "cpu",
+            "mesh": {"d": 8}, "batch_size": 8, "params": 256, "param_bytes": 1024,
+            "memory_per_device": dict(argument=0, output=0, alias=0, temp=0, total=0),
+            "flops_per_device": 5000.0, "flops_total": 40000.0, "bytes_accessed_per_device": 0.0,
+            "slices": 1, "split_torus_axes": {}, "collectives": {}}
+  (tmp_path / "r.json").write_text(json.dumps(report))
+  (tmp_path / "step.hlo").write_text(text)
+  hlo_recount.main(["--report", str(tmp_path / "r.json"), "--hlo", str(tmp_path / "step.hlo"),
+                    "--json", str(tmp_path / "out.json")])
+  out = json.loads((tmp_path / "out.json").read_text())
+  assert out["step_flops_per_device"] == 5000.0 + 3 * 2 * 8 * 16 * 16
+  assert out["collective_executions_per_step"]["all-reduce"] == 4
+  assert out["collective_sent_bytes_per_device"]["all-reduce"] == pytest.approx(4 * AR_SENT)
+  assert "collectives run per step: all-to-all 0, ragged-all-to-all 0, all-gather 4" in (
+      capsys.readouterr().out)
