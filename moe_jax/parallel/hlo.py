@@ -225,7 +225,8 @@ def loop_weights(hlo: str) -> LoopWeights:
           untripped.append(loop)
         else:
           trips[loop] = n
-        calls += [(body.group(1), 1 if n is None else n), (cond.group(1), 1 if n is None else n + 1)]
+        runs = 1 if n is None else n
+        calls += [(body.group(1), runs), (cond.group(1), 1 if n is None else n + 1)]
       for callee, n in calls:
         if callee in body_lines:
           callers.setdefault(callee, []).append((name, n))
