@@ -250,7 +250,8 @@ _REDUCE_SCATTER_FUSION = re.compile(
 
 def _reduce_scatter_fusions(hlo: str) -> tuple[set[int], list[tuple[int, str, str]]]:
   """Line numbers of the all-reduces inside libtpu's all-reduce-scatter fusions, and (line
-  number, fusion result shape text, all-reduce line) for each: a reduce-scatter whose result is the shard."""
+  number, fusion result shape text, all-reduce line) for each: a reduce-scatter whose result
+  is the shard."""
   inside, fused, result = set(), [], None
   for i, line in enumerate(hlo.splitlines()):
     if (header := _REDUCE_SCATTER_FUSION.match(line)):
@@ -344,8 +345,9 @@ _DCN_PER_RESULT_BYTE = {
 
 
 def collective_dcn_bytes(hlo: str, slice_of: Sequence[int]) -> dict[str, float]:
-  """Bytes each device sends across slices per step and op (`_DCN_PER_RESULT_BYTE`), `slice_of[i]` the
-  slice of device i of the program's device assignment (s = the number of slices).
+  """Bytes each device sends across slices per step and op (`_DCN_PER_RESULT_BYTE`),
+  `slice_of[i]` the slice of device i of the program's device assignment (s = the number of
+  slices).
 
   A multi-slice TPU program (libtpu) is one slice's: its cross-slice steps are host transfers to
   the megascale runtime, `send(...)` with `_xla_megascale_transfer_type="ALL_REDUCE"` (etc.) of
@@ -501,8 +503,9 @@ def _op_name(line: str) -> str:
 def largest_collectives(hlo: str, num_devices: int, count: int = 10) -> list[dict]:
   """The `count` collective instructions of compiled HLO that send the most bytes per device
   and step, largest first: `op`, result `shape` (text), `sent_bytes` per step
-  (`_SENT_PER_RESULT_BYTE` times `executions` per step), devices per `group`, and the JAX `op_name` it was lowered from (which weight or activation it moves;
-  e.g. a `transpose(jvp(...))/dot_general` all-reduce is a weight gradient)."""
+  (`_SENT_PER_RESULT_BYTE` times `executions` per step), devices per `group`, and the JAX
+  `op_name` it was lowered from (which weight or activation it moves; e.g. a
+  `transpose(jvp(...))/dot_general` all-reduce is a weight gradient)."""
   rows = []
   for op in COLLECTIVES:
     for shape, line, runs in _collective_lines(hlo, op):
