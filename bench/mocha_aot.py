@@ -50,7 +50,8 @@ GIB, MIB = 2.0 ** 30, 2.0 ** 20
 COLUMNS = [
     ("memory/chip GiB", lambda r: r["memory_per_chip"] / GIB),
     ("temp GiB", lambda r: r["memory_per_device"]["temp"] / GIB),
-    ("TFLOPs/chip", lambda r: r["flops_per_device"] / 1e12),
+    ("TFLOPs/chip (XLA, loop bodies once)", lambda r: r["flops_per_device"] / 1e12),
+    ("step TFLOPs/chip", lambda r: r["step_flops_per_device"] / 1e12),
     ("all-reduce MiB", lambda r: r["collective_sent_bytes_per_device"]["all-reduce"] / MIB),
     ("all-gather MiB", lambda r: r["collective_sent_bytes_per_device"]["all-gather"] / MIB),
     ("reduce-scatter MiB",

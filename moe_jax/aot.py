@@ -2,8 +2,10 @@ r"""Ahead-of-time compilation of a train step for a device topology, from this (
 
 The command is `python -m moe_jax.commands.aot` (see there). `compile_for_topology(config,
 topology)` reports per-device memory (`compiled.memory_analysis()`), FLOPs
-(`compiled.cost_analysis()`), the collectives of the compiled HLO (counts by op,
-`moe_jax.parallel.hlo`), a predicted step time `flops / (chips * peak)`, and on TPU
+(`compiled.cost_analysis()`, which counts every loop body once, and `step_flops_per_device`
+with the dots / convolutions of every loop iteration), the collectives of the compiled HLO
+(counts by op, bytes per step: `moe_jax.parallel.hlo`, loops weighted by their trip counts), a
+predicted step time `step flops / (chips * peak)`, and on TPU
 generations with documented bandwidths a roofline (`roofline`: compute, HBM traffic and each
 collective's bytes against the chip's peak, HBM and ICI bandwidth) plus the mesh axes that share
 a physical torus axis (`split_torus_axes`). Nothing is
@@ -35,6 +37,7 @@ import time
 from typing import Any, Iterator
 
 from moe_jax.parallel.hlo import (all_to_all_bytes, collective_counts, collective_dcn_bytes,
+                                  collective_executions, dot_conv_flops, loop_weights,
                                   reduction_elements_by_dtype, collective_wire_bytes,
                                   largest_collectives)
 
@@ -235,6 +238,40 @@ def roofline(flops_per_device: float, bytes_accessed: float, wire_bytes: dict[st
           "dcn_gbps": TPU_DCN_GBPS[generation]}
 
 
+def hlo_counts(hlo: str, num_devices: int) -> dict[str, Any]:
+  """What the compiled HLO text of an SPMD step says per device and step: collective
+  instructions (`collectives`, a loop body's once) and their executions per step, bytes sent,
+  reduced elements, the largest collectives, and dot / convolution FLOPs per step and with every
+  loop body once; `loop_trip_counts` and `loops_without_trip_count` (bodies counted once: the
+  per-step numbers are then lower bounds). See `moe_jax.parallel.hlo.loop_weights`."""
+  loops = loop_weights(hlo)
+  return {"collectives": collective_counts(hlo),
+          "collective_executions_per_step": collective_executions(hlo),
+          "all_to_all_operand_bytes_per_device": all_to_all_bytes(hlo),
+          "collective_sent_bytes_per_device": collective_wire_bytes(hlo, num_devices),
+          "all_reduce_elements_by_dtype": reduction_elements_by_dtype(hlo, num_devices),
+          "largest_collectives": largest_collectives(hlo, num_devices, LARGEST_COLLECTIVES),
+          "dot_conv_flops_per_device": dot_conv_flops(hlo),
+          "dot_conv_flops_bodies_once": dot_conv_flops(hlo, per_step=False),
+          "loop_trip_counts": loops.trip_counts,
+          "loops_without_trip_count": list(loops.loops_without_trip_count)}
+
+
+def _step_estimates(r: dict[str, Any], generation: str | None) -> dict[str, Any]:
+  """`step_flops_per_device`: XLA's FLOPs (every loop body once) plus the dot / convolution
+  FLOPs of the loop iterations XLA leaves out (elementwise FLOPs in loop bodies stay counted
+  once); on TPU the predicted step time and roofline from it."""
+  out = {"step_flops_per_device": r["flops_per_device"] + r["dot_conv_flops_per_device"]
+         - r["dot_conv_flops_bodies_once"]}
+  if generation is not None:
+    peak = TPU_PEAK_TFLOPS[generation] * 1e12
+    out["predicted_step_s"] = out["step_flops_per_device"] * r["devices"] / (r["chips"] * peak)
+    out["roofline"] = roofline(out["step_flops_per_device"], r["bytes_accessed_per_device"],
+                               r["collective_sent_bytes_per_device"], generation,
+                               r.get("collective_dcn_bytes_per_device"))
+  return out
+
+
 def analyze(compiled, devices, topology: Topology, mesh=None, num_slices: int = 1) -> dict[str, Any]:
   """Memory, FLOPs, collectives and predicted step time of a compiled (SPMD) step."""
   mem = compiled.memory_analysis()
@@ -251,12 +288,7 @@ def analyze(compiled, devices, topology: Topology, mesh=None, num_slices: int = 
          "device_kind": devices[0].device_kind, "memory_per_device": memory,
          "flops_per_device": flops_per_device, "flops_total": flops_per_device * len(devices),
          "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
-         "collectives": collective_counts(hlo),
-         "all_to_all_operand_bytes_per_device": all_to_all_bytes(hlo),
-         "collective_sent_bytes_per_device": collective_wire_bytes(hlo, len(devices)),
-         "all_reduce_elements_by_dtype": reduction_elements_by_dtype(hlo, len(devices)),
-         "largest_collectives": largest_collectives(hlo, len(devices), LARGEST_COLLECTIVES),
-         "slices": num_slices,
+         **hlo_counts(hlo, len(devices)), "slices": num_slices,
          "split_torus_axes": {} if mesh is None else split_torus_axes(mesh)}
   if num_slices > 1 and mesh is not None:  # device assignment order = the mesh's devices
     from moe_jax.parallel import mesh as mesh_lib
@@ -264,14 +296,23 @@ def analyze(compiled, devices, topology: Topology, mesh=None, num_slices: int = 
     out["collective_dcn_bytes_per_device"] = collective_dcn_bytes(
         hlo, mesh_lib.device_slices(list(mesh.devices.flat), num_slices))
   if topology.platform == "tpu":
-    peak = TPU_PEAK_TFLOPS[topology.generation] * 1e12
     out["peak_tflops_per_chip"] = TPU_PEAK_TFLOPS[topology.generation]
-    out["predicted_step_s"] = out["flops_total"] / (chips * peak)
     out["hbm_gib_per_chip"] = TPU_HBM_GIB[topology.generation]
     out["memory_per_chip"] = memory["total"] * len(devices) // chips
-    out["roofline"] = roofline(flops_per_device, out["bytes_accessed_per_device"],
-                               out["collective_sent_bytes_per_device"], topology.generation,
-                               out.get("collective_dcn_bytes_per_device"))
+  out.update(_step_estimates(out, topology.generation if topology.platform == "tpu" else None))
+  return out
+
+
+def recount(report: dict[str, Any], hlo: str) -> dict[str, Any]:
+  """`report` (a `compile_for_topology` JSON) with everything read from the HLO text redone
+  from `hlo` (that compile's `--dump_hlo`): no compile needed. Memory, XLA's FLOPs and bytes
+  accessed stay the report's."""
+  if report.get("slices", 1) > 1:
+    raise ValueError(f"recount: the report is of {report['slices']} slices; its DCN bytes need "
+                     "the mesh: recompile it with python -m moe_jax.commands.aot")
+  topology = parse_topology(report["topology"])
+  out = {**report, **hlo_counts(hlo, report["devices"])}
+  out.update(_step_estimates(out, topology.generation if topology.platform == "tpu" else None))
   return out
 
 
@@ -317,8 +358,17 @@ def format_report(r: dict[str, Any]) -> str:
       f"params: {r['params']:,} ({_gib(r['param_bytes'])})",
       f"memory per device: total {_gib(m['total'])} = arguments {_gib(m['argument'])} + outputs "
       f"{_gib(m['output'])} - aliased {_gib(m['alias'])} + temp {_gib(m['temp'])}",
-      f"FLOPs per step: {r['flops_per_device']:.4g} per device, {r['flops_total']:.4g} total",
-      "collectives: " + ", ".join(f"{op} {n}" for op, n in r["collectives"].items()),
+      f"FLOPs per step per device: {r['step_flops_per_device']:.4g} (XLA's "
+      f"{r['flops_per_device']:.4g} with every loop body once, plus the dots / convolutions of "
+      f"the other iterations: {r['dot_conv_flops_per_device']:.4g} per step, "
+      f"{r['dot_conv_flops_bodies_once']:.4g} bodies once)",
+      "collectives: " + ", ".join(f"{op} {n}" for op, n in r["collectives"].items())
+      + " (instructions, a loop body's once)",
+      "collectives run per step: " + ", ".join(
+          f"{op} {n}" for op, n in r["collective_executions_per_step"].items()),
+      f"while loops: {len(r['loop_trip_counts'])} with a known trip count, "
+      f"{len(r['loops_without_trip_count'])} without (their bodies counted once: "
+      f"{', '.join(r['loops_without_trip_count']) or 'none'})",
       f"all-to-all operand bytes per device: {r['all_to_all_operand_bytes_per_device']:,}",
       "reduced elements per device by dtype (all-reduce and reduce-scatter operands): "
       + (", ".join(f"{t} {n:,}" for t, n in r["all_reduce_elements_by_dtype"].items())
@@ -327,7 +377,7 @@ def format_report(r: dict[str, Any]) -> str:
   if "predicted_step_s" in r:
     lines.append(f"memory per chip: {_gib(r['memory_per_chip'])} of {r['hbm_gib_per_chip']} GiB "
                  "HBM")
-    lines.append(f"predicted step time: {r['predicted_step_s'] * 1e3:.3f} ms = total FLOPs / "
+    lines.append(f"predicted step time: {r['predicted_step_s'] * 1e3:.3f} ms = step FLOPs / "
                  f"({r['chips']} chips x {r['peak_tflops_per_chip']:g} TFLOP/s bf16 peak), i.e. "
                  "at 100% MFU")
   else:
@@ -345,7 +395,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(
         f"roofline per step (ms): compute {roof['compute_s'] * 1e3:.3f}, HBM "
         f"{roof['hbm_s'] * 1e3:.3f} ({r['bytes_accessed_per_device'] / 2**30:.3f} GiB at "
-        f"{roof['hbm_gbps']:g} GB/s), collectives {per_op or 'none'} (at {roof['ici_gbps'] / 2:g} "
+        f"{roof['hbm_gbps']:g} GB/s; XLA's bytes accessed, every loop body once), collectives {per_op or 'none'} (at {roof['ici_gbps'] / 2:g} "
         f"GB/s out of the chip)" + "".join(
             f", DCN {op} {t * 1e3:.3f}" for op, t in roof["dcn_s"].items())
         + (f" (at {roof['dcn_gbps']:g} GB/s)" if roof["dcn_s"] else "")

@@ -154,11 +154,12 @@ def test_largest_collectives_name_their_jax_ops():
   # 2 (n-1)/n of 2560 x 10240 f32 (n = 16), then (n-1)/n of 2560 x 640 bf16
   assert top == [
       dict(op="all-reduce", shape="f32[2560,10240]", sent_bytes=2560 * 10240 * 4 * 2 * 15 / 16,
-           group=16, op_name="jit(step)/transpose(jvp(decoder))/dot_general"),
-      dict(op="all-gather", shape="bf16[2560,640]", sent_bytes=2560 * 640 * 2 * 15 / 16, group=16,
-           op_name="jit(step)/decoder/fc1/dot_general")]
+           executions=1, group=16, op_name="jit(step)/transpose(jvp(decoder))/dot_general"),
+      dict(op="all-gather", shape="bf16[2560,640]", sent_bytes=2560 * 640 * 2 * 15 / 16,
+           executions=1, group=16, op_name="jit(step)/decoder/fc1/dot_general")]
   assert hlo.largest_collectives(text, 64)[2] == dict(
-      op="all-to-all", shape="f32[4,8]", sent_bytes=4 * 8 * 4 / 2, group=2, op_name="")
+      op="all-to-all", shape="f32[4,8]", sent_bytes=4 * 8 * 4 / 2, executions=1, group=2,
+      op_name="")
 
 
 def test_topology_names():
@@ -184,7 +185,7 @@ def test_v5p_topology_compiles(tmp_path):
   assert "predicted step time" in stdout and "HBM" in stdout
   # The roofline from this compile's own numbers and v5p's documented bandwidths.
   roof, sent = r["roofline"], r["collective_sent_bytes_per_device"]
-  assert roof["compute_s"] == pytest.approx(r["flops_per_device"] / 459e12)
+  assert roof["compute_s"] == pytest.approx(r["step_flops_per_device"] / 459e12)
   assert roof["hbm_s"] == pytest.approx(r["bytes_accessed_per_device"] / 2765e9)
   assert roof["collective_s"] == {op: pytest.approx(b / 600e9) for op, b in sent.items() if b}
   assert set(roof["collective_s"]) == {"all-to-all", "all-reduce"}
