@@ -33,7 +33,9 @@ def run_aot(tmp_path, topology: str, *overrides: str,
 
 def test_cpu_topology_prints_memory_flops_and_all_to_all(tmp_path):
   stdout, r = run_aot(tmp_path, "cpu:8", "--config.mesh.expert=4", "--config.mesh.data=-1",
-                      "--config.batch_size=16")
+                      "--config.batch_size=16", "--config.model.depth=2",  # both blocks MoE
+                      "--config.model.width=32", "--config.model.num_heads=2",
+                      "--config.model.mlp_dim=64", "--config.model.moe.hidden_dim=64")
   for text in ("memory per device", "FLOPs per step", "collectives: all-to-all",
                "predicted step time: none"):
     assert text in stdout, stdout
