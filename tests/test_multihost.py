@@ -35,6 +35,9 @@ def worker_env(port: int, process_id: int) -> dict[str, str]:
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
              JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
              JAX_PROCESS_ID=str(process_id))
+  # The compile pipeline of the reference run here (conftest: XLA:CPU without LLVM passes).
+  if "JAX_DISABLE_MOST_OPTIMIZATIONS" in os.environ:
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"]
   return env
 
 
