@@ -356,16 +356,17 @@ def test_init_rules_keep_resize_reinit():
 
 
 def test_run_initialised_from_another_run_at_other_image_size_trains(tmp_path):
-  from test_train import losses, tiny_config
+  from test_train import losses, tiny_config, without_evals
   from moe_jax.train import loop
   tfds_dir = str(tmp_path / "tfds")
-  dense = dict(total_steps=10, **{"model.name": "vit", "model.posemb": "learned",
-                                  "model.pool": "cls", "evals.test.every_steps": 0})
-  source = tiny_config(tfds_dir, **dense, **{"data.image_size": 14})  # a 2x2 patch grid
+  # no evaluations; one checkpoint per run, at its last step
+  dense = dict(total_steps=2, checkpoint_every_steps=0,
+               **{"model.name": "vit", "model.posemb": "learned", "model.pool": "cls"})
+  source = without_evals(tiny_config(tfds_dir, **dense, **{"data.image_size": 14}))  # 2x2 grid
   source.init_from = init_from.default_config()
   loop.Trainer(source, str(tmp_path / "a")).train()
-  c = tiny_config(tfds_dir, **{**dense, "total_steps": 40, "log_every_steps": 1,
-                               "optimizer.learning_rate": 5e-3})  # 28x28: a 4x4 grid
+  c = without_evals(tiny_config(tfds_dir, **{**dense, "total_steps": 40, "log_every_steps": 1,
+                                             "optimizer.learning_rate": 5e-3}))  # 4x4 grid
   c.init_from = rules(path=str(tmp_path / "a"), reinit="head/.*")
   trainer = loop.Trainer(c, str(tmp_path / "b"))
   state, _ = trainer.restore_or_init()
