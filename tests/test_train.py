@@ -149,27 +149,29 @@ def cli_config(workdir, tfds_dir, steps, ckpt_every):
 
 
 def test_resume_after_kill_gives_identical_losses(tmp_path, tfds_dir, four_step_run):
-  """A `train.py` process of the 4-step run's config killed after its step-2 checkpoint, resumed
-  in this process: steps 3-4 have the losses of the straight run (the fixture, in this process:
-  the same config, the same compiled programs)."""
+  """A `train.py` process of the 4-step run's config, checkpointing every step, killed after its
+  step-1 checkpoint (three saves, each waiting for the one before, before step 4's is there),
+  resumed in this process: steps 2-4 have the losses of the straight run (the fixture, in this
+  process: the same compiled programs; checkpoints and evaluations do not change training)."""
   resumed = tmp_path / "resumed"
-  assert cli_config(resumed, tfds_dir, 4, 2).to_dict() == four_step_config(
-      tfds_dir, digits=False).to_dict()
-  # Kill it hard once its step-2 checkpoint is on disk, then resume it here.
+  want_config = four_step_config(tfds_dir, digits=False)
+  want_config.checkpoint_every_steps = 1
+  assert cli_config(resumed, tfds_dir, 4, 1).to_dict() == want_config.to_dict()
+  # Kill it hard once its step-1 checkpoint is on disk, then resume it here.
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
-                           *cli_args(resumed, tfds_dir, 4, 2)], env=CLI_ENV,
+                           *cli_args(resumed, tfds_dir, 4, 1)], env=CLI_ENV,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
-  while not os.path.isdir(resumed / "checkpoints" / "2") and time.time() < deadline:
+  while not os.path.isdir(resumed / "checkpoints" / "1") and time.time() < deadline:
     time.sleep(0.2)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert os.path.isdir(resumed / "checkpoints" / "2")
+  assert os.path.isdir(resumed / "checkpoints" / "1")
   assert not os.path.isdir(resumed / "checkpoints" / "4"), "killed too late to test a resume"
-  loop.train_and_evaluate(cli_config(resumed, tfds_dir, 4, 2), str(resumed))
+  loop.train_and_evaluate(cli_config(resumed, tfds_dir, 4, 1), str(resumed))
   want, got = losses(four_step_run), losses(resumed)
   assert sorted(want) == [1, 2, 3, 4]
-  for step in (3, 4):
+  for step in (2, 3, 4):
     assert got[step] == want[step], (step, got[step], want[step])
 
 
