@@ -30,9 +30,16 @@ Volumes: names in nibabel/tests/data (the first frame of a 4-D series), `mni152_
 2009a T1 template in the nilearn wheel, 197x233x189 uint8, 8.7 MB) or paths to a NIfTI/TIFF.
 Writes the JSON (after every row, so a cut run keeps its rows), a table, and a PSNR vs ratio
 plot per volume next to the JSON (bench/out/inr.png).
+
+    python -m bench.inr --merge a.json,b.json --out bench/out/merged.json
+
+joins runs of several JSONs (e.g. seeds added with `--first-seed`) case by case (volume, method,
+target ratio, steps): an INR case's seeds are pooled and re-summarised (a seed given twice is an
+error), a classical codec's single run must agree between the files. Nothing is trained.
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -165,6 +172,38 @@ def _table(records: list[dict]) -> None:
       title="Compression at equal bytes (mean ± std over seeds; classical codecs: one run)")
 
 
+def _case(record: dict) -> tuple:
+  return (record["volume"], record["method"], record["ratio_target"], record.get("steps"))
+
+
+def merge(documents: dict[str, dict]) -> list[dict]:
+  """Joins the records of several bench.inr JSONs {path: document} into one list, in order."""
+  merged: dict[tuple, dict] = {}
+  for path, doc in documents.items():
+    for record in doc["records"]:
+      key = _case(record)
+      have = merged.get(key)
+      if have is None or "runs" not in have:
+        merged[key] = dict(record)
+        continue
+      if "runs" not in record:  # a case that did not fit in this file: keep the one that ran
+        continue
+      if record["method"] not in INR_METHODS:
+        if record["runs"][0]["file_bytes"] != have["runs"][0]["file_bytes"]:
+          raise SystemExit(f"--merge: {path} has another {key} codec run than an earlier file "
+                           "(classical codecs are deterministic: merge files of one tree)")
+        continue
+      seeds = {r["seed"] for r in have["runs"]} & {r["seed"] for r in record["runs"]}
+      if seeds:
+        raise SystemExit(f"--merge: seed(s) {sorted(seeds)} of {key} are in {path} and an "
+                         "earlier file; merge files with disjoint --first-seed ranges")
+      runs = sorted(have["runs"] + record["runs"], key=lambda r: r["seed"])
+      merged[key] = {**have, "runs": runs, **_summary(runs)}
+      if any(r["file_bytes"] > have["budget_bytes"] for r in runs):
+        merged[key]["note"] = "over the byte budget: the smallest model does not fit"
+  return list(merged.values())
+
+
 def main() -> None:
   p = common.parser(__doc__.split("\n")[0], "bench/out/inr.json")
   p.add_argument("--volumes", default="", help="comma-separated (default example4d.nii.gz,"
@@ -182,7 +221,25 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=4096, help="points per step")
   p.add_argument("--budget-trials", type=int, default=0,
                  help="trainings per INR file to meet the ratio (default: the config's)")
+  p.add_argument("--merge", default="", help="comma-separated JSONs of earlier runs to join "
+                 "into --out (nothing is trained; the other options are ignored)")
   args = common.parse(p)
+  if args.merge:
+    paths = args.merge.split(",")
+    if args.out and os.path.exists(args.out):
+      raise SystemExit(f"--out {args.out} exists (maybe one of --merge's inputs); name a new "
+                       "file")
+    documents = {}
+    for path in paths:
+      with open(path) as f:
+        documents[path] = json.load(f)
+    records = merge(documents)
+    common.write_json(args.out, "inr", args, records,
+                      {"merged_from": {p: d.get("args", {}) for p, d in documents.items()}})
+    _table(records)
+    if args.out:
+      _plot(records, os.path.splitext(args.out)[0] + ".png")
+    return
   quick = args.quick
   names = (args.volumes or ("anatomical.nii" if quick else "example4d.nii.gz,anatomical.nii")
            ).split(",")
