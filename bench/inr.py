@@ -33,9 +33,11 @@ plot per volume next to the JSON (bench/out/inr.png).
 
     python -m bench.inr --merge a.json,b.json --out bench/out/merged.json
 
-joins runs of several JSONs (e.g. seeds added with `--first-seed`) case by case (volume, method,
-target ratio, steps): an INR case's seeds are pooled and re-summarised (a seed given twice is an
-error), a classical codec's single run must agree between the files. Nothing is trained.
+joins runs of several JSONs case by case (volume, method, target ratio, steps): an INR case's
+seeds are pooled and re-summarised (seeds added with `--first-seed`); one seed in several files
+at other learning rates is a tuning trial (the best PSNR kept, every trial listed; the same seed
+and lr twice is an error); a classical codec's single run must agree between the files. Nothing
+is trained.
 """
 from __future__ import annotations
 
@@ -176,8 +178,23 @@ def _case(record: dict) -> tuple:
   return (record["volume"], record["method"], record["ratio_target"], record.get("steps"))
 
 
+def _join_trials(case: tuple, have: dict, run: dict, path: str) -> dict:
+  """The better of two runs of one seed at different learning rates, with both trials listed."""
+  trials = have.get("trials", [{"lr": have["lr"], "psnr": have["psnr"]}]) + run.get(
+      "trials", [{"lr": run["lr"], "psnr": run["psnr"]}])
+  lrs = [t["lr"] for t in trials]
+  if len(set(lrs)) < len(lrs):
+    raise SystemExit(f"--merge: seed {run['seed']} of {case} at lr {run['lr']:g} is in {path} "
+                     "and an earlier file; merge disjoint seeds or other learning rates")
+  best = max((have, run), key=lambda r: r["psnr"])
+  return {**best, "trials": trials, "encode_s": best["compress_s"]}
+
+
 def merge(documents: dict[str, dict]) -> list[dict]:
-  """Joins the records of several bench.inr JSONs {path: document} into one list, in order."""
+  """Joins the records of several bench.inr JSONs {path: document} into one list, in order.
+
+  An INR case pools its seeds; a seed found in several files is a learning-rate trial: the best
+  PSNR is kept (as in one run with several --lrs), its `encode_s` is that training's alone."""
   merged: dict[tuple, dict] = {}
   for path, doc in documents.items():
     for record in doc["records"]:
@@ -193,12 +210,13 @@ def merge(documents: dict[str, dict]) -> list[dict]:
           raise SystemExit(f"--merge: {path} has another {key} codec run than an earlier file "
                            "(classical codecs are deterministic: merge files of one tree)")
         continue
-      seeds = {r["seed"] for r in have["runs"]} & {r["seed"] for r in record["runs"]}
-      if seeds:
-        raise SystemExit(f"--merge: seed(s) {sorted(seeds)} of {key} are in {path} and an "
-                         "earlier file; merge files with disjoint --first-seed ranges")
-      runs = sorted(have["runs"] + record["runs"], key=lambda r: r["seed"])
+      by_seed = {r["seed"]: r for r in have["runs"]}
+      for run in record["runs"]:
+        seed = run["seed"]
+        by_seed[seed] = _join_trials(key, by_seed[seed], run, path) if seed in by_seed else run
+      runs = [by_seed[s] for s in sorted(by_seed)]
       merged[key] = {**have, "runs": runs, **_summary(runs)}
+      merged[key].pop("note", None)
       if any(r["file_bytes"] > have["budget_bytes"] for r in runs):
         merged[key]["note"] = "over the byte budget: the smallest model does not fit"
   return list(merged.values())

@@ -6,9 +6,10 @@ import pytest
 from bench import inr
 
 
-def _inr_case(seed_psnrs: dict[int, float], method: str = "moec") -> dict:
+def _inr_case(seed_psnrs: dict[int, float], method: str = "moec", lr: float = 1e-3) -> dict:
   runs = [{"seed": s, "psnr": p, "ssim": 0.5, "ratio_actual": 200.0, "file_bytes": 2900,
-           "encode_s": 1.0, "decode_s": 0.5} for s, p in seed_psnrs.items()]
+           "lr": lr, "compress_s": 1.0, "encode_s": 1.0, "decode_s": 0.5,
+           "trials": [{"lr": lr, "psnr": p}]} for s, p in seed_psnrs.items()]
   return {"volume": "v.nii", "method": method, "ratio_target": 200.0, "budget_bytes": 2949,
           "steps": 2000, "runs": runs, **inr._summary(runs)}
 
@@ -32,8 +33,20 @@ def test_merge_pools_seeds_and_resummarises():
   assert by_method["single"]["psnr"] == 28.0 and "note" not in by_method["single"]
 
 
-def test_merge_refuses_a_seed_twice_and_disagreeing_codec_runs():
-  with pytest.raises(SystemExit, match=r"seed\(s\) \[1\].*disjoint --first-seed"):
+def test_merge_keeps_the_best_learning_rate_trial_of_a_seed():
+  merged = inr.merge({"a.json": {"records": [_inr_case({0: 29.0, 1: 28.0}, lr=1e-3)]},
+                      "b.json": {"records": [_inr_case({0: 30.0}, lr=3e-4)]},
+                      "c.json": {"records": [_inr_case({0: 27.0}, lr=3e-3)]}})
+  (case,) = merged
+  seed0 = case["runs"][0]
+  assert seed0["lr"] == 3e-4 and seed0["psnr"] == 30.0
+  assert [(t["lr"], t["psnr"]) for t in seed0["trials"]] == [(1e-3, 29.0), (3e-4, 30.0),
+                                                             (3e-3, 27.0)]
+  assert case["psnr"] == pytest.approx(29.0)  # seeds 0 (its best trial) and 1
+
+
+def test_merge_refuses_a_seed_and_lr_twice_and_disagreeing_codec_runs():
+  with pytest.raises(SystemExit, match=r"seed 1 .* at lr 0.001 .*merge disjoint seeds"):
     inr.merge({"a.json": {"records": [_inr_case({0: 29.0, 1: 30.0})]},
                "b.json": {"records": [_inr_case({1: 30.0})]}})
   codec = {"volume": "v.nii", "method": "jpeg2000", "ratio_target": 200.0, "budget_bytes": 2949}
