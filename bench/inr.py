@@ -190,6 +190,15 @@ def _join_trials(case: tuple, have: dict, run: dict, path: str) -> dict:
   return {**best, "trials": trials, "encode_s": best["compress_s"]}
 
 
+def _with_seeds(runs: list[dict], doc: dict, path: str) -> list[dict]:
+  """Runs with their seed (files written before runs kept it: seeds 0..`seeds`-1, in order)."""
+  if all("seed" in r for r in runs):
+    return runs
+  if not isinstance(doc.get("seeds"), int) or doc["seeds"] != len(runs):
+    raise SystemExit(f"--merge: {path} names no seed for its runs; re-run it")
+  return [{**r, "seed": seed} for seed, r in enumerate(runs)]
+
+
 def merge(documents: dict[str, dict]) -> list[dict]:
   """Joins the records of several bench.inr JSONs {path: document} into one list, in order.
 
@@ -199,6 +208,8 @@ def merge(documents: dict[str, dict]) -> list[dict]:
   for path, doc in documents.items():
     for record in doc["records"]:
       key = _case(record)
+      if record["method"] in INR_METHODS and "runs" in record:
+        record = {**record, "runs": _with_seeds(record["runs"], doc, path)}
       have = merged.get(key)
       if have is None or "runs" not in have:
         merged[key] = dict(record)
@@ -220,6 +231,23 @@ def merge(documents: dict[str, dict]) -> list[dict]:
       if any(r["file_bytes"] > have["budget_bytes"] for r in runs):
         merged[key]["note"] = "over the byte budget: the smallest model does not fit"
   return list(merged.values())
+
+
+def _trials_table(records: list[dict]) -> None:
+  """Learning-rate trials per INR case (the seeds that ran several), best marked with *."""
+  rows = []
+  for r in records:
+    for run in r.get("runs", []):
+      if len(run.get("trials", [])) > 1:
+        trials = sorted(run["trials"], key=lambda t: t["lr"])
+        rows.append({**r, "seed": run["seed"], "trials": ", ".join(
+            f"{t['lr']:g}: {t['psnr']:.2f}" + ("*" if t["lr"] == run["lr"] else "")
+            for t in trials)})
+  if rows:
+    common.print_table(rows, [("volume", "volume", ""), ("method", "method", ""),
+                              ("ratio_target", "target", "g"), ("seed", "seed", "d"),
+                              ("trials", "lr: PSNR dB (* kept)", "")],
+                       title="Learning-rate trials")
 
 
 def main() -> None:
@@ -255,6 +283,7 @@ def main() -> None:
     common.write_json(args.out, "inr", args, records,
                       {"merged_from": {p: d.get("args", {}) for p, d in documents.items()}})
     _table(records)
+    _trials_table(records)
     if args.out:
       _plot(records, os.path.splitext(args.out)[0] + ".png")
     return

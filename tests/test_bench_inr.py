@@ -53,3 +53,13 @@ def test_merge_refuses_a_seed_and_lr_twice_and_disagreeing_codec_runs():
   with pytest.raises(SystemExit, match="classical codecs are deterministic"):
     inr.merge({"a.json": {"records": [{**codec, "runs": [{"file_bytes": 2900}]}]},
                "b.json": {"records": [{**codec, "runs": [{"file_bytes": 2901}]}]}})
+
+
+def test_merge_reads_seeds_of_files_written_before_runs_kept_them():
+  old = _inr_case({0: 29.0, 1: 30.0})
+  old["runs"] = [{k: v for k, v in run.items() if k != "seed"} for run in old["runs"]]
+  (case,) = inr.merge({"old.json": {"seeds": 2, "records": [old]},
+                       "new.json": {"records": [_inr_case({2: 31.0})]}})
+  assert [r["seed"] for r in case["runs"]] == [0, 1, 2]
+  with pytest.raises(SystemExit, match="names no seed"):
+    inr.merge({"old.json": {"seeds": 3, "records": [old]}})
