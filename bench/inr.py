@@ -30,9 +30,18 @@ Volumes: names in nibabel/tests/data (the first frame of a 4-D series), `mni152_
 2009a T1 template in the nilearn wheel, 197x233x189 uint8, 8.7 MB) or paths to a NIfTI/TIFF.
 Writes the JSON (after every row, so a cut run keeps its rows), a table, and a PSNR vs ratio
 plot per volume next to the JSON (bench/out/inr.png).
+
+    python -m bench.inr --merge a.json,b.json --out bench/out/merged.json
+
+joins runs of several JSONs case by case (volume, method, target ratio, steps): an INR case's
+seeds are pooled and re-summarised (seeds added with `--first-seed`); one seed in several files
+at other learning rates is a tuning trial (the best PSNR kept, every trial listed; the same seed
+and lr twice is an error); a classical codec's single run must agree between the files. Nothing
+is trained.
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -165,6 +174,82 @@ def _table(records: list[dict]) -> None:
       title="Compression at equal bytes (mean ± std over seeds; classical codecs: one run)")
 
 
+def _case(record: dict) -> tuple:
+  return (record["volume"], record["method"], record["ratio_target"], record.get("steps"))
+
+
+def _join_trials(case: tuple, have: dict, run: dict, path: str) -> dict:
+  """The better of two runs of one seed at different learning rates, with both trials listed."""
+  trials = have.get("trials", [{"lr": have["lr"], "psnr": have["psnr"]}]) + run.get(
+      "trials", [{"lr": run["lr"], "psnr": run["psnr"]}])
+  lrs = [t["lr"] for t in trials]
+  if len(set(lrs)) < len(lrs):
+    raise SystemExit(f"--merge: seed {run['seed']} of {case} at lr {run['lr']:g} is in {path} "
+                     "and an earlier file; merge disjoint seeds or other learning rates")
+  best = max((have, run), key=lambda r: r["psnr"])
+  return {**best, "trials": trials, "encode_s": best["compress_s"]}
+
+
+def _with_seeds(runs: list[dict], doc: dict, path: str) -> list[dict]:
+  """Runs with their seed (files written before runs kept it: seeds 0..`seeds`-1, in order)."""
+  if all("seed" in r for r in runs):
+    return runs
+  if not isinstance(doc.get("seeds"), int) or doc["seeds"] != len(runs):
+    raise SystemExit(f"--merge: {path} names no seed for its runs; re-run it")
+  return [{**r, "seed": seed} for seed, r in enumerate(runs)]
+
+
+def merge(documents: dict[str, dict]) -> list[dict]:
+  """Joins the records of several bench.inr JSONs {path: document} into one list, in order.
+
+  An INR case pools its seeds; a seed found in several files is a learning-rate trial: the best
+  PSNR is kept (as in one run with several --lrs), its `encode_s` is that training's alone."""
+  merged: dict[tuple, dict] = {}
+  for path, doc in documents.items():
+    for record in doc["records"]:
+      key = _case(record)
+      if record["method"] in INR_METHODS and "runs" in record:
+        record = {**record, "runs": _with_seeds(record["runs"], doc, path)}
+      have = merged.get(key)
+      if have is None or "runs" not in have:
+        merged[key] = dict(record)
+        continue
+      if "runs" not in record:  # a case that did not fit in this file: keep the one that ran
+        continue
+      if record["method"] not in INR_METHODS:
+        if record["runs"][0]["file_bytes"] != have["runs"][0]["file_bytes"]:
+          raise SystemExit(f"--merge: {path} has another {key} codec run than an earlier file "
+                           "(classical codecs are deterministic: merge files of one tree)")
+        continue
+      by_seed = {r["seed"]: r for r in have["runs"]}
+      for run in record["runs"]:
+        seed = run["seed"]
+        by_seed[seed] = _join_trials(key, by_seed[seed], run, path) if seed in by_seed else run
+      runs = [by_seed[s] for s in sorted(by_seed)]
+      merged[key] = {**have, "runs": runs, **_summary(runs)}
+      merged[key].pop("note", None)
+      if any(r["file_bytes"] > have["budget_bytes"] for r in runs):
+        merged[key]["note"] = "over the byte budget: the smallest model does not fit"
+  return list(merged.values())
+
+
+def _trials_table(records: list[dict]) -> None:
+  """Learning-rate trials per INR case (the seeds that ran several), best marked with *."""
+  rows = []
+  for r in records:
+    for run in r.get("runs", []):
+      if len(run.get("trials", [])) > 1:
+        trials = sorted(run["trials"], key=lambda t: t["lr"])
+        rows.append({**r, "seed": run["seed"], "trials": ", ".join(
+            f"{t['lr']:g}: {t['psnr']:.2f}" + ("*" if t["lr"] == run["lr"] else "")
+            for t in trials)})
+  if rows:
+    common.print_table(rows, [("volume", "volume", ""), ("method", "method", ""),
+                              ("ratio_target", "target", "g"), ("seed", "seed", "d"),
+                              ("trials", "lr: PSNR dB (* kept)", "")],
+                       title="Learning-rate trials")
+
+
 def main() -> None:
   p = common.parser(__doc__.split("\n")[0], "bench/out/inr.json")
   p.add_argument("--volumes", default="", help="comma-separated (default example4d.nii.gz,"
@@ -182,7 +267,26 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=4096, help="points per step")
   p.add_argument("--budget-trials", type=int, default=0,
                  help="trainings per INR file to meet the ratio (default: the config's)")
+  p.add_argument("--merge", default="", help="comma-separated JSONs of earlier runs to join "
+                 "into --out (nothing is trained; the other options are ignored)")
   args = common.parse(p)
+  if args.merge:
+    paths = args.merge.split(",")
+    if args.out and os.path.exists(args.out):
+      raise SystemExit(f"--out {args.out} exists (maybe one of --merge's inputs); name a new "
+                       "file")
+    documents = {}
+    for path in paths:
+      with open(path) as f:
+        documents[path] = json.load(f)
+    records = merge(documents)
+    common.write_json(args.out, "inr", args, records,
+                      {"merged_from": {p: d.get("args", {}) for p, d in documents.items()}})
+    _table(records)
+    _trials_table(records)
+    if args.out:
+      _plot(records, os.path.splitext(args.out)[0] + ".png")
+    return
   quick = args.quick
   names = (args.volumes or ("anatomical.nii" if quick else "example4d.nii.gz,anatomical.nii")
            ).split(",")
