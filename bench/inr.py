@@ -174,6 +174,28 @@ def _table(records: list[dict]) -> None:
       title="Compression at equal bytes (mean ± std over seeds; classical codecs: one run)")
 
 
+def _budget_note(record: dict) -> dict:
+  """{'note': ...} when a run's file is over the record's byte budget, else {}."""
+  if any(r["file_bytes"] > record["budget_bytes"] for r in record["runs"]):
+    return {"note": "over the byte budget: the smallest model does not fit"}
+  return {}
+
+
+def read_documents(paths: list[str]) -> dict[str, dict]:
+  """{path: bench.inr JSON document}; an unreadable or foreign file is a one-line error."""
+  documents = {}
+  for path in paths:
+    try:
+      with open(path) as f:
+        documents[path] = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise SystemExit(f"--merge: cannot read {path}: {e}") from None
+    if documents[path].get("bench") != "inr":
+      raise SystemExit(f"--merge: {path} is not a bench.inr JSON (its 'bench' is "
+                       f"{documents[path].get('bench')!r})")
+  return documents
+
+
 def _case(record: dict) -> tuple:
   return (record["volume"], record["method"], record["ratio_target"], record.get("steps"))
 
@@ -226,10 +248,9 @@ def merge(documents: dict[str, dict]) -> list[dict]:
         seed = run["seed"]
         by_seed[seed] = _join_trials(key, by_seed[seed], run, path) if seed in by_seed else run
       runs = [by_seed[s] for s in sorted(by_seed)]
-      merged[key] = {**have, "runs": runs, **_summary(runs)}
-      merged[key].pop("note", None)
-      if any(r["file_bytes"] > have["budget_bytes"] for r in runs):
-        merged[key]["note"] = "over the byte budget: the smallest model does not fit"
+      merged[key] = {k: v for k, v in have.items() if k != "note"}
+      merged[key].update(runs=runs, **_summary(runs))
+      merged[key].update(_budget_note(merged[key]))
   return list(merged.values())
 
 
@@ -271,14 +292,10 @@ def main() -> None:
                  "into --out (nothing is trained; the other options are ignored)")
   args = common.parse(p)
   if args.merge:
-    paths = args.merge.split(",")
     if args.out and os.path.exists(args.out):
       raise SystemExit(f"--out {args.out} exists (maybe one of --merge's inputs); name a new "
                        "file")
-    documents = {}
-    for path in paths:
-      with open(path) as f:
-        documents[path] = json.load(f)
+    documents = read_documents(args.merge.split(","))
     records = merge(documents)
     common.write_json(args.out, "inr", args, records,
                       {"merged_from": {p: d.get("args", {}) for p, d in documents.items()}})
@@ -321,8 +338,7 @@ def main() -> None:
                                         args.budget_trials))
             else:
               record.update(_classical_record(volume, method, ratio))
-            if any(r["file_bytes"] > record["budget_bytes"] for r in record["runs"]):
-              record["note"] = "over the byte budget: the smallest model does not fit"
+            record.update(_budget_note(record))
           except ValueError as e:  # the budget leaves no room for this method
             record["note"] = str(e)[:70]
             print(f"  {method} {ratio:g}x: {e}", flush=True)

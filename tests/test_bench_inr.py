@@ -1,4 +1,5 @@
 """bench.inr's --merge: seeds of several runs pooled case by case, errors on overlaps."""
+import json
 import statistics
 
 import pytest
@@ -63,3 +64,16 @@ def test_merge_reads_seeds_of_files_written_before_runs_kept_them():
   assert [r["seed"] for r in case["runs"]] == [0, 1, 2]
   with pytest.raises(SystemExit, match="names no seed"):
     inr.merge({"old.json": {"seeds": 3, "records": [old]}})
+
+
+def test_unreadable_or_foreign_merge_inputs_are_one_line_errors(tmp_path):
+  missing, broken, foreign = tmp_path / "no.json", tmp_path / "cut.json", tmp_path / "gmm.json"
+  broken.write_text('{"bench": "inr", "records": [')
+  foreign.write_text(json.dumps({"bench": "gmm", "records": []}))
+  for path, match in ((missing, "cannot read .*no.json"), (broken, "cannot read .*cut.json"),
+                      (foreign, "not a bench.inr JSON .*'gmm'")):
+    with pytest.raises(SystemExit, match=match):
+      inr.read_documents([str(path)])
+  good = tmp_path / "ok.json"
+  good.write_text(json.dumps({"bench": "inr", "records": []}))
+  assert inr.read_documents([str(good)]) == {str(good): {"bench": "inr", "records": []}}
