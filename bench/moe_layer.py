@@ -406,7 +406,7 @@ def build_ops(T: int, E: int, seq: int) -> dict[str, common.Compiled]:
           lambda a, b: jnp.einsum("ecd,edf->ecf", a, b), xe, w1e),
       "weight-grad GEMM dense [T, D]^T [T, F]": common.compile_fn(
           lambda a, b: jnp.einsum("td,tf->df", a, b), xd, hd),
-      f"weight-grad GEMM batched -> [E, D, F]": common.compile_fn(
+      "weight-grad GEMM batched -> [E, D, F]": common.compile_fn(
           lambda a, b: jnp.einsum("ecd,ecf->edf", a, b), xe, he),
       "fresh W1 + W2 sized outputs (fill), dense": zeros(1),
       "fresh W1 + W2 sized outputs (fill), E experts": zeros(E),
